@@ -1,0 +1,151 @@
+"""Batched steered generation: P prompts x K vectors in as few `generate` calls as possible.
+
+Every (vector, prompt) pair is one batch row; row i is steered by its own vector through a
+per-row `Add` (one hook per distinct layer, zero rows for vectors at other layers and for the
+unsteered baseline), so K vectors cost one batched pass instead of K. Prompts are left-padded,
+the KV cache is used, and greedy decoding is deterministic.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .directions.vectors import SteeringVector, VectorSet
+from .errors import SteerscopeError
+from .interventions.ops import Add, as_rows
+from .interventions.positions import ALL, Positions
+from .interventions.steer import steer
+
+
+@dataclass
+class Completion:
+    """One generated completion. `vector_id` is None for the unsteered baseline."""
+
+    prompt_index: int
+    prompt: str
+    vector_id: str | None
+    layer: int | None
+    coef: float | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" or "length"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Variant:
+    id: str | None
+    vector: torch.Tensor | None  # (d,)
+    layer: int | None
+    coef: float | None
+
+
+def _variants(lm, vectors, layer, coef, include_unsteered) -> list[_Variant]:
+    if vectors is None:
+        if layer is not None:
+            raise SteerscopeError("a layer was given without vectors; pass vectors=... or drop layer.")
+        return [_Variant(None, None, None, None)]
+    if isinstance(vectors, VectorSet):
+        vectors.check(lm, check_model=False)
+        svs = list(vectors)
+    elif isinstance(vectors, SteeringVector):
+        svs = [vectors]
+    elif isinstance(vectors, (list, tuple)) and vectors and all(isinstance(v, SteeringVector) for v in vectors):
+        svs = list(vectors)
+    else:
+        rows = as_rows(vectors, lm.d_model, "steering vector")
+        if layer is None:
+            raise SteerscopeError("raw vector tensors need layer=...; a VectorSet carries its own layers.")
+        svs = [SteeringVector(r, layer, f"v{i}") for i, r in enumerate(rows)]
+    coefs = list(coef) if isinstance(coef, (list, tuple)) else [coef] * len(svs)
+    if len(coefs) != len(svs):
+        raise SteerscopeError(f"{len(coefs)} coefficients for {len(svs)} vectors; give one per vector or a single number.")
+    out = [_Variant(None, None, None, None)] if include_unsteered else []
+    for sv, c in zip(svs, coefs):
+        L = lm.check_layer(layer if layer is not None else sv.layer)
+        out.append(_Variant(sv.id, as_rows(sv.vector, lm.d_model, f"vector {sv.id}")[0], L, float(c)))
+    return out
+
+
+def _per_row_adds(lm, variants: list[_Variant], positions: Positions) -> list[Add]:
+    """One per-row Add per distinct layer; rows steered elsewhere (or unsteered) get zeros."""
+    adds = []
+    for L in sorted({v.layer for v in variants if v.layer is not None}):
+        vec = torch.zeros(len(variants), lm.d_model)
+        coef = torch.zeros(len(variants))
+        for i, v in enumerate(variants):
+            if v.layer == L:
+                vec[i], coef[i] = v.vector, v.coef
+        adds.append(Add(vec, layer=L, coef=coef, positions=positions))
+    return adds
+
+
+def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None,
+             coef: float | Sequence[float] = 1.0, positions: Positions = ALL, interventions: Sequence = (),
+             include_unsteered: bool | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, chat: bool | None = None, system: str | None = None,
+             batch_size: int = 32, progress: bool | None = None) -> list[Completion]:
+    """Generate a completion for every (vector, prompt) pair.
+
+    Args:
+        vectors: None (unsteered), a VectorSet, a SteeringVector or list of them, or a (K, d)
+            tensor (then `layer` is required). `layer` overrides the vectors' own layers.
+        coef: one coefficient, or one per vector.
+        positions: which tokens the vectors are added at (see `Positions`).
+        interventions: extra interventions applied to every row (e.g. an `Ablate`), before the vectors.
+        include_unsteered: add an unsteered row per prompt (default: True when vectors are given).
+        temperature: 0 = greedy (deterministic); otherwise sampling with `top_p`, seeded by `seed`.
+        chat: apply the chat template (default: when the tokenizer has one).
+    Returns completions ordered by variant (unsteered first), then prompt.
+    """
+    from transformers import GenerationConfig
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise SteerscopeError("the prompt list is empty; give at least one prompt.")
+    if max_new_tokens < 1:
+        raise SteerscopeError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise SteerscopeError("temperature must be >= 0 and top_p in (0, 1].")
+    variants = _variants(lm, vectors, layer, coef, vectors is not None if include_unsteered is None else include_unsteered)
+    rows = [(vi, pi) for vi in range(len(variants)) for pi in range(len(prompts))]
+
+    tok = lm.tokenizer
+    eos = lm.model.generation_config.eos_token_id
+    eos = eos if eos is not None else tok.eos_token_id
+    eos_set = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    gc = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+    )
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    results: list[Completion] = []
+    bar = tqdm(total=len(rows), desc="generating", unit="row", disable=not show, leave=False)
+    try:
+        for ci, start in enumerate(range(0, len(rows), batch_size)):
+            chunk = rows[start:start + batch_size]
+            enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
+            adds = _per_row_adds(lm, [variants[vi] for vi, _ in chunk], positions)
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), steer(lm, *interventions, *adds):
+                torch.manual_seed(seed + ci)
+                out = lm.model.generate(**enc, generation_config=gc)
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            for (vi, pi), ids in zip(chunk, new):
+                cut = next((j for j, t in enumerate(ids) if t in eos_set), None)
+                ids = ids if cut is None else ids[:cut]
+                v = variants[vi]
+                results.append(Completion(pi, prompts[pi], v.id, v.layer, v.coef,
+                                          tok.decode(ids, skip_special_tokens=True), ids,
+                                          "length" if cut is None else "eos"))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return results

@@ -1,0 +1,93 @@
+"""Tiny random-initialised models of several architectures, built from configs (no downloads),
+with a character-level tokenizer made in-process."""
+
+from __future__ import annotations
+
+import functools
+import string
+
+import pytest
+import torch
+
+from steerscope.models.loading import LM, weights_fingerprint
+
+VOCAB = 128
+PAD, BOS, EOS = 0, 1, 2
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+# The five architectures the full contract table runs on, and the rest of the registry.
+CORE_ARCHS = ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox"]
+ALL_ARCHS = CORE_ARCHS + ["mistral", "qwen3", "gemma", "gemma3_text", "phi3", "olmo2"]
+
+
+def _config(model_type: str, n_layers: int = 3):
+    from transformers import AutoConfig
+
+    ids = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    if model_type == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=n_layers, n_head=4, vocab_size=VOCAB, n_positions=128, **ids)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+              num_attention_heads=4, max_position_embeddings=128, **ids)
+    if model_type != "gpt_neox":
+        kw["num_key_value_heads"] = 2
+    if model_type in ("qwen3", "gemma", "gemma2", "gemma3_text"):
+        kw["head_dim"] = 8
+    return AutoConfig.for_model(model_type, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(chat: bool):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_letters + string.digits + " .,!?'-:;()<>/\n"
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3}
+    for c in chars:
+        vocab[c] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_lm(model_type: str, n_layers: int = 3, seed: int = 0, chat: bool = False) -> LM:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(model_type, n_layers))
+    # Random init uses std 0.02, which makes every logit nearly equal; larger weights give a model
+    # whose outputs actually depend on the residual stream, so a no-op would be noticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    model.eval()
+    return LM(model, _tokenizer(chat), model_id=f"tiny-{model_type}", fingerprint=weights_fingerprint(model))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_lm(model_type: str) -> LM:
+    return make_tiny_lm(model_type)
+
+
+@pytest.fixture(params=CORE_ARCHS)
+def lm(request) -> LM:
+    return tiny_lm(request.param)
+
+
+@pytest.fixture(params=ALL_ARCHS)
+def any_lm(request) -> LM:
+    return tiny_lm(request.param)
+
+
+PROMPTS = ["Hello there", "A much longer prompt with more tokens", "Hi"]
+
+
+def rand_vec(lm: LM, seed: int = 1, scale: float = 4.0, rows: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (lm.d_model,) if rows is None else (rows, lm.d_model)
+    return torch.randn(shape, generator=g) * scale / lm.d_model ** 0.5

@@ -1,0 +1,64 @@
+"""The CLI on a tiny local checkpoint: output, saved vectors, one-line errors."""
+
+import json
+
+import pytest
+from conftest import make_tiny_lm
+
+from steerscope.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    lm = make_tiny_lm("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_help_for_every_command(capsys):
+    for argv in (["--help"], ["info", "--help"], ["generate", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    assert "--contrast" in capsys.readouterr().out
+
+
+def test_info(ckpt, capsys):
+    assert main(["info", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "valid layer indices 0..2" in out and "d_model  32" in out and "model_type=llama" in out
+
+
+def test_generate_side_by_side_and_saved_vector(ckpt, tmp_path, capsys):
+    argv = ["generate", "--model", str(ckpt), "--prompt", "Hello", "--prompt", "Bye", "--contrast", "good", "bad",
+            "--layer", "1", "--coef", "8", "--max-new-tokens", "5", "--save-vector", str(tmp_path / "v")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== prompt") == 2 and "unsteered" in out and "steered: mean_difference-L1 @ layer 1, coef 8" in out
+    assert (tmp_path / "v" / "config.json").is_file()
+    assert main(argv) == 2  # the saved vector is never overwritten without --force
+    assert "already exists" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "--prompt", "Hello", "--vector", str(tmp_path / "v"), "--coef", "4",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [r["vector_id"] for r in rows] == [None, "mean_difference-L1"] and rows[1]["coef"] == 4.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--prompt", "x", "--contrast", "a", "b", "--layer", "9"], "valid layers are 0..2"),
+    (["generate", "--contrast", "a", "b", "--layer", "1"], "no prompts"),
+    (["generate", "--prompt", "x"], "nothing to steer with"),
+    (["generate", "--prompt", "x", "--vector", "/nonexistent/vec"], "not a steerscope vector folder"),
+    (["generate", "--prompt", "x", "--contrast", "a", "b", "--layer", "1", "--positions", "soon"], "cannot parse positions"),
+])
+def test_errors_exit_nonzero_with_one_line(ckpt, capsys, argv, message):
+    assert main(argv[:1] + ["--model", str(ckpt)] + argv[1:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("steerscope: error:")
+
+
+def test_unknown_model_exits_2(capsys):
+    assert main(["info", "/definitely/not/here"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""Batched steered generation on tiny models."""
+
+import pytest
+import torch
+from conftest import PROMPTS, make_tiny_lm, rand_vec, tiny_lm
+
+import steerscope as ss
+from steerscope.directions import VectorSet
+
+
+def _vs(lm, k=4, scale=30.0):
+    return VectorSet.create(lm, rand_vec(lm, rows=k, scale=scale), layers=[1, 1, 2, 0][:k], method="random")
+
+
+def test_results_are_structured_and_ordered(lm):
+    vs = _vs(lm)
+    res = ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=5)
+    assert len(res) == (len(vs) + 1) * len(PROMPTS)
+    assert [r.vector_id for r in res[: len(PROMPTS)]] == [None] * len(PROMPTS)  # unsteered first
+    assert [(r.vector_id, r.prompt_index) for r in res[len(PROMPTS):]] == [(i, p) for i in vs.ids for p in range(len(PROMPTS))]
+    for r in res:
+        assert r.prompt == PROMPTS[r.prompt_index] and isinstance(r.text, str) and r.finish_reason in ("eos", "length")
+        assert len(r.token_ids) <= 5 and r.text == lm.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    steered = [r for r in res if r.vector_id is not None]
+    assert any(r.token_ids != res[r.prompt_index].token_ids for r in steered)  # steering did something
+
+
+def test_batched_equals_loop_over_vectors(lm):
+    vs = _vs(lm)
+    together = ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=6, include_unsteered=False)
+    for i in range(len(vs)):
+        alone = ss.generate(lm, PROMPTS, vectors=vs[i], max_new_tokens=6, include_unsteered=False)
+        assert [r.token_ids for r in alone] == [r.token_ids for r in together if r.vector_id == vs.ids[i]]
+
+
+def test_batch_size_does_not_change_results(lm):
+    vs = _vs(lm)
+    a = ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=6, batch_size=64)
+    b = ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=6, batch_size=2)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_unsteered_row_equals_plain_generation(lm):
+    plain = ss.generate(lm, PROMPTS, max_new_tokens=6)
+    mixed = ss.generate(lm, PROMPTS, vectors=_vs(lm), max_new_tokens=6)
+    assert [r.token_ids for r in plain] == [r.token_ids for r in mixed[: len(PROMPTS)]]
+
+
+def test_greedy_is_deterministic_and_sampling_is_seeded():
+    lm = tiny_lm("llama")
+    vs = _vs(lm)
+    assert ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=8) == ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=8)
+    s1 = ss.generate(lm, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
+    s2 = ss.generate(lm, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
+    s3 = ss.generate(lm, PROMPTS, max_new_tokens=8, temperature=1.0, seed=2)
+    assert s1 == s2 and s1 != s3
+
+
+def test_generated_only_positions_leave_the_first_token():
+    """Steering only generated tokens cannot change the first new token (it is predicted from
+    the prompt pass), but changes later ones."""
+    lm = tiny_lm("gpt2")
+    vs = _vs(lm, k=4, scale=60.0)
+    base = ss.generate(lm, PROMPTS, max_new_tokens=8)
+    gen = ss.generate(lm, PROMPTS, vectors=vs, positions=ss.Positions.generated(), max_new_tokens=8, include_unsteered=False)
+    for r in gen:
+        assert r.token_ids[0] == base[r.prompt_index].token_ids[0]
+    assert any(r.token_ids != base[r.prompt_index].token_ids for r in gen)
+
+
+def test_chat_template_applied_when_present():
+    lm = make_tiny_lm("llama", chat=True)
+    assert lm.format_prompt("hi") == "<user>hi<assistant>"
+    assert lm.format_prompt("hi", chat=False) == "hi"
+    assert lm.format_prompt("hi", system="be nice") == "<system>be nice<user>hi<assistant>"
+    assert lm.encode(["hi"], chat=None)["input_ids"].shape[1] > lm.encode(["hi"], chat=False)["input_ids"].shape[1]
+    with pytest.raises(ss.SteerscopeError, match="no chat template"):
+        tiny_lm("llama").format_prompt("hi", chat=True)
+
+
+def test_shared_interventions_apply_to_every_row():
+    lm = tiny_lm("llama")
+    d = rand_vec(lm, seed=4)
+    base = ss.generate(lm, PROMPTS, max_new_tokens=6)
+    abl = ss.generate(lm, PROMPTS, max_new_tokens=6, interventions=[ss.Add(d * 40, layer=1)])
+    assert [r.token_ids for r in base] != [r.token_ids for r in abl]
+
+
+def test_bad_generation_inputs():
+    lm = tiny_lm("llama")
+    with pytest.raises(ss.SteerscopeError, match="empty"):
+        ss.generate(lm, [])
+    with pytest.raises(ss.SteerscopeError, match="empty"):
+        ss.generate(lm, [""])
+    with pytest.raises(ss.LayerError, match="valid layers are 0..2"):
+        ss.generate(lm, PROMPTS, vectors=torch.ones(32), layer=3)
+    with pytest.raises(ss.SteerscopeError, match="d_model is 32"):
+        ss.generate(lm, PROMPTS, vectors=torch.ones(16), layer=1)
+    with pytest.raises(ss.SteerscopeError, match="NaN"):
+        ss.generate(lm, PROMPTS, vectors=torch.tensor([float("inf")] * 32), layer=1)
+    with pytest.raises(ss.SteerscopeError, match="need layer"):
+        ss.generate(lm, PROMPTS, vectors=torch.ones(32))
+    with pytest.raises(ss.SteerscopeError, match="3 coefficients for 2 vectors"):
+        ss.generate(lm, PROMPTS, vectors=torch.ones(2, 32), layer=1, coef=[1, 2, 3])

@@ -1,0 +1,113 @@
+"""Loading, the architecture registry, the default-model cache checks, bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import ALL_ARCHS, PROMPTS, make_tiny_lm, tiny_lm
+
+import steerscope as ss
+from steerscope.models import ARCHITECTURES, ArchSpec, load_model, register_architecture
+from steerscope.models.loading import MANIFEST, CACHE_FORMAT, _cache_valid, weights_fingerprint
+from steerscope.models.registry import Arch
+
+
+def test_registry_covers_the_required_architectures():
+    assert set(ALL_ARCHS) <= set(ARCHITECTURES)
+
+
+def test_unknown_architecture_says_how_to_register():
+    lm = tiny_lm("llama")
+    lm.model.config.model_type = "brand_new"
+    try:
+        with pytest.raises(ss.UnknownArchitectureError, match="register_architecture"):
+            Arch(lm.model)
+        register_architecture("brand_new", ARCHITECTURES["llama"])
+        assert Arch(lm.model).n_layers == 3
+        with pytest.raises(ss.SteerscopeError, match="already registered"):
+            register_architecture("brand_new", ARCHITECTURES["llama"])
+        register_architecture("brand_new", ArchSpec(base="model", layers="model.nope", embed="model.embed_tokens",
+                                                    attn_out="self_attn.o_proj", mlp_out="mlp.down_proj",
+                                                    final_norm="model.norm"), replace=True)
+        with pytest.raises(ss.UnknownArchitectureError, match="does not match"):
+            Arch(lm.model)
+    finally:
+        lm.model.config.model_type = "llama"
+        ARCHITECTURES.pop("brand_new", None)
+
+
+def test_layer_errors_list_the_valid_range():
+    lm = tiny_lm("llama")
+    with pytest.raises(ss.LayerError, match=r"valid layers are 0\.\.2"):
+        lm.check_layer(3)
+    assert lm.check_layer(-1) == 2
+    with pytest.raises(ss.LayerError):
+        ss.Add(torch.ones(32), layer=7).sites(lm)
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    lm = make_tiny_lm("qwen2")
+    lm.model.save_pretrained(tmp_path / "ckpt")
+    lm.tokenizer.save_pretrained(tmp_path / "ckpt")
+    back = load_model(tmp_path / "ckpt")
+    assert back.fingerprint == lm.fingerprint and back.n_layers == 3 and back.d_model == 32
+    enc = lm.encode(PROMPTS)
+    with torch.no_grad():
+        assert torch.allclose(lm.forward(**enc).logits, back.forward(**enc).logits, atol=1e-6)
+    half = load_model(tmp_path / "ckpt", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and half.fingerprint == lm.fingerprint  # same weights, other dtype
+
+
+def test_fingerprint_changes_with_weights():
+    a = make_tiny_lm("llama")
+    fp = weights_fingerprint(a.model)
+    with torch.no_grad():
+        a.model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    assert weights_fingerprint(a.model) != fp
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(ss.ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ss.ModelLoadError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(ss.ModelLoadError, match="does not download"):
+        load_model("some-org/not-a-cached-model")
+    with pytest.raises(ss.SteerscopeError, match="unknown dtype"):
+        load_model(tmp_path / "empty", dtype="float8")
+
+
+def test_cache_validity_check(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "config.json").write_text("{}")
+    assert not _cache_valid(tmp_path)  # no manifest: a build that died half-way
+    files = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}))
+    assert _cache_valid(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 50)  # truncated
+    assert not _cache_valid(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    assert not _cache_valid(tmp_path)
+
+
+def test_positions_parse():
+    P = ss.Positions
+    assert P.parse("all") == P.all() and P.parse("generated") == P.generated()
+    assert P.parse("2:5") == P.range(2, 5) and P.parse("3:") == P.range(3) and P.parse("tail:4") == P.prompt_tail(4)
+    for bad in ("sometimes", "5:2", "tail:0"):
+        with pytest.raises(ss.SteerscopeError):
+            P.parse(bad)
+
+
+def test_bf16_steering_runs_and_is_close():
+    lm = make_tiny_lm("llama")
+    enc = lm.encode(PROMPTS)
+    v = torch.randn(32)
+    with torch.no_grad(), ss.steer(lm, ss.Add(v, layer=1)):
+        ref = lm.forward(**enc).logits
+    lm.model.to(torch.bfloat16)
+    with torch.no_grad(), ss.steer(lm, ss.Add(v, layer=1)):
+        half = lm.forward(**enc).logits.float()
+    mask = enc["attention_mask"].bool()
+    assert (half[mask] - ref[mask]).abs().max() < 0.25 * ref[mask].abs().max()
