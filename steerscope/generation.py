@@ -88,7 +88,7 @@ def _per_row_adds(lm, variants: list[_Variant], positions: Positions) -> list[Ad
 
 def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None,
              coef: float | Sequence[float] = 1.0, positions: Positions = ALL, interventions: Sequence = (),
-             include_unsteered: bool | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+             include_unsteered: bool | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool | None = None, system: str | None = None,
              batch_size: int = 32, progress: bool | None = None) -> list[Completion]:
     """Generate a completion for every (vector, prompt) pair.
@@ -100,6 +100,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
         positions: which tokens the vectors are added at (see `Positions`).
         interventions: extra interventions applied to every row (e.g. an `Ablate`), before the vectors.
         include_unsteered: add an unsteered row per prompt (default: True when vectors are given).
+        min_new_tokens: suppress EOS until this many tokens (e.g. for timing).
         temperature: 0 = greedy (deterministic); otherwise sampling with `top_p`, seeded by `seed`.
         chat: apply the chat template (default: when the tokenizer has one).
     Returns completions ordered by variant (unsteered first), then prompt.
@@ -121,7 +122,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
     eos = eos if eos is not None else tok.eos_token_id
     eos_set = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     gc = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
         top_p=top_p if temperature > 0 else None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos,
     )
     from tqdm.auto import tqdm
