@@ -121,9 +121,9 @@ def _row(iv, i):
     if isinstance(iv, list):
         return [_row(x, i) for x in iv]
     kw = {k: v for k, v in iv.__dict__.items()}
-    for k in ("vector", "direction", "value", "coef"):
+    for k in ("vector", "direction", "value", "coef", "strength"):
         v = kw.get(k)
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(PROMPTS) and (k in ("value", "coef") or v.dim() == 2):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(PROMPTS) and (k in ("value", "coef", "strength") or v.dim() == 2):
             kw[k] = v[i]
     return type(iv)(**kw)
 

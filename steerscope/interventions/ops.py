@@ -44,9 +44,10 @@ def op_add(x: torch.Tensor, vector: torch.Tensor, coef: torch.Tensor) -> torch.T
 
 
 @register_op("ablate")
-def op_ablate(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """Directional ablation (Arditi et al. 2024, eq. 4): x - (x . r) r with unit r."""
-    return x - _dot(x, direction)[..., None] * direction[:, None, :]
+def op_ablate(x: torch.Tensor, direction: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Directional ablation (Arditi et al. 2024, eq. 4): x - s (x . r) r with unit r; s = 1 is
+    full ablation, s = 0 leaves the row exactly unchanged (used for per-row batches)."""
+    return x - (strength[:, None] * _dot(x, direction))[..., None] * direction[:, None, :]
 
 
 @register_op("clamp")
@@ -158,6 +159,7 @@ class Ablate(Intervention):
     op: ClassVar[str] = "ablate"
     direction: torch.Tensor
     layer: int | Sequence[int] | None = None
+    strength: float | torch.Tensor = 1.0
 
     def sites(self, lm) -> list[Site]:
         if self.layer is None:
@@ -165,7 +167,8 @@ class Ablate(Intervention):
         return [Site(l, "resid_post") for l in _layers(self.layer, lm)]
 
     def params(self, lm) -> dict[str, torch.Tensor]:
-        return {"direction": as_rows(self.direction, lm.d_model, "ablation direction", unit=True)}
+        return {"direction": as_rows(self.direction, lm.d_model, "ablation direction", unit=True),
+                "strength": as_scalars(self.strength, "ablation strength")}
 
 
 @dataclass

@@ -108,16 +108,20 @@ class LM:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, prompts: Sequence[str], chat: bool | None = False, system: str | None = None) -> dict[str, torch.Tensor]:
-        """Tokenise and LEFT-pad a batch: {"input_ids", "attention_mask"} on the model's device."""
+    def encode(self, prompts: Sequence[str], chat: bool | None = False, system: str | None = None,
+               formatted: bool = False) -> dict[str, torch.Tensor]:
+        """Tokenise and LEFT-pad a batch: {"input_ids", "attention_mask"} on the model's device.
+
+        `formatted=True`: the texts already went through `format_prompt` (no template, no
+        special tokens added)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
             raise SteerscopeError("the prompt list is empty; give at least one prompt.")
-        texts = [self.format_prompt(p, chat, system) for p in prompts]
+        texts = list(prompts) if formatted else [self.format_prompt(p, chat, system) for p in prompts]
         tok = self.tokenizer
         # A chat template already contains the special tokens it needs.
-        add_special = not (self.has_chat_template if chat is None else chat)
+        add_special = not formatted and not (self.has_chat_template if chat is None else chat)
         old_side = tok.padding_side
         tok.padding_side = "left"
         try:
