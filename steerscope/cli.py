@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--allow-other-model", action="store_true", help="use vectors whose model fingerprint differs")
     pg.add_argument("--json", action="store_true", help="print one JSON object per completion")
     pg.set_defaults(func=cmd_generate)
+
+    from .cli_supervised import add_commands
+
+    add_commands(sub, _add_model_args)
     return p
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .directions.vectors import SteeringVector, VectorSet
 from .errors import SteerscopeError
-from .interventions.ops import Add, as_rows
+from .interventions.ops import Ablate, Add, as_rows
 from .interventions.positions import ALL, Positions
 from .interventions.steer import steer
 
@@ -73,8 +73,22 @@ def _variants(lm, vectors, layer, coef, include_unsteered) -> list[_Variant]:
     return out
 
 
-def _per_row_adds(lm, variants: list[_Variant], positions: Positions) -> list[Add]:
-    """One per-row Add per distinct layer; rows steered elsewhere (or unsteered) get zeros."""
+def _per_row(lm, variants: list[_Variant], positions: Positions, mode: str = "add") -> list:
+    """Interventions steering row i by variant i.
+
+    add: one per-row Add per distinct layer; rows steered elsewhere (or unsteered) get zeros.
+    ablate: one per-row Ablate at every layer; unsteered rows get strength 0 (exactly untouched).
+    """
+    if mode == "ablate":
+        rows = [v for v in variants if v.vector is not None]
+        if not rows:
+            return []
+        fill = rows[0].vector
+        dirs = torch.stack([v.vector if v.vector is not None else fill for v in variants])
+        strength = torch.tensor([0.0 if v.vector is None else 1.0 for v in variants])
+        return [Ablate(dirs, strength=strength, positions=positions)]
+    if mode != "add":
+        raise SteerscopeError(f"mode must be 'add' or 'ablate', got {mode!r}.")
     adds = []
     for L in sorted({v.layer for v in variants if v.layer is not None}):
         vec = torch.zeros(len(variants), lm.d_model)
@@ -86,9 +100,29 @@ def _per_row_adds(lm, variants: list[_Variant], positions: Positions) -> list[Ad
     return adds
 
 
+@torch.no_grad()
+def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None, coef=1.0,
+                      mode: str = "add", include_unsteered: bool = False, chat: bool | None = None,
+                      system: str | None = None, batch_size: int = 32) -> torch.Tensor:
+    """(n_variants, n_prompts, vocab) float32 next-token logits at the last prompt position, with
+    every (vector, prompt) pair as one batch row (same variants and order as `generate`)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise SteerscopeError("the prompt list is empty; give at least one prompt.")
+    variants = _variants(lm, vectors, layer, coef, include_unsteered)
+    rows = [(vi, pi) for vi in range(len(variants)) for pi in range(len(prompts))]
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
+        with steer(lm, *_per_row(lm, [variants[vi] for vi, _ in chunk], ALL, mode)):
+            out.append(lm.forward(**enc).logits[:, -1].float())
+    return torch.cat(out).reshape(len(variants), len(prompts), -1)
+
+
 def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None,
-             coef: float | Sequence[float] = 1.0, positions: Positions = ALL, interventions: Sequence = (),
-             include_unsteered: bool | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 0.0,
+             coef: float | Sequence[float] = 1.0, positions: Positions = ALL, mode: str = "add",
+             interventions: Sequence = (), include_unsteered: bool | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool | None = None, system: str | None = None,
              batch_size: int = 32, progress: bool | None = None) -> list[Completion]:
     """Generate a completion for every (vector, prompt) pair.
@@ -98,6 +132,8 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
             tensor (then `layer` is required). `layer` overrides the vectors' own layers.
         coef: one coefficient, or one per vector.
         positions: which tokens the vectors are added at (see `Positions`).
+        mode: "add" (coef * vector at its layer) or "ablate" (project each vector's direction out
+            at every layer, Arditi et al. 2024; `layer` and `coef` are then unused).
         interventions: extra interventions applied to every row (e.g. an `Ablate`), before the vectors.
         include_unsteered: add an unsteered row per prompt (default: True when vectors are given).
         min_new_tokens: suppress EOS until this many tokens (e.g. for timing).
@@ -134,7 +170,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
         for ci, start in enumerate(range(0, len(rows), batch_size)):
             chunk = rows[start:start + batch_size]
             enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
-            adds = _per_row_adds(lm, [variants[vi] for vi, _ in chunk], positions)
+            adds = _per_row(lm, [variants[vi] for vi, _ in chunk], positions, mode)
             with torch.random.fork_rng(devices=[]), torch.no_grad(), steer(lm, *interventions, *adds):
                 torch.manual_seed(seed + ci)
                 out = lm.model.generate(**enc, generation_config=gc)

@@ -64,9 +64,10 @@ def pca_centred(a: torch.Tensor, b: torch.Tensor, paired: bool) -> torch.Tensor:
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logistic regression on standardised features (LBFGS, float64). Returns (w, bias) in the
-    original feature space."""
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
+    """L2-regularised logistic regression (LBFGS, float64). Returns (w, bias) in the original
+    feature space. Features are centred and divided by ONE global scale, not per feature:
+    per-feature scaling would rotate the weight vector away from the class-mean direction."""
+    mu, sd = x.mean(0), (x - x.mean(0)).std().clamp_min(1e-8)
     z = (x - mu) / sd
     w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
     c = torch.zeros((), dtype=x.dtype, requires_grad=True)

@@ -1,0 +1,116 @@
+"""Metrics, KL, and selection by measured effect."""
+
+import pytest
+import torch
+from conftest import PROMPTS, rand_vec, tiny_lm
+
+import steerscope as ss
+from steerscope.directions import VectorSet
+from steerscope.generation import last_token_logits
+from steerscope.judging import SelectConfig, kl_divergence, parse_metric, select
+from steerscope.judging import selection as selection_mod
+from steerscope.judging.metrics import Metric
+from steerscope.judging.selection import mean_projection
+
+
+def test_logodds_matches_definition():
+    lm = tiny_lm("llama")
+    m = parse_metric("logodds:a,b", lm)
+    logits = torch.randn(3, 128)
+    ids = sorted({lm.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("a", "b", " a", " b")})
+    p = torch.softmax(logits.double(), -1)[:, ids].sum(-1)
+    assert torch.allclose(m.score_logits(logits).double(), torch.log(p / (1 - p)), atol=1e-5)
+
+
+def test_text_metrics():
+    lm = tiny_lm("llama")
+    assert parse_metric("refusal", lm).score_texts(["I'm sorry, I can't.", "Sure!"]).tolist() == [1.0, 0.0]
+    assert parse_metric("substring:cat|dog", lm).score_texts(["A DOG ran", "fish"]).tolist() == [1.0, 0.0]
+    assert parse_metric("regex:^No", lm).score_texts(["No way", "I say No"]).tolist() == [1.0, 0.0]
+    s = parse_metric("sentiment", lm).score_texts(["I love this wonderful day!", "I hate this awful day."])
+    assert s[0] > 0.5 and s[1] < -0.5
+    with pytest.raises(ss.SteerscopeError, match="unknown metric"):
+        parse_metric("vibes", lm)
+    with pytest.raises(ss.SteerscopeError, match="needs an argument"):
+        parse_metric("logodds", lm)
+
+
+def test_kl():
+    x = torch.randn(4, 50)
+    assert torch.allclose(kl_divergence(x, x), torch.zeros(4), atol=1e-6)
+    y = x.clone()
+    y[:, 0] += 5
+    assert (kl_divergence(x, y) > 0).all()
+
+
+def test_last_token_logits_rows_equal_direct_steering():
+    lm = tiny_lm("qwen2")
+    vs = VectorSet.create(lm, rand_vec(lm, rows=2, scale=10), layers=[0, 2], method="x")
+    batched = last_token_logits(lm, PROMPTS, vectors=vs, coef=1.5, include_unsteered=True)
+    assert batched.shape == (3, len(PROMPTS), 128)
+    enc = lm.encode(PROMPTS, chat=None)
+    for k in range(2):
+        with torch.no_grad(), ss.steer(lm, vs[k].add(coef=1.5)):
+            direct = lm.forward(**enc).logits[:, -1]
+        assert (batched[k + 1] - direct).abs().max() < 1e-5
+        with torch.no_grad(), ss.steer(lm, ss.Ablate(vs[k].vector)):
+            direct = lm.forward(**enc).logits[:, -1]
+        abl = last_token_logits(lm, PROMPTS, vectors=vs, mode="ablate", include_unsteered=True)
+        assert (abl[k + 1] - direct).abs().max() < 1e-5
+        assert torch.equal(abl[0], batched[0])  # the unsteered row is untouched in both modes
+
+
+def _planted_select(monkeypatch, mode, induce, bypass, kl_add, kl_abl, layers, base_b=0.0):
+    """3-layer model with max_layer_frac=0.5: layer 2 counts as "too late"."""
+    lm = tiny_lm("llama")
+    vs = VectorSet.create(lm, rand_vec(lm, rows=len(layers)), layers=layers, method="x")
+    monkeypatch.setattr(selection_mod, "_baseline", lambda lm, m, p, cfg: base_b)
+    monkeypatch.setattr(selection_mod, "_measure", lambda lm, m, p, vs, md, cfg: torch.tensor(induce if md == "add" else bypass))
+    monkeypatch.setattr(selection_mod, "_kl", lambda lm, n, vs, md, cfg: torch.tensor(kl_add if md == "add" else kl_abl))
+    return select(lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5))
+
+
+def test_selection_rules(monkeypatch):
+    # candidate 0: best bypass but KL too high; 1: fine; 2: better bypass, fine; 3: best of all but last layer
+    sel = _planted_select(monkeypatch, "ablate", induce=[1.0, 1.0, 1.0, 1.0], bypass=[-9.0, -1.0, -2.0, -10.0],
+                          kl_add=[0.0] * 4, kl_abl=[0.5, 0.05, 0.05, 0.0], layers=[0, 1, 1, 2])
+    assert sel.best == 2
+    assert "KL" in sel.candidates[0].reason and "last 50" in sel.candidates[3].reason
+    assert "*" in sel.table() and "selected: x-2" in sel.table()
+    sel = _planted_select(monkeypatch, "add", induce=[0.5, 2.0, 3.0, 5.0], bypass=[0.0] * 4,
+                          kl_add=[0.01, 0.01, 0.2, 0.01], kl_abl=[0.0] * 4, layers=[0, 1, 1, 2], base_b=1.0)
+    assert sel.best == 1  # 0 does not induce (0.5 <= baseline 1.0), 2 KL too high, 3 last layer
+    assert sel.candidates[0].reason == "adding does not induce"
+    sel = _planted_select(monkeypatch, "add", induce=[0.0] * 4, bypass=[0.0] * 4, kl_add=[1.0] * 4, kl_abl=[1.0] * 4,
+                          layers=[0, 1, 1, 2], base_b=1.0)
+    assert sel.best is None and "selected: none" in sel.table()
+
+
+def test_selection_end_to_end_on_tiny_model(tmp_path):
+    lm = tiny_lm("gpt2")
+    target = 40  # a token id; the metric is its log-probability at the last position
+    metric = Metric("logp40", "logits", lambda logits: torch.log_softmax(logits, -1)[:, target])
+    W = lm.model.get_output_embeddings().weight.detach()
+    push = W[target] / W[target].norm() * 30  # towards token 40 in unembedding space
+    vs = VectorSet.create(lm, torch.stack([push, -push, rand_vec(lm)]), layers=[2, 2, 1], method="x")
+    sel = select(lm, vs, metric, PROMPTS, PROMPTS, PROMPTS, SelectConfig(mode="add", kl_bound=100, max_layer_frac=1.0))
+    assert sel.candidates[0].induce > sel.baseline_b > sel.candidates[1].induce
+    assert sel.best == 0 and all(c.kl_add >= 0 and c.kl_ablate >= 0 for c in sel.candidates)
+    sel.save(tmp_path / "t.json")
+    assert (tmp_path / "t.json").read_text().count('"id"') == 3
+
+
+def test_clamp_to_mean_projection_of_set_a():
+    lm = tiny_lm("llama")
+    d = rand_vec(lm, seed=8)
+    value = mean_projection(lm, PROMPTS, d, layer=1)
+    from steerscope.models import get_activations
+
+    acts = get_activations(lm, PROMPTS, [1])[:, 0]
+    assert abs(value - float((acts @ (d / d.norm())).mean())) < 1e-5
+    enc = lm.encode(["Another prompt"])
+    from steerscope.models import record
+
+    with torch.no_grad(), ss.steer(lm, ss.Clamp(d, value=value, layer=1)), record(lm, [1]) as r:
+        lm.forward(**enc)
+    assert torch.allclose(r[1][0] @ (d / d.norm()), torch.full((r[1].shape[1],), value), atol=1e-4)
