@@ -62,3 +62,39 @@ def test_errors_exit_nonzero_with_one_line(ckpt, capsys, argv, message):
 def test_unknown_model_exits_2(capsys):
     assert main(["info", "/definitely/not/here"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_supervised_workflow(ckpt, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"positive": f"good {w}", "negative": f"bad {w}"}) for w in ("day", "cat", "idea", "song")) + "\n")
+    m = ["--model", str(ckpt)]
+    assert main(["extract", "--pairs", str(pairs), "--layers", "1:3", "--out", str(tmp_path / "cand"), *m]) == 0
+    out = capsys.readouterr().out
+    assert "diffmean-L1" in out and "diffmean-L2" in out and "probe_acc" in out
+    assert main(["extract", "--pairs", str(pairs), "--out", str(tmp_path / "cand"), *m]) == 2  # no overwrite
+    capsys.readouterr()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\nHow are you\nTell me more\n")
+    assert main(["select", "--vector", str(tmp_path / "cand"), "--metric", "logodds:a,e", "--a", str(prompts), "--b", str(prompts),
+                 "--neutral", str(prompts), "--kl-bound", "1000", "--max-layer-frac", "1", "--table", str(tmp_path / "t.json"),
+                 *m]) == 0
+    out = capsys.readouterr()
+    assert "induce" in out.out and "kl_add" in out.out and (tmp_path / "t.json").is_file()
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert [c["id"] for c in table["candidates"]] == ["diffmean-L1", "diffmean-L2"]
+    if table["best"] is not None:  # when a candidate passes, --save-best writes it as its own folder
+        assert main(["select", "--vector", str(tmp_path / "cand"), "--metric", "logodds:a,e", "--a", str(prompts), "--b",
+                     str(prompts), "--neutral", str(prompts), "--kl-bound", "1000", "--max-layer-frac", "1",
+                     "--save-best", str(tmp_path / "best"), *m]) == 0
+        assert json.loads((tmp_path / "best" / "config.json").read_text())["ids"] == [table["candidates"][table["best"]]["id"]]
+    else:
+        assert main(["select", "--vector", str(tmp_path / "cand"), "--metric", "logodds:a,e", "--a", str(prompts), "--b",
+                     str(prompts), "--neutral", str(prompts), "--save-best", str(tmp_path / "best"), *m]) == 2
+    assert main(["export", "--vector", str(tmp_path / "cand"), "--gguf", str(tmp_path / "cv.gguf")]) == 0
+    assert "direction.{1,2}" in capsys.readouterr().out
+    assert main(["import", "--gguf", str(tmp_path / "cv.gguf"), "--out", str(tmp_path / "back"), *m]) == 0
+    assert main(["orthogonalize", "--vector", str(tmp_path / "cand"), "--index", "0", "--out", str(tmp_path / "ortho"), *m]) == 0
+    assert (tmp_path / "ortho" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["orthogonalize", "--vector", str(tmp_path / "cand"), "--out", str(tmp_path / "o2"), *m]) == 2
+    assert "choose one with --index" in capsys.readouterr().err
