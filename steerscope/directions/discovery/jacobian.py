@@ -1,0 +1,132 @@
+"""Singular vectors of the source->target Jacobian, and choosing R from the model's own scale.
+
+J is the Jacobian of the target-layer activations at the chosen tokens (all prompts, flattened)
+with respect to a vector added at the source layer, at theta = 0. Its top right singular vectors
+are the directions that move the target layer most to first order (the linear DCT; "Power
+Steering"). J is never materialised: block subspace iteration applies J^T J to k vectors at once
+with one forward-mode pass (torch.func.jvp, k rows in one batch) and one reverse pass (a vjp
+function built once at theta = 0 and reused), followed by Rayleigh-Ritz on the k x k projection.
+Forward-mode AD has no CPU SDPA kernel, so attention runs eagerly here.
+
+Calibration (after DCT, Mack & Turner 2024): for random unit v, the relative nonlinearity
+    ratio(R) = sqrt( mean ||Delta(R v) - R J v||^2 / mean ||R J v||^2 )
+grows with R; the calibrated R solves ratio(R) = target (0.5 by default): large enough to leave
+the linear regime, small enough not to drown the residual stream. Residual norms differ a lot
+between models, so a fixed R is wrong for most.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import SteerscopeError
+from ...models.layer_range import eager_attention
+from .baselines import _orthonormal_rows, random_directions
+
+
+@dataclass
+class JacobianResult:
+    vectors: torch.Tensor  # (n, d) unit right singular vectors, largest first
+    singular_values: torch.Tensor  # (n,)
+    residuals: torch.Tensor  # (n,) ||J^T J v - s^2 v|| / s^2 at the end
+    history: list[list[float]]  # singular values per iteration
+    iterations: int
+    converged: bool
+
+
+def _masked_delta(layer_range, mask: torch.Tensor):
+    def f(theta: torch.Tensor) -> torch.Tensor:  # (K, d) -> (K*P, T, d)
+        return layer_range.delta(theta) * mask.repeat(theta.shape[0], 1)[..., None]
+    return f
+
+
+def jacobian_singular_vectors(layer_range, n: int, *, target_tokens: str = "all", oversample: int = 4, iters: int = 50,
+                              tol: float = 1e-4, seed: int = 0, progress=None) -> JacobianResult:
+    lm = layer_range.lm
+    d = lm.d_model
+    k = min(n + oversample, d)
+    if n > d:
+        raise SteerscopeError(f"cannot find {n} singular vectors in d_model={d}.")
+    mask = layer_range.target_mask(target_tokens).float()
+    try:
+        with eager_attention(lm):
+            layer_range.capture()  # masks in the eager format
+            return _subspace_iteration(_masked_delta(layer_range, mask), d, n, k, iters, tol, seed, progress)
+    finally:
+        layer_range.capture()  # back to masks for the model's own attention implementation
+
+
+def _subspace_iteration(f, d: int, n: int, k: int, iters: int, tol: float, seed: int, progress) -> JacobianResult:
+    zero = torch.zeros(k, d)
+    _, vjp_fn = torch.func.vjp(f, zero)  # linearisation point theta = 0, reused every iteration
+    V = random_directions(k, d, seed)  # (k, d) orthonormal rows
+    history, converged = [], False
+    for it in range(1, iters + 1):
+        _, JV = torch.func.jvp(f, (zero,), (V,))  # row block i: J v_i
+        W = vjp_fn(JV)[0]  # (k, d): J^T J v_i
+        H = V.double() @ W.double().T  # Rayleigh-Ritz: V^T (J^T J) V
+        evals, evecs = torch.linalg.eigh((H + H.T) / 2)  # ascending
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        ritz = (evecs.T @ V.double()).float()
+        W_ritz = (evecs.T @ W.double()).float()
+        lam = evals.float()
+        res = (W_ritz - lam[:, None] * ritz).norm(dim=-1) / lam.clamp_min(1e-30)
+        history.append(lam[:n].sqrt().tolist())
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(residual=f"{float(res[:n].max()):.2e}")
+        if bool((res[:n] < tol).all()):
+            converged = True
+            break
+        V = _orthonormal_rows(W_ritz)
+    vecs = ritz[:n]
+    # Signs are arbitrary (-v is as singular as v); fix them reproducibly.
+    s = torch.sign(vecs.sum(-1, keepdim=True))
+    vecs = vecs * s.where(s != 0, torch.ones(1))
+    return JacobianResult(vecs, lam[:n].sqrt(), res[:n], history, it, converged)
+
+
+def nonlinearity_ratio(layer_range, R: float, V: torch.Tensor, JV: torch.Tensor, mask: torch.Tensor) -> float:
+    delta = layer_range.delta(R * V) * mask.repeat(V.shape[0], 1)[..., None]
+    lin = R * JV
+    return math.sqrt(float((delta - lin).square().sum() / lin.square().sum().clamp_min(1e-30)))
+
+
+@torch.no_grad()
+def _jv(layer_range, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    f = _masked_delta(layer_range, mask)
+    with torch.enable_grad():
+        _, JV = torch.func.jvp(f, (torch.zeros_like(V),), (V,))
+    return JV.detach()
+
+
+def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, target_tokens: str = "all",
+                seed: int = 0, lo: float = 1e-3, hi: float = 1e4, iters: int = 40) -> tuple[float, list[tuple[float, float]]]:
+    """R with ratio(R) = target_ratio (geometric bisection). Returns (R, [(R, ratio), ...])."""
+    lm = layer_range.lm
+    mask = layer_range.target_mask(target_tokens).float()
+    V = random_directions(n_probe, lm.d_model, seed)
+    try:
+        with eager_attention(lm):
+            layer_range.capture()
+            JV = _jv(layer_range, V, mask)
+    finally:
+        layer_range.capture()
+    trace = []
+    with torch.no_grad():
+        r_lo, r_hi = nonlinearity_ratio(layer_range, lo, V, JV, mask), nonlinearity_ratio(layer_range, hi, V, JV, mask)
+        trace += [(lo, r_lo), (hi, r_hi)]
+        if not r_lo < target_ratio < r_hi:
+            raise SteerscopeError(f"cannot calibrate R: the nonlinearity ratio is {r_lo:.3g} at R={lo:g} and {r_hi:.3g} at "
+                                  f"R={hi:g}, which does not bracket {target_ratio}; pass R explicitly.")
+        for _ in range(iters):
+            mid = math.sqrt(lo * hi)
+            r = nonlinearity_ratio(layer_range, mid, V, JV, mask)
+            trace.append((mid, r))
+            lo, hi = (mid, hi) if r < target_ratio else (lo, mid)
+            if hi / lo < 1.01:
+                break
+    return math.sqrt(lo * hi), trace

@@ -1,0 +1,168 @@
+"""Unsupervised discovery on tiny models: MELBO, Jacobian singular vectors, calibration, controls."""
+
+import pytest
+import torch
+from conftest import ALL_ARCHS, PROMPTS, rand_vec, tiny_lm
+
+import steerscope as ss
+from steerscope.directions.discovery import DiscoverConfig, calibrate_R, discover, jacobian_singular_vectors, random_control
+from steerscope.directions.discovery.jacobian import _jv, nonlinearity_ratio
+from steerscope.directions.discovery.baselines import random_directions
+from steerscope.directions.discovery.melbo import _Checkpoint, melbo_objective, train_melbo
+from steerscope.models import record
+from steerscope.models.layer_range import LayerRange
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_layer_range_equals_hook_steering(arch):
+    lm = tiny_lm(arch)
+    lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
+    theta = torch.stack([rand_vec(lm, seed=i, scale=5) for i in range(2)])
+    z = lr.run(theta)
+    for k in range(2):
+        with torch.no_grad(), ss.steer(lm, ss.Add(theta[k], layer=0)), record(lm, [2]) as r:
+            lm.forward(**lr.enc)
+        assert (z[k * 3:(k + 1) * 3][lr.valid] - r[2][lr.valid]).abs().max() < 1e-5
+
+
+def test_objective_follows_the_paper_definition():
+    """Norm over d_model per token (not over tokens), target = output of block t, p and q."""
+    lm = tiny_lm("qwen2")
+    lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
+    theta = rand_vec(lm, rows=2, scale=3)
+    p, q = 4.0, 2.0
+    got = melbo_objective(lr.delta(theta), lr.valid.float(), 2, p, q)
+    with torch.no_grad(), record(lm, [2]) as base:
+        lm.forward(**lr.enc)
+        z0 = base[2].clone()
+    for k in range(2):
+        with torch.no_grad(), ss.steer(lm, ss.Add(theta[k], layer=0)), record(lm, [2]) as r:
+            lm.forward(**lr.enc)
+        total = 0.0
+        for i in range(len(PROMPTS)):
+            toks = lr.valid[i]
+            total += float(((r[2][i][toks] - z0[i][toks]).norm(dim=-1) ** p).sum() ** (1 / q))
+        assert abs(float(got[k].detach()) - total) / total < 1e-4
+
+
+def test_melbo_increases_objective_keeps_norm_and_orthogonality():
+    lm = tiny_lm("llama")
+    vs = discover(lm, PROMPTS, DiscoverConfig(source=0, target=2, n_vectors=4, R=2.0, steps=40), progress=False)
+    curves = vs.extras["curves"]
+    assert (curves[:, -1] > curves[:, 0] * 1.1).all()
+    assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((4,), 2.0), atol=1e-4)
+    G = vs.vectors @ vs.vectors.T
+    assert (G - torch.diag(torch.diag(G))).abs().max() < 1e-4
+    assert vs.layers == [0] * 4 and vs.config.hyperparams["target"] == 2
+
+
+def test_melbo_beats_random_on_its_objective():
+    lm = tiny_lm("gpt2")
+    cfg = DiscoverConfig(source=0, target=2, n_vectors=3, R=2.0, steps=40)
+    vs = discover(lm, PROMPTS, cfg, progress=False)
+    lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
+    with torch.no_grad():
+        learned = melbo_objective(lr.delta(vs.vectors), lr.valid.float(), 3, 2.0, 1.0)
+        rnd = random_control(lm, vs)
+        control = melbo_objective(lr.delta(rnd.vectors), lr.valid.float(), 3, 2.0, 1.0)
+    assert learned.min() > control.max()
+    assert torch.allclose(rnd.vectors.norm(dim=-1), vs.vectors.norm(dim=-1), atol=1e-5)
+
+
+def test_resume_gives_the_same_vectors(tmp_path):
+    lm = tiny_lm("llama")
+    lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
+    kw = dict(n_vectors=4, R=2.0, steps=12, chunk=2, seed=3, checkpoint_every=4)
+    straight, c1 = train_melbo(lr, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill(chunk, step):
+        if chunk == 1 and step == 6:
+            raise Killed
+
+    ck = _Checkpoint(tmp_path / "ckpt", "key")
+    with pytest.raises(Killed):
+        train_melbo(lr, checkpoint=ck, callback=kill, **kw)
+    assert (tmp_path / "ckpt" / "state.json").is_file()
+    resumed, c2 = train_melbo(lr, checkpoint=ck, **kw)
+    assert torch.allclose(straight, resumed, atol=1e-6) and torch.allclose(c1, c2, atol=1e-4)
+    with pytest.raises(ss.SteerscopeError, match="different MELBO run"):
+        train_melbo(lr, checkpoint=_Checkpoint(tmp_path / "ckpt", "other"), **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_jacobian_matches_dense_svd(arch):
+    lm = tiny_lm(arch)
+    lr = LayerRange(lm, PROMPTS[:2], 0, 2, chat=False)
+    res = jacobian_singular_vectors(lr, 3, iters=200, tol=1e-6)
+    mask = lr.valid.float()
+    from steerscope.models.layer_range import eager_attention
+
+    with eager_attention(lm):
+        lr.capture()
+        J = torch.autograd.functional.jacobian(lambda th: (lr.delta(th[None]) * mask[..., None]).reshape(-1), torch.zeros(lm.d_model))
+    lr.capture()
+    _, S, Vh = torch.linalg.svd(J.double())
+    for i in range(3):
+        assert abs(float(res.vectors[i].double() @ Vh[i])) >= 0.99, f"singular vector {i}"
+        assert abs(float(res.singular_values[i]) - float(S[i])) / float(S[i]) < 1e-3
+    assert res.converged
+
+
+def test_calibrated_R_hits_the_ratio():
+    lm = tiny_lm("llama")
+    lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
+    R, trace = calibrate_R(lr, target_ratio=0.5)
+    V = random_directions(8, lm.d_model, 0)
+    mask = lr.valid.float()
+    from steerscope.models.layer_range import eager_attention
+
+    with eager_attention(lm):
+        lr.capture()
+        JV = _jv(lr, V, mask)
+    lr.capture()
+    with torch.no_grad():
+        assert abs(nonlinearity_ratio(lr, R, V, JV, mask) - 0.5) < 0.03
+        assert nonlinearity_ratio(lr, R / 10, V, JV, mask) < 0.5 < nonlinearity_ratio(lr, R * 10, V, JV, mask)
+    assert lm.model.config._attn_implementation == "sdpa"  # restored
+
+
+@pytest.mark.parametrize("method", ["pca", "pca_onmanifold", "random", "random_onmanifold"])
+def test_baselines_are_orthogonal_at_norm_R(method):
+    lm = tiny_lm("qwen2")
+    vs = discover(lm, PROMPTS, DiscoverConfig(method=method, source=0, target=2, n_vectors=4, R=3.0), progress=False)
+    assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((4,), 3.0), atol=1e-4)
+    G = vs.vectors @ vs.vectors.T
+    assert (G - torch.diag(torch.diag(G))).abs().max() < 1e-4
+
+
+def test_pca_finds_the_top_component():
+    lm = tiny_lm("llama")
+    vs = discover(lm, PROMPTS, DiscoverConfig(method="pca", source=1, target=2, n_vectors=2, R=1.0), progress=False)
+    lr = LayerRange(lm, PROMPTS, 1, 2, chat=False)
+    x = lr.h_source[lr.valid].double()
+    evals, evecs = torch.linalg.eigh(torch.cov(x.T))
+    assert abs(float(vs.vectors[0].double() @ evecs[:, -1])) > 0.999
+
+
+def test_discovery_bad_input():
+    lm = tiny_lm("llama")
+    with pytest.raises(ss.SteerscopeError, match="must come after"):
+        discover(lm, PROMPTS, DiscoverConfig(source=2, target=1, R=1.0), progress=False)
+    with pytest.raises(ss.SteerscopeError, match="unknown discovery method"):
+        discover(lm, PROMPTS, DiscoverConfig(method="dreaming"), progress=False)
+    with pytest.raises(ss.SteerscopeError, match="do not fit"):
+        discover(lm, PROMPTS, DiscoverConfig(source=0, target=2, n_vectors=40, R=1.0, steps=1), progress=False)
+    with pytest.raises(ss.LayerError):
+        discover(lm, PROMPTS, DiscoverConfig(source=0, target=7, R=1.0), progress=False)
+    with pytest.raises(ss.SteerscopeError, match="target tokens"):
+        discover(lm, PROMPTS, DiscoverConfig(source=0, target=2, R=1.0, target_tokens="first"), progress=False)
+
+
+def test_last_k_target_tokens():
+    lm = tiny_lm("llama")
+    lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
+    m = lr.target_mask("last:2")
+    assert (m.sum(-1) == 2).all() and (m & ~lr.valid).sum() == 0 and m[:, -2:].all()
