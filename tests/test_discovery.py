@@ -166,3 +166,17 @@ def test_last_k_target_tokens():
     lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
     m = lr.target_mask("last:2")
     assert (m.sum(-1) == 2).all() and (m & ~lr.valid).sum() == 0 and m[:, -2:].all()
+
+
+def test_discovery_computes_no_weight_gradients():
+    """Gradients flow to the vectors only; weights keep requires_grad and get no .grad (a graph
+    through the weights made the Jacobian iteration grow by GBs per step on SmolLM2)."""
+    from steerscope.directions.discovery.melbo import train_melbo
+
+    lm = tiny_lm("llama")
+    for p in lm.model.parameters():
+        p.grad = None
+    lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
+    train_melbo(lr, n_vectors=2, R=1.0, steps=3)
+    jacobian_singular_vectors(lr, 2, iters=3)
+    assert all(p.grad is None and p.requires_grad for p in lm.model.parameters())

@@ -39,6 +39,21 @@ def eager_attention(lm) -> Iterator[None]:
             lm.model.set_attn_implementation(before)
 
 
+@contextmanager
+def frozen_weights(lm) -> Iterator[None]:
+    """Weights stop requiring grad inside the block (restored after). Gradients are then taken
+    with respect to the steering vectors only: no weight gradients are computed or accumulated,
+    and function transforms do not chain graphs through the weights across iterations."""
+    flags = [(p, p.requires_grad) for p in lm.model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def _tile(obj, P: int, K: int):
     if isinstance(obj, torch.Tensor):
         # Per-row tensors (batch first, at least 2-D) are repeated for every vector; 1-D tensors

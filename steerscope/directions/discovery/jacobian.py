@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import SteerscopeError
-from ...models.layer_range import eager_attention
+from ...models.layer_range import eager_attention, frozen_weights
 from .baselines import _orthonormal_rows, random_directions
 
 
@@ -52,7 +52,7 @@ def jacobian_singular_vectors(layer_range, n: int, *, target_tokens: str = "all"
         raise SteerscopeError(f"cannot find {n} singular vectors in d_model={d}.")
     mask = layer_range.target_mask(target_tokens).float()
     try:
-        with eager_attention(lm):
+        with eager_attention(lm), frozen_weights(lm):
             layer_range.capture()  # masks in the eager format
             return _subspace_iteration(_masked_delta(layer_range, mask), d, n, k, iters, tol, seed, progress)
     finally:
@@ -77,7 +77,7 @@ def _subspace_iteration(f, d: int, n: int, k: int, iters: int, tol: float, seed:
         history.append(lam[:n].sqrt().tolist())
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(residual=f"{float(res[:n].max()):.2e}")
+            progress.set_postfix(residual=f"{float(res[:n].detach().max()):.2e}")
         if bool((res[:n] < tol).all()):
             converged = True
             break
@@ -110,7 +110,7 @@ def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, tar
     mask = layer_range.target_mask(target_tokens).float()
     V = random_directions(n_probe, lm.d_model, seed)
     try:
-        with eager_attention(lm):
+        with eager_attention(lm), frozen_weights(lm):
             layer_range.capture()
             JV = _jv(layer_range, V, mask)
     finally:

@@ -31,6 +31,7 @@ import torch
 
 from ..._io import write_json_atomic
 from ...errors import SteerscopeError
+from ...models.layer_range import frozen_weights
 from .baselines import _orthonormal_rows
 
 
@@ -94,6 +95,13 @@ def train_melbo(layer_range, *, n_vectors: int, R: float, p: float = 2.0, q: flo
                 seed: int = 0, checkpoint: _Checkpoint | None = None, checkpoint_every: int = 25,
                 progress=None, callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (vectors (K, d), curves (K, steps) of each vector's objective)."""
+    with frozen_weights(layer_range.lm):
+        return _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
+                      checkpoint_every, progress, callback)
+
+
+def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
+           checkpoint_every, progress, callback):
     lr_ = lr if lr is not None else 0.01 * R / math.sqrt(layer_range.lm.d_model)
     d = layer_range.lm.d_model
     chunk = chunk or n_vectors

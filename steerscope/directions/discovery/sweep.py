@@ -1,0 +1,60 @@
+"""Norm sweep: how the target layer and the completions change as R is scaled ("Goldilocks" R).
+
+For each multiple m of the vectors' norms: the mean per-token change at the target layer,
+relative to the mean norm of the unsteered target activations, the share of greedy completions
+that differ from the unsteered ones, and the number of distinct completions. Too small an R
+changes nothing; too large turns text to gibberish; the useful range is in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ...generation import generate
+from ...models.layer_range import LayerRange
+from ..vectors import VectorSet
+
+
+@dataclass
+class SweepRow:
+    multiple: float
+    mean_norm: float
+    target_change: float  # mean ||Z_t(v) - Z_t(0)|| / mean ||Z_t(0)|| over real tokens
+    changed: float  # share of (vector, prompt) completions that differ from the unsteered one
+    distinct: int  # distinct completions among all steered rows
+    example: str
+
+
+def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0, 2.0, 4.0), *, target: int | None = None,
+               max_new_tokens: int = 24, chat: bool | None = None) -> list[SweepRow]:
+    source = vs.layers[0]
+    if any(l != source for l in vs.layers):
+        raise ValueError("norm_sweep needs vectors at one source layer.")
+    t = target if target is not None else vs.config.hyperparams.get("target", min(lm.n_layers - 1, source + 1))
+    lr = LayerRange(lm, prompts, source, t, chat=chat)
+    base_norm = lr.z_target.float().norm(dim=-1)[lr.valid].mean()
+    base = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False)
+    rows = []
+    for m in multiples:
+        with torch.no_grad():
+            delta = lr.delta(vs.vectors * m).norm(dim=-1)  # (K*P, T)
+        change = float(delta[lr.valid.repeat(len(vs), 1)].mean() / base_norm)
+        res = generate(lm, prompts, vectors=vs, coef=m, max_new_tokens=max_new_tokens, chat=chat, include_unsteered=False,
+                       progress=False)
+        changed = sum(r.token_ids != base[r.prompt_index].token_ids for r in res) / len(res)
+        rows.append(SweepRow(m, float(vs.vectors.norm(dim=-1).mean()) * m, change, changed,
+                             len({tuple(r.token_ids) for r in res}), res[0].text[:80]))
+    return rows
+
+
+def format_sweep(rows: list[SweepRow]) -> str:
+    head = f"{'x R':>6} {'|v|':>8} {'target change':>14} {'changed':>8} {'distinct':>9}  example (vector 0, prompt 0)"
+    lines = [head] + [f"{r.multiple:>6g} {r.mean_norm:>8.3g} {r.target_change:>14.3f} {r.changed:>8.0%} {r.distinct:>9}  {r.example!r}"
+                      for r in rows]
+    return "\n".join(lines)
+
+
+def sweep_to_dicts(rows: list[SweepRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
