@@ -1,6 +1,6 @@
 """Learned MELBO vectors vs random vectors of the same norm on SmolLM2-135M-Instruct.
 
-    python benchmarks/melbo_vs_random.py [--vectors 16] [--steps 100] [--prompts 2] [--dtype bfloat16]
+    python benchmarks/melbo_vs_random.py [--vectors 16] [--steps 100] [--prompts 2] [--R 4]
 
 Trains K MELBO vectors (R calibrated from the model), draws K orthogonal random vectors with the
 same norms, and counts distinct greedy completions under each set on the same prompts (the
@@ -29,14 +29,17 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--layers", default=None, help="SOURCE:TARGET")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="float32", help="float32: bfloat16 rounding alone changes greedy text")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--R", type=float, default=4.0, help="vector norm (0: calibrate)")
+    ap.add_argument("--ratio", type=float, default=0.5, help="nonlinearity ratio for the calibrated R")
     args = ap.parse_args()
     lm = ss.load_model(dtype=args.dtype)
     prompts = load_prompts("neutral")[: args.prompts]
     s, t = (int(x) for x in args.layers.split(":")) if args.layers else (None, None)
     t0 = time.perf_counter()
-    vs = discover(lm, prompts, DiscoverConfig(n_vectors=args.vectors, steps=args.steps, source=s, target=t, seed=args.seed))
+    vs = discover(lm, prompts, DiscoverConfig(n_vectors=args.vectors, steps=args.steps, source=s, target=t, seed=args.seed,
+                                                 R=args.R or None, calibrate_ratio=args.ratio))
     train_s = time.perf_counter() - t0
     h = vs.config.hyperparams
     control = random_control(lm, vs, seed=args.seed + 1)
@@ -46,7 +49,7 @@ def main() -> None:
     n = len(learned)
     dl, cl = distinct(learned, base)
     dr, cr = distinct(rand, base)
-    print(f"MELBO: {len(vs)} vectors, layer {h['source']} -> {h['target']}, R = {h['R']:.3g} (calibrated), "
+    print(f"MELBO: {len(vs)} vectors, layer {h['source']} -> {h['target']}, R = {h['R']:.3g} ({'calibrated, ratio %g' % args.ratio if not args.R else 'given'}), "
           f"{args.steps} steps, {len(prompts)} prompts, {args.dtype}: trained in {train_s:.0f} s")
     print(f"distinct greedy completions ({args.tokens} tokens) over {n} (vector, prompt) pairs:")
     print(f"  learned MELBO: {dl} distinct, {cl} differ from unsteered")

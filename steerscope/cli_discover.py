@@ -89,7 +89,7 @@ def add_commands(sub, add_model_args) -> None:
     p.add_argument("--vectors", type=int, default=16, help="number of vectors K")
     p.add_argument("--R", type=float, help="vector norm (default: calibrated from the model)")
     p.add_argument("--calibrate-ratio", type=float, default=0.5, help="nonlinearity ratio that defines the calibrated R")
-    p.add_argument("--target-tokens", default="all", help="all | last:K")
+    p.add_argument("--target-tokens", default="last:3", help="last:K (default last:3) | all")
     p.add_argument("--p", type=float, default=2.0)
     p.add_argument("--q", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=300)

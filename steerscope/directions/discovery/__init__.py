@@ -34,7 +34,10 @@ class DiscoverConfig:
     n_vectors: int = 16
     R: float | None = None  # norm of every vector; None: calibrate (ratio below)
     calibrate_ratio: float = 0.5
-    target_tokens: str = "all"  # "all" or "last:K"
+    # "last:K" or "all". Default last 3 tokens, as in DCT and the MELBO backdoor runs: with "all",
+    # p=2 lets the first token's massive activation (the attention sink) dominate the objective,
+    # and on SmolLM2 MELBO then learned vectors that changed completions no more than random ones.
+    target_tokens: str = "last:3"
     # MELBO
     p: float = 2.0
     q: float = 1.0

@@ -104,8 +104,13 @@ def _jv(layer_range, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, target_tokens: str = "all",
-                seed: int = 0, lo: float = 1e-3, hi: float = 1e4, iters: int = 40) -> tuple[float, list[tuple[float, float]]]:
-    """R with ratio(R) = target_ratio (geometric bisection). Returns (R, [(R, ratio), ...])."""
+                seed: int = 0, grid: int = 25, iters: int = 30) -> tuple[float, list[tuple[float, float]]]:
+    """The R where ratio(R) crosses `target_ratio` on its way up. Returns (R, [(R, ratio), ...]).
+
+    The ratio is scanned on a geometric grid from 1e-3 to 1e3 times the median token norm at
+    the source layer. At very small R low-precision dtypes (bfloat16) make the ratio large
+    through rounding noise alone, so the search starts from the grid's minimum and bisects the
+    first upward crossing."""
     lm = layer_range.lm
     mask = layer_range.target_mask(target_tokens).float()
     V = random_directions(n_probe, lm.d_model, seed)
@@ -115,13 +120,19 @@ def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, tar
             JV = _jv(layer_range, V, mask)
     finally:
         layer_range.capture()
-    trace = []
+    scale = float(layer_range.h_source.float().norm(dim=-1)[layer_range.valid].median())
+    Rs = [scale * 10 ** (-3 + 6 * i / (grid - 1)) for i in range(grid)]
     with torch.no_grad():
-        r_lo, r_hi = nonlinearity_ratio(layer_range, lo, V, JV, mask), nonlinearity_ratio(layer_range, hi, V, JV, mask)
-        trace += [(lo, r_lo), (hi, r_hi)]
-        if not r_lo < target_ratio < r_hi:
-            raise SteerscopeError(f"cannot calibrate R: the nonlinearity ratio is {r_lo:.3g} at R={lo:g} and {r_hi:.3g} at "
-                                  f"R={hi:g}, which does not bracket {target_ratio}; pass R explicitly.")
+        trace = [(R, nonlinearity_ratio(layer_range, R, V, JV, mask)) for R in Rs]
+        i_min = min(range(grid), key=lambda i: trace[i][1])
+        if trace[i_min][1] >= target_ratio:
+            raise SteerscopeError(f"cannot calibrate R: the nonlinearity ratio never falls below {target_ratio} "
+                                  f"(lowest {trace[i_min][1]:.3g} at R={trace[i_min][0]:.3g}); numerical noise in "
+                                  f"{str(lm.dtype)[6:]} may dominate: use float32 or pass R explicitly.")
+        up = next((j for j in range(i_min + 1, grid) if trace[j][1] > target_ratio), None)
+        if up is None:
+            raise SteerscopeError(f"cannot calibrate R: the ratio stays below {target_ratio} up to R={Rs[-1]:.3g}; pass R explicitly.")
+        lo, hi = Rs[up - 1], Rs[up]
         for _ in range(iters):
             mid = math.sqrt(lo * hi)
             r = nonlinearity_ratio(layer_range, mid, V, JV, mask)

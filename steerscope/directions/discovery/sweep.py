@@ -21,7 +21,7 @@ from ..vectors import VectorSet
 class SweepRow:
     multiple: float
     mean_norm: float
-    target_change: float  # mean ||Z_t(v) - Z_t(0)|| / mean ||Z_t(0)|| over real tokens
+    target_change: float  # mean ||Z_t(v) - Z_t(0)|| / mean ||Z_t(0)|| over the method's target tokens
     changed: float  # share of (vector, prompt) completions that differ from the unsteered one
     distinct: int  # distinct completions among all steered rows
     example: str
@@ -34,13 +34,14 @@ def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0,
         raise ValueError("norm_sweep needs vectors at one source layer.")
     t = target if target is not None else vs.config.hyperparams.get("target", min(lm.n_layers - 1, source + 1))
     lr = LayerRange(lm, prompts, source, t, chat=chat)
-    base_norm = lr.z_target.float().norm(dim=-1)[lr.valid].mean()
+    tmask = lr.target_mask(vs.config.hyperparams.get("target_tokens", "all"))  # (P, T)
+    base_norm = lr.z_target.float().norm(dim=-1)[tmask].mean()
     base = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False)
     rows = []
     for m in multiples:
         with torch.no_grad():
             delta = lr.delta(vs.vectors * m).norm(dim=-1)  # (K*P, T)
-        change = float(delta[lr.valid.repeat(len(vs), 1)].mean() / base_norm)
+        change = float(delta[tmask.repeat(len(vs), 1)].mean() / base_norm)
         res = generate(lm, prompts, vectors=vs, coef=m, max_new_tokens=max_new_tokens, chat=chat, include_unsteered=False,
                        progress=False)
         changed = sum(r.token_ids != base[r.prompt_index].token_ids for r in res) / len(res)
