@@ -98,3 +98,52 @@ def test_supervised_workflow(ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert main(["orthogonalize", "--vector", str(tmp_path / "cand"), "--out", str(tmp_path / "o2"), *m]) == 2
     assert "choose one with --index" in capsys.readouterr().err
+
+
+def test_discover_and_sweep(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\nHow are you today\n")
+    m = ["--model", str(ckpt)]
+    base = ["discover", "--prompts", str(prompts), "--layers", "0:2", "--vectors", "3", *m]
+    assert main(base + ["--method", "melbo", "--steps", "5", "--R", "2", "--out", str(tmp_path / "melbo")]) == 0
+    out = capsys.readouterr().out
+    assert "melbo: 3 vectors at layer 0 (target 2), R = 2" in out and "final objective" in out
+    assert not (tmp_path / "melbo.partial").exists()  # checkpoint removed after success
+    cfg = json.loads((tmp_path / "melbo" / "config.json").read_text())
+    assert cfg["method"] == "melbo" and cfg["layers"] == [0, 0, 0] and len(cfg["hyperparams"]["final_objective"]) == 3
+    assert main(base + ["--method", "jacobian", "--out", str(tmp_path / "jac")]) == 0
+    out = capsys.readouterr().out
+    assert "singular values" in out and "calibrated" in out
+    assert main(base + ["--method", "random", "--R", "1", "--out", str(tmp_path / "jac")]) == 2  # exists, no --force
+    assert "already exists" in capsys.readouterr().err
+    assert main(["sweep", "--vector", str(tmp_path / "melbo"), "--prompts", str(prompts), "--multiples", "0.5,2",
+                 "--max-new-tokens", "4", *m]) == 0
+    out = capsys.readouterr().out
+    assert "target change" in out and len(out.strip().splitlines()) == 3
+
+
+def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
+    """A killed run leaves OUT.partial; the same command resumes and matches an uninterrupted run."""
+    import steerscope.directions.discovery.melbo as melbo
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\nHow are you today\n")
+    argv = ["discover", "--prompts", str(prompts), "--layers", "0:2", "--vectors", "4", "--vectors-per-batch", "2",
+            "--steps", "30", "--R", "2", "--model", str(ckpt)]
+    assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
+    real = melbo._train
+
+    def killed(*a, **k):
+        cb = lambda chunk, step: (_ for _ in ()).throw(KeyboardInterrupt()) if (chunk, step) == (1, 27) else None  # noqa: E731
+        return real(*a[:-1], cb)
+
+    monkeypatch.setattr(melbo, "_train", killed)
+    assert main(argv + ["--out", str(tmp_path / "resumed")]) == 130
+    assert (tmp_path / "resumed.partial" / "state.json").is_file() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(melbo, "_train", real)
+    assert main(argv + ["--out", str(tmp_path / "resumed")]) == 0
+    from steerscope.directions import VectorSet
+    import torch
+
+    a, b = VectorSet.load(tmp_path / "straight"), VectorSet.load(tmp_path / "resumed")
+    assert torch.allclose(a.vectors, b.vectors, atol=1e-6)

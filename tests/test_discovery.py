@@ -86,8 +86,11 @@ def test_resume_gives_the_same_vectors(tmp_path):
     with pytest.raises(Killed):
         train_melbo(lr, checkpoint=ck, callback=kill, **kw)
     assert (tmp_path / "ckpt" / "state.json").is_file()
-    resumed, c2 = train_melbo(lr, checkpoint=ck, **kw)
+    ran = []
+    resumed, c2 = train_melbo(lr, checkpoint=ck, callback=lambda c, s: ran.append((c, s)), **kw)
     assert torch.allclose(straight, resumed, atol=1e-6) and torch.allclose(c1, c2, atol=1e-4)
+    # it resumed: chunk 0 was done, chunk 1 restarts from its step-4 checkpoint, not from scratch
+    assert ran == [(1, s) for s in range(4, 12)]
     with pytest.raises(ss.SteerscopeError, match="different MELBO run"):
         train_melbo(lr, checkpoint=_Checkpoint(tmp_path / "ckpt", "other"), **kw)
 
