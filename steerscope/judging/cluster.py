@@ -1,0 +1,81 @@
+"""Behaviour clusters: group completions by meaning and label each group.
+
+Completions are embedded (all-MiniLM-L6-v2), clustered by agglomerative clustering on cosine
+distance with a distance threshold (so the number of behaviours is found, not fixed), and each
+cluster is labelled by its most typical completion (closest to the centroid) and its most
+distinctive words (smoothed log-ratio of in-cluster to overall word frequency). A 2-D map comes
+from the top two principal components of the embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+_WORD = re.compile(r"[a-zA-Z][a-zA-Z']+")
+_STOP = set("the a an and or of to in on for with is are was were be been it its this that i you he she we they my your "
+            "our their me him her them as at by from but not so if then than there here have has had do does did can "
+            "will would could should just also very about into over more most some any all what which who how when".split())
+
+
+@dataclass
+class Cluster:
+    id: int
+    size: int
+    typical: str
+    words: list[str]
+
+
+@dataclass
+class Clustering:
+    labels: list[int]  # cluster of each text
+    clusters: list[Cluster]
+    xy: list[tuple[float, float]]  # 2-D map coordinates
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP]
+
+
+def cluster_texts(texts: list[str], embeddings: torch.Tensor | None = None, threshold: float = 0.35) -> Clustering:
+    """`threshold`: cosine distance below which groups merge (average linkage)."""
+    if not texts:
+        return Clustering([], [], [])
+    if embeddings is None:
+        from .embed import embed
+
+        embeddings = embed(texts)
+    e = embeddings.double()
+    if len(texts) == 1:
+        labels = [0]
+    else:
+        from sklearn.cluster import AgglomerativeClustering
+
+        labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                         distance_threshold=threshold).fit_predict(e.numpy()).tolist()
+    # renumber by size, largest first
+    order = [c for c, _ in Counter(labels).most_common()]
+    remap = {c: i for i, c in enumerate(order)}
+    labels = [remap[c] for c in labels]
+    overall = Counter(w for t in texts for w in _words(t))
+    n_all = sum(overall.values()) or 1
+    clusters = []
+    for c in range(len(order)):
+        idx = [i for i, l in enumerate(labels) if l == c]
+        centroid = e[idx].mean(0)
+        typical = texts[max(idx, key=lambda i: float(e[i] @ centroid))]
+        inside = Counter(w for i in idx for w in _words(texts[i]))
+        n_in = sum(inside.values()) or 1
+        score = {w: inside[w] * math.log(((inside[w] + 0.5) / n_in) / ((overall[w] + 0.5) / n_all)) for w in inside}
+        clusters.append(Cluster(c, len(idx), typical, [w for w, _ in sorted(score.items(), key=lambda x: -x[1])[:5]]))
+    centred = e - e.mean(0)
+    if len(texts) >= 2:
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        xy = (centred @ vh[:2].T) if vh.shape[0] >= 2 else torch.cat([centred @ vh[:1].T, torch.zeros(len(texts), 1, dtype=e.dtype)], 1)
+    else:
+        xy = torch.zeros(1, 2, dtype=e.dtype)
+    return Clustering(labels, clusters, [(float(x), float(y)) for x, y in xy])

@@ -1,0 +1,90 @@
+"""An optional LLM judge behind any OpenAI-compatible chat endpoint (POST {url}/chat/completions).
+
+The rubric asks for a number; the first number in the reply is the score. Each request has a
+timeout and is retried with backoff; a completion whose requests all fail scores None (reported,
+never fatal). Scores are cached per (model, rubric, prompt, completion) in a JSONL file, so a
+resumed run never pays twice. The key comes from an environment variable, never from a file or
+the command line. Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SteerscopeError
+from .metrics import Metric
+
+DEFAULT_RUBRIC = ("Rate how strongly the RESPONSE departs from a plain, helpful answer to the PROMPT "
+                  "(new persona, topic, style, refusal, or nonsense), from 0 (not at all) to 10 (completely). "
+                  "Reply with the number only.")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass
+class Judge:
+    url: str  # e.g. http://127.0.0.1:8000/v1
+    model: str
+    rubric: str = DEFAULT_RUBRIC
+    key_env: str = "OPENAI_API_KEY"
+    timeout: float = 30.0
+    retries: int = 2
+    backoff: float = 0.5
+    cache_path: Path | None = None
+    failures: int = field(default=0, init=False)
+    _cache: dict[str, float | None] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise SteerscopeError(f"judge URL must start with http:// or https://, got {self.url!r}.")
+        if self.cache_path is not None and Path(self.cache_path).is_file():
+            for line in Path(self.cache_path).read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self._cache[row["key"]] = row["score"]
+
+    def _key(self, prompt: str, text: str) -> str:
+        return hashlib.sha256(json.dumps([self.model, self.rubric, prompt, text]).encode()).hexdigest()
+
+    def _request(self, prompt: str, text: str) -> float | None:
+        body = json.dumps({"model": self.model, "temperature": 0, "messages": [
+            {"role": "system", "content": self.rubric},
+            {"role": "user", "content": f"PROMPT:\n{prompt}\n\nRESPONSE:\n{text}"}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(self.key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.key_env]}"
+        req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", data=body, headers=headers, method="POST")
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    reply = json.loads(resp.read())["choices"][0]["message"]["content"]
+                m = _NUMBER.search(reply or "")
+                return float(m.group()) if m else None
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError):
+                if attempt < self.retries:
+                    time.sleep(self.backoff * 2 ** attempt)
+        self.failures += 1
+        return None
+
+    def score(self, prompt: str, text: str) -> float | None:
+        key = self._key(prompt, text)
+        if key not in self._cache:
+            s = self._request(prompt, text)
+            self._cache[key] = s
+            if self.cache_path is not None and s is not None:  # failures are retried next time
+                with open(self.cache_path, "a") as f:
+                    f.write(json.dumps({"key": key, "score": s}) + "\n")
+        return self._cache[key]
+
+    def metric(self, prompts_by_text: dict[str, str]) -> Metric:
+        """A text Metric; `prompts_by_text` gives the prompt each completion answered."""
+        nan = float("nan")
+        return Metric(f"judge:{self.model}", "text",
+                      lambda texts: [nan if (s := self.score(prompts_by_text.get(t, ""), t)) is None else s for t in texts])

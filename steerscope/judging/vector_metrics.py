@@ -1,0 +1,102 @@
+"""Per-vector metrics for a set of steered completions.
+
+    target_change   mean ||Z_t(v) - Z_t(0)|| / mean ||Z_t(0)|| over the target tokens of the prompts
+    kl_neutral      mean KL(p_base || p_steered) of the next token at the last position of neutral
+                    prompts (side effects; Arditi et al. use 0.1 as a bound)
+    logprob         mean log-probability per token of the steered completion under the UNsteered
+                    model (naturalness; AxBench's fluency proxy is its exponentiated negative)
+    distinct2       distinct bigrams / bigrams of the completion's tokens (1 = no repetition)
+    embed_distance  1 - cosine(embedding(steered), embedding(unsteered)) for the same prompt
+    changed         share of prompts whose completion differs from the unsteered one
+    score:<name>    mean of each text scorer (refusal phrases, VADER sentiment, regex, judge, ...)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ..generation import Completion, last_token_logits
+from ..models.layer_range import LayerRange
+from .metrics import Metric, kl_divergence
+
+
+def distinct_n(ids: list[int], n: int = 2) -> float:
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+@torch.no_grad()
+def completion_logprobs(lm, prompts: list[str], completions: list[list[int]], *, chat: bool | None = None,
+                        batch_size: int = 16) -> list[float]:
+    """Mean log-probability per token of each completion given its prompt, unsteered model."""
+    out: list[float] = []
+    pad = lm.tokenizer.pad_token_id
+    for i in range(0, len(prompts), batch_size):
+        ps, cs = prompts[i:i + batch_size], completions[i:i + batch_size]
+        prompt_ids = [lm.encode([p], chat=chat)["input_ids"][0].tolist() for p in ps]
+        seqs = [p + c for p, c in zip(prompt_ids, cs)]
+        T = max(len(s) for s in seqs)
+        ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=lm.device)  # left padding
+        mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
+        logp = torch.log_softmax(lm.forward(ids, mask).logits.float(), -1)  # (B, T, V)
+        for b, (p, c) in enumerate(zip(prompt_ids, cs)):
+            if not c:
+                out.append(float("nan"))
+                continue
+            start = T - len(c)  # first completion position; predicted from position start - 1
+            lp = logp[b, start - 1:T - 1].gather(-1, torch.tensor(c, device=lm.device)[:, None])
+            out.append(float(lp.mean()))
+    return out
+
+
+def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: list[str], layer_range: LayerRange | None,
+                           target_tokens: str = "all", scorers: list[Metric] = (), chat: bool | None = None,
+                           embeddings: dict[int, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics for every vector of `vs` from `completions` (which include the unsteered rows,
+    vector_id None). `embeddings` maps id(completion) -> its embedding when precomputed."""
+    from .embed import embed
+
+    base = {(c.prompt_index, c.prompt): c for c in completions if c.vector_id is None}
+    by_vec: dict[str, list[Completion]] = defaultdict(list)
+    for c in completions:
+        if c.vector_id is not None:
+            by_vec[c.vector_id].append(c)
+    if embeddings is None:
+        embeddings = dict(zip(map(id, completions), embed([c.text for c in completions])))
+    metrics: dict[str, dict[str, float]] = {vid: {} for vid in vs.ids}
+    # side effects on neutral prompts, one batched pass for all vectors
+    logits = last_token_logits(lm, neutral, vectors=vs, include_unsteered=True, chat=chat)  # (1 + K, P, V)
+    kl = kl_divergence(logits[:1].expand_as(logits[1:]), logits[1:]).mean(1)
+    if layer_range is not None:
+        tmask = layer_range.target_mask(target_tokens)
+        base_norm = layer_range.z_target.float().norm(dim=-1)[tmask].mean()
+        with torch.no_grad():
+            delta = layer_range.delta(vs.vectors).norm(dim=-1).view(len(vs), layer_range.P, -1)  # (K, P, T)
+        change = [float(delta[k][tmask].mean() / base_norm) for k in range(len(vs))]
+    else:
+        change = [float("nan")] * len(vs)
+    steered = [c for vid in vs.ids for c in by_vec[vid]]
+    lps = completion_logprobs(lm, [c.prompt for c in steered], [c.token_ids for c in steered], chat=chat)
+    lp_of = dict(zip(map(id, steered), lps))
+    score_of = {s.name: dict(zip(map(id, steered), s.score_texts([c.text for c in steered]).tolist())) for s in scorers}
+    for k, vid in enumerate(vs.ids):
+        rows = by_vec[vid]
+        m = metrics[vid]
+        m["target_change"] = change[k]
+        m["kl_neutral"] = float(kl[k])
+        m["logprob"] = _mean([lp_of[id(c)] for c in rows])
+        m["distinct2"] = _mean([distinct_n(c.token_ids) for c in rows])
+        m["embed_distance"] = _mean([1 - float(embeddings[id(c)] @ embeddings[id(base[(c.prompt_index, c.prompt)])])
+                                     for c in rows if (c.prompt_index, c.prompt) in base])
+        m["changed"] = _mean([float(c.token_ids != base[(c.prompt_index, c.prompt)].token_ids)
+                              for c in rows if (c.prompt_index, c.prompt) in base])
+        for s in scorers:
+            m[f"score:{s.name}"] = _mean([score_of[s.name][id(c)] for c in rows])
+    return metrics
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]  # drop NaN
+    return float(sum(xs) / len(xs)) if xs else float("nan")

@@ -1,0 +1,83 @@
+"""The judge client against a local OpenAI-compatible server on 127.0.0.1 (normal, slow, failing)."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from steerscope.errors import SteerscopeError
+from steerscope.judging.judge import Judge
+
+
+class Handler(BaseHTTPRequestHandler):
+    calls: list[dict] = []
+    mode = {"value": "ok"}
+
+    def log_message(self, *a):  # quiet
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Handler.calls.append({"body": body, "auth": self.headers.get("Authorization")})
+        mode = Handler.mode["value"]
+        if mode == "fail" or (mode == "flaky" and len(Handler.calls) == 1):
+            self.send_response(500)
+            self.end_headers()
+            return
+        if mode == "slow" and len(Handler.calls) == 1:
+            time.sleep(1.0)  # longer than the client's timeout; the retry answers fast
+        text = body["messages"][1]["content"]
+        reply = "7" if "weird" in text else "Score: 2"
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+@pytest.fixture
+def server():
+    Handler.calls = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_scores_caches_and_sends_key(server, tmp_path, monkeypatch):
+    Handler.mode["value"] = "ok"
+    monkeypatch.setenv("MY_JUDGE_KEY", "sekret")
+    j = Judge(server, "judge-model", key_env="MY_JUDGE_KEY", cache_path=tmp_path / "cache.jsonl", timeout=5)
+    assert j.score("p", "a weird reply") == 7.0 and j.score("p", "normal") == 2.0
+    assert Handler.calls[0]["auth"] == "Bearer sekret" and Handler.calls[0]["body"]["model"] == "judge-model"
+    j.score("p", "a weird reply")
+    assert len(Handler.calls) == 2  # cached in memory
+    j2 = Judge(server, "judge-model", cache_path=tmp_path / "cache.jsonl")
+    assert j2.score("p", "normal") == 2.0 and len(Handler.calls) == 2  # cached on disk
+    m = j.metric({"a weird reply": "p"})
+    assert m.score_texts(["a weird reply"]).tolist() == [7.0]
+
+
+def test_slow_response_times_out_then_retries(server):
+    Handler.mode["value"] = "slow"
+    j = Judge(server, "m", timeout=0.3, retries=2, backoff=0.01)
+    assert j.score("p", "normal") == 2.0 and len(Handler.calls) >= 2 and j.failures == 0
+
+
+def test_failing_server_gives_none_not_an_exception(server):
+    Handler.mode["value"] = "fail"
+    j = Judge(server, "m", timeout=1, retries=2, backoff=0.01)
+    assert j.score("p", "x") is None and len(Handler.calls) == 3 and j.failures == 1
+    Handler.mode["value"] = "flaky"
+    Handler.calls = []
+    assert Judge(server, "m", retries=1, backoff=0.01).score("p", "x") == 2.0
+
+
+def test_bad_url():
+    with pytest.raises(SteerscopeError, match="http"):
+        Judge("ftp://x", "m")
