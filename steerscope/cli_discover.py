@@ -76,6 +76,23 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .directions.discovery import DiscoverConfig
+    from .run import RunConfig, run
+
+    s, t = _layers(args.layers)
+    out = args.out or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = RunConfig(model=args.model, dtype=args.dtype, prompts=args.prompts, n_train=args.n_train, n_heldout=args.n_heldout,
+                    discover=DiscoverConfig(method=args.method, source=s, target=t, n_vectors=args.vectors,
+                                            R=args.R or None, steps=args.steps, seed=args.seed),
+                    max_new_tokens=args.max_new_tokens, scorers=[x for x in args.scorers.split(",") if x],
+                    judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
+                    chat=False if args.no_chat else None)
+    report = run(cfg, out, force=args.force)
+    print(f"report: {report.resolve()}")
+    return 0
+
+
 def add_commands(sub, add_model_args) -> None:
     from .directions.discovery import DISCOVERY
 
@@ -103,6 +120,30 @@ def add_commands(sub, add_model_args) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out and discard an old checkpoint")
     add_model_args(p)
     p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("run", help="the main job: discover, generate, judge, cluster, write an HTML report",
+                       description="Discover vectors, generate under them, under matched-norm random controls and "
+                                   "unsteered on training and held-out prompts, measure, cluster, and write report.html. "
+                                   "Rerun with the same --out to resume.")
+    p.add_argument("--out", help="run folder (default runs/METHOD-TIMESTAMP); an existing run with the same settings resumes")
+    p.add_argument("--prompts", default="neutral", help="prompt file or builtin set")
+    p.add_argument("--n-train", type=int, default=2)
+    p.add_argument("--n-heldout", type=int, default=2)
+    p.add_argument("--method", default="melbo", choices=sorted(DISCOVERY))
+    p.add_argument("--vectors", type=int, default=8)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--R", type=float, default=4.0, help="vector norm (0: calibrate from the model)")
+    p.add_argument("--layers", help="SOURCE:TARGET")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--scorers", default="refusal,sentiment", help="comma-separated: refusal, sentiment, regex:P, substring:a|b")
+    p.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (optional)")
+    p.add_argument("--judge-model", help="model name for the judge")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an existing run with different settings")
+    add_model_args(p)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="norm sweep: target-layer and completion change as R is scaled",
                        description="Scale the vectors by several multiples of R and report the target-layer change, the "

@@ -1,0 +1,149 @@
+"""One self-contained HTML page for a run: inline CSS, JS and SVG, nothing fetched at view time.
+
+Sections: run summary and configuration; learned vs random; a summary table sortable by any
+column (click a header; `#sort=COLUMN:asc|desc` in the URL sorts on load); a 2-D map of the
+behaviour clusters; norm-sweep plots; one card per vector with unsteered vs steered completions
+side by side for every prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from html import escape
+
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+COLUMNS = [("target_change", "target Δ"), ("kl_neutral", "KL neutral"), ("logprob", "log p"), ("distinct2", "distinct-2"),
+           ("embed_distance", "embed dist"), ("changed", "changed")]
+
+CSS = """
+body{font-family:system-ui,-apple-system,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
+th{background:#f4f4f4;cursor:pointer;user-select:none}th.sorted-asc:after{content:" ▲"}th.sorted-desc:after{content:" ▼"}
+td.l,th.l{text-align:left}.learned{color:#1f5fa8}.random{color:#8a8a8a}
+.card{border:1px solid #ddd;border-radius:6px;margin:12px 0;padding:8px 12px}
+.card table{width:100%;table-layout:fixed}.card td{text-align:left;vertical-align:top;white-space:pre-wrap}
+.tag{display:inline-block;padding:0 6px;border-radius:8px;background:#eee;margin-right:4px;font-size:12px}
+.plots{display:flex;flex-wrap:wrap;gap:16px}svg{background:#fafafa;border:1px solid #eee}
+pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
+"""
+
+JS = """
+function sortTable(key, dir){
+  const t=document.getElementById('summary'), body=t.tBodies[0];
+  const rows=[...body.rows], ths=[...t.tHead.rows[0].cells];
+  const th=ths.find(h=>h.dataset.key===key); if(!th) return;
+  const idx=ths.indexOf(th), num=th.dataset.type==='num';
+  rows.sort((a,b)=>{let x=a.cells[idx].dataset.v, y=b.cells[idx].dataset.v;
+    if(num){x=parseFloat(x);y=parseFloat(y);if(isNaN(x))x=-Infinity;if(isNaN(y))y=-Infinity;return dir==='asc'?x-y:y-x;}
+    return dir==='asc'?x.localeCompare(y):y.localeCompare(x);});
+  rows.forEach(r=>body.appendChild(r));
+  ths.forEach(h=>h.classList.remove('sorted-asc','sorted-desc')); th.classList.add('sorted-'+dir);
+  document.body.dataset.sortedBy=key+':'+dir;
+}
+document.querySelectorAll('#summary th').forEach(th=>th.addEventListener('click',()=>{
+  sortTable(th.dataset.key, th.classList.contains('sorted-desc')?'asc':'desc');}));
+const m=location.hash.match(/sort=([^:&]+):?(asc|desc)?/); if(m) sortTable(decodeURIComponent(m[1]), m[2]||'desc');
+"""
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "–" if math.isnan(x) else f"{x:.3g}"
+    return escape(str(x))
+
+
+def _scatter(points, labels, sets, clusters) -> str:
+    W, H, pad = 520, 380, 24
+    if not points:
+        return "<p>no completions</p>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda x: pad + (x - x0) / ((x1 - x0) or 1) * (W - 2 * pad)  # noqa: E731
+    sy = lambda y: H - pad - (y - y0) / ((y1 - y0) or 1) * (H - 2 * pad)  # noqa: E731
+    marks = []
+    for (x, y), c, s in zip(points, labels, sets):
+        col = PALETTE[c % len(PALETTE)]
+        if s == "random":
+            marks.append(f'<rect x="{sx(x) - 4:.1f}" y="{sy(y) - 4:.1f}" width="8" height="8" fill="{col}" opacity="0.6"/>')
+        elif s == "unsteered":
+            marks.append(f'<path d="M{sx(x):.1f},{sy(y) - 6:.1f} l6,10 l-12,0 z" fill="none" stroke="#000"/>')
+        else:
+            marks.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{col}" opacity="0.8"/>')
+    legend = "".join(f'<li><span class="tag" style="background:{PALETTE[c["id"] % len(PALETTE)]};color:#fff">{c["id"]}</span>'
+                     f'{c["size"]} completions — <i>{escape(", ".join(c["words"]))}</i>: “{escape(c["typical"][:120])}”</li>'
+                     for c in clusters)
+    return (f'<svg id="cluster-map" class="plot" width="{W}" height="{H}" viewBox="0 0 {W} {H}">{"".join(marks)}</svg>'
+            f'<p>● learned ■ random △ unsteered; colour = behaviour cluster (first two principal components of the '
+            f'completion embeddings)</p><ol start="0" style="font-size:13px">{legend}</ol>')
+
+
+def _sweep_plot(vid: str, rows: list[dict]) -> str:
+    W, H, pad = 300, 200, 30
+    ms = [r["multiple"] for r in rows]
+    lx0, lx1 = math.log(min(ms)), math.log(max(ms)) if len(ms) > 1 else math.log(min(ms)) + 1
+    sx = lambda m: pad + (math.log(m) - lx0) / ((lx1 - lx0) or 1) * (W - 2 * pad)  # noqa: E731
+    ymax = max([r["target_change"] for r in rows] + [1.0])
+    sy = lambda v: H - pad - v / ymax * (H - 2 * pad)  # noqa: E731
+    lines = []
+    for key, col in (("changed", "#e15759"), ("target_change", "#4e79a7")):
+        pts = " ".join(f"{sx(r['multiple']):.1f},{sy(r[key]):.1f}" for r in rows)
+        lines.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="2"/>')
+        lines += [f'<circle cx="{sx(r["multiple"]):.1f}" cy="{sy(r[key]):.1f}" r="3" fill="{col}"/>' for r in rows]
+    ticks = "".join(f'<text x="{sx(m):.1f}" y="{H - 8}" font-size="10" text-anchor="middle">{m:g}×</text>' for m in ms)
+    return (f'<figure><svg class="plot sweep-plot" width="{W}" height="{H}">{"".join(lines)}{ticks}'
+            f'<text x="{pad}" y="14" font-size="11">{escape(vid)}</text></svg>'
+            f'<figcaption style="font-size:12px"><span style="color:#e15759">share of completions changed</span>, '
+            f'<span style="color:#4e79a7">target-layer change</span> vs multiple of R</figcaption></figure>')
+
+
+def render_report(config: dict, metrics: dict, rows: list[dict]) -> str:
+    sets, vecs = metrics["sets"], metrics["vectors"]
+    score_cols = sorted({k for m in vecs.values() for k in m if k.startswith("score:")})
+    cols = COLUMNS + [(k, k[6:]) for k in score_cols]
+    head = ('<tr><th class="l" data-key="id" data-type="str">vector</th><th class="l" data-key="set" data-type="str">set</th>'
+            + "".join(f'<th data-key="{escape(k)}" data-type="num">{escape(n)}</th>' for k, n in cols)
+            + '<th class="l" data-key="clusters" data-type="str">clusters</th></tr>')
+    body = []
+    for vid, m in vecs.items():
+        cells = "".join(f'<td data-v="{m.get(k, float("nan"))}">{_fmt(m.get(k, float("nan")))}</td>' for k, _ in cols)
+        cl = ",".join(map(str, m.get("clusters", [])))
+        body.append(f'<tr class="{sets[vid]}"><td class="l" data-v="{escape(vid)}"><a href="#card-{escape(vid)}">{escape(vid)}</a></td>'
+                    f'<td class="l" data-v="{sets[vid]}">{sets[vid]}</td>{cells}<td class="l" data-v="{cl}">{cl}</td></tr>')
+    summary = metrics["summary"]
+    keys = ["vectors", "completions", "distinct_completions", "clusters"] + [k for k in summary.get("learned", {}) if k.startswith("mean_")]
+    compare = ("<table id='learned-vs-random'><tr><th class='l'></th>" + "".join(f"<th>{s}</th>" for s in summary) + "</tr>"
+               + "".join(f"<tr><td class='l'>{k.replace('_', ' ')}</td>" + "".join(f"<td>{_fmt(summary[s][k])}</td>" for s in summary)
+                         + "</tr>" for k in keys) + "</table>")
+    by_vec = defaultdict(list)
+    for r in rows:
+        by_vec[r["vector_id"]].append(r)
+    base = {r["prompt_index"]: r for r in by_vec[None]}
+    cards = []
+    for vid in vecs:
+        m = vecs[vid]
+        tags = "".join(f'<span class="tag">{escape(n)} {_fmt(m.get(k, float("nan")))}</span>' for k, n in cols)
+        trs = "".join(f'<tr><td>{escape(r["split"])}: {escape(r["prompt"])}</td><td>{escape(base[r["prompt_index"]]["text"])}</td>'
+                      f'<td>{escape(r["text"])}</td></tr>' for r in sorted(by_vec[vid], key=lambda r: r["prompt_index"]))
+        cards.append(f'<div class="card vector-card {sets[vid]}" id="card-{escape(vid)}" data-vector="{escape(vid)}">'
+                     f'<b class="{sets[vid]}">{escape(vid)}</b> ({sets[vid]}) {tags}'
+                     f'<table><tr><th class="l" style="width:22%">prompt</th><th class="l">unsteered</th><th class="l">steered</th></tr>'
+                     f'{trs}</table></div>')
+    d = metrics.get("discovery", {})
+    sweeps = "".join(_sweep_plot(v, r) for v, r in metrics.get("sweep", {}).items()) or "<p>no sweep</p>"
+    title = (f"{escape(str(d.get('method')))}: {len([v for v in sets.values() if v == 'learned'])} vectors, layer "
+             f"{d.get('source')} → {d.get('target')}, R = {_fmt(d.get('R'))}")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>steerscope run — {title}</title>
+<style>{CSS}</style></head><body>
+<h1>steerscope run — {title}</h1>
+<p>model {escape(str(config['config'].get('model') or 'SmolLM2-135M-Instruct (embedded)'))}, steerscope {escape(config.get('steerscope_version', ''))},
+{len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. Click a vector for its completions; click a column to sort.</p>
+<h2>Learned vs random (same norms)</h2>{compare}
+<h2>Vectors</h2><table id="summary"><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>
+<h2>Behaviour clusters</h2>{_scatter(metrics.get('map', []), metrics.get('labels', []), [r['set'] for r in rows], metrics.get('clusters', []))}
+<h2>Norm sweep</h2><div class="plots">{sweeps}</div>
+<h2>Completions</h2>{''.join(cards)}
+<h2>Run configuration</h2><pre>{escape(json.dumps(config, indent=2))}</pre>
+<script>{JS}</script></body></html>"""
