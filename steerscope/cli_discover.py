@@ -87,6 +87,7 @@ def cmd_run(args) -> int:
                                             R=args.R or None, steps=args.steps, seed=args.seed),
                     max_new_tokens=args.max_new_tokens, scorers=[x for x in args.scorers.split(",") if x],
                     judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
+                    judge_rubric=args.judge_rubric,
                     chat=False if args.no_chat else None)
     report = run(cfg, out, force=args.force)
     print(f"report: {report.resolve()}")
@@ -140,6 +141,7 @@ def add_commands(sub, add_model_args) -> None:
     p.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (optional)")
     p.add_argument("--judge-model", help="model name for the judge")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
+    p.add_argument("--judge-rubric", help="rubric (system prompt) asking for a number; default: how far the response departs")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--force", action="store_true", help="replace an existing run with different settings")
     add_model_args(p)

@@ -81,3 +81,23 @@ def test_failing_server_gives_none_not_an_exception(server):
 def test_bad_url():
     with pytest.raises(SteerscopeError, match="http"):
         Judge("ftp://x", "m")
+
+
+def test_judge_scores_appear_in_a_run(server, tmp_path):
+    """`steerscope run --judge-url ...` on a tiny model: every vector gets a judge score, cached per completion."""
+    import json
+
+    from conftest import make_tiny_lm
+
+    from steerscope.directions.discovery import DiscoverConfig
+    from steerscope.run import RunConfig, run
+
+    Handler.mode["value"] = "ok"
+    cfg = RunConfig(n_train=1, n_heldout=1, n_neutral=2, max_new_tokens=4, sweep_multiples=[1.0], sweep_top=1, scorers=[],
+                    judge_url=server, judge_model="tiny-judge", judge_rubric="Score 0-10.",
+                    discover=DiscoverConfig(n_vectors=2, steps=2, R=1.0, source=0, target=2))
+    run(cfg, tmp_path / "r", lm=make_tiny_lm("llama", chat=True))
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert all(v["score:judge:tiny-judge"] == 2.0 for v in m["vectors"].values())
+    assert Handler.calls[0]["body"]["messages"][0]["content"] == "Score 0-10."
+    assert (tmp_path / "r" / "judge_cache.jsonl").is_file()
