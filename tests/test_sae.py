@@ -1,0 +1,147 @@
+"""Sparse autoencoders: planted-feature recovery, unit decoder, SAELens round trip, activation
+buffer, steering with features (clamp keeps the error term)."""
+
+import json
+
+import pytest
+import torch
+from conftest import PROMPTS, tiny_lm
+
+import steerscope as ss
+from steerscope.models import record
+from steerscope.sae import ActivationBuffer, SAEConfig, TrainConfig, tensor_batches, train_sae
+from steerscope.sae.formats import load_saelens, save_saelens
+from steerscope.sae.steering import ClampFeature, feature_vectors
+
+
+def synthetic(n=20000, d=32, n_feat=64, active=3, seed=0):
+    """Sparse combinations of 64 planted unit features in 32 dims (overcomplete), plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    F = torch.randn(n_feat, d, generator=g)
+    F /= F.norm(dim=-1, keepdim=True)
+    idx = torch.rand(n, n_feat, generator=g).argsort(-1)[:, :active]
+    coef = torch.zeros(n, n_feat).scatter(1, idx, torch.rand(n, active, generator=g) * 2 + 0.5)
+    return coef @ F * 3.0 + 1.0, F
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic()
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    x, _ = data
+    out = {}
+    for arch in ("topk", "batchtopk", "relu"):
+        out[arch] = train_sae(tensor_batches(x, 256), SAEConfig(32, 128, arch=arch, k=4, l1_coef=1.0),
+                              TrainConfig(steps=2000, lr=1e-3, warmup_steps=50))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_recovers_planted_features(trained, data, arch):
+    sae, hist = trained[arch]
+    W = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    mmcs = float((data[1] @ W.detach().T).max(-1).values.mean())
+    assert mmcs >= 0.9, f"{arch}: mean max cosine {mmcs:.3f}"
+    if arch != "relu":
+        assert hist.l0[-1] == pytest.approx(4.0, abs=0.5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_folded_sae_reads_raw_activations(trained, data, arch):
+    sae, hist = trained[arch]
+    x = data[0][:2000]
+    with torch.no_grad():
+        recon = sae(x).recon
+    fvu = float((x - recon).square().sum(-1).mean() / (x - x.mean(0)).square().sum(-1).mean())
+    assert fvu < 0.15
+    # the decoder was unit-norm in training; folding the input scale divides it by that scale
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.full((128,), 1 / hist.input_scale), rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_saelens_round_trip(trained, data, arch, tmp_path):
+    sae, _ = trained[arch]
+    save_saelens(sae, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["architecture"] == {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}[arch]
+    back = load_saelens(tmp_path / "sae")
+    x = data[0][:500]
+    with torch.no_grad():
+        assert torch.allclose(sae(x).recon, back(x).recon, atol=1e-5)
+    one = back(x[:1]).acts  # batchtopk's saved (JumpReLU) form does not depend on the batch
+    assert torch.allclose(one, back(x[:7]).acts[:1], atol=1e-6)
+    with pytest.raises(ss.SteerscopeError, match="already exists"):
+        save_saelens(sae, tmp_path / "sae")
+
+
+def test_bad_sae_config():
+    with pytest.raises(ss.SteerscopeError, match="unknown SAE architecture"):
+        SAEConfig(8, 16, arch="gated")
+    with pytest.raises(ss.SteerscopeError, match="k must be"):
+        SAEConfig(8, 16, k=0)
+
+
+def test_activation_buffer_drops_first_tokens_and_refills():
+    lm = tiny_lm("llama")
+    texts = ["Hello there, how are you doing today?", "A second, slightly longer document with more words.", "Hi"]
+    buf = ActivationBuffer(lm, texts, layer=1, batch_size=16, buffer_tokens=64, lm_batch=2, max_norm_multiple=None)
+    batches = []
+    for b in buf:
+        batches.append(b)
+        if len(batches) == 12:  # more than the buffer holds: it refilled (looping over the texts)
+            break
+    assert all(b.shape == (16, lm.d_model) for b in batches)
+    assert buf.tokens_seen > 64  # more than one buffer's worth was read: it refilled
+    per_pass = sum(len(lm.tokenizer(t)["input_ids"]) - 1 for t in texts)  # first token of each text dropped
+    once = ActivationBuffer(lm, texts, layer=1, batch_size=1, buffer_tokens=10_000, loop=False, max_norm_multiple=None)
+    served = sum(1 for _ in once)
+    assert once.tokens_seen == per_pass and served + len(once.buf) == per_pass
+    with torch.no_grad(), record(lm, [1]) as r:
+        enc = lm.tokenizer([texts[0]], return_tensors="pt")
+        lm.forward(enc["input_ids"])
+    first = r[1][0, 0]
+    assert not any((b == first).all(-1).any() for b in batches)
+
+
+@pytest.fixture(scope="module")
+def lm_sae():
+    lm = tiny_lm("llama")
+    texts = [p * 3 for p in PROMPTS] * 4
+    sae, _ = train_sae(iter(ActivationBuffer(lm, texts, layer=1, batch_size=32, buffer_tokens=256, max_norm_multiple=None)),
+                       SAEConfig(lm.d_model, 64, arch="relu", l1_coef=0.1, layer=1, model_type="llama"),
+                       TrainConfig(steps=50, lr=1e-3, warmup_steps=5))
+    return lm, sae
+
+
+def test_clamp_keeps_the_error_term(lm_sae):
+    lm, sae = lm_sae
+    enc = lm.encode(PROMPTS)
+    with torch.no_grad(), record(lm, [1]) as base:
+        lm.forward(**enc)
+        x = base[1].clone()
+    with torch.no_grad(), ss.steer(lm, ClampFeature(sae, feature=5, value=3.0)), record(lm, [1]) as r:
+        logits = lm.forward(**enc).logits
+        got = r[1]
+    with torch.no_grad():
+        flat = x.reshape(-1, lm.d_model)
+        acts, _ = sae.encode(flat)
+        edited = acts.clone()
+        edited[:, 5] = 3.0
+        expected = sae.decode(edited) + (flat - sae.decode(acts))  # reconstruction of the edit + the error term
+    mask = enc["attention_mask"].bool().reshape(-1)
+    assert (got.reshape(-1, lm.d_model)[mask] - expected[mask]).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (logits - lm.forward(**enc).logits).abs().max() > 1e-3  # the edit changes the output
+
+
+def test_feature_vectors_steer_with_a_coefficient_sweep(lm_sae):
+    lm, sae = lm_sae
+    vs = feature_vectors(lm, sae, [1, 2])
+    assert vs.layers == [1, 1] and torch.allclose(vs.vectors.norm(dim=-1), torch.ones(2), atol=1e-5)
+    res = ss.generate(lm, PROMPTS[:1], vectors=[vs[0]] * 3, coef=[0.0, 5.0, 50.0], max_new_tokens=5, include_unsteered=True)
+    assert res[1].token_ids == res[0].token_ids  # coef 0 = unsteered
+    with pytest.raises(ss.SteerscopeError, match="outside"):
+        feature_vectors(lm, sae, [64])
