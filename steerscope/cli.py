@@ -154,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--json", action="store_true", help="print one JSON object per completion")
     pg.set_defaults(func=cmd_generate)
 
-    from . import cli_discover, cli_supervised
+    from . import cli_discover, cli_sae, cli_supervised
 
     cli_supervised.add_commands(sub, _add_model_args)
     cli_discover.add_commands(sub, _add_model_args)
+    cli_sae.add_commands(sub, _add_model_args)
     return p
 
 

@@ -147,3 +147,21 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
 
     a, b = VectorSet.load(tmp_path / "straight"), VectorSet.load(tmp_path / "resumed")
     assert torch.allclose(a.vectors, b.vectors, atol=1e-6)
+
+
+def test_sae_train_and_eval(ckpt, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(["Hello there, how are you doing today my friend?", "A quiet morning in the small town.",
+                                 "The cat sat on the mat and looked at the rain."] * 4))
+    m = ["--model", str(ckpt)]
+    assert main(["sae", "train", "--layer", "1", "--text", str(text), "--latents", "64", "--k", "4", "--steps", "20",
+                 "--batch-size", "32", "--buffer", "128", "--out", str(tmp_path / "sae"), *m]) == 0
+    assert "L0 4.0" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["hook_layer"] == 1 and cfg["d_sae"] == 64
+    assert main(["sae", "eval", "--sae", str(tmp_path / "sae"), "--text", str(text), "--baselines",
+                 "--json", str(tmp_path / "e.json"), *m]) == 0
+    out = capsys.readouterr().out
+    assert "CE rec." in out and "pca (k=4)" in out and "ica (k=4)" in out
+    assert set(json.loads((tmp_path / "e.json").read_text())) == {"sae", "pca (k=4)", "ica (k=4)", "random (k=4)"}
+    assert main(["sae", "train", "--layer", "1", "--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "s2"), *m]) == 2
