@@ -1,4 +1,4 @@
-"""CLI: steerscope sae train | eval."""
+"""CLI: steerscope sae train | eval | features."""
 
 from __future__ import annotations
 
@@ -78,6 +78,28 @@ def cmd_sae_eval(args) -> int:
     return 0
 
 
+def cmd_sae_features(args) -> int:
+    from .models.loading import load_model
+    from .sae.features import render_features_page, top_contexts
+    from .sae.formats import load_saelens
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SteerscopeError(f"{out} already exists; choose another --out or pass --force.")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    sae = load_saelens(args.sae)
+    feats = [int(x) for x in args.features.split(",")] if args.features else None
+    if feats and any(not 0 <= f < sae.cfg.n_latents for f in feats):
+        raise SteerscopeError(f"features must be in 0..{sae.cfg.n_latents - 1}.")
+    ctx, freq = top_contexts(lm, sae, load_texts(args.text, lm, args.seed), feats, n_top=args.n_top, window=args.window)
+    html = render_features_page(ctx, freq, f"SAE features — {sae.cfg.arch}, {sae.cfg.n_latents} latents, layer {sae.cfg.layer}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {out}: {len(ctx)} features")
+    return 0
+
+
 def add_commands(sub, add_model_args) -> None:
     sae = sub.add_parser("sae", help="sparse autoencoders: train, eval", description="Sparse autoencoders on the residual stream.")
     ssub = sae.add_subparsers(dest="sae_command", metavar="SAE_COMMAND")
@@ -108,3 +130,16 @@ def add_commands(sub, add_model_args) -> None:
     p.add_argument("--json", help="also write the numbers here")
     add_model_args(p)
     p.set_defaults(func=cmd_sae_eval)
+    p = ssub.add_parser("features", help="HTML page of each feature's top-activating contexts",
+                        description="Write an HTML page with the top-activating contexts of chosen features (default: the "
+                                    "most frequently firing) and the feature-density histogram.")
+    p.add_argument("--sae", required=True)
+    p.add_argument("--text", default="self:40")
+    p.add_argument("--features", help="comma-separated feature indices (default: the 24 most frequent)")
+    p.add_argument("--n-top", type=int, default=8)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .html file")
+    p.add_argument("--force", action="store_true")
+    add_model_args(p)
+    p.set_defaults(func=cmd_sae_features)

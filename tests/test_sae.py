@@ -166,3 +166,28 @@ def test_evaluation_and_baselines(lm_sae):
         assert torch.allclose(recon, x[:10], atol=1e-3)  # full k: exact reconstruction
         codes, _ = baseline_dictionary(kind, x, k=4)(x[:10])
         assert ((codes != 0).sum(-1) == 4).all()
+
+
+def test_top_activating_contexts(lm_sae):
+    from steerscope.sae.features import render_features_page, top_contexts
+
+    lm, sae = lm_sae
+    texts = [p * 2 for p in PROMPTS]
+    ctx, freq = top_contexts(lm, sae, texts, None, n_top=3, n_auto=4)
+    assert len(ctx) == 4 and freq.shape == (64,)
+    chosen = freq.argsort(descending=True)[:4].tolist()
+    assert list(ctx) == chosen
+    for f, cs in ctx.items():
+        acts = [c.activation for c in cs]
+        assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts) and len(cs) <= 3
+    # the best context's activation is the feature's maximum over all (non-first) tokens
+    f = chosen[0]
+    best = 0.0
+    for t in texts:
+        enc = lm.tokenizer([t], return_tensors="pt")
+        with torch.no_grad(), record(lm, [1]) as r:
+            lm.forward(enc["input_ids"])
+            best = max(best, float(sae.encode(r[1][0, 1:].float())[0][:, f].max()))
+    assert ctx[f][0].activation == pytest.approx(best, rel=1e-4)
+    html = render_features_page(ctx, freq, "t")
+    assert html.count('class="feature"') == 4 and "<mark>" in html and 'id="density"' in html
