@@ -191,3 +191,23 @@ def test_top_activating_contexts(lm_sae):
     assert ctx[f][0].activation == pytest.approx(best, rel=1e-4)
     html = render_features_page(ctx, freq, "t")
     assert html.count('class="feature"') == 4 and "<mark>" in html and 'id="density"' in html
+
+
+def test_activation_cache_shards(tmp_path):
+    from steerscope.sae import cache_activations, shard_batches
+
+    lm = tiny_lm("llama")
+    texts = [p * 2 for p in PROMPTS] * 3
+    n = cache_activations(ActivationBuffer(lm, texts, layer=1, lm_batch=2, max_norm_multiple=None), tmp_path / "acts", shard_tokens=50)
+    shards = sorted((tmp_path / "acts").glob("acts-*.safetensors"))
+    assert len(shards) == -(-n // 50) and not list((tmp_path / "acts").glob(".*tmp"))
+    from safetensors.torch import load_file
+
+    allx = torch.cat([load_file(str(s))["acts"] for s in shards])
+    assert allx.shape == (n, lm.d_model)
+    batches = [b for b, _ in zip(shard_batches(tmp_path / "acts", 16), range(10))]
+    assert all(b.shape == (16, lm.d_model) for b in batches)
+    rows = {tuple(r.tolist()) for r in allx}
+    assert all(tuple(r.tolist()) in rows for b in batches for r in b)  # served rows come from the cache
+    with pytest.raises(ss.SteerscopeError, match="already holds"):
+        cache_activations(ActivationBuffer(lm, texts, layer=1), tmp_path / "acts")

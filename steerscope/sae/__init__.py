@@ -1,6 +1,7 @@
 """Sparse autoencoders on the residual stream (TopK, BatchTopK, ReLU+L1)."""
 
 from .model import SAE, SAEConfig, SAEOutput
-from .train import ActivationBuffer, TrainConfig, tensor_batches, train_sae
+from .train import ActivationBuffer, TrainConfig, cache_activations, shard_batches, tensor_batches, train_sae
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "ActivationBuffer", "TrainConfig", "tensor_batches", "train_sae"]
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "ActivationBuffer", "TrainConfig", "cache_activations", "shard_batches",
+           "tensor_batches", "train_sae"]

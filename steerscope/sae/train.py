@@ -19,8 +19,30 @@ from typing import Iterator
 import torch
 
 from ..errors import SteerscopeError
-from ..models.activations import record
+from ..models.hooks import hooks
+from ..models.layer_range import _Stop
 from .model import SAE, SAEConfig
+
+
+@torch.no_grad()
+def read_layer(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor, site: str = "resid_post") -> torch.Tensor:
+    """The activation at `layer`, stopping the forward pass there: later blocks and the
+    unembedding (a large share of a small model's compute) are never run."""
+    from ..models.registry import Site
+
+    store = {}
+    module, kind = lm.arch.resolve(Site(layer, site))  # type: ignore[arg-type]
+
+    def stop(x):
+        store["x"] = x
+        raise _Stop
+
+    try:
+        with hooks([(module, kind, stop)]):
+            lm.forward(ids, mask)
+    except _Stop:
+        pass
+    return store["x"]
 
 
 class ActivationBuffer:
@@ -56,13 +78,12 @@ class ActivationBuffer:
         self._doc += len(chunk)
         enc = self.lm.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.context)
         ids, mask = enc["input_ids"].to(self.lm.device), enc["attention_mask"].to(self.lm.device).bool()
-        with record(self.lm, [self.layer]) as acts:
-            self.lm.forward(ids, mask.long())
+        acts = read_layer(self.lm, self.layer, ids, mask.long())  # (B, T, d)
         keep = mask.clone()
         if self.drop_first:
             first = mask.long().cumsum(-1) == 1
             keep &= ~first
-        x = acts[self.layer][keep].float().cpu()
+        x = acts[keep].float().cpu()
         if self.max_norm_multiple is not None and len(x):
             n = x.norm(dim=-1)
             x = x[n <= self.max_norm_multiple * n.median()]
@@ -189,3 +210,63 @@ def fold_input_scale(sae: SAE, scale: float) -> None:
     sae.W_enc.mul_(scale)
     sae.b_dec.div_(scale)
     sae.W_dec.div_(scale)
+
+
+def cache_activations(buffer: ActivationBuffer, folder, shard_tokens: int = 65536) -> int:
+    """Write the buffer's activations (one pass over its texts) to `folder` as safetensors shards
+    `acts-00000.safetensors`, ... for repeated training runs; returns the number of tokens.
+    Each shard is written to a temporary name and renamed, so a killed run leaves whole shards."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.glob("acts-*.safetensors")):
+        raise SteerscopeError(f"{folder} already holds activation shards; use another folder or delete them.")
+    buffer.loop = False
+    pending, n, shard = [], 0, 0
+
+    def flush(x):
+        nonlocal shard
+        tmp = folder / f".acts-{shard:05d}.tmp"
+        save_file({"acts": x.contiguous()}, str(tmp), metadata={"layer": str(buffer.layer), "model": buffer.lm.model_id})
+        os.replace(tmp, folder / f"acts-{shard:05d}.safetensors")
+        shard += 1
+
+    while True:
+        more = buffer._more()
+        if len(more) == 0:
+            break
+        pending.append(more)
+        n += len(more)
+        while sum(len(p) for p in pending) >= shard_tokens:
+            x = torch.cat(pending)
+            flush(x[:shard_tokens])
+            pending = [x[shard_tokens:]]
+    if pending and sum(len(p) for p in pending):
+        flush(torch.cat(pending))
+    return n
+
+
+def shard_batches(folder, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches from cached shards (shards in random order, rows shuffled)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("acts-*.safetensors"))
+    if not files:
+        raise SteerscopeError(f"no activation shards in {folder}.")
+    g = torch.Generator().manual_seed(seed)
+    carry = torch.zeros(0)
+    while True:
+        for i in torch.randperm(len(files), generator=g).tolist():
+            x = load_file(str(files[i]))["acts"]
+            x = torch.cat([carry, x]) if len(carry) else x
+            x = x[torch.randperm(len(x), generator=g)]
+            whole = len(x) // batch_size * batch_size
+            for j in range(0, whole, batch_size):
+                yield x[j:j + batch_size]
+            carry = x[whole:]
