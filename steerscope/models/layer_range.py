@@ -21,7 +21,7 @@ from ..errors import SteerscopeError
 from .hooks import hooks
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass early once the target layer ran."""
 
 
@@ -107,7 +107,7 @@ class LayerRange:
 
         def stop(x):
             store["t"] = x
-            raise _Stop
+            raise StopForward
 
         def grab(args, kwargs):
             calls.append((tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
@@ -117,7 +117,7 @@ class LayerRange:
         try:
             with hooks(specs):
                 lm.forward(**self.enc, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass
         if len(calls) != t - s:
             raise SteerscopeError(f"expected {t - s} block calls between layers {s} and {t}, saw {len(calls)}.")

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import SteerscopeError
 from ..models.hooks import hooks
-from ..models.layer_range import _Stop
+from ..models.layer_range import StopForward
 from .model import SAE, SAEConfig
 
 
@@ -35,12 +35,12 @@ def read_layer(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor, site: str 
 
     def stop(x):
         store["x"] = x
-        raise _Stop
+        raise StopForward
 
     try:
         with hooks([(module, kind, stop)]):
             lm.forward(ids, mask)
-    except _Stop:
+    except StopForward:
         pass
     return store["x"]
 
