@@ -24,20 +24,30 @@ def cache_root() -> Path:
     return base / "steerscope"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def refuse_existing(path: str | Path, force: bool) -> None:
+    """Raise before any work is done if `path` exists and the user did not ask to replace it."""
+    if Path(path).exists() and not force:
+        raise SteerscopeError(f"{path} already exists; choose another path or pass --force (overwrite=True).")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary sibling, then rename: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 @contextmanager
@@ -48,8 +58,7 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     the new one is in place); on any error the temporary folder is deleted and `path` is untouched.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise SteerscopeError(f"{path} already exists; choose another path or pass overwrite=True (--force).")
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._io import refuse_existing
 from .errors import SteerscopeError
 
 
@@ -26,8 +27,7 @@ def cmd_discover(args) -> int:
     from .models.loading import load_model
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SteerscopeError(f"{out} already exists; choose another --out or pass --force.")
+    refuse_existing(out, args.force)
     prompts = load_prompts(args.prompts)[: args.n_prompts]
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     s, t = _layers(args.layers)

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ._io import refuse_existing, write_text_atomic
 from .errors import SteerscopeError
 
 
@@ -36,8 +37,7 @@ def cmd_sae_train(args) -> int:
     from .sae import ActivationBuffer, SAEConfig, TrainConfig, train_sae
     from .sae.formats import save_saelens
 
-    if Path(args.out).exists() and not args.force:
-        raise SteerscopeError(f"{args.out} already exists; choose another --out or pass --force.")
+    refuse_existing(args.out, args.force)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     texts = load_texts(args.text, lm, args.seed)
     layer = lm.check_layer(args.layer)
@@ -84,8 +84,7 @@ def cmd_sae_features(args) -> int:
     from .sae.formats import load_saelens
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise SteerscopeError(f"{out} already exists; choose another --out or pass --force.")
+    refuse_existing(out, args.force)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     sae = load_saelens(args.sae)
     feats = [int(x) for x in args.features.split(",")] if args.features else None
@@ -93,9 +92,7 @@ def cmd_sae_features(args) -> int:
         raise SteerscopeError(f"features must be in 0..{sae.cfg.n_latents - 1}.")
     ctx, freq = top_contexts(lm, sae, load_texts(args.text, lm, args.seed), feats, n_top=args.n_top, window=args.window)
     html = render_features_page(ctx, freq, f"SAE features — {sae.cfg.arch}, {sae.cfg.n_latents} latents, layer {sae.cfg.layer}")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, html)
     print(f"wrote {out}: {len(ctx)} features")
     return 0
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._io import refuse_existing
 from .errors import SteerscopeError
 
 
@@ -48,8 +49,7 @@ def cmd_extract(args) -> int:
 
     if bool(args.pairs) == bool(args.sets):
         raise SteerscopeError("give either --pairs FILE|NAME or --sets A B.")
-    if Path(args.out).exists() and not args.force:
-        raise SteerscopeError(f"{args.out} already exists; choose another --out or pass --force.")
+    refuse_existing(args.out, args.force)
     data = load_contrast(args.pairs) if args.pairs else load_sets(*args.sets)
     lm = _model(args)
     cfg = ExtractConfig(method=args.method, read=args.read, layers=parse_layers(args.layers, lm.n_layers),

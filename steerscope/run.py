@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from ._io import write_json_atomic
+from ._io import write_json_atomic, write_text_atomic
 from .directions.data import load_prompts
 from .directions.discovery import DiscoverConfig, discover, random_control
 from .directions.discovery.sweep import norm_sweep, sweep_to_dicts
@@ -91,12 +91,6 @@ def _open_run_folder(cfg: RunConfig, out: Path, force: bool) -> None:
         write_json_atomic(out / "config.json", {**meta, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 def _completions(rows: list[dict]) -> list[Completion]:
     keys = Completion.__dataclass_fields__
     return [Completion(**{k: r[k] for k in keys}) for r in rows]
@@ -107,7 +101,7 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
     from .judging.cluster import cluster_texts
     from .judging.embed import embed
     from .judging.metrics import parse_metric
-    from .judging.vector_metrics import compute_vector_metrics
+    from .judging.vector_metrics import compute_vector_metrics, nanmean
     from .models.loading import load_model
     from .report.html import render_report
 
@@ -149,7 +143,7 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
                        max_new_tokens=cfg.max_new_tokens, chat=cfg.chat)
         rows = [{**r.to_dict(), "split": "train" if r.prompt_index < len(train) else "heldout",
                  "set": sets.get(r.vector_id, "unsteered")} for r in res]
-        _write_jsonl(comp_file, rows)
+        write_text_atomic(comp_file, "".join(json.dumps(r) + "\n" for r in rows))
     completions = _completions(rows)
 
     metrics_file = out / "metrics.json"
@@ -180,7 +174,7 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
             summary[s] = {"vectors": len(vids), "completions": len(idx),
                           "distinct_completions": len({rows[i]["text"] for i in idx}),
                           "clusters": len({clustering.labels[i] for i in idx}),
-                          **{f"mean_{k}": _mean([per_vector[v][k] for v in vids])
+                          **{f"mean_{k}": nanmean([per_vector[v][k] for v in vids])
                              for k in ("target_change", "kl_neutral", "logprob", "distinct2", "embed_distance", "changed")}}
         top = sorted(learned.ids, key=lambda v: -per_vector[v]["embed_distance"])[:cfg.sweep_top]
         sweep = {}
@@ -197,14 +191,7 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
             "seconds": round(time.perf_counter() - t0, 1)})
     metrics = json.loads(metrics_file.read_text())
     report = out / "report.html"
-    html = render_report(json.loads((out / "config.json").read_text()), metrics, rows)
-    tmp = report.with_name(".report.html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(report)
+    write_text_atomic(report, render_report(json.loads((out / "config.json").read_text()), metrics, rows))
     _log(f"report: {report.resolve()}")
     return report
 
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if x == x]
-    return float(sum(xs) / len(xs)) if xs else float("nan")

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._io import refuse_existing
 from ..errors import ModelMismatchError, SteerscopeError
 from .vectors import VectorSet
 
@@ -35,8 +36,7 @@ def export_gguf(vs: VectorSet, path: str | Path, *, coef: float = 1.0, indices: 
     import gguf
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise SteerscopeError(f"{path} already exists; choose another path or pass overwrite=True (--force).")
+    refuse_existing(path, overwrite)
     if vs.config.site != "resid_post":
         raise SteerscopeError(f"llama.cpp control vectors steer block outputs (resid_post); these vectors are for {vs.config.site}.")
     chosen = list(range(len(vs))) if indices is None else [int(i) for i in indices]

@@ -86,17 +86,17 @@ def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: li
         m = metrics[vid]
         m["target_change"] = change[k]
         m["kl_neutral"] = float(kl[k])
-        m["logprob"] = _mean([lp_of[id(c)] for c in rows])
-        m["distinct2"] = _mean([distinct_n(c.token_ids) for c in rows])
-        m["embed_distance"] = _mean([1 - float(embeddings[id(c)] @ embeddings[id(base[(c.prompt_index, c.prompt)])])
+        m["logprob"] = nanmean([lp_of[id(c)] for c in rows])
+        m["distinct2"] = nanmean([distinct_n(c.token_ids) for c in rows])
+        m["embed_distance"] = nanmean([1 - float(embeddings[id(c)] @ embeddings[id(base[(c.prompt_index, c.prompt)])])
                                      for c in rows if (c.prompt_index, c.prompt) in base])
-        m["changed"] = _mean([float(c.token_ids != base[(c.prompt_index, c.prompt)].token_ids)
+        m["changed"] = nanmean([float(c.token_ids != base[(c.prompt_index, c.prompt)].token_ids)
                               for c in rows if (c.prompt_index, c.prompt) in base])
         for s in scorers:
-            m[f"score:{s.name}"] = _mean([score_of[s.name][id(c)] for c in rows])
+            m[f"score:{s.name}"] = nanmean([score_of[s.name][id(c)] for c in rows])
     return metrics
 
 
-def _mean(xs: list[float]) -> float:
+def nanmean(xs: list[float]) -> float:
     xs = [x for x in xs if x == x]  # drop NaN
     return float(sum(xs) / len(xs)) if xs else float("nan")

@@ -8,7 +8,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from ..errors import SteerscopeError
-from .hooks import hooks
+from .hooks import StopForward, hooks
 from .registry import Site, SiteKind
 
 Read = Literal["last", "mean"]
@@ -56,3 +56,22 @@ def get_activations(lm, prompts: Sequence[str], layers: Sequence[int], *, read: 
             m = mask[:, None, :, None].float()
             out.append((stack * m).sum(2) / m.sum(2))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def read_layer(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor, site: str = "resid_post") -> torch.Tensor:
+    """The activation at `layer`, stopping the forward pass there: later blocks and the
+    unembedding (a large share of a small model's compute) are never run."""
+    store = {}
+    module, kind = lm.arch.resolve(Site(lm.check_layer(layer), site))  # type: ignore[arg-type]
+
+    def stop(x):
+        store["x"] = x
+        raise StopForward
+
+    try:
+        with hooks([(module, kind, stop)]):
+            lm.forward(ids, mask)
+    except StopForward:
+        pass
+    return store["x"]

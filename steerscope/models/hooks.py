@@ -20,6 +20,11 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 HookSpec = tuple[nn.Module, Literal["pre", "post", "observe"], Callable]
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layer it needs has run; the caller
+    catches it. Skips the later blocks and the unembedding."""
+
+
 def _post_wrapper(fn: TensorFn):
     def hook(module, args, output):
         if isinstance(output, torch.Tensor):

@@ -18,11 +18,7 @@ from typing import Iterator
 import torch
 
 from ..errors import SteerscopeError
-from .hooks import hooks
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early once the target layer ran."""
+from .hooks import StopForward, hooks
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from html import escape
 
 import torch
 
-from ..models.activations import record
+from ..models.activations import read_layer
 
 
 @dataclass
@@ -38,9 +38,7 @@ def top_contexts(lm, sae, texts: list[str], features: list[int] | None = None, *
         enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=context)
         ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
         keep = mask.bool() & (mask.cumsum(-1) > 1)
-        with record(lm, [layer], kind=sae.cfg.site) as r:
-            lm.forward(ids, mask)
-        acts, _ = sae.encode(r[layer][keep].float())  # (n_keep, n_latents)
+        acts, _ = sae.encode(read_layer(lm, layer, ids, mask, sae.cfg.site)[keep].float())  # (n_keep, n_latents)
         fires += (acts > 0).sum(0).float().cpu()
         n_tokens += len(acts)
         rows, cols = keep.nonzero(as_tuple=True)

@@ -19,30 +19,8 @@ from typing import Iterator
 import torch
 
 from ..errors import SteerscopeError
-from ..models.hooks import hooks
-from ..models.layer_range import StopForward
+from ..models.activations import read_layer
 from .model import SAE, SAEConfig
-
-
-@torch.no_grad()
-def read_layer(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor, site: str = "resid_post") -> torch.Tensor:
-    """The activation at `layer`, stopping the forward pass there: later blocks and the
-    unembedding (a large share of a small model's compute) are never run."""
-    from ..models.registry import Site
-
-    store = {}
-    module, kind = lm.arch.resolve(Site(layer, site))  # type: ignore[arg-type]
-
-    def stop(x):
-        store["x"] = x
-        raise StopForward
-
-    try:
-        with hooks([(module, kind, stop)]):
-            lm.forward(ids, mask)
-    except StopForward:
-        pass
-    return store["x"]
 
 
 class ActivationBuffer:
