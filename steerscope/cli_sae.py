@@ -33,21 +33,63 @@ def load_texts(spec: str, lm=None, seed: int = 0) -> list[str]:
 
 
 def cmd_sae_train(args) -> int:
+    import shutil
+
+    from ._io import write_json_atomic
     from .models.loading import load_model
-    from .sae import ActivationBuffer, SAEConfig, TrainConfig, train_sae
+    from .sae import ActivationBuffer, SAEConfig, TrainConfig, cache_activations, load_checkpoint, shard_batches, train_sae
     from .sae.formats import save_saelens
 
-    refuse_existing(args.out, args.force)
+    out = Path(args.out)
+    refuse_existing(out, args.force)
+    partial = out.with_name(out.name + ".partial")  # checkpoints while training; removed when the SAE is saved
+    if partial.exists() and args.force:
+        shutil.rmtree(partial)
+    ckpt = load_checkpoint(partial)
+    if ckpt is not None:
+        print(f"resuming from the checkpoint at step {ckpt['step']} in {partial} (pass --force to start over)", file=sys.stderr)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    texts = load_texts(args.text, lm, args.seed)
     layer = lm.check_layer(args.layer)
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and any(cache.glob("acts-*.safetensors")):
+        print(f"training on the activations cached in {cache} (the --text source is not read)", file=sys.stderr)
+        source = shard_batches(cache, args.batch_size, seed=args.seed)
+    else:
+        texts = load_texts(args.text, lm, args.seed)
+        if cache is not None:
+            n = cache_activations(ActivationBuffer(lm, texts, layer, seed=args.seed), cache)
+            print(f"cached {n} activations at layer {layer} in {cache}", file=sys.stderr)
+            source = shard_batches(cache, args.batch_size, seed=args.seed)
+        else:
+            source = ActivationBuffer(lm, texts, layer, batch_size=args.batch_size, buffer_tokens=args.buffer, seed=args.seed)
     cfg = SAEConfig(lm.d_model, args.latents, arch=args.arch, k=args.k, l1_coef=args.l1, model_id=lm.model_id,
                     model_type=lm.model_type, layer=layer)
-    buf = ActivationBuffer(lm, texts, layer, batch_size=args.batch_size, buffer_tokens=args.buffer, seed=args.seed)
-    sae, hist = train_sae(iter(buf), cfg, TrainConfig(steps=args.steps, seed=args.seed), progress=sys.stderr.isatty())
-    save_saelens(sae, args.out, overwrite=args.force)
+    tcfg = TrainConfig(steps=args.steps, seed=args.seed)
+    sae, hist = train_sae(source, cfg, tcfg, progress=sys.stderr.isatty(), checkpoint_dir=partial,
+                          checkpoint_every=args.checkpoint_every)
+    save_saelens(sae, out, overwrite=args.force)
+    write_json_atomic(out / "training.json", {"steps": args.steps, "batch_size": args.batch_size, "input_scale": hist.input_scale,
+                                              "l0": hist.l0, "fvu": hist.fvu, "dead_frac": hist.dead_frac})
+    shutil.rmtree(partial, ignore_errors=True)
     print(f"{args.arch} SAE, {args.latents} latents at layer {layer}: L0 {hist.l0[-1]:.1f}, FVU {hist.fvu[-1]:.3f}, "
-          f"dead {hist.dead_frac[-1]:.1%} after {args.steps} steps ({buf.tokens_seen} tokens); saved to {args.out}")
+          f"dead {hist.dead_frac[-1]:.1%} after {args.steps} steps x {args.batch_size} tokens; saved to {out}")
+    return 0
+
+
+def cmd_sae_corpus(args) -> int:
+    from .models.loading import load_model
+    from .sae.corpus import sample_corpus
+
+    out = Path(args.out)
+    if out.exists():
+        if args.force:
+            out.unlink()
+        else:
+            print(f"{out} exists: continuing it (finished batches are kept; --force starts over)", file=sys.stderr)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    n = sample_corpus(lm, out, args.docs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"{out}: {n} documents sampled from {lm.model_id}")
     return 0
 
 
@@ -98,7 +140,7 @@ def cmd_sae_features(args) -> int:
 
 
 def add_commands(sub, add_model_args) -> None:
-    sae = sub.add_parser("sae", help="sparse autoencoders: train, eval", description="Sparse autoencoders on the residual stream.")
+    sae = sub.add_parser("sae", help="sparse autoencoders: train, eval, features, corpus", description="Sparse autoencoders on the residual stream.")
     ssub = sae.add_subparsers(dest="sae_command", metavar="SAE_COMMAND")
     ssub.required = True
     p = ssub.add_parser("train", help="train an SAE at one layer", description="Train a TopK, BatchTopK or ReLU SAE on "
@@ -112,11 +154,27 @@ def add_commands(sub, add_model_args) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--buffer", type=int, default=32768, help="activation buffer size in tokens")
+    p.add_argument("--cache", help="activation cache folder: filled from --text on first use, then trained from "
+                                   "(safetensors shards), so repeated runs skip the model")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (in OUT.partial/); "
+                   "a rerun with the same settings resumes from the last one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite OUT and discard any checkpoint")
     add_model_args(p)
     p.set_defaults(func=cmd_sae_train)
+    p = ssub.add_parser("corpus", help="sample a JSONL text corpus from the model itself (for training SAEs offline)",
+                        description="Sample documents from the model (chat answers to topic x task requests and "
+                                    "continuations of prose openings) into a JSONL file; resumable.")
+    p.add_argument("--docs", type=int, default=640)
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--force", action="store_true", help="start the file over")
+    add_model_args(p)
+    p.set_defaults(func=cmd_sae_corpus)
     p = ssub.add_parser("eval", help="L0, FVU, CE recovered, KL, dead latents (+ baselines)",
                         description="Evaluate an SAE on text: L0, FVU, CE loss recovered, spliced KL, dead share; "
                                     "optionally PCA/ICA/random baselines at the same sparsity.")

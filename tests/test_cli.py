@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import make_tiny_lm
 
 from steerscope.cli import main
@@ -165,3 +166,56 @@ def test_sae_train_and_eval(ckpt, tmp_path, capsys):
     assert "CE rec." in out and "pca (k=4)" in out and "ica (k=4)" in out
     assert set(json.loads((tmp_path / "e.json").read_text())) == {"sae", "pca (k=4)", "ica (k=4)", "random (k=4)"}
     assert main(["sae", "train", "--layer", "1", "--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "s2"), *m]) == 2
+
+
+def test_sae_train_resumes_and_caches(ckpt, tmp_path, capsys, monkeypatch):
+    """Killed mid-training: OUT.partial keeps a checkpoint, the same command resumes and gives the
+    uninterrupted SAE; --cache fills the activation cache once and trains from it after."""
+    import steerscope.sae.train as tr
+    from steerscope.sae.formats import load_saelens
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Document {i}: the cat sat on the mat while rain fell on town {i}." for i in range(12)))
+    base = ["sae", "train", "--layer", "1", "--text", str(text), "--latents", "32", "--k", "4", "--steps", "24",
+            "--batch-size", "16", "--buffer", "64", "--checkpoint-every", "5", "--model", str(ckpt)]
+    assert main(base + ["--out", str(tmp_path / "straight")]) == 0
+    assert json.loads((tmp_path / "straight" / "training.json").read_text())["steps"] == 24
+    real = tr.SAE.project_decoder_grad
+    calls = {"n": 0}
+
+    def dies(self):
+        calls["n"] += 1
+        if calls["n"] == 18:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(tr.SAE, "project_decoder_grad", dies)
+    assert main(base + ["--out", str(tmp_path / "resumed")]) == 130
+    assert (tmp_path / "resumed.partial" / "checkpoint.pt").is_file() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(tr.SAE, "project_decoder_grad", real)
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "resumed")]) == 0
+    assert "resuming from the checkpoint at step 15" in capsys.readouterr().err
+    assert not (tmp_path / "resumed.partial").exists()
+    a, b = load_saelens(tmp_path / "straight"), load_saelens(tmp_path / "resumed")
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)
+
+    cache = tmp_path / "acts"
+    assert main(base + ["--cache", str(cache), "--out", str(tmp_path / "c1")]) == 0
+    assert "cached" in capsys.readouterr().err and any(cache.glob("acts-*.safetensors"))
+    assert main(base + ["--cache", str(cache), "--text", str(tmp_path / "gone.txt"), "--out", str(tmp_path / "c2")]) == 0
+    assert "training on the activations cached" in capsys.readouterr().err
+    assert torch.equal(load_saelens(tmp_path / "c1").W_dec, load_saelens(tmp_path / "c2").W_dec)
+    assert main(base + ["--out", str(tmp_path / "c1")]) == 2  # finished SAE: refused without --force
+
+
+def test_sae_corpus_resumes(ckpt, tmp_path, capsys):
+    out = tmp_path / "corpus.jsonl"
+    argv = ["sae", "corpus", "--docs", "6", "--batch-size", "3", "--max-new-tokens", "5", "--out", str(out), "--model", str(ckpt)]
+    assert main(argv) == 0
+    full = out.read_text()
+    rows = [json.loads(l)["text"] for l in full.splitlines()]
+    assert len(rows) == 6 and all(r.strip() for r in rows)
+    out.write_text(full.splitlines(keepends=True)[0] + full.splitlines(keepends=True)[1] + full.splitlines()[2][:9])  # killed mid-write
+    assert main(argv) == 0
+    assert "continuing" in capsys.readouterr().err and out.read_text() == full  # torn batch redone identically

@@ -211,3 +211,77 @@ def test_activation_cache_shards(tmp_path):
     assert all(tuple(r.tolist()) in rows for b in batches for r in b)  # served rows come from the cache
     with pytest.raises(ss.SteerscopeError, match="already holds"):
         cache_activations(ActivationBuffer(lm, texts, layer=1), tmp_path / "acts")
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter:
+    """A batch source that raises after `n` batches, as if the run were killed; keeps `state_dict`."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n == 0:
+            raise _Killed
+        self.n -= 1
+        return next(self.inner)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, st):
+        self.inner.load_state_dict(st)
+
+
+def _resume_matches(make_source, cfg, tmp_path, steps=50, every=20, die=37):
+    tcfg = TrainConfig(steps=steps, warmup_steps=5)
+    whole, hist_whole = train_sae(make_source(), cfg, tcfg)
+    with pytest.raises(_Killed):
+        train_sae(_DiesAfter(make_source(), die), cfg, tcfg, checkpoint_dir=tmp_path / "ck", checkpoint_every=every)
+    from steerscope.sae import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "ck")["step"] == (die // every) * every  # the last checkpoint before the kill
+    resumed, hist = train_sae(make_source(), cfg, tcfg, checkpoint_dir=tmp_path / "ck", checkpoint_every=every)
+    assert len(hist.fvu) == steps and hist.fvu == hist_whole.fvu
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_resume_tensor_source_equals_uninterrupted(data, arch, tmp_path):
+    _resume_matches(lambda: tensor_batches(data[0][:3000], 128), SAEConfig(32, 64, arch=arch, k=4), tmp_path)
+
+
+def test_resume_activation_buffer_and_shards(tmp_path):
+    from steerscope.sae import cache_activations, shard_batches
+
+    lm = tiny_lm("llama")
+    texts = [p * 3 for p in PROMPTS] * 4
+    cfg = SAEConfig(lm.d_model, 64, k=4)
+    mk = lambda: ActivationBuffer(lm, texts, layer=1, batch_size=32, buffer_tokens=256, lm_batch=2, max_norm_multiple=None)
+    _resume_matches(mk, cfg, tmp_path / "buffer", steps=30, every=10, die=25)
+    cache_activations(ActivationBuffer(lm, texts, layer=1, lm_batch=2, max_norm_multiple=None), tmp_path / "acts", shard_tokens=100)
+    _resume_matches(lambda: shard_batches(tmp_path / "acts", 32), cfg, tmp_path / "shards", steps=30, every=10, die=25)
+
+
+def test_resume_refuses_other_settings_and_plain_iterators(data, tmp_path):
+    cfg = SAEConfig(32, 64, k=4)
+    with pytest.raises(_Killed):
+        train_sae(_DiesAfter(tensor_batches(data[0], 128), 15), cfg, TrainConfig(steps=40), checkpoint_dir=tmp_path, checkpoint_every=10)
+    with pytest.raises(ss.SteerscopeError, match="other settings"):
+        train_sae(tensor_batches(data[0], 128), SAEConfig(32, 64, k=8), TrainConfig(steps=40), checkpoint_dir=tmp_path)
+    with pytest.raises(ss.SteerscopeError, match="resumable batch source"):
+        train_sae(iter([data[0][:128]] * 5), cfg, TrainConfig(steps=5), checkpoint_dir=tmp_path / "x")
+    texts = [p * 3 for p in PROMPTS]
+    lm = tiny_lm("llama")
+    buf = ActivationBuffer(lm, texts, layer=1, batch_size=8, buffer_tokens=64, max_norm_multiple=None)
+    next(buf)
+    st = buf.state_dict()
+    with pytest.raises(ss.SteerscopeError, match="text source differs"):
+        ActivationBuffer(lm, texts[::-1], layer=1, batch_size=8, buffer_tokens=64).load_state_dict(st)

@@ -13,7 +13,9 @@ Practice followed (see SAELens / sparsify / dictionary_learning):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -44,6 +46,7 @@ class ActivationBuffer:
         self._doc = 0
         self.tokens_seen = 0
         self.buf = torch.zeros(0, lm.d_model)
+        self._served: int | None = None  # tokens served since the last refill
 
     @torch.no_grad()
     def _more(self) -> torch.Tensor:
@@ -76,25 +79,71 @@ class ActivationBuffer:
             self.buf = torch.cat([self.buf, more])
         self.buf = self.buf[torch.randperm(len(self.buf), generator=self.g)]
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        self._fill()
-        served = 0
-        while len(self.buf) >= self.batch_size:
-            yield self.buf[:self.batch_size]
-            self.buf = self.buf[self.batch_size:]
-            served += self.batch_size
-            if served >= self.buffer_tokens // 2:  # refill when half used
-                self._fill()
-                served = 0
+    def __iter__(self) -> "ActivationBuffer":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._served is None or self._served >= self.buffer_tokens // 2:  # first call, or half used: refill
+            self._fill()
+            self._served = 0
+        if len(self.buf) < self.batch_size:
+            raise StopIteration
+        out, self.buf = self.buf[:self.batch_size], self.buf[self.batch_size:]
+        self._served += self.batch_size
+        return out
+
+    def _texts_key(self) -> str:
+        import hashlib
+
+        return hashlib.sha256("\x00".join(self.texts).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the stream exactly: position in the texts, the buffer's
+        contents and the shuffling generator."""
+        return {"doc": self._doc, "tokens_seen": self.tokens_seen, "g": self.g.get_state(), "buf": self.buf.clone(),
+                "served": -1 if self._served is None else self._served, "texts": self._texts_key()}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st["texts"] != self._texts_key():
+            raise SteerscopeError("the text source differs from the one the checkpoint was made with; "
+                                  "resume with the same texts, or start over (--force).")
+        self._doc, self.tokens_seen, self.buf = st["doc"], st["tokens_seen"], st["buf"]
+        self.g.set_state(st["g"])
+        self._served = None if st["served"] < 0 else st["served"]
 
 
-def tensor_batches(x: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches from a fixed (N, d) tensor (synthetic data, cached activations)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            yield x[perm[i:i + batch_size]]
+class TensorBatches:
+    """Endless shuffled batches from a fixed (N, d) tensor (synthetic data, cached activations);
+    resumable through `state_dict` / `load_state_dict`."""
+
+    def __init__(self, x: torch.Tensor, batch_size: int, seed: int = 0):
+        if len(x) < batch_size:
+            raise SteerscopeError(f"{len(x)} rows cannot fill a batch of {batch_size}.")
+        self.x, self.batch_size = x, batch_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.perm, self.i = torch.randperm(len(x), generator=self.g), 0
+
+    def __iter__(self) -> "TensorBatches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.i + self.batch_size > len(self.x):  # next epoch
+            self.perm, self.i = torch.randperm(len(self.x), generator=self.g), 0
+        out = self.x[self.perm[self.i:self.i + self.batch_size]]
+        self.i += self.batch_size
+        return out
+
+    def state_dict(self) -> dict:
+        return {"g": self.g.get_state(), "perm": self.perm.clone(), "i": self.i, "n": len(self.x)}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st["n"] != len(self.x):
+            raise SteerscopeError(f"the checkpoint was made on {st['n']} rows, this source has {len(self.x)}.")
+        self.g.set_state(st["g"])
+        self.perm, self.i = st["perm"], st["i"]
+
+
+tensor_batches = TensorBatches
 
 
 @dataclass
@@ -124,27 +173,75 @@ def _lr_factor(step: int, t: TrainConfig) -> float:
     return warm * decay
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def _save_checkpoint(folder: Path, state: dict) -> None:
+    """torch.save to a temporary name, then rename: a kill mid-write keeps the previous checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, folder / CHECKPOINT)
+
+
+def load_checkpoint(folder) -> dict | None:
+    """The checkpoint in `folder`, or None when there is none."""
+    f = Path(folder) / CHECKPOINT
+    return torch.load(f, weights_only=True) if f.is_file() else None
+
+
 def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig | None = None,
-              progress: bool = False) -> tuple[SAE, TrainHistory]:
+              progress: bool = False, checkpoint_dir=None, checkpoint_every: int = 250) -> tuple[SAE, TrainHistory]:
+    """Train an SAE on `batches` of (B, d_in) activations.
+
+    With `checkpoint_dir`, the full training state (weights, optimiser, schedule, dead-latent
+    counters, history and the batch source's position) is written there every `checkpoint_every`
+    steps, and a call that finds a checkpoint continues from it: the result equals an
+    uninterrupted run. The batch source must then have `state_dict` / `load_state_dict`
+    (`ActivationBuffer`, `TensorBatches`, `ShardBatches` do).
+    """
     from tqdm.auto import tqdm
 
     t = tcfg or TrainConfig()
     sae = SAE(cfg, seed=t.seed)
     hist = TrainHistory()
     it = iter(batches)
-    first = next(it).float()
-    scale = math.sqrt(cfg.d_in) / float(first.norm(dim=-1).mean()) if t.scale_input else 1.0
-    hist.input_scale = scale
-    with torch.no_grad():
-        sae.b_dec.copy_((first * scale).mean(0))
     lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(cfg.n_latents / 2 ** 14)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, t))
     since_fired = torch.zeros(cfg.n_latents)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt_dir is not None and not hasattr(it, "state_dict"):
+        raise SteerscopeError("checkpointing needs a resumable batch source (ActivationBuffer, TensorBatches, ShardBatches).")
+    state = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    start, first = 0, None
+    if state is not None:
+        if state["sae_cfg"] != asdict(cfg) or state["train_cfg"] != asdict(t):
+            raise SteerscopeError(f"the checkpoint in {ckpt_dir} was made with other settings; use the same settings "
+                                  "to resume, or another folder (or --force) to start over.")
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        since_fired = state["since_fired"]
+        hist = TrainHistory(**state["hist"])
+        it.load_state_dict(state["batches"])
+        start, scale = state["step"], hist.input_scale
+    else:
+        first = next(it).float()
+        scale = math.sqrt(cfg.d_in) / float(first.norm(dim=-1).mean()) if t.scale_input else 1.0
+        hist.input_scale = scale
+        with torch.no_grad():
+            sae.b_dec.copy_((first * scale).mean(0))
     sae.train()
-    bar = tqdm(range(t.steps), desc=f"sae {cfg.arch}", disable=not progress, leave=False)
-    batch = first
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=f"sae {cfg.arch}", disable=not progress, leave=False)
     for step in bar:
+        if step == 0:
+            batch = first
+        else:
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise SteerscopeError(f"the activation source ran out after {step} steps; give more text or fewer steps.") from None
         x = batch.float() * scale  # (B, d)
         out = sae(x)
         err = (x - out.recon).square().sum(-1)
@@ -170,11 +267,10 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
         hist.dead_frac.append(float((since_fired > t.dead_after).float().mean()))
         if step % 20 == 0:
             bar.set_postfix(L0=f"{l0:.1f}", FVU=f"{hist.fvu[-1]:.3f}")
-        if step + 1 < t.steps:
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise SteerscopeError(f"the activation source ran out after {step + 1} steps; give more text or fewer steps.") from None
+        if ckpt_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < t.steps:
+            _save_checkpoint(ckpt_dir, {"step": step + 1, "sae_cfg": asdict(cfg), "train_cfg": asdict(t),
+                                        "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                        "since_fired": since_fired, "hist": asdict(hist), "batches": it.state_dict()})
     sae.eval()
     if cfg.arch == "batchtopk":
         sae.inference = True
@@ -194,9 +290,6 @@ def cache_activations(buffer: ActivationBuffer, folder, shard_tokens: int = 6553
     """Write the buffer's activations (one pass over its texts) to `folder` as safetensors shards
     `acts-00000.safetensors`, ... for repeated training runs; returns the number of tokens.
     Each shard is written to a temporary name and renamed, so a killed run leaves whole shards."""
-    import os
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -228,23 +321,57 @@ def cache_activations(buffer: ActivationBuffer, folder, shard_tokens: int = 6553
     return n
 
 
-def shard_batches(folder, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches from cached shards (shards in random order, rows shuffled)."""
-    from pathlib import Path
+class ShardBatches:
+    """Endless shuffled batches from cached shards: shards in a random order per epoch, rows
+    shuffled within each shard, leftovers carried into the next. Resumable like `TensorBatches`."""
 
-    from safetensors.torch import load_file
+    def __init__(self, folder, batch_size: int, seed: int = 0):
+        self.files = sorted(Path(folder).glob("acts-*.safetensors"))
+        if not self.files:
+            raise SteerscopeError(f"no activation shards in {folder}.")
+        self.batch_size = batch_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.j = 0  # next shard in `order`
+        self.x = torch.zeros(0)  # the current shuffled shard (+ carry)
+        self.i = 0  # rows of `x` served
+        self._resume: dict | None = None  # state at the start of the current shard
 
-    files = sorted(Path(folder).glob("acts-*.safetensors"))
-    if not files:
-        raise SteerscopeError(f"no activation shards in {folder}.")
-    g = torch.Generator().manual_seed(seed)
-    carry = torch.zeros(0)
-    while True:
-        for i in torch.randperm(len(files), generator=g).tolist():
-            x = load_file(str(files[i]))["acts"]
-            x = torch.cat([carry, x]) if len(carry) else x
-            x = x[torch.randperm(len(x), generator=g)]
-            whole = len(x) // batch_size * batch_size
-            for j in range(0, whole, batch_size):
-                yield x[j:j + batch_size]
-            carry = x[whole:]
+    def __iter__(self) -> "ShardBatches":
+        return self
+
+    def _load_next(self, carry: torch.Tensor) -> None:
+        from safetensors.torch import load_file
+
+        if self.j >= len(self.order):
+            self.order, self.j = torch.randperm(len(self.files), generator=self.g).tolist(), 0
+        # state before loading: enough to rebuild x exactly on resume
+        self._resume = {"g": self.g.get_state(), "order": list(self.order), "j": self.j, "carry": carry.clone()}
+        x = load_file(str(self.files[self.order[self.j]]))["acts"]
+        self.j += 1
+        x = torch.cat([carry, x]) if len(carry) else x
+        self.x, self.i = x[torch.randperm(len(x), generator=self.g)], 0
+
+    def __next__(self) -> torch.Tensor:
+        while self.i + self.batch_size > len(self.x):
+            self._load_next(self.x[self.i:])
+        out = self.x[self.i:self.i + self.batch_size]
+        self.i += self.batch_size
+        return out
+
+    def state_dict(self) -> dict:
+        return {"n_files": len(self.files), "i": self.i, "shard": self._resume}
+
+    def load_state_dict(self, st: dict) -> None:
+        if st["n_files"] != len(self.files):
+            raise SteerscopeError(f"the checkpoint was made on {st['n_files']} shards, the folder holds {len(self.files)}.")
+        if st["shard"] is None:
+            return
+        r = st["shard"]
+        self.g.set_state(r["g"])
+        self.order, self.j = list(r["order"]), r["j"]
+        self._load_next(r["carry"])
+        self.i = st["i"]
+
+
+shard_batches = ShardBatches
