@@ -25,6 +25,48 @@ def test_layer_range_equals_hook_steering(arch):
         assert (z[k * 3:(k + 1) * 3][lr.valid] - r[2][lr.valid]).abs().max() < 1e-5
 
 
+SHARED = ["Once upon a time, a cat", "Once upon a time, there was a much longer story", "Once upon a time, hi"]
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_shared_prefix_replay_equals_hook_steering(arch):
+    """Prompts that start alike: the prefix runs once per vector, the suffixes attend to its
+    keys/values, and the result (values and gradients) is that of full rows."""
+    lm = tiny_lm(arch)
+    lr = LayerRange(lm, SHARED, 0, 2, chat=False)
+    plain = LayerRange(lm, SHARED, 0, 2, chat=False, share_prefix=False)
+    assert lr.shared_prefix == len("Once upon a time, ") and plain.shared_prefix == 0
+    theta = torch.stack([rand_vec(lm, seed=i, scale=5) for i in range(2)])
+    z = lr.run(theta)
+    for k in range(2):
+        with torch.no_grad(), ss.steer(lm, ss.Add(theta[k], layer=0)), record(lm, [2]) as r:
+            lm.forward(**lr.enc)
+        assert (z[k * 3:(k + 1) * 3][lr.valid] - r[2][lr.valid]).abs().max() < 1e-4
+    valid = lr.valid.repeat(2, 1)
+    t1, t2 = theta.clone().requires_grad_(), theta.clone().requires_grad_()
+    lr.run(t1)[valid].square().sum().backward()
+    plain.run(t2)[valid].square().sum().backward()
+    assert torch.allclose(t1.grad, t2.grad, rtol=1e-4, atol=1e-4 * float(t2.grad.abs().max()))
+
+
+@pytest.mark.parametrize("broken", ["raises", "differs"])
+def test_shared_prefix_falls_back_when_replay_differs(monkeypatch, broken):
+    import steerscope.models.layer_range as lrm
+
+    real = lrm._PrefixKV.update
+    if broken == "raises":  # ignores the prefix: shapes no longer match the mask
+        monkeypatch.setattr(lrm._PrefixKV, "update", lambda self, k, v, i, kw=None: (k, v))
+    else:  # runs, but with the prefix values perturbed
+        monkeypatch.setattr(lrm._PrefixKV, "update", lambda self, k, v, i, kw=None: real(self, k, v * 1.5 if self.mode == "prefix" else v, i))
+    lm = tiny_lm("llama")
+    lr = LayerRange(lm, SHARED, 0, 2, chat=False)
+    assert lr._want_prefix > 0 and lr.shared_prefix == 0  # the self-check refused it
+    theta = rand_vec(lm, rows=1, scale=3)
+    with torch.no_grad(), ss.steer(lm, ss.Add(theta[0], layer=0)), record(lm, [2]) as r:
+        lm.forward(**lr.enc)
+    assert (lr.run(theta)[lr.valid] - r[2][lr.valid]).abs().max() < 1e-5
+
+
 def test_objective_follows_the_paper_definition():
     """Norm over d_model per token (not over tokens), target = output of block t, p and q."""
     lm = tiny_lm("qwen2")
@@ -95,19 +137,23 @@ def test_resume_gives_the_same_vectors(tmp_path):
         train_melbo(lr, checkpoint=_Checkpoint(tmp_path / "ckpt", "other"), **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
-def test_jacobian_matches_dense_svd(arch):
+@pytest.mark.parametrize("arch,prompts", [("llama", PROMPTS[:2]), ("gpt2", PROMPTS[:2]), ("gemma2", PROMPTS[:2]),
+                                          ("llama", SHARED[:2])])
+def test_jacobian_matches_dense_svd(arch, prompts):
     lm = tiny_lm(arch)
-    lr = LayerRange(lm, PROMPTS[:2], 0, 2, chat=False)
+    lr = LayerRange(lm, prompts, 0, 2, chat=False)
+    assert bool(lr.shared_prefix) == (prompts is SHARED[:2] or prompts == SHARED[:2])
     res = jacobian_singular_vectors(lr, 3, iters=200, tol=1e-6)
     mask = lr.valid.float()
     from steerscope.models.layer_range import eager_attention
 
     with eager_attention(lm):
         lr.capture()
-        J = torch.autograd.functional.jacobian(lambda th: (lr.delta(th[None]) * mask[..., None]).reshape(-1), torch.zeros(lm.d_model))
+        # d_model forward-mode passes build the explicit Jacobian (reverse mode would need one per output)
+        J = torch.autograd.functional.jacobian(lambda th: (lr.delta(th[None]) * mask[..., None]).reshape(-1),
+                                               torch.zeros(lm.d_model), vectorize=True, strategy="forward-mode")
     lr.capture()
-    _, S, Vh = torch.linalg.svd(J.double())
+    _, S, Vh = torch.linalg.svd(J.detach().double())
     for i in range(3):
         assert abs(float(res.vectors[i].double() @ Vh[i])) >= 0.99, f"singular vector {i}"
         assert abs(float(res.singular_values[i]) - float(S[i])) / float(S[i]) < 1e-3

@@ -8,6 +8,14 @@ To stay architecture-agnostic, `LayerRange` does not rebuild attention masks or 
 embeddings: one ordinary forward pass records the exact arguments transformers passes to each
 block s+1..t (masks, position embeddings, ...), and later calls replay the blocks with those
 arguments, the batch tiled K times (row k*P + p = vector k on prompt p).
+
+Shared prefix: chat-formatted prompts start with the same tokens (the template, often a system
+prompt: 26 of 39 tokens for SmolLM2's). Under causal attention those positions see only the
+prefix, so for a given vector their activations are the same in every prompt. `run` computes them
+once per vector (K rows) and lets the P suffix rows attend to the prefix keys/values, through a
+stand-in for the transformers KV cache. The result is mapped back to the ordinary left-padded
+layout, so callers see no difference; `capture` checks the replay against the plain forward and
+falls back to full rows if an architecture does not match.
 """
 
 from __future__ import annotations
@@ -50,6 +58,19 @@ def frozen_weights(lm) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _first_row(obj, P: int):
+    """Recorded prefix arguments have batch P (identical rows); keep one row."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:1] if obj.dim() >= 2 and obj.shape[0] == P else obj
+    if isinstance(obj, tuple):
+        return tuple(_first_row(o, P) for o in obj)
+    if isinstance(obj, list):
+        return [_first_row(o, P) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _first_row(v, P) for k, v in obj.items()}
+    return obj
+
+
 def _tile(obj, P: int, K: int):
     if isinstance(obj, torch.Tensor):
         # Per-row tensors (batch first, at least 2-D) are repeated for every vector; 1-D tensors
@@ -66,6 +87,52 @@ def _tile(obj, P: int, K: int):
     return obj
 
 
+class _PrefixKV:
+    """Stands in for a transformers `Cache` while blocks are replayed: in "prefix" mode it keeps
+    each layer's keys/values (K rows); in "suffix" mode it prepends them, each vector's prefix
+    repeated for its P prompts, to the suffix rows' keys/values. Differentiable throughout."""
+
+    def __init__(self, P: int, C: int):
+        self.P, self.C, self.mode = P, C, "prefix"
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):  # (B, heads, T, head_dim)
+        if self.mode == "prefix":
+            self.kv[layer_idx] = (key, value)
+            return key, value
+        pk, pv = self.kv[layer_idx]
+        return (torch.cat([pk.repeat_interleave(self.P, dim=0), key], dim=-2),
+                torch.cat([pv.repeat_interleave(self.P, dim=0), value], dim=-2))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.mode == "prefix" else self.C
+
+
+def _swap_cache(obj, new):
+    """Replace any transformers Cache among recorded block arguments by `new`."""
+    from transformers import Cache
+
+    if isinstance(obj, Cache):
+        return new
+    if isinstance(obj, tuple):
+        return tuple(_swap_cache(o, new) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _swap_cache(v, new) for k, v in obj.items()}
+    return obj
+
+
+def common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Length of the token prefix shared by every left-padded row, leaving each row >= 1 own token."""
+    n = mask.sum(-1)
+    T = ids.shape[1]
+    rows = [ids[i, T - int(n[i]):] for i in range(ids.shape[0])]
+    C = 0
+    limit = int(n.min()) - 1
+    while C < limit and all(int(r[C]) == int(rows[0][C]) for r in rows):
+        C += 1
+    return C
+
+
 class LayerRange:
     """Blocks source+1..target of `lm` on fixed prompts.
 
@@ -76,7 +143,8 @@ class LayerRange:
         enc       the tokenised prompts
     """
 
-    def __init__(self, lm, prompts: list[str], source: int, target: int, *, chat: bool | None = None):
+    def __init__(self, lm, prompts: list[str], source: int, target: int, *, chat: bool | None = None,
+                 share_prefix: bool = True, min_prefix: int = 4):
         self.lm = lm
         self.source, self.target = lm.check_layer(source), lm.check_layer(target)
         if self.target <= self.source:
@@ -85,21 +153,32 @@ class LayerRange:
         self.valid = self.enc["attention_mask"].bool()
         self.P = self.valid.shape[0]
         self._calls: list[tuple[tuple, dict]] = []
+        C = common_prefix(self.enc["input_ids"], self.enc["attention_mask"]) if share_prefix and self.P > 1 else 0
+        self._want_prefix = C if C >= min_prefix else 0
+        self.shared_prefix = 0  # tokens actually shared (0 = plain rows), set by capture()
         self.capture()
 
     @torch.no_grad()
     def capture(self) -> None:
         """(Re)record h_source, z_target and the arguments of blocks source+1..target. Call again
         after changing the attention implementation (masks differ between implementations)."""
+        enc = self.enc
+        pos = (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        self.h_source, self.z_target, self._calls = self._record(**enc, position_ids=pos, use_cache=False)
+        self.shared_prefix = 0
+        if self._want_prefix:
+            self._capture_prefix(self._want_prefix)
+
+    def _record(self, **forward_kw) -> tuple[torch.Tensor, torch.Tensor, list[tuple[tuple, dict]]]:
+        """One forward up to block `target`: outputs of blocks `source` and `target`, and the
+        arguments blocks s+1..t were called with."""
         lm, s, t = self.lm, self.source, self.target
         store: dict[str, torch.Tensor] = {}
         calls: list[tuple[tuple, dict]] = []
 
-        def keep(name):
-            def fn(x):
-                store[name] = x
-                return x
-            return fn
+        def keep(x):
+            store["s"] = x
+            return x
 
         def stop(x):
             store["t"] = x
@@ -108,20 +187,65 @@ class LayerRange:
         def grab(args, kwargs):
             calls.append((tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
-        specs = [(lm.arch.blocks[s], "post", keep("s")), (lm.arch.blocks[t], "post", stop)]
+        specs = [(lm.arch.blocks[s], "post", keep), (lm.arch.blocks[t], "post", stop)]
         specs += [(lm.arch.blocks[i], "observe", grab) for i in range(s + 1, t + 1)]
         try:
             with hooks(specs):
-                lm.forward(**self.enc, use_cache=False)
+                lm.model(**forward_kw)
         except StopForward:
             pass
         if len(calls) != t - s:
             raise SteerscopeError(f"expected {t - s} block calls between layers {s} and {t}, saw {len(calls)}.")
-        self.h_source, self.z_target, self._calls = store["s"], store["t"], calls
+        return store["s"], store["t"], calls
+
+    @torch.no_grad()
+    def _capture_prefix(self, C: int) -> None:
+        """Record the blocks' arguments for the prefix alone and for the suffixes after a cached
+        prefix; keep them only if replaying that way reproduces the plain forward."""
+        from transformers import DynamicCache
+
+        ids, mask = self.enc["input_ids"], self.enc["attention_mask"]
+        P, T = ids.shape
+        pad = T - mask.sum(-1)  # (P,) left padding per row
+        first = int(pad[0])
+        pre_ids = ids[:1, first:first + C].expand(P, C)
+        suf_ids = torch.stack([torch.cat([ids[i, :int(pad[i])], ids[i, int(pad[i]) + C:]]) for i in range(P)])  # (P, T-C)
+        suf_mask = torch.stack([torch.cat([mask[i, :int(pad[i])], mask[i, int(pad[i]) + C:]]) for i in range(P)])
+        cache = DynamicCache()
+        try:
+            h_pre, _, calls_pre = self._record(input_ids=pre_ids, attention_mask=torch.ones_like(pre_ids),
+                                            position_ids=torch.arange(C).expand(P, C), past_key_values=cache, use_cache=True)
+            full_mask = torch.cat([torch.ones(P, C, dtype=mask.dtype), suf_mask], dim=1)
+            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, C:]
+            h_suf, _, calls_suf = self._record(input_ids=suf_ids, attention_mask=full_mask, position_ids=pos,
+                                            past_key_values=cache, use_cache=True)
+        except Exception:  # an architecture whose blocks cannot take a prefix cache: plain rows
+            return
+        # original position j of row p <- position in [prefix | left-padded suffix] layout
+        j = torch.arange(T)[None, :]
+        a = pad[:, None]
+        self._gather = torch.where(j < a, C + j, torch.where(j < a + C, j - a, j))  # (P, T)
+        self._h_pre = h_pre[:1]  # (1, C, d): the same for every prompt
+        self._h_suf, self._suf_valid = h_suf, suf_mask.bool()  # (P, T-C, d), (P, T-C)
+        self._calls_pre = [(tuple(_first_row(x, P) for x in a_), {k: _first_row(v, P) for k, v in kw.items()}) for a_, kw in calls_pre]
+        self._calls_suf = calls_suf
+        self.shared_prefix = C
+        try:
+            z = self.run(torch.zeros(1, self.lm.d_model, dtype=self.h_source.dtype))
+        except Exception:
+            self.shared_prefix = 0
+            return
+        ref = self.z_target
+        err = (z - ref).float().abs()[self.valid].max()
+        tol = 1e-3 * float(ref.float().abs()[self.valid].max()) + (1e-4 if ref.dtype == torch.float32 else 5e-2)
+        if not bool(err <= tol):
+            self.shared_prefix = 0
 
     def run(self, theta: torch.Tensor) -> torch.Tensor:
         """Z_t for each vector: theta (K, d) added at every real token of layer `source`.
         Returns (K * P, T, d) in the model's dtype; differentiable in theta."""
+        if self.shared_prefix:
+            return self._run_shared(theta)
         K, P = theta.shape[0], self.P
         x = self.h_source.repeat(K, 1, 1)  # (K*P, T, d)
         valid = self.valid.repeat(K, 1)[..., None]  # (K*P, T, 1)
@@ -131,6 +255,26 @@ class LayerRange:
             out = block(x, *_tile(args, P, K), **_tile(kwargs, P, K))
             x = out[0] if isinstance(out, tuple) else out
         return x
+
+    def _run_shared(self, theta: torch.Tensor) -> torch.Tensor:
+        K, P, C = theta.shape[0], self.P, self.shared_prefix
+        th = theta.to(self.h_source.dtype)
+        pre = self._h_pre.expand(K, -1, -1) + th[:, None, :]  # (K, C, d): every prefix token is real
+        suf = self._h_suf.repeat(K, 1, 1)  # (K*P, T-C, d)
+        steer = th.repeat_interleave(P, dim=0)[:, None, :]
+        suf = suf + torch.where(self._suf_valid.repeat(K, 1)[..., None], steer, torch.zeros_like(steer))
+        kv = _PrefixKV(P, C)
+        blocks = self.lm.arch.blocks[self.source + 1:self.target + 1]
+        for block, (a1, k1), (a2, k2) in zip(blocks, self._calls_pre, self._calls_suf):
+            kv.mode = "prefix"
+            out = block(pre, *_swap_cache(_tile(a1, 1, K), kv), **_swap_cache(_tile(k1, 1, K), kv))
+            pre = out[0] if isinstance(out, tuple) else out
+            kv.mode = "suffix"
+            out = block(suf, *_swap_cache(_tile(a2, P, K), kv), **_swap_cache(_tile(k2, P, K), kv))
+            suf = out[0] if isinstance(out, tuple) else out
+        both = torch.cat([pre.repeat_interleave(P, dim=0), suf], dim=1)  # (K*P, T, d), [prefix | suffix] layout
+        idx = self._gather.repeat(K, 1)[..., None].expand(-1, -1, both.shape[-1])
+        return both.gather(1, idx)  # back to the left-padded layout
 
     def delta(self, theta: torch.Tensor) -> torch.Tensor:
         """Z_t(theta) - Z_t(0): (K * P, T, d) float32."""
