@@ -106,6 +106,24 @@ def test_activation_buffer_drops_first_tokens_and_refills():
     assert not any((b == first).all(-1).any() for b in batches)
 
 
+def test_activation_buffer_reads_long_texts_in_windows():
+    """A text longer than `context` is read as consecutive windows, not truncated; each window's
+    activations equal a forward pass over that window alone."""
+    lm = tiny_lm("llama")
+    text = "The quick brown fox jumps over the lazy dog. " * 3  # 135 characters
+    n = len(lm.tokenizer(text)["input_ids"])
+    buf = ActivationBuffer(lm, [text, "Hi there"], layer=1, batch_size=1, buffer_tokens=10_000, context=40, loop=False,
+                           max_norm_multiple=None)
+    rows = torch.cat(list(buf) + [buf.buf])
+    n_windows = -(-n // 40)
+    assert buf.tokens_seen == (n - n_windows) + (len(lm.tokenizer("Hi there")["input_ids"]) - 1)
+    ids = lm.tokenizer(text)["input_ids"]
+    with torch.no_grad(), record(lm, [1]) as r:
+        lm.forward(torch.tensor([ids[40:80]]))
+    window = r[1][0, 1:]  # the second window, its first token dropped
+    assert all((rows == w).all(-1).any() for w in window)
+
+
 @pytest.fixture(scope="module")
 def lm_sae():
     lm = tiny_lm("llama")

@@ -29,7 +29,8 @@ class ActivationBuffer:
     """Residual activations at `layer` from `texts`, served in shuffled batches.
 
     The buffer holds `buffer_tokens` activations; when half has been served it is refilled with
-    fresh activations and reshuffled, so consecutive batches mix many documents. The first token
+    fresh activations and reshuffled, so consecutive batches mix many documents. Texts longer than
+    `context` tokens are read as consecutive windows of `context` tokens. The first token
     of every text (BOS / attention sink, whose norm is often orders of magnitude larger) and
     tokens with norm above `max_norm_multiple` x the median are dropped.
     """
@@ -49,16 +50,36 @@ class ActivationBuffer:
         self._served: int | None = None  # tokens served since the last refill
 
     @torch.no_grad()
+    def _windows(self) -> list[list[int]]:
+        """Token windows of the next texts that hold any (empty only when the texts ran out)."""
+        for _ in range(len(self.texts) // max(1, self.lm_batch) + 2):
+            if self._doc >= len(self.texts):
+                if not self.loop:
+                    return []
+                self._doc = 0
+            chunk = self.texts[self._doc:self._doc + self.lm_batch]
+            self._doc += len(chunk)
+            # Long texts are cut into windows of `context` tokens rather than truncated, so no text
+            # is wasted; each window starts a fresh sequence (its first token is dropped below).
+            windows = []
+            for ids_ in self.lm.tokenizer(chunk, add_special_tokens=True)["input_ids"]:
+                windows += [ids_[i:i + self.context] for i in range(0, len(ids_), self.context) if len(ids_) - i > 1]
+            if windows:
+                return windows
+        raise SteerscopeError("no text is longer than one token; give real documents.")
+
     def _more(self) -> torch.Tensor:
         """Activations of the next `lm_batch` texts: (n_tokens, d) float32."""
-        if self._doc >= len(self.texts):
-            if not self.loop:
-                return torch.zeros(0, self.lm.d_model)
-            self._doc = 0
-        chunk = self.texts[self._doc:self._doc + self.lm_batch]
-        self._doc += len(chunk)
-        enc = self.lm.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.context)
-        ids, mask = enc["input_ids"].to(self.lm.device), enc["attention_mask"].to(self.lm.device).bool()
+        windows = self._windows()
+        if not windows:
+            return torch.zeros(0, self.lm.d_model)
+        width = max(len(w) for w in windows)
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
+        right = self.lm.tokenizer.padding_side == "right"
+        ids = torch.tensor([w + [pad] * (width - len(w)) if right else [pad] * (width - len(w)) + w for w in windows])
+        mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) if right else [0] * (width - len(w)) + [1] * len(w)
+                             for w in windows])
+        ids, mask = ids.to(self.lm.device), mask.to(self.lm.device).bool()
         acts = read_layer(self.lm, self.layer, ids, mask.long())  # (B, T, d)
         keep = mask.clone()
         if self.drop_first:
