@@ -95,7 +95,7 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
 
 
 def sample_corpus(lm, path, n_docs: int, *, batch_size: int = 64, max_new_tokens: int = 192,
-                  temperature: float = 1.0, seed: int = 0, progress: bool = False) -> int:
+                  temperature: float = 0.9, seed: int = 0, progress: bool = False) -> int:
     """Append sampled documents to the JSONL file `path` until it holds `n_docs`; returns the count.
 
     Resumable: finished batches already in the file are kept and skipped (batch b is sampled with
