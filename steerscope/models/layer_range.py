@@ -206,6 +206,8 @@ class LayerRange:
 
         ids, mask = self.enc["input_ids"], self.enc["attention_mask"]
         P, T = ids.shape
+        if not bool(mask[:, -1].all()):  # the layout below assumes left padding
+            return
         pad = T - mask.sum(-1)  # (P,) left padding per row
         first = int(pad[0])
         pre_ids = ids[:1, first:first + C].expand(P, C)
@@ -235,10 +237,14 @@ class LayerRange:
         except Exception:
             self.shared_prefix = 0
             return
-        ref = self.z_target
-        err = (z - ref).float().abs()[self.valid].max()
-        tol = 1e-3 * float(ref.float().abs()[self.valid].max()) + (1e-4 if ref.dtype == torch.float32 else 5e-2)
-        if not bool(err <= tol):
+        # Per-token relative error: a few tokens (the attention sink) have norms 10^3-10^4 times
+        # the rest, so a tolerance on the largest value would hide errors on ordinary tokens.
+        # Reordered arithmetic alone gives ~1e-6 in float32 and ~3e-2 in bfloat16 on SmolLM2;
+        # a wrong replay gives O(1).
+        ref = self.z_target.float()
+        rel = ((z.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6))[self.valid].max()
+        tol = 1e-4 if self.z_target.dtype in (torch.float32, torch.float64) else 0.1
+        if not bool(rel <= tol):
             self.shared_prefix = 0
 
     def run(self, theta: torch.Tensor) -> torch.Tensor:
