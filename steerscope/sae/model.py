@@ -62,7 +62,11 @@ class SAE(nn.Module):
         w = torch.randn(cfg.n_latents, cfg.d_in, generator=g)
         w = w / w.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w)  # (n, d) unit rows
-        self.W_enc = nn.Parameter(w.T.clone())  # (d, n): encoder initialised as the decoder's transpose
+        # (d, n): encoder initialised as the decoder's transpose. For ReLU every latent with a
+        # positive projection fires at first (about n/2 of them), so the encoder starts at 0.1x
+        # (as in Anthropic's April 2024 recipe); at full scale the first reconstructions are ~10x
+        # the input and short runs collapse (measured on SmolLM2: FVU 0.99 vs 0.65 at l1=5, 500 steps).
+        self.W_enc = nn.Parameter(w.T.clone() * (0.1 if cfg.arch == "relu" else 1.0))
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("threshold", torch.zeros(()))  # batchtopk inference form

@@ -269,8 +269,10 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
         fvu = err.mean() / (x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12)
         if cfg.arch == "relu":
             l1_w = cfg.l1_coef * min(1.0, (step + 1) / max(1, int(t.l1_warmup_frac * t.steps)))
-            # MSE in units of the (scaled) input: E||x||^2 = d_in, so divide by d_in
-            loss = err.mean() / cfg.d_in + l1_w * (out.acts * sae.W_dec.norm(dim=-1)).sum(-1).mean() / math.sqrt(cfg.d_in)
+            # Anthropic's April 2024 recipe: ||x - x_hat||^2 + lambda * sum_i f_i ||W_dec,i|| on inputs
+            # scaled to E||x|| = sqrt(d_in), lambda ~ 5. Both terms are divided by d_in, which only
+            # sets the gradient scale, so l1_coef means the same lambda as in that recipe.
+            loss = (err.mean() + l1_w * (out.acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()) / cfg.d_in
         else:
             loss = fvu + cfg.aux_coef * sae.aux_loss(x, out, since_fired > t.dead_after)
         opt.zero_grad(set_to_none=True)
