@@ -51,17 +51,16 @@ def cmd_sae_train(args) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     layer = lm.check_layer(args.layer)
     cache = Path(args.cache) if args.cache else None
-    if cache is not None and any(cache.glob("acts-*.safetensors")):
-        print(f"training on the activations cached in {cache} (the --text source is not read)", file=sys.stderr)
-        source = shard_batches(cache, args.batch_size, seed=args.seed)
+    if cache is None:
+        source = ActivationBuffer(lm, load_texts(args.text, lm, args.seed), layer, batch_size=args.batch_size,
+                                  buffer_tokens=args.buffer, seed=args.seed)
     else:
-        texts = load_texts(args.text, lm, args.seed)
-        if cache is not None:
-            n = cache_activations(ActivationBuffer(lm, texts, layer, seed=args.seed), cache)
-            print(f"cached {n} activations at layer {layer} in {cache}", file=sys.stderr)
-            source = shard_batches(cache, args.batch_size, seed=args.seed)
+        if any(cache.glob("acts-*.safetensors")):
+            print(f"training on the activations cached in {cache} (the --text source is not read)", file=sys.stderr)
         else:
-            source = ActivationBuffer(lm, texts, layer, batch_size=args.batch_size, buffer_tokens=args.buffer, seed=args.seed)
+            n = cache_activations(ActivationBuffer(lm, load_texts(args.text, lm, args.seed), layer, seed=args.seed), cache)
+            print(f"cached {n} activations at layer {layer} in {cache}", file=sys.stderr)
+        source = shard_batches(cache, args.batch_size, seed=args.seed)
     cfg = SAEConfig(lm.d_model, args.latents, arch=args.arch, k=args.k, l1_coef=args.l1, model_id=lm.model_id,
                     model_type=lm.model_type, layer=layer)
     tcfg = TrainConfig(steps=args.steps, seed=args.seed)

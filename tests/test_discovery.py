@@ -13,6 +13,13 @@ from steerscope.models import record
 from steerscope.models.layer_range import LayerRange
 
 
+def hook_steered(lm, lr, vec, layer=0, target=2):
+    """Z_target with `vec` added at `layer` through an ordinary hooked forward: (P, T, d)."""
+    with torch.no_grad(), ss.steer(lm, ss.Add(vec, layer=layer)), record(lm, [target]) as r:
+        lm.forward(**lr.enc)
+    return r[target]
+
+
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_layer_range_equals_hook_steering(arch):
     lm = tiny_lm(arch)
@@ -20,9 +27,8 @@ def test_layer_range_equals_hook_steering(arch):
     theta = torch.stack([rand_vec(lm, seed=i, scale=5) for i in range(2)])
     z = lr.run(theta)
     for k in range(2):
-        with torch.no_grad(), ss.steer(lm, ss.Add(theta[k], layer=0)), record(lm, [2]) as r:
-            lm.forward(**lr.enc)
-        assert (z[k * 3:(k + 1) * 3][lr.valid] - r[2][lr.valid]).abs().max() < 1e-5
+        ref = hook_steered(lm, lr, theta[k])
+        assert (z[k * 3:(k + 1) * 3][lr.valid] - ref[lr.valid]).abs().max() < 1e-5
 
 
 SHARED = ["Once upon a time, a cat", "Once upon a time, there was a much longer story", "Once upon a time, hi"]
@@ -39,9 +45,8 @@ def test_shared_prefix_replay_equals_hook_steering(arch):
     theta = torch.stack([rand_vec(lm, seed=i, scale=5) for i in range(2)])
     z = lr.run(theta)
     for k in range(2):
-        with torch.no_grad(), ss.steer(lm, ss.Add(theta[k], layer=0)), record(lm, [2]) as r:
-            lm.forward(**lr.enc)
-        assert (z[k * 3:(k + 1) * 3][lr.valid] - r[2][lr.valid]).abs().max() < 1e-4
+        ref = hook_steered(lm, lr, theta[k])
+        assert (z[k * 3:(k + 1) * 3][lr.valid] - ref[lr.valid]).abs().max() < 1e-4
     valid = lr.valid.repeat(2, 1)
     t1, t2 = theta.clone().requires_grad_(), theta.clone().requires_grad_()
     lr.run(t1)[valid].square().sum().backward()
@@ -62,9 +67,7 @@ def test_shared_prefix_falls_back_when_replay_differs(monkeypatch, broken):
     lr = LayerRange(lm, SHARED, 0, 2, chat=False)
     assert lr._want_prefix > 0 and lr.shared_prefix == 0  # the self-check refused it
     theta = rand_vec(lm, rows=1, scale=3)
-    with torch.no_grad(), ss.steer(lm, ss.Add(theta[0], layer=0)), record(lm, [2]) as r:
-        lm.forward(**lr.enc)
-    assert (lr.run(theta)[lr.valid] - r[2][lr.valid]).abs().max() < 1e-5
+    assert (lr.run(theta)[lr.valid] - hook_steered(lm, lr, theta[0])[lr.valid]).abs().max() < 1e-5
 
 
 def test_objective_follows_the_paper_definition():

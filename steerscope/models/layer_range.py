@@ -10,7 +10,7 @@ block s+1..t (masks, position embeddings, ...), and later calls replay the block
 arguments, the batch tiled K times (row k*P + p = vector k on prompt p).
 
 Shared prefix: chat-formatted prompts start with the same tokens (the template, often a system
-prompt: 26 of 39 tokens for SmolLM2's). Under causal attention those positions see only the
+prompt: 24 of 39 tokens for SmolLM2's demo prompts). Under causal attention those positions see only the
 prefix, so for a given vector their activations are the same in every prompt. `run` computes them
 once per vector (K rows) and lets the P suffix rows attend to the prefix keys/values, through a
 stand-in for the transformers KV cache. The result is mapped back to the ordinary left-padded
@@ -58,33 +58,39 @@ def frozen_weights(lm) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _map_leaves(obj, fn):
+    """Apply `fn` to every leaf of nested tuples / lists / dicts (recorded block arguments)."""
+    if isinstance(obj, tuple):
+        return tuple(_map_leaves(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_leaves(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_leaves(v, fn) for k, v in obj.items()}
+    return fn(obj)
+
+
+def _per_row(x, P: int) -> bool:
+    # Per-row tensors are batch first and at least 2-D; 1-D tensors such as cache_position are shared.
+    return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == P
+
+
 def _first_row(obj, P: int):
     """Recorded prefix arguments have batch P (identical rows); keep one row."""
-    if isinstance(obj, torch.Tensor):
-        return obj[:1] if obj.dim() >= 2 and obj.shape[0] == P else obj
-    if isinstance(obj, tuple):
-        return tuple(_first_row(o, P) for o in obj)
-    if isinstance(obj, list):
-        return [_first_row(o, P) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _first_row(v, P) for k, v in obj.items()}
-    return obj
+    return _map_leaves(obj, lambda x: x[:1] if _per_row(x, P) else x)
 
 
 def _tile(obj, P: int, K: int):
-    if isinstance(obj, torch.Tensor):
-        # Per-row tensors (batch first, at least 2-D) are repeated for every vector; 1-D tensors
-        # such as cache_position are shared.
-        if obj.dim() >= 2 and obj.shape[0] == P and K > 1:
-            return obj.repeat(K, *([1] * (obj.dim() - 1)))
+    """Repeat per-row tensors for every vector (row k*P + p = vector k on prompt p)."""
+    if K == 1:
         return obj
-    if isinstance(obj, tuple):
-        return tuple(_tile(o, P, K) for o in obj)
-    if isinstance(obj, list):
-        return [_tile(o, P, K) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _tile(v, P, K) for k, v in obj.items()}
-    return obj
+    return _map_leaves(obj, lambda x: x.repeat(K, *([1] * (x.dim() - 1))) if _per_row(x, P) else x)
+
+
+def _steered(h: torch.Tensor, valid: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """h (P, T, d) tiled for K vectors, theta (K, d) added at real tokens: (K*P, T, d)."""
+    K, P = theta.shape[0], h.shape[0]
+    steer = theta.to(h.dtype).repeat_interleave(P, dim=0)[:, None, :]  # (K*P, 1, d)
+    return h.repeat(K, 1, 1) + torch.where(valid.repeat(K, 1)[..., None], steer, torch.zeros_like(steer))
 
 
 class _PrefixKV:
@@ -112,13 +118,7 @@ def _swap_cache(obj, new):
     """Replace any transformers Cache among recorded block arguments by `new`."""
     from transformers import Cache
 
-    if isinstance(obj, Cache):
-        return new
-    if isinstance(obj, tuple):
-        return tuple(_swap_cache(o, new) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _swap_cache(v, new) for k, v in obj.items()}
-    return obj
+    return _map_leaves(obj, lambda x: new if isinstance(x, Cache) else x)
 
 
 def common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -162,9 +162,7 @@ class LayerRange:
     def capture(self) -> None:
         """(Re)record h_source, z_target and the arguments of blocks source+1..target. Call again
         after changing the attention implementation (masks differ between implementations)."""
-        enc = self.enc
-        pos = (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        self.h_source, self.z_target, self._calls = self._record(**enc, position_ids=pos, use_cache=False)
+        self.h_source, self.z_target, self._calls = self._record(**self.enc, use_cache=False)
         self.shared_prefix = 0
         if self._want_prefix:
             self._capture_prefix(self._want_prefix)
@@ -191,7 +189,7 @@ class LayerRange:
         specs += [(lm.arch.blocks[i], "observe", grab) for i in range(s + 1, t + 1)]
         try:
             with hooks(specs):
-                lm.model(**forward_kw)
+                lm.forward(**forward_kw)
         except StopForward:
             pass
         if len(calls) != t - s:
@@ -216,11 +214,10 @@ class LayerRange:
         cache = DynamicCache()
         try:
             h_pre, _, calls_pre = self._record(input_ids=pre_ids, attention_mask=torch.ones_like(pre_ids),
-                                            position_ids=torch.arange(C).expand(P, C), past_key_values=cache, use_cache=True)
-            full_mask = torch.cat([torch.ones(P, C, dtype=mask.dtype), suf_mask], dim=1)
-            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, C:]
-            h_suf, _, calls_suf = self._record(input_ids=suf_ids, attention_mask=full_mask, position_ids=pos,
-                                            past_key_values=cache, use_cache=True)
+                                               past_key_values=cache, use_cache=True)
+            full_mask = torch.cat([torch.ones(P, C, dtype=mask.dtype), suf_mask], dim=1)  # cached prefix + suffix
+            h_suf, _, calls_suf = self._record(input_ids=suf_ids, attention_mask=full_mask, past_key_values=cache,
+                                               use_cache=True)
         except Exception:  # an architecture whose blocks cannot take a prefix cache: plain rows
             return
         # original position j of row p <- position in [prefix | left-padded suffix] layout
@@ -229,7 +226,7 @@ class LayerRange:
         self._gather = torch.where(j < a, C + j, torch.where(j < a + C, j - a, j))  # (P, T)
         self._h_pre = h_pre[:1]  # (1, C, d): the same for every prompt
         self._h_suf, self._suf_valid = h_suf, suf_mask.bool()  # (P, T-C, d), (P, T-C)
-        self._calls_pre = [(tuple(_first_row(x, P) for x in a_), {k: _first_row(v, P) for k, v in kw.items()}) for a_, kw in calls_pre]
+        self._calls_pre = [_first_row(call, P) for call in calls_pre]
         self._calls_suf = calls_suf
         self.shared_prefix = C
         try:
@@ -253,10 +250,7 @@ class LayerRange:
         if self.shared_prefix:
             return self._run_shared(theta)
         K, P = theta.shape[0], self.P
-        x = self.h_source.repeat(K, 1, 1)  # (K*P, T, d)
-        valid = self.valid.repeat(K, 1)[..., None]  # (K*P, T, 1)
-        steer = theta.to(x.dtype).repeat_interleave(P, dim=0)[:, None, :]  # (K*P, 1, d)
-        x = x + torch.where(valid, steer, torch.zeros_like(steer))
+        x = _steered(self.h_source, self.valid, theta)  # (K*P, T, d)
         for block, (args, kwargs) in zip(self.lm.arch.blocks[self.source + 1:self.target + 1], self._calls):
             out = block(x, *_tile(args, P, K), **_tile(kwargs, P, K))
             x = out[0] if isinstance(out, tuple) else out
@@ -264,11 +258,8 @@ class LayerRange:
 
     def _run_shared(self, theta: torch.Tensor) -> torch.Tensor:
         K, P, C = theta.shape[0], self.P, self.shared_prefix
-        th = theta.to(self.h_source.dtype)
-        pre = self._h_pre.expand(K, -1, -1) + th[:, None, :]  # (K, C, d): every prefix token is real
-        suf = self._h_suf.repeat(K, 1, 1)  # (K*P, T-C, d)
-        steer = th.repeat_interleave(P, dim=0)[:, None, :]
-        suf = suf + torch.where(self._suf_valid.repeat(K, 1)[..., None], steer, torch.zeros_like(steer))
+        pre = self._h_pre.expand(K, -1, -1) + theta.to(self._h_pre.dtype)[:, None, :]  # (K, C, d): all real tokens
+        suf = _steered(self._h_suf, self._suf_valid, theta)  # (K*P, T-C, d)
         kv = _PrefixKV(P, C)
         blocks = self.lm.arch.blocks[self.source + 1:self.target + 1]
         for block, (a1, k1), (a2, k2) in zip(blocks, self._calls_pre, self._calls_suf):

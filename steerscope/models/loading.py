@@ -135,10 +135,11 @@ class LM:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
         """A forward pass whose position ids follow the attention mask, so a left-padded row gets
         the same positions (and logits) as when run alone. transformers only does this inside
-        `generate`."""
+        `generate`. With a KV cache the mask also covers the cached tokens (it is longer than
+        `input_ids`); the new tokens get the positions of its last columns."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import write_text_atomic
 from ..errors import SteerscopeError
 
 TOPICS = (
@@ -68,9 +69,9 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
     ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
     eos = lm.model.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tok.eos_token_id])
+    eos_ids = set(eos.tolist())
     cache = DynamicCache()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = lm.forward(ids, mask, past_key_values=cache, use_cache=True)
     done = torch.zeros(len(texts), dtype=torch.bool)
     new = []
     for _ in range(max_new_tokens):
@@ -83,13 +84,11 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
         if bool(done.all()):
             break
         mask = torch.cat([mask, (~done).long().unsqueeze(-1).to(mask.device)], dim=-1)
-        pos = pos[:, -1:] + 1
-        out = lm.model(input_ids=nxt.unsqueeze(-1).to(lm.device), attention_mask=mask, position_ids=pos,
-                       past_key_values=cache, use_cache=True)
+        out = lm.forward(nxt.unsqueeze(-1).to(lm.device), mask, past_key_values=cache, use_cache=True)
     gen = torch.stack(new, dim=1)  # (B, new)
     res = []
     for row in gen.tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos.tolist()), len(row))
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
         res.append(tok.decode(row[:cut], skip_special_tokens=True))
     return res
 
@@ -103,22 +102,21 @@ def sample_corpus(lm, path, n_docs: int, *, batch_size: int = 64, max_new_tokens
     """
     from tqdm.auto import tqdm
 
+    if temperature <= 0:
+        raise SteerscopeError("corpus sampling needs temperature > 0.")
     path = Path(path)
     raw = path.read_text() if path.exists() else ""
+    lines = raw.splitlines()
     texts = []
-    for line in raw.splitlines():
+    for line in lines:
         try:
             texts.append(json.loads(line)["text"])
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a torn write at the end
     done_batches = len(texts) // batch_size
     keep = texts[:done_batches * batch_size]
-    if len(keep) != len(raw.splitlines()) or (raw and not raw.endswith("\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in keep))
-        os.replace(tmp, path)
-    if temperature <= 0:
-        raise SteerscopeError("corpus sampling needs temperature > 0.")
+    if len(keep) != len(lines) or (raw and not raw.endswith("\n")):
+        write_text_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in keep))
     prompts = corpus_prompts(max(n_docs, len(keep)), seed)
     n_batches = -(-n_docs // batch_size)
     bar = tqdm(total=n_batches, initial=min(done_batches, n_batches), desc="sampling corpus", disable=not progress)

@@ -49,7 +49,6 @@ class ActivationBuffer:
         self.buf = torch.zeros(0, lm.d_model)
         self._served: int | None = None  # tokens served since the last refill
 
-    @torch.no_grad()
     def _windows(self) -> list[list[int]]:
         """Token windows of the next texts that hold any (empty only when the texts ran out)."""
         for _ in range(len(self.texts) // max(1, self.lm_batch) + 2):
@@ -68,18 +67,14 @@ class ActivationBuffer:
                 return windows
         raise SteerscopeError("no text is longer than one token; give real documents.")
 
+    @torch.no_grad()
     def _more(self) -> torch.Tensor:
         """Activations of the next `lm_batch` texts: (n_tokens, d) float32."""
         windows = self._windows()
         if not windows:
             return torch.zeros(0, self.lm.d_model)
-        width = max(len(w) for w in windows)
-        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
-        right = self.lm.tokenizer.padding_side == "right"
-        ids = torch.tensor([w + [pad] * (width - len(w)) if right else [pad] * (width - len(w)) + w for w in windows])
-        mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) if right else [0] * (width - len(w)) + [1] * len(w)
-                             for w in windows])
-        ids, mask = ids.to(self.lm.device), mask.to(self.lm.device).bool()
+        enc = self.lm.tokenizer.pad({"input_ids": windows}, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.lm.device), enc["attention_mask"].to(self.lm.device).bool()
         acts = read_layer(self.lm, self.layer, ids, mask.long())  # (B, T, d)
         keep = mask.clone()
         if self.drop_first:
