@@ -1,19 +1,25 @@
 """steerscope: find, apply and judge steering vectors in language models.
 
-Data flows one way: models -> directions -> interventions -> generation -> judging -> report.
+Imports flow one way (enforced by tests/test_architecture.py):
+
+    config, errors, checkpoint, _io, _tensors   (the ground: no steerscope imports but each other)
+    -> models -> interventions -> directions -> generation -> sae -> judging -> report -> jobs -> cli
+
+Every method family has one registration shape (`config.Family`): DISCOVERY, EXTRACTORS, METRICS,
+SAE_ARCHS, INTERVENTIONS.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .errors import LayerError, ModelLoadError, ModelMismatchError, SteerscopeError, UnknownArchitectureError  # noqa: E402
-from .models import LM, ArchSpec, Site, load_model, register_architecture  # noqa: E402
-from .interventions import Ablate, Add, Clamp, Positions, steer  # noqa: E402
+from .models import LM, ArchSpec, ModelConfig, Site, load_model, register_architecture  # noqa: E402
+from .interventions import INTERVENTIONS, Ablate, Add, Clamp, Positions, steer  # noqa: E402
 from .directions import SteeringVector, VectorSet  # noqa: E402
 from .generation import Completion, generate  # noqa: E402
 
 __all__ = [
-    "__version__", "LM", "load_model", "ArchSpec", "Site", "register_architecture",
-    "Add", "Ablate", "Clamp", "Positions", "steer", "SteeringVector", "VectorSet",
+    "__version__", "LM", "load_model", "ModelConfig", "ArchSpec", "Site", "register_architecture",
+    "INTERVENTIONS", "Add", "Ablate", "Clamp", "Positions", "steer", "SteeringVector", "VectorSet",
     "Completion", "generate",
     "SteerscopeError", "LayerError", "ModelLoadError", "ModelMismatchError", "UnknownArchitectureError",
 ]

@@ -1,34 +1,72 @@
-"""The `steerscope` command line: a thin layer over the library. Errors a user can fix exit with
-status 2 and one line naming the problem and the fix."""
+"""The `steerscope` command line: a thin layer over the library, generated from config dataclasses.
+
+Every command is a frozen config dataclass (its flags, their help text and defaults come from
+the fields; nested library configs such as `ModelConfig`, `DiscoverConfig` or `RunConfig` are
+flattened into it) plus a handler `fn(cfg) -> exit status`, registered with `@command`. Errors a
+user can fix exit with status 2 and one line naming the problem and the fix.
+"""
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
 import sys
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
+from .cli_args import Parser, add_config_args, config_from_args
+from .config import Config
 from .errors import SteerscopeError
+from .models.loading import ModelConfig
 
 
-def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    help_ = "local checkpoint folder or cached hub id (default: the embedded SmolLM2-135M-Instruct)"
-    if positional:
-        p.add_argument("model", nargs="?", default=None, help=help_)
-    else:
-        p.add_argument("--model", default=None, help=help_)
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+@dataclass(frozen=True)
+class Command:
+    name: str  # "info" or "sae train"
+    help: str
+    description: str
+    default: Callable[[], Any]  # the command's config with library defaults
+    handler: Callable[[Any], int]
 
 
-def cmd_info(args) -> int:
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, description: str = "", default: Callable[[], Any] | None = None):
+    """Register `fn(cfg) -> int` as `steerscope NAME`; its flags come from `default()`'s fields."""
+    def deco(fn):
+        COMMANDS[name] = Command(name, help, description or help, default, fn)
+        return fn
+
+    return deco
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pick_index(spec: str) -> int | str:
+    """A vector index (negative counts from the end) or an id."""
+    return int(spec) if spec.lstrip("-").isdigit() else spec
+
+
+# ---- info -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InfoCommand(Config):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the model"""
+
+
+@command("info", "show a model's layers, d_model, architecture and cache location",
+         "Show a model's layers, d_model, architecture, fingerprint and cache location.", InfoCommand)
+def cmd_info(cfg: InfoCommand) -> int:
     from ._io import cache_root
-    from .models.loading import default_cache_dir, load_model
+    from .models.loading import default_cache_dir
 
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = cfg.model.load()
     n_params = sum(p.numel() for p in lm.model.parameters())
     rows = [
         ("model", lm.model_id),
@@ -41,11 +79,54 @@ def cmd_info(args) -> int:
         ("chat template", "yes" if lm.has_chat_template else "no"),
         ("fingerprint", lm.fingerprint),
         ("loaded from", lm.source),
-        ("cache", str(default_cache_dir() if args.model is None else cache_root())),
+        ("cache", str(default_cache_dir() if cfg.model.model is None else cache_root())),
     ]
     for k, v in rows:
         print(f"{k:>15}  {v}")
     return 0
+
+
+# ---- generate -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerateCommand(Config):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the model"""
+    prompt: list[str] = field(default_factory=list, metadata={"append": True})
+    """a prompt (repeat the flag for more)"""
+    prompts_file: str | None = None
+    """a text file with one prompt per line"""
+    vector: str | None = None
+    """a saved vector-set folder"""
+    index: list[str] = field(default_factory=list, metadata={"append": True})
+    """which vector(s) of the set, by index or id (repeatable; default all)"""
+    contrast: list[str] = field(default_factory=list, metadata={"nargs": 2, "metavar": ("POSITIVE", "NEGATIVE")})
+    """build an ActAdd vector on the fly: mean activation of POSITIVE minus NEGATIVE at --layer"""
+    save_vector: str | None = None
+    """with --contrast: also save the vector to this folder"""
+    force: bool = False
+    """overwrite an existing --save-vector folder"""
+    layer: int | None = None
+    """layer to steer at (auto: the vectors' own layers)"""
+    coef: float = 1.0
+    """coefficient multiplying the vector"""
+    positions: str = "all"
+    """all | prompt | generated | A:B | last:K (the last K prompt tokens)"""
+    max_new_tokens: int = field(default=48, metadata={"min": 1})
+    """tokens to generate"""
+    temperature: float = field(default=0.0, metadata={"min": 0})
+    """0 = greedy"""
+    top_p: float = field(default=1.0, metadata={"min": 0, "max": 1})
+    """nucleus sampling threshold"""
+    seed: int = 0
+    """sampling seed (one random stream per prompt, the same for steered and unsteered)"""
+    chat: bool | None = None
+    """apply the chat template (unset: when the model has one)"""
+    system: str | None = None
+    """system prompt for the chat template"""
+    allow_other_model: bool = False
+    """use vectors whose model fingerprint differs (e.g. made on the base of a fine-tune)"""
+    json: bool = False
+    """print one JSON object per completion"""
 
 
 def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
@@ -64,46 +145,43 @@ def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> s
     return "\n".join(out)
 
 
-def cmd_generate(args) -> int:
-    from .directions.contrast import mean_difference
+@command("generate", "steered and unsteered completions side by side",
+         "Generate steered and unsteered completions side by side (greedy by default).", GenerateCommand)
+def cmd_generate(cfg: GenerateCommand) -> int:
+    from .directions.data import load_prompts
+    from .directions.extract import mean_difference
     from .directions.vectors import VectorSet
     from .generation import generate
     from .interventions.positions import Positions
-    from .models.loading import load_model
 
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise SteerscopeError(f"prompts file {path} does not exist.")
-        prompts += [l.strip() for l in path.read_text().splitlines() if l.strip()]
+    prompts = list(cfg.prompt)
+    if cfg.prompts_file:
+        prompts += load_prompts(cfg.prompts_file)
     if not prompts:
         raise SteerscopeError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
-    if args.vector and args.contrast:
+    if cfg.vector and cfg.contrast:
         raise SteerscopeError("use either --vector DIR or --contrast POS NEG, not both.")
-    if not args.vector and not args.contrast:
+    if not cfg.vector and not cfg.contrast:
         raise SteerscopeError("nothing to steer with: pass --vector DIR (a saved vector set) or --contrast POSITIVE NEGATIVE.")
-
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.vector:
-        vs = VectorSet.load(args.vector, lm, check_model=not args.allow_other_model)
-        if args.index:
-            vs_list = [vs[int(i) if i.lstrip("-").isdigit() else i] for i in args.index]
-        else:
-            vs_list = list(vs)
+    positions = Positions.parse(cfg.positions)
+    if cfg.save_vector and not cfg.force and Path(cfg.save_vector).exists():
+        raise SteerscopeError(f"{cfg.save_vector} already exists; choose another path or pass --force.")
+    lm = cfg.model.load()
+    if cfg.vector:
+        vs = VectorSet.load(cfg.vector, lm, check_model=not cfg.allow_other_model)
+        vs_list = [vs[pick_index(i)] for i in cfg.index] if cfg.index else list(vs)
     else:
-        if args.layer is None:
+        if cfg.layer is None:
             raise SteerscopeError(f"--contrast needs --layer (0..{lm.n_layers - 1}).")
-        vs = mean_difference(lm, [args.contrast[0]], [args.contrast[1]], [args.layer], chat=False)
-        if args.save_vector:
-            vs.save(args.save_vector, overwrite=args.force)
-            print(f"saved the contrast vector to {args.save_vector}", file=sys.stderr)
+        vs = mean_difference(lm, [cfg.contrast[0]], [cfg.contrast[1]], [cfg.layer], chat=False)
+        if cfg.save_vector:
+            vs.save(cfg.save_vector, overwrite=cfg.force)
+            say(f"saved the contrast vector to {cfg.save_vector}")
         vs_list = list(vs)
-    results = generate(lm, prompts, vectors=vs_list, layer=args.layer, coef=args.coef,
-                       positions=Positions.parse(args.positions), max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       chat=False if args.no_chat else None, system=args.system, include_unsteered=True)
-    if args.json:
+    results = generate(lm, prompts, vectors=vs_list, layer=cfg.layer, coef=cfg.coef, positions=positions,
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                       chat=cfg.chat, system=cfg.system, include_unsteered=True)
+    if cfg.json:
         for r in results:
             print(json.dumps(r.to_dict()))
         return 0
@@ -117,62 +195,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="steerscope", description="Find, apply and judge steering vectors in language models.")
-    from . import __version__
+# ---- the parser -----------------------------------------------------------------------------------
+def build_parser() -> Parser:
+    from . import cli_discover, cli_sae, cli_supervised  # noqa: F401  (they register commands)
+    from ._version import __version__
 
+    p = Parser(prog="steerscope", description="Find, apply and judge steering vectors in language models.")
     p.add_argument("--version", action="version", version=f"steerscope {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-
-    pi = sub.add_parser("info", help="show a model's layers, d_model, architecture and cache location",
-                        description="Show a model's layers, d_model, architecture, fingerprint and cache location.")
-    _add_model_args(pi, positional=True)
-    pi.set_defaults(func=cmd_info)
-
-    pg = sub.add_parser("generate", help="steered and unsteered completions side by side",
-                        description="Generate steered and unsteered completions side by side (greedy by default).")
-    pg.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    pg.add_argument("--prompts-file", help="a text file with one prompt per line")
-    _add_model_args(pg)
-    pg.add_argument("--vector", help="a saved vector-set folder")
-    pg.add_argument("--index", action="append", help="which vector(s) of the set, by index or id (repeatable; default all)")
-    pg.add_argument("--contrast", nargs=2, metavar=("POSITIVE", "NEGATIVE"),
-                    help="build an ActAdd vector on the fly: mean activation of POSITIVE minus NEGATIVE at --layer")
-    pg.add_argument("--save-vector", help="with --contrast: also save the vector to this folder")
-    pg.add_argument("--force", action="store_true", help="overwrite an existing --save-vector folder")
-    pg.add_argument("--layer", type=int, help="layer to steer at (overrides the vectors' own layer)")
-    pg.add_argument("--coef", type=float, default=1.0, help="coefficient multiplying the vector (default 1)")
-    pg.add_argument("--positions", default="all", help="all | prompt | generated | A:B | tail:K (default all)")
-    pg.add_argument("--max-new-tokens", type=int, default=48)
-    pg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    pg.add_argument("--top-p", type=float, default=1.0)
-    pg.add_argument("--seed", type=int, default=0)
-    pg.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    pg.add_argument("--system", help="system prompt for the chat template")
-    pg.add_argument("--allow-other-model", action="store_true", help="use vectors whose model fingerprint differs")
-    pg.add_argument("--json", action="store_true", help="print one JSON object per completion")
-    pg.set_defaults(func=cmd_generate)
-
-    from . import cli_discover, cli_sae, cli_supervised
-
-    cli_supervised.add_commands(sub, _add_model_args)
-    cli_discover.add_commands(sub, _add_model_args)
-    cli_sae.add_commands(sub, _add_model_args)
+    groups: dict[str, Any] = {}
+    for name, cmd in COMMANDS.items():
+        parent = sub
+        words = name.split()
+        if len(words) == 2:
+            if words[0] not in groups:
+                g = sub.add_parser(words[0], help=f"{words[0]} commands", description=f"steerscope {words[0]} commands.")
+                groups[words[0]] = g.add_subparsers(dest=f"{words[0]}_command", metavar="COMMAND", parser_class=Parser)
+                groups[words[0]].required = True
+            parent = groups[words[0]]
+        sp = parent.add_parser(words[-1], help=cmd.help, description=cmd.description)
+        add_config_args(sp, cmd.default())
+        sp.set_defaults(_command=cmd)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        cmd: Command = args._command
+        cfg = config_from_args(cmd.default(), args)
+        return cmd.handler(cfg)
     except SteerscopeError as e:
-        print(f"steerscope: error: {e}", file=sys.stderr)
+        print(f"steerscope: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("steerscope: interrupted", file=sys.stderr)
+        print("steerscope: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m steerscope.cli`: use the importable module, where commands register
+    from steerscope.cli import main as _main
+
+    sys.exit(_main())

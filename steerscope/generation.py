@@ -16,7 +16,8 @@ import torch
 
 from .directions.vectors import SteeringVector, VectorSet
 from .errors import SteerscopeError
-from .interventions.ops import Ablate, Add, as_rows
+from ._tensors import as_rows
+from .interventions.ops import Ablate, Add
 from .interventions.positions import ALL, Positions
 from .interventions.steer import steer
 
@@ -103,9 +104,14 @@ def _per_row(lm, variants: list[_Variant], positions: Positions, mode: str = "ad
 @torch.no_grad()
 def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None, coef=1.0,
                       mode: str = "add", include_unsteered: bool = False, chat: bool | None = None,
-                      system: str | None = None, batch_size: int = 32) -> torch.Tensor:
+                      system: str | None = None, batch_size: int = 32, reduce=None, progress=None) -> torch.Tensor:
     """(n_variants, n_prompts, vocab) float32 next-token logits at the last prompt position, with
-    every (vector, prompt) pair as one batch row (same variants and order as `generate`)."""
+    every (vector, prompt) pair as one batch row (same variants and order as `generate`).
+
+    `reduce(logits (B, vocab), prompt_index (B,)) -> (B,)` turns each batch's logits into one
+    number per row at once, and the result is (n_variants, n_prompts): memory then stays flat in
+    the number of vectors (K x P x vocab floats are never held; 90 candidates x 35 prompts x
+    SmolLM2's 49k vocabulary would be 620 MB per call). `progress`: a tqdm bar updated per row."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise SteerscopeError("the prompt list is empty; give at least one prompt.")
@@ -116,7 +122,14 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
         chunk = rows[start:start + batch_size]
         enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
         with steer(lm, *_per_row(lm, [variants[vi] for vi, _ in chunk], ALL, mode)):
-            out.append(lm.forward(**enc).logits[:, -1].float())
+            logits = lm.forward(**enc).logits[:, -1].float()  # (B, vocab)
+        if reduce is not None:
+            logits = reduce(logits, torch.tensor([pi for _, pi in chunk], device=logits.device)).float().cpu()
+        out.append(logits)
+        if progress is not None:
+            progress.update(len(chunk))
+    if reduce is not None:
+        return torch.cat(out).reshape(len(variants), len(prompts))
     return torch.cat(out).reshape(len(variants), len(prompts), -1)
 
 
@@ -137,7 +150,10 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
         interventions: extra interventions applied to every row (e.g. an `Ablate`), before the vectors.
         include_unsteered: add an unsteered row per prompt (default: True when vectors are given).
         min_new_tokens: suppress EOS until this many tokens (e.g. for timing).
-        temperature: 0 = greedy (deterministic); otherwise sampling with `top_p`, seeded by `seed`.
+        temperature: 0 = greedy (deterministic); otherwise sampling with `top_p`. Each prompt has its
+            own random stream derived from (`seed`, prompt index): the result does not depend on
+            `batch_size` or on which rows share a batch, and the steered and unsteered rows of a
+            prompt draw the same random numbers (so their differences come from the steering).
         chat: apply the chat template (default: when the tokenizer has one).
     Returns completions ordered by variant (unsteered first), then prompt.
     """
@@ -157,23 +173,23 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
     eos = lm.model.generation_config.eos_token_id
     eos = eos if eos is not None else tok.eos_token_id
     eos_set = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    gc = GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos,
-    )
+    # Sampling happens in `_RowSampler` (a logits processor that leaves one token possible per
+    # row), so transformers always decodes greedily here.
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
+                          top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos)
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
     results: list[Completion] = []
     bar = tqdm(total=len(rows), desc="generating", unit="row", disable=not show, leave=False)
     try:
-        for ci, start in enumerate(range(0, len(rows), batch_size)):
+        for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
             adds = _per_row(lm, [variants[vi] for vi, _ in chunk], positions, mode)
-            with torch.random.fork_rng(devices=[]), torch.no_grad(), steer(lm, *interventions, *adds):
-                torch.manual_seed(seed + ci)
-                out = lm.model.generate(**enc, generation_config=gc)
+            procs = [_RowSampler([_row_seed(seed, pi) for _, pi in chunk], temperature, top_p)] if temperature > 0 else []
+            with torch.no_grad(), steer(lm, *interventions, *adds):
+                out = lm.model.generate(**enc, generation_config=gc, logits_processor=procs)
             new = out[:, enc["input_ids"].shape[1]:].tolist()
             for (vi, pi), ids in zip(chunk, new):
                 cut = next((j for j, t in enumerate(ids) if t in eos_set), None)
@@ -186,3 +202,32 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
     finally:
         bar.close()
     return results
+
+
+def _row_seed(seed: int, prompt_index: int) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(f"steerscope:{seed}:{prompt_index}".encode()).hexdigest()[:15], 16)
+
+
+class _RowSampler:
+    """Temperature + nucleus sampling with one generator per batch row (inverse-CDF: one uniform
+    per row and step). Returns scores that are -inf except at the drawn token, so the greedy
+    decoder outside picks it. transformers' own sampler draws all rows from one global stream,
+    which made sampled text depend on the batch size."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores (B, V)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        if self.top_p < 1:
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above
+            sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)  # the top token always stays
+        cdf = sorted_p.cumsum(-1)  # (B, V)
+        u = torch.cat([torch.rand(1, generator=g) for g in self.gens]).to(scores.device)[:, None]  # (B, 1)
+        pick = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+        token = order.gather(-1, pick)
+        return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)

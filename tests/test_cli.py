@@ -18,16 +18,14 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_help_for_every_command(capsys):
+def test_help(capsys):
     for argv in (["--help"], ["info", "--help"], ["generate", "--help"]):
-        with pytest.raises(SystemExit) as e:
-            main(argv)
-        assert e.value.code == 0
+        assert main(argv) == 0
     assert "--contrast" in capsys.readouterr().out
 
 
 def test_info(ckpt, capsys):
-    assert main(["info", str(ckpt)]) == 0
+    assert main(["info", "--model", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "valid layer indices 0..2" in out and "d_model  32" in out and "model_type=llama" in out
 
@@ -37,14 +35,14 @@ def test_generate_side_by_side_and_saved_vector(ckpt, tmp_path, capsys):
             "--layer", "1", "--coef", "8", "--max-new-tokens", "5", "--save-vector", str(tmp_path / "v")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("=== prompt") == 2 and "unsteered" in out and "steered: mean_difference-L1 @ layer 1, coef 8" in out
+    assert out.count("=== prompt") == 2 and "unsteered" in out and "steered: diffmean-L1 @ layer 1, coef 8" in out
     assert (tmp_path / "v" / "config.json").is_file()
     assert main(argv) == 2  # the saved vector is never overwritten without --force
     assert "already exists" in capsys.readouterr().err
     assert main(["generate", "--model", str(ckpt), "--prompt", "Hello", "--vector", str(tmp_path / "v"), "--coef", "4",
                  "--max-new-tokens", "4", "--json"]) == 0
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-    assert [r["vector_id"] for r in rows] == [None, "mean_difference-L1"] and rows[1]["coef"] == 4.0
+    assert [r["vector_id"] for r in rows] == [None, "diffmean-L1"] and rows[1]["coef"] == 4.0
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -61,7 +59,7 @@ def test_errors_exit_nonzero_with_one_line(ckpt, capsys, argv, message):
 
 
 def test_unknown_model_exits_2(capsys):
-    assert main(["info", "/definitely/not/here"]) == 2
+    assert main(["info", "--model", "/definitely/not/here"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -105,7 +103,7 @@ def test_discover_and_sweep(ckpt, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\nHow are you today\n")
     m = ["--model", str(ckpt)]
-    base = ["discover", "--prompts", str(prompts), "--layers", "0:2", "--vectors", "3", *m]
+    base = ["discover", "--prompts", str(prompts), "--source", "0", "--target", "2", "--n-vectors", "3", *m]
     assert main(base + ["--method", "melbo", "--steps", "5", "--R", "2", "--out", str(tmp_path / "melbo")]) == 0
     out = capsys.readouterr().out
     assert "melbo: 3 vectors at layer 0 (target 2), R = 2" in out and "final objective" in out
@@ -129,7 +127,7 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\nHow are you today\n")
-    argv = ["discover", "--prompts", str(prompts), "--layers", "0:2", "--vectors", "4", "--vectors-per-batch", "2",
+    argv = ["discover", "--prompts", str(prompts), "--source", "0", "--target", "2", "--n-vectors", "4", "--vectors-per-batch", "2",
             "--steps", "30", "--R", "2", "--model", str(ckpt)]
     assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
     real = melbo._train
@@ -155,7 +153,7 @@ def test_sae_train_and_eval(ckpt, tmp_path, capsys):
     text.write_text("\n\n".join(["Hello there, how are you doing today my friend?", "A quiet morning in the small town.",
                                  "The cat sat on the mat and looked at the rain."] * 4))
     m = ["--model", str(ckpt)]
-    assert main(["sae", "train", "--layer", "1", "--text", str(text), "--latents", "64", "--k", "4", "--steps", "20",
+    assert main(["sae", "train", "--layer", "1", "--text", str(text), "--n-latents", "64", "--k", "4", "--steps", "20",
                  "--batch-size", "32", "--buffer", "128", "--out", str(tmp_path / "sae"), *m]) == 0
     assert "L0 4.0" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
@@ -176,7 +174,7 @@ def test_sae_train_resumes_and_caches(ckpt, tmp_path, capsys, monkeypatch):
 
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"Document {i}: the cat sat on the mat while rain fell on town {i}." for i in range(12)))
-    base = ["sae", "train", "--layer", "1", "--text", str(text), "--latents", "32", "--k", "4", "--steps", "24",
+    base = ["sae", "train", "--layer", "1", "--text", str(text), "--n-latents", "32", "--k", "4", "--steps", "24",
             "--batch-size", "16", "--buffer", "64", "--checkpoint-every", "5", "--model", str(ckpt)]
     assert main(base + ["--out", str(tmp_path / "straight")]) == 0
     assert json.loads((tmp_path / "straight" / "training.json").read_text())["steps"] == 24
@@ -191,7 +189,7 @@ def test_sae_train_resumes_and_caches(ckpt, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(tr.SAE, "project_decoder_grad", dies)
     assert main(base + ["--out", str(tmp_path / "resumed")]) == 130
-    assert (tmp_path / "resumed.partial" / "checkpoint.pt").is_file() and not (tmp_path / "resumed").exists()
+    assert (tmp_path / "resumed.partial" / "state.json").is_file() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(tr.SAE, "project_decoder_grad", real)
     capsys.readouterr()
     assert main(base + ["--out", str(tmp_path / "resumed")]) == 0

@@ -8,7 +8,8 @@ import steerscope as ss
 from steerscope.directions.discovery import DiscoverConfig, calibrate_R, discover, jacobian_singular_vectors, random_control
 from steerscope.directions.discovery.jacobian import _jv, nonlinearity_ratio
 from steerscope.directions.discovery.baselines import random_directions
-from steerscope.directions.discovery.melbo import _Checkpoint, melbo_objective, train_melbo
+from steerscope.checkpoint import Checkpoint
+from steerscope.directions.discovery.melbo import melbo_objective, train_melbo
 from steerscope.models import record
 from steerscope.models.layer_range import LayerRange
 
@@ -92,7 +93,7 @@ def test_objective_follows_the_paper_definition():
 
 def test_melbo_increases_objective_keeps_norm_and_orthogonality():
     lm = tiny_lm("llama")
-    vs = discover(lm, PROMPTS, DiscoverConfig(source=0, target=2, n_vectors=4, R=2.0, steps=40), progress=False)
+    vs = discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=2, n_vectors=4, R=2.0, steps=40), progress=False)
     curves = vs.extras["curves"]
     assert (curves[:, -1] > curves[:, 0] * 1.1).all()
     assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((4,), 2.0), atol=1e-4)
@@ -103,7 +104,7 @@ def test_melbo_increases_objective_keeps_norm_and_orthogonality():
 
 def test_melbo_beats_random_on_its_objective():
     lm = tiny_lm("gpt2")
-    cfg = DiscoverConfig(source=0, target=2, n_vectors=3, R=2.0, steps=40)
+    cfg = DiscoverConfig.of(source=0, target=2, n_vectors=3, R=2.0, steps=40)
     vs = discover(lm, PROMPTS, cfg, progress=False)
     lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
     with torch.no_grad():
@@ -127,7 +128,7 @@ def test_resume_gives_the_same_vectors(tmp_path):
         if chunk == 1 and step == 6:
             raise Killed
 
-    ck = _Checkpoint(tmp_path / "ckpt", "key")
+    ck = Checkpoint(tmp_path / "ckpt", "key", "MELBO run")
     with pytest.raises(Killed):
         train_melbo(lr, checkpoint=ck, callback=kill, **kw)
     assert (tmp_path / "ckpt" / "state.json").is_file()
@@ -137,7 +138,7 @@ def test_resume_gives_the_same_vectors(tmp_path):
     # it resumed: chunk 0 was done, chunk 1 restarts from its step-4 checkpoint, not from scratch
     assert ran == [(1, s) for s in range(4, 12)]
     with pytest.raises(ss.SteerscopeError, match="different MELBO run"):
-        train_melbo(lr, checkpoint=_Checkpoint(tmp_path / "ckpt", "other"), **kw)
+        train_melbo(lr, checkpoint=Checkpoint(tmp_path / "ckpt", "other", "MELBO run"), **kw)
 
 
 @pytest.mark.parametrize("arch,prompts", [("llama", PROMPTS[:2]), ("gpt2", PROMPTS[:2]), ("gemma2", PROMPTS[:2]),
@@ -184,7 +185,7 @@ def test_calibrated_R_hits_the_ratio():
 @pytest.mark.parametrize("method", ["pca", "pca_onmanifold", "random", "random_onmanifold"])
 def test_baselines_are_orthogonal_at_norm_R(method):
     lm = tiny_lm("qwen2")
-    vs = discover(lm, PROMPTS, DiscoverConfig(method=method, source=0, target=2, n_vectors=4, R=3.0), progress=False)
+    vs = discover(lm, PROMPTS, DiscoverConfig.of(method=method, source=0, target=2, n_vectors=4, R=3.0), progress=False)
     assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((4,), 3.0), atol=1e-4)
     G = vs.vectors @ vs.vectors.T
     assert (G - torch.diag(torch.diag(G))).abs().max() < 1e-4
@@ -192,7 +193,7 @@ def test_baselines_are_orthogonal_at_norm_R(method):
 
 def test_pca_finds_the_top_component():
     lm = tiny_lm("llama")
-    vs = discover(lm, PROMPTS, DiscoverConfig(method="pca", source=1, target=2, n_vectors=2, R=1.0), progress=False)
+    vs = discover(lm, PROMPTS, DiscoverConfig.of(method="pca", source=1, target=2, n_vectors=2, R=1.0), progress=False)
     lr = LayerRange(lm, PROMPTS, 1, 2, chat=False)
     x = lr.h_source[lr.valid].double()
     evals, evecs = torch.linalg.eigh(torch.cov(x.T))
@@ -202,15 +203,15 @@ def test_pca_finds_the_top_component():
 def test_discovery_bad_input():
     lm = tiny_lm("llama")
     with pytest.raises(ss.SteerscopeError, match="must come after"):
-        discover(lm, PROMPTS, DiscoverConfig(source=2, target=1, R=1.0), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of(source=2, target=1, R=1.0), progress=False)
     with pytest.raises(ss.SteerscopeError, match="unknown discovery method"):
-        discover(lm, PROMPTS, DiscoverConfig(method="dreaming"), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of(method="dreaming"), progress=False)
     with pytest.raises(ss.SteerscopeError, match="do not fit"):
-        discover(lm, PROMPTS, DiscoverConfig(source=0, target=2, n_vectors=40, R=1.0, steps=1), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=2, n_vectors=40, R=1.0, steps=1), progress=False)
     with pytest.raises(ss.LayerError):
-        discover(lm, PROMPTS, DiscoverConfig(source=0, target=7, R=1.0), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=7, R=1.0), progress=False)
     with pytest.raises(ss.SteerscopeError, match="target tokens"):
-        discover(lm, PROMPTS, DiscoverConfig(source=0, target=2, R=1.0, target_tokens="first"), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=2, R=1.0, target_tokens="first"), progress=False)
 
 
 def test_last_k_target_tokens():

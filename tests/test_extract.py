@@ -52,7 +52,7 @@ def test_statistics_are_informative():
     assert probe_accuracy(a[:500], a[500:]) < 0.6  # no signal: near chance
 
 
-@pytest.mark.parametrize("read,per_layer", [("last", 1), ("mean", 1), ("tail:2", 2)])
+@pytest.mark.parametrize("read,per_layer", [("last", 1), ("mean", 1), ("last:2", 2)])
 def test_extract_on_tiny_model(read, per_layer):
     lm = tiny_lm("llama")
     data = from_pairs(["good day", "good night", "good morning", "good evening"], ["bad day", "bad night", "bad morning", "bad evening"])
@@ -62,19 +62,20 @@ def test_extract_on_tiny_model(read, per_layer):
     assert len(stats) == len(vs) and all({"norm", "separation", "probe_acc"} <= set(s) for s in stats)
     assert all(s["separation"] > 0 for s in stats)  # pointing from B to A
     # float64 accumulation vs a direct float32 computation: same direction
-    from steerscope.models import get_activations
+    from steerscope.models import collect_activations
 
     if read in ("last", "mean"):
-        manual = (get_activations(lm, data.a, [0, 2], read=read).mean(0) - get_activations(lm, data.b, [0, 2], read=read).mean(0))
+        acts = lambda texts: collect_activations(lm, texts, [0, 2], read=read)[:, 0].float()  # noqa: E731
+        manual = acts(data.a).mean(0) - acts(data.b).mean(0)
         assert torch.allclose(vs.vectors, manual, atol=1e-4)
 
 
 def test_extract_errors():
     lm = tiny_lm("llama")
     data = from_pairs(["a b"], ["c d"])
-    with pytest.raises(ss.SteerscopeError, match="unknown method"):
+    with pytest.raises(ss.SteerscopeError, match="--method must be one of"):
         extract(lm, data, ExtractConfig(method="magic"), progress=False)
-    with pytest.raises(ss.SteerscopeError, match="read must be"):
+    with pytest.raises(ss.SteerscopeError, match=r"read \(--read\): expected"):
         extract(lm, data, ExtractConfig(read="first"), progress=False)
     with pytest.raises(ss.SteerscopeError, match="needs paired data"):
         extract(lm, from_sets(["a"], ["b", "c"]), ExtractConfig(method="pca"), progress=False)

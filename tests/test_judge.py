@@ -59,8 +59,17 @@ def test_scores_caches_and_sends_key(server, tmp_path, monkeypatch):
     assert len(Handler.calls) == 2  # cached in memory
     j2 = Judge(server, "judge-model", cache_path=tmp_path / "cache.jsonl")
     assert j2.score("p", "normal") == 2.0 and len(Handler.calls) == 2  # cached on disk
-    m = j.metric({"a weird reply": "p"})
-    assert m.score_texts(["a weird reply"]).tolist() == [7.0]
+    m = j.metric()
+    assert m.score_texts(["a weird reply"], ["p"]).tolist() == [7.0]
+
+
+def test_identical_completions_of_different_prompts_are_judged_against_their_own_prompt(server):
+    """Before: prompts were looked up by completion text, so the second prompt was never sent."""
+    Handler.mode["value"] = "ok"
+    m = Judge(server, "m", timeout=5).metric()
+    m.score_texts(["same answer", "same answer"], ["first prompt", "second prompt"])
+    sent = [c["body"]["messages"][1]["content"] for c in Handler.calls]
+    assert any("first prompt" in s for s in sent) and any("second prompt" in s for s in sent)
 
 
 def test_slow_response_times_out_then_retries(server):
@@ -90,12 +99,12 @@ def test_judge_scores_appear_in_a_run(server, tmp_path):
     from conftest import make_tiny_lm
 
     from steerscope.directions.discovery import DiscoverConfig
-    from steerscope.run import RunConfig, run
+    from steerscope.jobs.run import RunConfig, run
 
     Handler.mode["value"] = "ok"
     cfg = RunConfig(n_train=1, n_heldout=1, n_neutral=2, max_new_tokens=4, sweep_multiples=[1.0], sweep_top=1, scorers=[],
                     judge_url=server, judge_model="tiny-judge", judge_rubric="Score 0-10.",
-                    discover=DiscoverConfig(n_vectors=2, steps=2, R=1.0, source=0, target=2))
+                    discover=DiscoverConfig.of("melbo", n_vectors=2, steps=2, R=1.0, source=0, target=2))
     run(cfg, tmp_path / "r", lm=make_tiny_lm("llama", chat=True))
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert all(v["score:judge:tiny-judge"] == 2.0 for v in m["vectors"].values())

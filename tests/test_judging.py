@@ -50,7 +50,7 @@ def test_last_token_logits_rows_equal_direct_steering():
     assert batched.shape == (3, len(PROMPTS), 128)
     enc = lm.encode(PROMPTS, chat=None)
     for k in range(2):
-        with torch.no_grad(), ss.steer(lm, vs[k].add(coef=1.5)):
+        with torch.no_grad(), ss.steer(lm, ss.Add.of(vs[k], coef=1.5)):
             direct = lm.forward(**enc).logits[:, -1]
         assert (batched[k + 1] - direct).abs().max() < 1e-5
         with torch.no_grad(), ss.steer(lm, ss.Ablate(vs[k].vector)):
@@ -64,10 +64,17 @@ def _planted_select(monkeypatch, mode, induce, bypass, kl_add, kl_abl, layers, b
     """3-layer model with max_layer_frac=0.5: layer 2 counts as "too late"."""
     lm = tiny_lm("llama")
     vs = VectorSet.create(lm, rand_vec(lm, rows=len(layers)), layers=layers, method="x")
-    monkeypatch.setattr(selection_mod, "_baseline", lambda lm, m, p, cfg: base_b)
-    monkeypatch.setattr(selection_mod, "_measure", lambda lm, m, p, vs, md, cfg: torch.tensor(induce if md == "add" else bypass))
+    ids = vs.ids
+
+    def scores(lm, m, p, sub, md, cfg):
+        if sub is None:
+            return torch.tensor([base_b])
+        vals = induce if md == "add" else bypass
+        return torch.tensor([vals[ids.index(i)] for i in sub.ids])
+
+    monkeypatch.setattr(selection_mod, "_text_scores", scores)
     monkeypatch.setattr(selection_mod, "_kl", lambda lm, n, vs, md, cfg: torch.tensor(kl_add if md == "add" else kl_abl))
-    return select(lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5))
+    return select(lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5, prefilter=None))
 
 
 def test_selection_rules(monkeypatch):
@@ -104,9 +111,9 @@ def test_clamp_to_mean_projection_of_set_a():
     lm = tiny_lm("llama")
     d = rand_vec(lm, seed=8)
     value = mean_projection(lm, PROMPTS, d, layer=1)
-    from steerscope.models import get_activations
+    from steerscope.models import collect_activations
 
-    acts = get_activations(lm, PROMPTS, [1])[:, 0]
+    acts = collect_activations(lm, PROMPTS, [1])[:, 0, 0].float()
     assert abs(value - float((acts @ (d / d.norm())).mean())) < 1e-5
     enc = lm.encode(["Another prompt"])
     from steerscope.models import record

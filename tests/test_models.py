@@ -94,8 +94,8 @@ def test_cache_validity_check(tmp_path):
 def test_positions_parse():
     P = ss.Positions
     assert P.parse("all") == P.all() and P.parse("generated") == P.generated()
-    assert P.parse("2:5") == P.range(2, 5) and P.parse("3:") == P.range(3) and P.parse("tail:4") == P.prompt_tail(4)
-    for bad in ("sometimes", "5:2", "tail:0"):
+    assert P.parse("2:5") == P.range(2, 5) and P.parse("3:") == P.range(3) and P.parse("last:4") == P.prompt_tail(4)
+    for bad in ("sometimes", "5:2", "last:0", "tail:4", "a:b"):
         with pytest.raises(ss.SteerscopeError):
             P.parse(bad)
 

@@ -15,7 +15,7 @@ from steerscope.directions import VectorSet
 from steerscope.directions.discovery import DiscoverConfig
 from steerscope.judging.cluster import cluster_texts
 from steerscope.judging.vector_metrics import compute_vector_metrics, distinct_n
-from steerscope.run import RunConfig, run
+from steerscope.jobs.run import RunConfig, run
 
 N_VEC = 3
 
@@ -28,7 +28,7 @@ def lm():
 @pytest.fixture(scope="module")
 def cfg():
     return RunConfig(n_train=2, n_heldout=1, n_neutral=3, max_new_tokens=6, sweep_multiples=[0.5, 1, 2], sweep_top=2,
-                     discover=DiscoverConfig(n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2))
+                     discover=DiscoverConfig.of(n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_resume_and_never_clobber(run_dir, lm, cfg):
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "report.html"}
     run(cfg, run_dir, lm=lm)
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "report.html"}
-    other = RunConfig(**{**cfg.__dict__, "max_new_tokens": 7})
+    other = cfg.replace(max_new_tokens=7)
     with pytest.raises(ss.SteerscopeError, match="another run"):
         run(other, run_dir, lm=lm)
     # a run killed after discovery resumes from the saved vectors

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+from steerscope.sae.archs import SAE_ARCHS
 from conftest import PROMPTS, tiny_lm
 
 import steerscope as ss
@@ -33,13 +35,13 @@ def data():
 def trained(data):
     x, _ = data
     out = {}
-    for arch in ("topk", "batchtopk", "relu"):
+    for arch in SAE_ARCHS.names():
         out[arch] = train_sae(tensor_batches(x, 256), SAEConfig(32, 128, arch=arch, k=4, l1_coef=1.0),
                               TrainConfig(steps=2000, lr=1e-3, warmup_steps=50))
     return out
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+@pytest.mark.parametrize("arch", SAE_ARCHS.names())
 def test_recovers_planted_features(trained, data, arch):
     sae, hist = trained[arch]
     W = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
@@ -61,12 +63,12 @@ def test_folded_sae_reads_raw_activations(trained, data, arch):
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.full((128,), 1 / hist.input_scale), rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+@pytest.mark.parametrize("arch", SAE_ARCHS.names())
 def test_saelens_round_trip(trained, data, arch, tmp_path):
     sae, _ = trained[arch]
     save_saelens(sae, tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
-    assert cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["architecture"] == {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}[arch]
+    assert cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["architecture"] == SAE_ARCHS[arch].saelens
     back = load_saelens(tmp_path / "sae")
     x = data[0][:500]
     with torch.no_grad():
@@ -78,7 +80,7 @@ def test_saelens_round_trip(trained, data, arch, tmp_path):
 
 
 def test_bad_sae_config():
-    with pytest.raises(ss.SteerscopeError, match="unknown SAE architecture"):
+    with pytest.raises(ss.SteerscopeError, match="--arch must be one of"):
         SAEConfig(8, 16, arch="gated")
     with pytest.raises(ss.SteerscopeError, match="k must be"):
         SAEConfig(8, 16, k=0)
@@ -264,14 +266,14 @@ def _resume_matches(make_source, cfg, tmp_path, steps=50, every=20, die=37):
         train_sae(_DiesAfter(make_source(), die), cfg, tcfg, checkpoint_dir=tmp_path / "ck", checkpoint_every=every)
     from steerscope.sae import load_checkpoint
 
-    assert load_checkpoint(tmp_path / "ck")["step"] == (die // every) * every  # the last checkpoint before the kill
+    assert load_checkpoint(tmp_path / "ck", cfg, tcfg)["step"] == (die // every) * every  # the last checkpoint before the kill
     resumed, hist = train_sae(make_source(), cfg, tcfg, checkpoint_dir=tmp_path / "ck", checkpoint_every=every)
     assert len(hist.fvu) == steps and hist.fvu == hist_whole.fvu
     for k, v in whole.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+@pytest.mark.parametrize("arch", SAE_ARCHS.names())
 def test_resume_tensor_source_equals_uninterrupted(data, arch, tmp_path):
     _resume_matches(lambda: tensor_batches(data[0][:3000], 128), SAEConfig(32, 64, arch=arch, k=4), tmp_path)
 
@@ -292,7 +294,7 @@ def test_resume_refuses_other_settings_and_plain_iterators(data, tmp_path):
     cfg = SAEConfig(32, 64, k=4)
     with pytest.raises(_Killed):
         train_sae(_DiesAfter(tensor_batches(data[0], 128), 15), cfg, TrainConfig(steps=40), checkpoint_dir=tmp_path, checkpoint_every=10)
-    with pytest.raises(ss.SteerscopeError, match="other settings"):
+    with pytest.raises(ss.SteerscopeError, match="different SAE training run"):
         train_sae(tensor_batches(data[0], 128), SAEConfig(32, 64, k=8), TrainConfig(steps=40), checkpoint_dir=tmp_path)
     with pytest.raises(ss.SteerscopeError, match="resumable batch source"):
         train_sae(iter([data[0][:128]] * 5), cfg, TrainConfig(steps=5), checkpoint_dir=tmp_path / "x")

@@ -27,9 +27,9 @@ def test_round_trip_gives_identical_steering(lm, tmp_path):
     assert torch.equal(back.extras["curve"], torch.arange(5.0))
     enc = lm.encode(PROMPTS)
     with torch.no_grad():
-        with ss.steer(lm, vs[1].add(coef=2.0)):
+        with ss.steer(lm, ss.Add.of(vs[1], coef=2.0)):
             a = lm.forward(**enc).logits
-        with ss.steer(lm, back[1].add(coef=2.0)):
+        with ss.steer(lm, ss.Add.of(back[1], coef=2.0)):
             b = lm.forward(**enc).logits
     assert torch.equal(a, b)
 
@@ -103,9 +103,10 @@ def test_mean_difference_recovers_planted_direction():
     difference of the mean activations computed by hand."""
     lm = tiny_lm("qwen2")
     pos, neg = ["good day", "good night"], ["bad day", "bad night"]
-    vs = mean_difference(lm, pos, neg, layers=[0, 2], read="mean")
-    from steerscope.models import get_activations
+    vs = mean_difference(lm, pos, neg, layers=[0, 2], read="mean", chat=False)
+    from steerscope.models import collect_activations
 
-    manual = get_activations(lm, pos, [0, 2], read="mean").mean(0) - get_activations(lm, neg, [0, 2], read="mean").mean(0)
+    manual = (collect_activations(lm, pos, [0, 2], read="mean")[:, 0].mean(0)
+              - collect_activations(lm, neg, [0, 2], read="mean")[:, 0].mean(0)).float()
     assert torch.allclose(vs.vectors, manual, atol=1e-5)
     assert vs.layers == [0, 2] and vs.vectors.norm(dim=-1).min() > 0

@@ -59,7 +59,7 @@ def test_post_norm_architectures_refuse(arch):
 def test_gguf_round_trip_and_format(tmp_path):
     lm = tiny_lm("llama")
     vs = VectorSet.create(lm, rand_vec(lm, rows=2), layers=[1, 2], method="diffmean")
-    path = export_gguf(vs, tmp_path / "cv.gguf", coef=2.0)
+    path = export_gguf(vs, tmp_path / "cv.gguf", coef=2.0).path
     import gguf
 
     r = gguf.GGUFReader(str(path))
@@ -73,6 +73,16 @@ def test_gguf_round_trip_and_format(tmp_path):
     assert torch.allclose(back.vectors, vs.vectors * 2.0, atol=1e-6)
     hint, dirs = read_gguf(path)
     assert hint == "llama" and set(dirs) == {1, 2} and dirs[1].dtype == np.float32
+
+
+def test_export_of_an_all_layer_extraction_leaves_out_layer_0(tmp_path):
+    """Before: `extract` (every layer) then `export` stopped at layer 0. Now the valid layers are
+    written and the result names what was left out."""
+    lm = tiny_lm("llama")
+    vs = VectorSet.create(lm, rand_vec(lm, rows=3), layers=[0, 1, 2], method="x")
+    res = export_gguf(vs, tmp_path / "all.gguf")
+    assert res.layers == [1, 2] and "layer 0" in res.left_out and "x-0" in res.left_out
+    assert import_gguf(tmp_path / "all.gguf", lm).layers == [1, 2]
 
 
 def test_gguf_refusals(tmp_path):

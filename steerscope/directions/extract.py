@@ -1,7 +1,8 @@
 """Supervised extraction: one candidate direction per layer (and read position) from contrastive
 data, all layers recorded in one batched pass, statistics in float64.
 
-Extractors (`EXTRACTORS`, one function each; A = with the behaviour, B = without):
+Extractors (the `EXTRACTORS` family, `fn(a, b, paired, cfg) -> direction`; A = with the behaviour,
+B = without):
     diffmean    mean(A) - mean(B)                       (ActAdd/CAA; Arditi et al. 2024 eq. 1)
     pca         top right singular vector of the paired differences A_i - B_i, uncentred, so it
                 follows the consistent shift (repeng "pca_diff"; steering-vectors' PCA aggregator)
@@ -13,26 +14,28 @@ difference projected on it, so all methods share diffmean's units and one `coef`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
+from ..config import Config, Family, config_to_dict
 from ..errors import SteerscopeError
-from ..models.activations import record
-from .data import ContrastSet
+from ..models.activations import collect_activations, read_positions
+from .data import ContrastSet, from_sets
 from .vectors import VectorSet
 
-Extractor = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
-EXTRACTORS: dict[str, Extractor] = {}
+EXTRACTORS: Family = Family("extractors", "extraction method")
 
 
-def register_extractor(name: str):
-    def deco(fn: Extractor) -> Extractor:
-        EXTRACTORS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class ProbeConfig(Config):
+    """Settings of the logistic-regression probe."""
 
-    return deco
+    l2: float = field(default=1e-3, metadata={"min": 0})
+    """L2 penalty on the probe's weights (features centred, one global scale)"""
+    probe_steps: int = field(default=100, metadata={"min": 1})
+    """LBFGS iterations"""
 
 
 def _scaled(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,13 +45,15 @@ def _scaled(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return u * shift.abs() * (1 if shift >= 0 else -1) if shift != 0 else u
 
 
-@register_extractor("diffmean")
-def diffmean(a: torch.Tensor, b: torch.Tensor, paired: bool) -> torch.Tensor:
+@EXTRACTORS.register("diffmean")
+def diffmean(a: torch.Tensor, b: torch.Tensor, paired: bool, cfg: None = None) -> torch.Tensor:
+    """mean(A) - mean(B) (ActAdd / CAA)."""
     return a.mean(0) - b.mean(0)  # (d,)
 
 
-@register_extractor("pca")
-def pca_of_differences(a: torch.Tensor, b: torch.Tensor, paired: bool) -> torch.Tensor:
+@EXTRACTORS.register("pca")
+def pca_of_differences(a: torch.Tensor, b: torch.Tensor, paired: bool, cfg: None = None) -> torch.Tensor:
+    """Top singular vector of the paired differences A_i - B_i (uncentred)."""
     if not paired:
         raise SteerscopeError("method 'pca' needs paired data (A_i - B_i); use diffmean, pca_center or probe for two prompt sets.")
     diffs = a - b  # (N, d)
@@ -56,8 +61,12 @@ def pca_of_differences(a: torch.Tensor, b: torch.Tensor, paired: bool) -> torch.
     return _scaled(vh[0], a, b)
 
 
-@register_extractor("pca_center")
-def pca_centred(a: torch.Tensor, b: torch.Tensor, paired: bool) -> torch.Tensor:
+pca_of_differences.needs_pairs = True  # type: ignore[attr-defined]
+
+
+@EXTRACTORS.register("pca_center")
+def pca_centred(a: torch.Tensor, b: torch.Tensor, paired: bool, cfg: None = None) -> torch.Tensor:
+    """Top principal component of all activations, centred."""
     x = torch.cat([a, b])
     _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     return _scaled(vh[0], a, b)
@@ -85,11 +94,13 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 1
     return w_orig, (c - (w * mu / sd).sum()).detach()
 
 
-@register_extractor("probe")
-def probe(a: torch.Tensor, b: torch.Tensor, paired: bool) -> torch.Tensor:
+@EXTRACTORS.register("probe", ProbeConfig)
+def probe(a: torch.Tensor, b: torch.Tensor, paired: bool, cfg: ProbeConfig | None = None) -> torch.Tensor:
+    """Weights of an L2-regularised logistic-regression probe A vs B."""
+    cfg = cfg or ProbeConfig()
     x = torch.cat([a, b])
     y = torch.cat([torch.ones(len(a)), torch.zeros(len(b))]).to(x.dtype)
-    w, _ = fit_probe(x, y)
+    w, _ = fit_probe(x, y, l2=cfg.l2, steps=cfg.probe_steps)
     return _scaled(w, a, b)
 
 
@@ -119,49 +130,34 @@ def probe_accuracy(a: torch.Tensor, b: torch.Tensor, folds: int = 2, seed: int =
 
 
 # ---- extraction -------------------------------------------------------------------------------
-@dataclass
-class ExtractConfig:
+@dataclass(frozen=True)
+class ExtractConfig(Config):
     """How to read activations and which extractor to use."""
 
-    method: str = "diffmean"
-    read: str = "last"  # "last", "mean" (over real tokens) or "tail:K" (each of the last K tokens)
-    layers: list[int] | None = None  # None = every layer
-    chat: bool | None = None  # apply the chat template (default: when the model has one)
+    method: str = field(default="diffmean", metadata={"choices": EXTRACTORS})
+    """extraction method"""
+    read: str = "mean"
+    """positions read per text: mean (over its real tokens), last, or last:K (each of the last K, e.g.
+    the post-instruction template tokens)"""
+    layers: list[int] | None = field(default=None, metadata={"none": "all"})
+    """layers to extract at: all, A:B (B exclusive) or A,B,C"""
+    chat: bool | None = None
+    """apply the chat template (unset: when the model has one)"""
     system: str | None = None
-    batch_size: int = 16
-    stats: bool = True  # separation and probe accuracy per candidate
+    """system prompt for the chat template"""
+    batch_size: int = field(default=16, metadata={"min": 1})
+    """texts per forward pass"""
+    stats: bool = True
+    """separation and held-out probe accuracy per candidate"""
+    method_config: Any = field(default=None, metadata={"family": EXTRACTORS, "by": "method"})
+    """the extractor's own settings"""
 
-
-def _read_positions(read: str) -> int:
-    if read in ("last", "mean"):
-        return 1
-    if read.startswith("tail:") and read[5:].isdigit() and int(read[5:]) >= 1:
-        return int(read[5:])
-    raise SteerscopeError(f"read must be 'last', 'mean' or 'tail:K' (K >= 1), got {read!r}.")
-
-
-@torch.no_grad()
-def collect(lm, texts: list[str], layers: list[int], read: str, batch_size: int = 16, progress=None) -> torch.Tensor:
-    """(N, P, L, d) float64 activations of formatted `texts`: P read positions, L layers, all
-    layers from one forward pass per batch."""
-    P = _read_positions(read)
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = lm.encode(texts[i:i + batch_size], formatted=True)
-        mask = enc["attention_mask"].bool()  # (B, T)
-        if P > 1 and int(mask.sum(-1).min()) < P:
-            raise SteerscopeError(f"read={read!r} needs at least {P} tokens per text; a text is shorter.")
-        with record(lm, layers) as acts:
-            lm.forward(**enc)
-        stack = torch.stack([acts[l] for l in layers], dim=1).double()  # (B, L, T, d)
-        if read == "mean":
-            m = mask[:, None, :, None].double()
-            out.append(((stack * m).sum(2) / m.sum(2))[:, None])  # (B, 1, L, d)
-        else:  # left padding: the last P columns are every row's last P real tokens
-            out.append(stack[:, :, -P:].permute(0, 2, 1, 3))  # (B, P, L, d)
-        if progress is not None:
-            progress.update(len(enc["input_ids"]))
-    return torch.cat(out)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        read_positions(self.read)
+        m = EXTRACTORS.get(self.method)
+        if self.method_config is None and m.config is not None:
+            object.__setattr__(self, "method_config", m.config())
 
 
 def extract(lm, data: ContrastSet, config: ExtractConfig | None = None, progress: bool | None = None) -> VectorSet:
@@ -172,24 +168,23 @@ def extract(lm, data: ContrastSet, config: ExtractConfig | None = None, progress
     from tqdm.auto import tqdm
 
     cfg = config or ExtractConfig()
-    if cfg.method not in EXTRACTORS:
-        raise SteerscopeError(f"unknown method {cfg.method!r}; available: {', '.join(EXTRACTORS)}.")
-    if cfg.method == "pca" and not data.paired:
-        raise SteerscopeError("method 'pca' needs paired data; use diffmean, pca_center or probe for two prompt sets.")
+    fn = EXTRACTORS.get(cfg.method).fn
+    if getattr(fn, "needs_pairs", False) and not data.paired:  # say so before the expensive pass
+        raise SteerscopeError(f"method {cfg.method!r} needs paired data; use diffmean, pca_center or probe for two prompt sets.")
     layers = [lm.check_layer(l) for l in (cfg.layers if cfg.layers is not None else range(lm.n_layers))]
-    P = _read_positions(cfg.read)
+    P = read_positions(cfg.read)
     a_txt, b_txt = data.formatted(lm, cfg.chat, cfg.system)
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(a_txt) + len(b_txt), desc="activations", unit="text", disable=not show, leave=False) as bar:
-        A = collect(lm, a_txt, layers, cfg.read, cfg.batch_size, bar)  # (N, P, L, d)
-        B = collect(lm, b_txt, layers, cfg.read, cfg.batch_size, bar)
-    fn = EXTRACTORS[cfg.method]
+        A = collect_activations(lm, a_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=bar)
+        B = collect_activations(lm, b_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=bar)
+        # (N, P, L, d) each
     vecs, cand_layers, ids, stats = [], [], [], []
     offsets = list(range(-P, 0)) if P > 1 else [None]
     for pi, off in enumerate(offsets):
         for li, layer in enumerate(layers):
             a, b = A[:, pi, li], B[:, pi, li]  # (N, d), (M, d)
-            v = fn(a, b, data.paired)
+            v = fn(a, b, data.paired, cfg.method_config)
             vecs.append(v.float())
             cand_layers.append(layer)
             ids.append(f"{cfg.method}-L{layer}" + (f"@{off}" if off is not None else ""))
@@ -198,7 +193,7 @@ def extract(lm, data: ContrastSet, config: ExtractConfig | None = None, progress
                 st["separation"] = round(separation(a, b, v), 4)
                 st["probe_acc"] = round(probe_accuracy(a, b), 4)
             stats.append(st)
-    hyper = {**asdict(cfg), "layers": layers, "data": data.name, "n_a": len(data.a), "n_b": len(data.b),
+    hyper = {**config_to_dict(cfg), "layers": layers, "data": data.name, "n_a": len(data.a), "n_b": len(data.b),
              "paired": data.paired, "stats": stats}
     return VectorSet.create(lm, torch.stack(vecs), cand_layers, cfg.method, ids=ids, hyperparams=hyper)
 
@@ -212,3 +207,12 @@ def format_stats(vs: VectorSet) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(cols)] + [line(r) for r in rows])
+
+
+def mean_difference(lm, positive: Sequence[str], negative: Sequence[str], layers: int | Sequence[int], **settings) -> VectorSet:
+    """Difference of means between two text sets at `layers` (ActAdd, Turner et al. 2023; CAA,
+    Rimsky et al. 2024): `extract` with method diffmean, so both share one set of defaults
+    (`ExtractConfig`; e.g. read="mean"). `settings` are further ExtractConfig fields."""
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    cfg = ExtractConfig(method="diffmean", layers=layer_list, stats=False, **settings)
+    return extract(lm, from_sets(list(positive), list(negative), name="mean_difference"), cfg, progress=False)

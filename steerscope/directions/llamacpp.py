@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,21 +31,40 @@ from .vectors import VectorSet
 ARCH = "controlvector"
 
 
+class Exported(NamedTuple):
+    path: Path
+    layers: list[int]  # the direction.<k> written
+    left_out: str  # what was not exported and why ("" when everything was)
+
+
 def export_gguf(vs: VectorSet, path: str | Path, *, coef: float = 1.0, indices: Sequence[int] | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False) -> Exported:
+    """Write the chosen vectors (default: all whose layer llama.cpp accepts, i.e. >= 1; vectors at
+    layer 0 are left out and named in the result) as one control-vector file."""
     import gguf
 
     path = Path(path)
     refuse_existing(path, overwrite)
     if vs.config.site != "resid_post":
         raise SteerscopeError(f"llama.cpp control vectors steer block outputs (resid_post); these vectors are for {vs.config.site}.")
-    chosen = list(range(len(vs))) if indices is None else [int(i) for i in indices]
+    left_out = ""
+    if indices is None:
+        chosen = [i for i in range(len(vs)) if vs.layers[i] >= 1]
+        if len(chosen) < len(vs):
+            left_out = (f"{len(vs) - len(chosen)} vector(s) at layer 0 ({', '.join(vs.ids[i] for i in range(len(vs)) if vs.layers[i] < 1)}): "
+                        "llama.cpp rejects direction.0")
+    else:
+        chosen = [int(i) for i in indices]
+    if not chosen:
+        raise SteerscopeError("nothing to export: llama.cpp accepts layers >= 1 only and every chosen vector is at layer 0.")
     layers = [vs.layers[i] for i in chosen]
     if len(set(layers)) != len(layers):
         dup = sorted({l for l in layers if layers.count(l) > 1})
-        raise SteerscopeError(f"several vectors at layer(s) {dup}; a control-vector file holds one per layer: pick them with indices=[...] (--index).")
+        raise SteerscopeError(f"several vectors at layer(s) {dup}; a control-vector file holds one per layer: "
+                              "pick them with --index (indices=[...]).")
     if 0 in layers:
-        raise SteerscopeError("llama.cpp rejects a direction for layer 0 (direction.0 invalidates the file); steer at layer >= 1.")
+        raise SteerscopeError("llama.cpp rejects a direction for layer 0 (direction.0 invalidates the file); "
+                              "drop that vector from --index (or --layers 1:N).")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -63,7 +82,7 @@ def export_gguf(vs: VectorSet, path: str | Path, *, coef: float = 1.0, indices: 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Exported(path, sorted(layers), left_out)
 
 
 def read_gguf(path: str | Path) -> tuple[str | None, dict[int, np.ndarray]]:

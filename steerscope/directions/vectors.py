@@ -21,11 +21,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from .._io import atomic_dir
 from ..errors import ModelMismatchError, SteerscopeError
-from ..interventions.ops import Ablate, Add, as_rows
-from ..interventions.positions import ALL, Positions
+from .._tensors import as_rows
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -57,12 +56,6 @@ class SteeringVector:
     vector: torch.Tensor
     layer: int
     id: str
-
-    def add(self, coef: float = 1.0, positions: Positions = ALL) -> Add:
-        return Add(self.vector, layer=self.layer, coef=coef, positions=positions)
-
-    def ablate(self, everywhere: bool = True, positions: Positions = ALL) -> Ablate:
-        return Ablate(self.vector, layer=None if everywhere else self.layer, positions=positions)
 
 
 class VectorSet:

@@ -1,7 +1,7 @@
 """Interventions on the residual stream, applied through leak-free hooks."""
 
-from .ops import OPS, Ablate, Add, Clamp, Intervention, register_op
+from .ops import INTERVENTIONS, Ablate, Add, Clamp, Intervention
 from .positions import ALL, Positions, StepState
 from .steer import steer
 
-__all__ = ["OPS", "register_op", "Intervention", "Add", "Ablate", "Clamp", "Positions", "ALL", "StepState", "steer"]
+__all__ = ["INTERVENTIONS", "Intervention", "Add", "Ablate", "Clamp", "Positions", "ALL", "StepState", "steer"]

@@ -1,9 +1,10 @@
 """Interventions on the residual stream: add, ablate, clamp.
 
-Each operation is one pure function `(x, **params) -> new x` in `OPS`; a new operation is one
-function plus one registry line (`@register_op`) and a small dataclass naming its sites. The
-hook wrapper applies the function only at the selected positions with `torch.where`, so
-unselected and padding positions are bit-identical to the unsteered model.
+Each intervention is a dataclass registered by name in the `INTERVENTIONS` family (the same
+registration shape as every other method family; `ClampFeature` in `sae.steering` is one too).
+Its operation is one pure function `(x, **params) -> new x`; the hook wrapper applies it only at
+the selected positions with `torch.where`, so unselected and padding positions are bit-identical
+to the unsteered model. A new intervention is one dataclass with `sites`, `params` and `fn`.
 
 Per-row steering: any vector/coefficient/value may carry a leading batch dimension, so row i of
 the batch is steered by row i of the parameter (K vectors x P prompts in one forward pass).
@@ -12,80 +13,39 @@ the batch is steered by row i of the parameter (K vectors x P prompts in one for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from .._tensors import as_rows, as_scalars
+from ..config import Family
 from ..errors import SteerscopeError
 from ..models.registry import Site, SiteKind
 from .positions import ALL, Positions, StepState
 
 OpFn = Callable[..., torch.Tensor]
-OPS: dict[str, OpFn] = {}
-
-
-def register_op(name: str):
-    def deco(fn: OpFn) -> OpFn:
-        OPS[name] = fn
-        return fn
-
-    return deco
+INTERVENTIONS: Family = Family("interventions", "intervention")
 
 
 def _dot(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btd,bd->bt", x, r.expand(x.shape[0], -1))  # (B, T)
 
 
-@register_op("add")
 def op_add(x: torch.Tensor, vector: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """ActAdd / CAA (Turner et al. 2023; Rimsky et al. 2024): x + c * v."""
     # x: (B, T, d); vector: (B|1, d); coef: (B|1,)
     return x + (coef[:, None] * vector)[:, None, :]
 
 
-@register_op("ablate")
 def op_ablate(x: torch.Tensor, direction: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
     """Directional ablation (Arditi et al. 2024, eq. 4): x - s (x . r) r with unit r; s = 1 is
     full ablation, s = 0 leaves the row exactly unchanged (used for per-row batches)."""
     return x - (strength[:, None] * _dot(x, direction))[..., None] * direction[:, None, :]
 
 
-@register_op("clamp")
 def op_clamp(x: torch.Tensor, direction: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Set the projection on unit r to `value`: x + (value - x . r) r."""
     return x + (value[:, None] - _dot(x, direction))[..., None] * direction[:, None, :]
-
-
-# ---- parameter checks ---------------------------------------------------------------------------
-def as_rows(v, d_model: int, what: str, *, unit: bool = False) -> torch.Tensor:
-    """A (d,) or (K, d) finite float tensor as (1|K, d); `unit` normalises each row."""
-    t = torch.as_tensor(v)
-    if not torch.is_floating_point(t):
-        t = t.float()
-    if t.dim() == 1:
-        t = t[None]
-    if t.dim() != 2:
-        raise SteerscopeError(f"{what} must have shape (d_model,) or (rows, d_model); got {tuple(t.shape)}.")
-    if t.shape[1] != d_model:
-        raise SteerscopeError(
-            f"{what} has size {t.shape[1]} but this model's d_model is {d_model}; the vector was probably made for another model."
-        )
-    if not bool(torch.isfinite(t).all()):
-        raise SteerscopeError(f"{what} contains NaN or inf values; check how it was computed.")
-    if unit:
-        norms = t.norm(dim=-1, keepdim=True)
-        if bool((norms == 0).any()):
-            raise SteerscopeError(f"{what} has zero norm, so it defines no direction.")
-        t = t / norms
-    return t
-
-
-def as_scalars(v, what: str) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32) if not isinstance(v, torch.Tensor) else v.float()
-    t = t.reshape(-1)
-    if not bool(torch.isfinite(t).all()):
-        raise SteerscopeError(f"{what} contains NaN or inf values.")
-    return t
 
 
 def _layers(layer, lm) -> list[int]:
@@ -98,9 +58,9 @@ def _layers(layer, lm) -> list[int]:
 # ---- the interventions --------------------------------------------------------------------------
 @dataclass
 class Intervention:
-    """Base: an operation from `OPS`, the sites it applies at, and a position selector."""
+    """Base: the sites an intervention applies at, its parameters, its operation `fn` and a
+    position selector."""
 
-    op: ClassVar[str]
     positions: Positions = field(default=ALL, kw_only=True)
 
     def sites(self, lm) -> list[Site]:
@@ -109,9 +69,13 @@ class Intervention:
     def params(self, lm) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @staticmethod
+    def fn(x: torch.Tensor, **params) -> torch.Tensor:
+        raise NotImplementedError
+
     def hook_specs(self, lm, state: StepState) -> list:
         params = {k: v.to(device=lm.device, dtype=lm.dtype) for k, v in self.params(lm).items()}
-        fn = OPS[self.op]
+        fn = type(self).fn
         positions = self.positions
 
         def apply(x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d)
@@ -128,16 +92,22 @@ class Intervention:
         return [(*lm.arch.resolve(s), apply) for s in self.sites(lm)]
 
 
+@INTERVENTIONS.register("add")
 @dataclass
 class Add(Intervention):
     """Add `coef * vector` at `layer` (`kind` = resid_post by default). `vector` is (d,) or
     per-row (batch, d); `coef` a float or per-row (batch,)."""
 
-    op: ClassVar[str] = "add"
+    fn = staticmethod(op_add)
     vector: torch.Tensor
     layer: int
     coef: float | torch.Tensor = 1.0
     kind: SiteKind = "resid_post"
+
+    @classmethod
+    def of(cls, sv, coef: float = 1.0, positions: Positions = ALL) -> "Add":
+        """Add a `SteeringVector` at its own layer."""
+        return cls(sv.vector, layer=sv.layer, coef=coef, positions=positions)
 
     def sites(self, lm) -> list[Site]:
         return [Site(l, self.kind) for l in _layers(self.layer, lm)]
@@ -146,6 +116,7 @@ class Add(Intervention):
         return {"vector": as_rows(self.vector, lm.d_model, "steering vector"), "coef": as_scalars(self.coef, "coef")}
 
 
+@INTERVENTIONS.register("ablate")
 @dataclass
 class Ablate(Intervention):
     """Project the unit `direction` out of the residual stream.
@@ -156,7 +127,7 @@ class Ablate(Intervention):
     the output of those blocks.
     """
 
-    op: ClassVar[str] = "ablate"
+    fn = staticmethod(op_ablate)
     direction: torch.Tensor
     layer: int | Sequence[int] | None = None
     strength: float | torch.Tensor = 1.0
@@ -171,11 +142,12 @@ class Ablate(Intervention):
                 "strength": as_scalars(self.strength, "ablation strength")}
 
 
+@INTERVENTIONS.register("clamp")
 @dataclass
 class Clamp(Intervention):
     """Set the projection of the residual stream on the unit `direction` to `value` at `layer`."""
 
-    op: ClassVar[str] = "clamp"
+    fn = staticmethod(op_clamp)
     direction: torch.Tensor
     value: float | torch.Tensor
     layer: int | Sequence[int]

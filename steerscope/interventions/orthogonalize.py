@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .._io import atomic_dir
 from ..errors import SteerscopeError
-from .ops import as_rows
+from .._tensors import as_rows
 
 _LINEAR_WRITERS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox"}
 

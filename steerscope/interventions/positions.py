@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from ..config import parse_last
 from ..errors import SteerscopeError
 
 PositionKind = Literal["all", "prompt", "generated", "range", "prompt_tail"]
@@ -32,6 +33,7 @@ class Positions:
     kind: PositionKind = "all"
     start: int | None = None
     stop: int | None = None
+    k: int | None = None  # prompt_tail: how many of the last prompt tokens
 
     @staticmethod
     def all() -> "Positions":
@@ -58,20 +60,26 @@ class Positions:
         """The last k prompt tokens (e.g. the post-instruction template tokens of a chat prompt)."""
         if k < 1:
             raise SteerscopeError(f"Positions.prompt_tail needs k >= 1, got {k}.")
-        return Positions("prompt_tail", k)
+        return Positions("prompt_tail", k=k)
 
     @staticmethod
     def parse(spec: str) -> "Positions":
-        """CLI form: all | prompt | generated | A:B | A: | tail:K."""
+        """CLI form: all | prompt | generated | A:B | A: | last:K (the last K prompt tokens)."""
         s = spec.strip()
         if s in ("all", "prompt", "generated"):
             return Positions(s)  # type: ignore[arg-type]
-        if s.startswith("tail:"):
-            return Positions.prompt_tail(int(s[5:]))
+        if s.startswith(("last:", "tail:")):
+            try:
+                return Positions.prompt_tail(int(parse_last(s)))
+            except SteerscopeError as e:
+                raise SteerscopeError(f"cannot parse positions {spec!r}: {e}") from None
         if ":" in s:
-            a, b = s.split(":", 1)
-            return Positions.range(int(a or 0), int(b) if b else None)
-        raise SteerscopeError(f"cannot parse positions {spec!r}; use all, prompt, generated, A:B, A: or tail:K.")
+            try:
+                a, b = s.split(":", 1)
+                return Positions.range(int(a or 0), int(b) if b else None)
+            except ValueError:
+                pass
+        raise SteerscopeError(f"cannot parse positions {spec!r}; use all, prompt, generated, A:B, A: or last:K.")
 
     def mask(self, st: "StepState") -> torch.Tensor:
         """(batch, pos) bool: True where this call's tokens are selected (never on padding)."""
@@ -89,7 +97,7 @@ class Positions:
             elif self.kind == "generated":
                 sel = pos >= plen
             elif self.kind == "prompt_tail":
-                sel = (pos < plen) & (pos >= plen - self.start)
+                sel = (pos < plen) & (pos >= plen - self.k)
             else:
                 raise SteerscopeError(f"unknown position kind {self.kind!r}.")
         return sel & st.valid

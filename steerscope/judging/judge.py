@@ -83,8 +83,21 @@ class Judge:
                     f.write(json.dumps({"key": key, "score": s}) + "\n")
         return self._cache[key]
 
-    def metric(self, prompts_by_text: dict[str, str]) -> Metric:
-        """A text Metric; `prompts_by_text` gives the prompt each completion answered."""
+    def metric(self) -> Metric:
+        """A text Metric that scores each completion against the prompt it answered."""
         nan = float("nan")
         return Metric(f"judge:{self.model}", "text",
-                      lambda texts: [nan if (s := self.score(prompts_by_text.get(t, ""), t)) is None else s for t in texts])
+                      lambda texts, prompts: [nan if (s := self.score(p, t)) is None else s for t, p in zip(texts, prompts)],
+                      needs_prompts=True)
+
+    def check_reachable(self) -> None:
+        """Fail before any expensive work when the endpoint does not answer at all."""
+        import urllib.parse
+
+        u = urllib.parse.urlparse(self.url)
+        import socket
+
+        try:
+            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=min(5.0, self.timeout)).close()
+        except OSError as e:
+            raise SteerscopeError(f"the judge at {self.url} is unreachable ({e.strerror or e}); start it or fix --judge-url.") from None

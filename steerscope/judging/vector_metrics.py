@@ -80,7 +80,7 @@ def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: li
     steered = [c for vid in vs.ids for c in by_vec[vid]]
     lps = completion_logprobs(lm, [c.prompt for c in steered], [c.token_ids for c in steered], chat=chat)
     lp_of = dict(zip(map(id, steered), lps))
-    score_of = {s.name: dict(zip(map(id, steered), s.score_texts([c.text for c in steered]).tolist())) for s in scorers}
+    score_of = {s.name: dict(zip(map(id, steered), s.score_texts([c.text for c in steered], [c.prompt for c in steered]).tolist())) for s in scorers}
     for k, vid in enumerate(vs.ids):
         rows = by_vec[vid]
         m = metrics[vid]

@@ -1,9 +1,9 @@
 """Loading models, the architecture registry, sites, hooks and activation recording."""
 
-from .activations import get_activations, record
+from .activations import collect_activations, record
 from .hooks import count_hooks, hooks
-from .loading import LM, load_model, weights_fingerprint
+from .loading import LM, ModelConfig, load_model, weights_fingerprint
 from .registry import ARCHITECTURES, ArchSpec, Site, register_architecture
 
-__all__ = ["LM", "load_model", "weights_fingerprint", "ARCHITECTURES", "ArchSpec", "Site", "register_architecture",
-           "hooks", "count_hooks", "record", "get_activations"]
+__all__ = ["LM", "ModelConfig", "load_model", "weights_fingerprint", "ARCHITECTURES", "ArchSpec", "Site", "register_architecture",
+           "hooks", "count_hooks", "record", "collect_activations"]

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from ..config import parse_last
 from ..errors import SteerscopeError
 from .hooks import StopForward, hooks
 from .registry import Site, SiteKind
-
-Read = Literal["last", "mean"]
-
 
 @contextmanager
 def record(lm, layers: Sequence[int], kind: SiteKind = "resid_post", detach: bool = True) -> Iterator[dict[int, torch.Tensor]]:
@@ -34,27 +32,42 @@ def record(lm, layers: Sequence[int], kind: SiteKind = "resid_post", detach: boo
         yield store
 
 
+def read_positions(read: str) -> int:
+    """How many positions per text a read spec takes: `last` and `mean` 1, `last:K` K."""
+    k = parse_last(read, extra=("last", "mean"), what="read (--read):")
+    return 1 if k in ("last", "mean") else int(k)
+
+
 @torch.no_grad()
-def get_activations(lm, prompts: Sequence[str], layers: Sequence[int], *, read: Read = "last",
-                    chat: bool | None = False, batch_size: int = 16, kind: SiteKind = "resid_post") -> torch.Tensor:
-    """(n_prompts, n_layers, d_model) float32 activations, one forward pass per batch for all
-    layers. `read`: the last real token, or the mean over real tokens (padding excluded)."""
-    if read not in ("last", "mean"):
-        raise SteerscopeError(f"read must be 'last' or 'mean', got {read!r}.")
-    if len(prompts) == 0:
+def collect_activations(lm, texts: Sequence[str], layers: Sequence[int], *, read: str = "last", chat: bool | None = False,
+                        formatted: bool = False, batch_size: int = 16, kind: SiteKind = "resid_post",
+                        progress=None) -> torch.Tensor:
+    """(N, P, L, d) float64 activations: P read positions per text, L layers, all layers from one
+    forward pass per batch (the one activation collector in steerscope).
+
+    read: `last` (each text's last real token), `mean` (over its real tokens, padding excluded)
+    or `last:K` (each of its last K tokens, oldest first). `formatted=True`: the texts already
+    went through `lm.format_prompt`."""
+    if len(texts) == 0:
         raise SteerscopeError("the prompt list is empty; give at least one prompt.")
+    P = read_positions(read)
+    layers = [lm.check_layer(l) for l in layers]
     out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = lm.encode(list(prompts[i:i + batch_size]), chat=chat)
+    for i in range(0, len(texts), batch_size):
+        enc = lm.encode(list(texts[i:i + batch_size]), chat=chat, formatted=formatted)
+        mask = enc["attention_mask"].bool()  # (B, T)
+        if P > 1 and int(mask.sum(-1).min()) < P:
+            raise SteerscopeError(f"read={read!r} needs at least {P} tokens per text; a text is shorter.")
         with record(lm, layers, kind) as acts:
             lm.forward(**enc)
-        mask = enc["attention_mask"].bool()  # (B, T)
-        stack = torch.stack([acts[lm.check_layer(l)] for l in layers], dim=1).float()  # (B, L, T, d)
-        if read == "last":
-            out.append(stack[:, :, -1])  # left padding: the last column is every row's last real token
-        else:
-            m = mask[:, None, :, None].float()
-            out.append((stack * m).sum(2) / m.sum(2))
+        stack = torch.stack([acts[l] for l in layers], dim=1).double()  # (B, L, T, d)
+        if read == "mean":
+            m = mask[:, None, :, None].double()
+            out.append(((stack * m).sum(2) / m.sum(2))[:, None].cpu())  # (B, 1, L, d)
+        else:  # left padding: the last P columns are every row's last P real tokens
+            out.append(stack[:, :, -P:].permute(0, 2, 1, 3).cpu())  # (B, P, L, d)
+        if progress is not None:
+            progress.update(len(enc["input_ids"]))
     return torch.cat(out)
 
 

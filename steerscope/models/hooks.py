@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import SteerscopeError
+
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 # "pre"/"post": fn maps the hidden-state tensor to a new one. "observe": fn(args, kwargs) is a
 # forward pre-hook that only reads the call (used to track positions); its return is ignored.
@@ -31,7 +33,8 @@ def _post_wrapper(fn: TensorFn):
             return fn(output)
         if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
             return (fn(output[0]),) + tuple(output[1:])
-        raise TypeError(f"steerscope cannot hook {type(module).__name__}: unexpected output type {type(output).__name__}.")
+        raise SteerscopeError(f"steerscope cannot hook {type(module).__name__}: unexpected output type {type(output).__name__}; "
+                              "register the architecture with the right module paths (register_architecture).")
 
     return hook
 
@@ -42,7 +45,8 @@ def _pre_wrapper(fn: TensorFn):
             return (fn(args[0]),) + tuple(args[1:]), kwargs
         if isinstance(kwargs.get("hidden_states"), torch.Tensor):
             return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-        raise TypeError(f"steerscope cannot find the hidden states passed to {type(module).__name__}.")
+        raise SteerscopeError(f"steerscope cannot find the hidden states passed to {type(module).__name__}; "
+                              "register the architecture with the right module paths (register_architecture).")
 
     return hook
 
@@ -72,7 +76,7 @@ def hooks(specs: Sequence[HookSpec] | Callable[[], Sequence[HookSpec]]) -> Itera
             elif kind == "observe":
                 handles.append(module.register_forward_pre_hook(_observe_wrapper(fn), with_kwargs=True))
             else:
-                raise ValueError(f"hook kind must be 'pre', 'post' or 'observe', got {kind!r}")
+                raise SteerscopeError(f"hook kind must be 'pre', 'post' or 'observe', got {kind!r}.")
         yield
     finally:
         for h in reversed(handles):

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from ..config import parse_last
 from ..errors import SteerscopeError
 from .hooks import StopForward, hooks
 
@@ -215,13 +216,13 @@ class LayerRange:
         try:
             h_pre, _, calls_pre = self._record(input_ids=pre_ids, attention_mask=torch.ones_like(pre_ids),
                                                past_key_values=cache, use_cache=True)
-            full_mask = torch.cat([torch.ones(P, C, dtype=mask.dtype), suf_mask], dim=1)  # cached prefix + suffix
+            full_mask = torch.cat([torch.ones(P, C, dtype=mask.dtype, device=mask.device), suf_mask], dim=1)  # cached prefix + suffix
             h_suf, _, calls_suf = self._record(input_ids=suf_ids, attention_mask=full_mask, past_key_values=cache,
                                                use_cache=True)
         except Exception:  # an architecture whose blocks cannot take a prefix cache: plain rows
             return
         # original position j of row p <- position in [prefix | left-padded suffix] layout
-        j = torch.arange(T)[None, :]
+        j = torch.arange(T, device=ids.device)[None, :]
         a = pad[:, None]
         self._gather = torch.where(j < a, C + j, torch.where(j < a + C, j - a, j))  # (P, T)
         self._h_pre = h_pre[:1]  # (1, C, d): the same for every prompt
@@ -230,7 +231,7 @@ class LayerRange:
         self._calls_suf = calls_suf
         self.shared_prefix = C
         try:
-            z = self.run(torch.zeros(1, self.lm.d_model, dtype=self.h_source.dtype))
+            z = self.run(torch.zeros(1, self.lm.d_model, dtype=self.h_source.dtype, device=self.h_source.device))
         except Exception:
             self.shared_prefix = 0
             return
@@ -279,11 +280,9 @@ class LayerRange:
 
     def target_mask(self, tokens: str = "all") -> torch.Tensor:
         """(P, T) bool over real tokens: "all", or "last:K" (each prompt's last K tokens)."""
-        if tokens == "all":
+        k = parse_last(tokens, allow_all=True, what="target tokens:")
+        if k == "all":
             return self.valid
-        if tokens.startswith("last:") and tokens[5:].isdigit() and int(tokens[5:]) >= 1:
-            k = int(tokens[5:])
-            pos = self.valid.long().cumsum(-1)  # 1-based position among real tokens
-            n = self.valid.sum(-1, keepdim=True)
-            return self.valid & (pos > n - k)
-        raise SteerscopeError(f"target tokens must be 'all' or 'last:K', got {tokens!r}.")
+        pos = self.valid.long().cumsum(-1)  # 1-based position among real tokens
+        n = self.valid.sum(-1, keepdim=True)
+        return self.valid & (pos > n - k)

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from .._io import atomic_dir, cache_root, write_json_atomic
+from ..config import Config
 from ..errors import ModelLoadError, SteerscopeError
 from .registry import Arch
 
@@ -266,6 +267,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
         device: torch device string.
     """
     dt = parse_dtype(dtype)
+    check_device(str(device))
     if name_or_path is None:
         return load_default_model(dt, device)
     name = str(name_or_path)
@@ -296,3 +298,38 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
         ) from None
     model = model.to(device)
     return LM(model, tok, model_id=name, fingerprint=weights_fingerprint(model), source=name)
+
+
+@dataclass(frozen=True)
+class ModelConfig(Config):
+    """Which model to load, in which precision, on which device."""
+
+    model: str | None = field(default=None, metadata={"none": "default"})
+    """a local Hugging Face checkpoint folder or a hub id already in the local cache (default: the
+    embedded SmolLM2-135M-Instruct)"""
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    """weights and activations dtype (bfloat16 is ~2.7x faster on CPUs with AMX)"""
+    device: str = "cpu"
+    """torch device, e.g. cpu, cuda, cuda:1"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_device(self.device)
+
+    def load(self) -> LM:
+        return load_model(self.model, dtype=self.dtype, device=self.device)
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named `device`, or one line saying why it cannot be used."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SteerscopeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SteerscopeError(f"device {device!r} was asked for but this torch has no CUDA device; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SteerscopeError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s).")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise SteerscopeError("device 'mps' is not available here; use --device cpu.")
+    return dev

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .._io import write_text_atomic
+from ..checkpoint import Checkpoint, config_key
+from ..config import Config, config_to_dict
 from ..errors import SteerscopeError
 
 TOPICS = (
@@ -65,8 +68,10 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
     from transformers import DynamicCache
 
     tok = lm.tokenizer
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
+    # Left padding: every row's last column is its own last token, so `logits[:, -1]` is each
+    # row's next-token distribution (with right padding short rows were sampled at a pad).
+    enc = lm.encode(texts, formatted=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     eos = lm.model.generation_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tok.eos_token_id])
     eos_ids = set(eos.tolist())
@@ -93,18 +98,42 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
     return res
 
 
-def sample_corpus(lm, path, n_docs: int, *, batch_size: int = 64, max_new_tokens: int = 192,
-                  temperature: float = 0.9, seed: int = 0, progress: bool = False) -> int:
-    """Append sampled documents to the JSONL file `path` until it holds `n_docs`; returns the count.
+@dataclass(frozen=True)
+class CorpusConfig(Config):
+    """What to sample."""
+
+    docs: int = field(default=640, metadata={"min": 1})
+    """number of documents (a rerun with more continues the file)"""
+    batch_size: int = field(default=64, metadata={"min": 1})
+    """documents sampled together (batch b uses seed + b, so it is part of what a resume must match)"""
+    max_new_tokens: int = field(default=192, metadata={"min": 1})
+    """tokens sampled per document"""
+    temperature: float = field(default=0.9, metadata={"min": 1e-6})
+    """sampling temperature (> 0)"""
+    seed: int = 0
+    """random seed"""
+
+
+def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool = False, force: bool = False) -> int:
+    """Append sampled documents to the JSONL file `path` until it holds `cfg.docs`; returns the count.
 
     Resumable: finished batches already in the file are kept and skipped (batch b is sampled with
-    seed + b, so a resumed corpus equals an uninterrupted one). A torn last line is dropped.
+    seed + b, so a resumed corpus equals an uninterrupted one). A torn last line is dropped. The
+    settings are kept with the shared checkpoint helper next to the file: continuing it with other
+    settings (or another model) is refused unless `force`, which starts the file over.
     """
     from tqdm.auto import tqdm
 
-    if temperature <= 0:
-        raise SteerscopeError("corpus sampling needs temperature > 0.")
+    cfg = cfg or CorpusConfig()
+    n_docs, batch_size, max_new_tokens, temperature, seed = cfg.docs, cfg.batch_size, cfg.max_new_tokens, cfg.temperature, cfg.seed
     path = Path(path)
+    state = Checkpoint(path.with_name(f".{path.name}.state"), config_key(lm.fingerprint, {**config_to_dict(cfg), "docs": None}), "corpus",
+                       force=force)
+    if force:
+        path.unlink(missing_ok=True)
+    if path.exists() and state.load() is None and path.stat().st_size:
+        raise SteerscopeError(f"{path} exists and was not made by `steerscope sae corpus`; choose another --out or pass --force.")
+    state.save({"docs": n_docs})
     raw = path.read_text() if path.exists() else ""
     lines = raw.splitlines()
     texts = []

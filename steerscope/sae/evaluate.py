@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..config import Family
 from ..models.activations import record
 from ..models.hooks import hooks
 from ..models.registry import Site
@@ -47,36 +48,51 @@ class SAEEval:
 
 def sae_codec(sae) -> Encoder:
     def f(x):
+        sae.to(x.device)  # the SAE runs where the activations are
         out = sae(x)
         return out.acts, out.recon
     return f
 
 
-def baseline_dictionary(kind: str, x: torch.Tensor, k: int, seed: int = 0) -> Encoder:
-    """An equally sparse dictionary from `x` (N, d): pca | ica | random."""
-    x = x.double()
-    mu = x.mean(0)
-    d = x.shape[1]
-    if kind == "pca":
-        _, _, vh = torch.linalg.svd(x - mu, full_matrices=False)
-        enc, dec = vh.T, vh  # orthonormal: coefficients = projections
-    elif kind == "random":
-        q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-        enc, dec = q, q.T
-    elif kind == "ica":
-        from sklearn.decomposition import FastICA
+SAE_BASELINES: Family = Family("sae_baselines", "baseline dictionary")
 
-        ica = FastICA(n_components=d, random_state=seed, max_iter=400, whiten="unit-variance").fit((x - mu).numpy())
-        enc = torch.from_numpy(ica.components_.T.copy())  # (d, n): sources = (x - mu) @ enc
-        dec = torch.from_numpy(ica.mixing_.T.copy())  # (n, d)
-    else:
-        raise ValueError(f"unknown baseline {kind!r}; use pca, ica or random.")
+
+@SAE_BASELINES.register("pca")
+def _pca_dictionary(xc: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal components of the centred activations (orthonormal: codes are projections)."""
+    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    return vh.T, vh
+
+
+@SAE_BASELINES.register("random")
+def _random_dictionary(xc: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random orthonormal basis."""
+    d = xc.shape[1]
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q, q.T
+
+
+@SAE_BASELINES.register("ica")
+def _ica_dictionary(xc: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastICA components (scikit-learn)."""
+    from sklearn.decomposition import FastICA
+
+    ica = FastICA(n_components=xc.shape[1], random_state=seed, max_iter=400, whiten="unit-variance").fit(xc.numpy())
+    return torch.from_numpy(ica.components_.T.copy()), torch.from_numpy(ica.mixing_.T.copy())  # (d, n), (n, d)
+
+
+def baseline_dictionary(kind: str, x: torch.Tensor, k: int, seed: int = 0) -> Encoder:
+    """An equally sparse dictionary from `x` (N, d), one of `SAE_BASELINES` (pca | ica | random):
+    each token keeps its k largest-magnitude coefficients."""
+    x = x.double().cpu()
+    mu = x.mean(0)
+    enc, dec = SAE_BASELINES.get(kind).fn(x - mu, seed)
 
     def f(xb):
-        c = (xb.double() - mu) @ enc
+        c = (xb.double() - mu.to(xb.device)) @ enc.to(xb.device)
         top = c.abs().topk(min(k, c.shape[1]), dim=-1).indices
         sparse = torch.zeros_like(c).scatter(-1, top, c.gather(-1, top))
-        return sparse.float(), (sparse @ dec + mu).float()
+        return sparse.float(), (sparse @ dec.to(xb.device) + mu.to(xb.device)).float()
     return f
 
 

@@ -31,6 +31,7 @@ def top_contexts(lm, sae, texts: list[str], features: list[int] | None = None, *
     layer, tok = sae.cfg.layer, lm.tokenizer
     best: dict[int, list[tuple[float, int, int]]] = {}
     fires = torch.zeros(sae.cfg.n_latents)
+    sae.to(lm.device)  # the SAE runs where the activations are
     n_tokens = 0
     all_ids: list[list[int]] = []
     per_batch = []

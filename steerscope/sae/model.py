@@ -1,51 +1,59 @@
 """Sparse autoencoders on residual-stream activations.
 
     pre  = (x - b_dec) W_enc + b_enc                      # (B, n_latents)
-    acts = sparsify(pre)                                  # topk | batchtopk | relu
+    acts = sparsify(pre)                                  # the architecture's rule (`sae.archs`)
     x_hat = acts W_dec + b_dec                            # W_dec rows: unit norm during training
-
-Architectures:
-    topk       keep each row's k largest ReLU pre-activations (Gao et al. 2024), + AuxK loss on
-               dead latents (k_aux largest dead pre-activations reconstruct the residual error)
-    batchtopk  keep the k * B largest over the whole batch (Bussmann et al. 2024); for inference
-               it is saved in JumpReLU form: a latent fires when pre > threshold, the threshold an
-               EMA of the smallest activation kept in training, so outputs do not depend on the batch
-    relu       ReLU + L1 penalty (the baseline), penalty weighted by decoder row norms
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from ..config import Config
 from ..errors import SteerscopeError
+from .archs import SAE_ARCHS
 
-ARCHS = ("topk", "batchtopk", "relu")
+@dataclass(frozen=True)
+class SAEConfig(Config):
+    """An SAE's shape and architecture, and where it reads."""
 
-
-@dataclass
-class SAEConfig:
-    d_in: int
-    n_latents: int
-    arch: str = "topk"
-    k: int = 32
-    k_aux: int = 256
-    aux_coef: float = 1 / 32
-    l1_coef: float = 5.0  # relu only
-    # provenance (SAELens-style fields)
-    model_id: str = ""
-    model_type: str = ""
-    layer: int = -1
-    site: str = "resid_post"
+    d_in: int = field(metadata={"cli": False})
+    """width of the activations it reads (the model's d_model)"""
+    n_latents: int = field(default=4096, metadata={"min": 1})
+    """number of latents (dictionary size)"""
+    arch: str = field(default="topk", metadata={"choices": SAE_ARCHS})
+    """architecture"""
+    k: int = field(default=32, metadata={"min": 1})
+    """active latents per token (topk, batchtopk)"""
+    k_aux: int = field(default=256, metadata={"min": 1})
+    """dead latents used by the AuxK loss"""
+    aux_coef: float = field(default=1 / 32, metadata={"min": 0})
+    """weight of the AuxK loss"""
+    l1_coef: float = field(default=5.0, metadata={"min": 0})
+    """L1 coefficient lambda (relu; Anthropic's April 2024 recipe uses ~5)"""
+    model_id: str = field(default="", metadata={"cli": False})
+    """the model it was trained on (SAELens `model_name`)"""
+    model_type: str = field(default="", metadata={"cli": False})
+    """that model's config.model_type"""
+    layer: int = field(default=-1, metadata={"cli": False})
+    """the layer it reads"""
+    site: str = field(default="resid_post", metadata={"cli": False})
+    """the site it reads at that layer"""
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise SteerscopeError(f"unknown SAE architecture {self.arch!r}; use one of {', '.join(ARCHS)}.")
-        if self.arch != "relu" and not 0 < self.k <= self.n_latents:
-            raise SteerscopeError(f"k must be in 1..n_latents ({self.n_latents}), got {self.k}.")
+        super().__post_init__()
+        if self.d_in < 1 or self.n_latents < 1:
+            raise SteerscopeError(f"an SAE needs d_in >= 1 and n_latents >= 1, got {self.d_in} and {self.n_latents}.")
+        SAE_ARCHS.get(self.arch).fn.check(self)
+
+    @property
+    def rule(self):
+        """The architecture class from `SAE_ARCHS`."""
+        return SAE_ARCHS.get(self.arch).fn
 
 
 class SAEOutput(NamedTuple):
@@ -62,11 +70,8 @@ class SAE(nn.Module):
         w = torch.randn(cfg.n_latents, cfg.d_in, generator=g)
         w = w / w.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w)  # (n, d) unit rows
-        # (d, n): encoder initialised as the decoder's transpose. For ReLU every latent with a
-        # positive projection fires at first (about n/2 of them), so the encoder starts at 0.1x
-        # (as in Anthropic's April 2024 recipe); at full scale the first reconstructions are ~10x
-        # the input and short runs collapse (measured on SmolLM2: FVU 0.99 vs 0.65 at l1=5, 500 steps).
-        self.W_enc = nn.Parameter(w.T.clone() * (0.1 if cfg.arch == "relu" else 1.0))
+        # (d, n): encoder initialised as (a multiple of) the decoder's transpose
+        self.W_enc = nn.Parameter(w.T.clone() * cfg.rule.init_scale)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("threshold", torch.zeros(()))  # batchtopk inference form
@@ -75,25 +80,7 @@ class SAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(acts, pre), both (B, n)."""
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-        r = torch.relu(pre)
-        arch, k = self.cfg.arch, self.cfg.k
-        if arch == "relu":
-            return r, pre
-        if arch == "topk" or (arch == "batchtopk" and x.shape[0] == 1 and not self.inference):
-            top = r.topk(k, dim=-1)
-            return torch.zeros_like(r).scatter(-1, top.indices, top.values), pre
-        if self.inference:  # batchtopk saved form: JumpReLU
-            return r * (pre > self.threshold), pre
-        flat = r.reshape(-1)
-        top = flat.topk(min(k * x.shape[0], flat.numel()))
-        acts = torch.zeros_like(flat).scatter(0, top.indices, top.values).reshape(r.shape)
-        if self.training:
-            with torch.no_grad():  # EMA of the smallest kept positive activation -> inference threshold
-                kept = top.values[top.values > 0]
-                if kept.numel():
-                    m = kept.min()
-                    self.threshold.copy_(m if float(self.threshold) == 0 else 0.99 * self.threshold + 0.01 * m)
-        return acts, pre
+        return self.cfg.rule.encode(self, x, pre), pre
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts @ self.W_dec + self.b_dec

@@ -9,13 +9,11 @@ computed without the error term can be cancelled by it (SAELens `use_error_term`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
-
 import torch
 
 from ..directions.vectors import VectorSet
 from ..errors import SteerscopeError
-from ..interventions.ops import Intervention
+from ..interventions.ops import INTERVENTIONS, Intervention
 from ..models.registry import Site
 from .model import SAE
 
@@ -35,9 +33,11 @@ def feature_vectors(lm, sae: SAE, features: list[int], *, unit: bool = True) -> 
                             site=sae.cfg.site)
 
 
+@INTERVENTIONS.register("sae_clamp")
 @dataclass
 class ClampFeature(Intervention):
-    op: ClassVar[str] = "sae_clamp"
+    """Set SAE latent `feature` to `value` at the SAE's site, keeping the SAE's error term."""
+
     sae: SAE
     feature: int
     value: float
@@ -54,6 +54,7 @@ class ClampFeature(Intervention):
         if not 0 <= i < sae.cfg.n_latents:
             raise SteerscopeError(f"feature {i} is outside 0..{sae.cfg.n_latents - 1}.")
         positions = self.positions
+        sae.to(lm.device)  # the SAE runs where the activations are
 
         def apply(x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
             flat = x.reshape(-1, x.shape[-1]).float()

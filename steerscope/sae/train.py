@@ -20,6 +20,8 @@ from typing import Iterator
 
 import torch
 
+from ..checkpoint import Checkpoint, config_key
+from ..config import Config, config_to_dict
 from ..errors import SteerscopeError
 from ..models.activations import read_layer
 from .model import SAE, SAEConfig
@@ -162,16 +164,28 @@ class TensorBatches:
 tensor_batches = TensorBatches
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 2000
-    lr: float | None = None
-    warmup_steps: int = 100
-    decay_frac: float = 0.2
-    l1_warmup_frac: float = 0.05
-    dead_after: int = 1_000_000  # tokens without firing before a latent counts as dead
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """How an SAE is trained."""
+
+    steps: int = field(default=2000, metadata={"min": 1})
+    """optimiser steps"""
+    lr: float | None = field(default=None, metadata={"min": 0})
+    """Adam learning rate (auto: 2e-4 / sqrt(n_latents / 2^14))"""
+    warmup_steps: int = field(default=100, metadata={"min": 0})
+    """linear learning-rate warm-up"""
+    decay_frac: float = field(default=0.2, metadata={"min": 0, "max": 1})
+    """share of the steps at the end over which the learning rate decays to 0"""
+    l1_warmup_frac: float = field(default=0.05, metadata={"min": 0, "max": 1})
+    """share of the steps over which the L1 coefficient warms up (relu)"""
+    dead_after: int = field(default=1_000_000, metadata={"min": 1})
+    """tokens without firing before a latent counts as dead (AuxK)"""
     scale_input: bool = True
+    """scale inputs to E||x|| = sqrt(d_in) while training (folded into the weights after)"""
     seed: int = 0
+    """random seed (initial weights)"""
+    device: str | None = field(default=None, metadata={"cli": "--sae-device"})
+    """device the SAE trains on (auto: where the batches are)"""
 
 
 @dataclass
@@ -189,21 +203,13 @@ def _lr_factor(step: int, t: TrainConfig) -> float:
     return warm * decay
 
 
-CHECKPOINT = "checkpoint.pt"
+def load_checkpoint(folder, cfg: SAEConfig, tcfg: TrainConfig) -> dict | None:
+    """The training state saved in `folder` for these settings, or None when there is none."""
+    return _checkpoint(folder, cfg, tcfg).load()
 
 
-def _save_checkpoint(folder: Path, state: dict) -> None:
-    """torch.save to a temporary name, then rename: a kill mid-write keeps the previous checkpoint."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, folder / CHECKPOINT)
-
-
-def load_checkpoint(folder) -> dict | None:
-    """The checkpoint in `folder`, or None when there is none."""
-    f = Path(folder) / CHECKPOINT
-    return torch.load(f, weights_only=True) if f.is_file() else None
+def _checkpoint(folder, cfg: SAEConfig, tcfg: TrainConfig) -> Checkpoint:
+    return Checkpoint(folder, config_key(config_to_dict(cfg), config_to_dict(tcfg)), "SAE training run")
 
 
 def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig | None = None,
@@ -225,25 +231,26 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
     lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(cfg.n_latents / 2 ** 14)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, t))
-    since_fired = torch.zeros(cfg.n_latents)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None and not hasattr(it, "state_dict"):
+    ckpt = _checkpoint(checkpoint_dir, cfg, t)
+    if checkpoint_dir is not None and not hasattr(it, "state_dict"):
         raise SteerscopeError("checkpointing needs a resumable batch source (ActivationBuffer, TensorBatches, ShardBatches).")
-    state = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    state = ckpt.load()
     start, first = 0, None
+    if state is None:
+        first = next(it).float()
+    dev = torch.device(t.device) if t.device else (first.device if first is not None else torch.device("cpu"))
+    sae.to(dev)
+    since_fired = torch.zeros(cfg.n_latents, device=dev)
     if state is not None:
-        if state["sae_cfg"] != asdict(cfg) or state["train_cfg"] != asdict(t):
-            raise SteerscopeError(f"the checkpoint in {ckpt_dir} was made with other settings; use the same settings "
-                                  "to resume, or another folder (or --force) to start over.")
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        since_fired = state["since_fired"]
+        since_fired = state["since_fired"].to(dev)
         hist = TrainHistory(**state["hist"])
         it.load_state_dict(state["batches"])
         start, scale = state["step"], hist.input_scale
     else:
-        first = next(it).float()
+        first = first.to(dev)
         scale = math.sqrt(cfg.d_in) / float(first.norm(dim=-1).mean()) if t.scale_input else 1.0
         hist.input_scale = scale
         with torch.no_grad():
@@ -258,18 +265,11 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
                 batch = next(it)
             except StopIteration:
                 raise SteerscopeError(f"the activation source ran out after {step} steps; give more text or fewer steps.") from None
-        x = batch.float() * scale  # (B, d)
+        x = batch.to(dev).float() * scale  # (B, d)
         out = sae(x)
         err = (x - out.recon).square().sum(-1)
         fvu = err.mean() / (x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12)
-        if cfg.arch == "relu":
-            l1_w = cfg.l1_coef * min(1.0, (step + 1) / max(1, int(t.l1_warmup_frac * t.steps)))
-            # Anthropic's April 2024 recipe: ||x - x_hat||^2 + lambda * sum_i f_i ||W_dec,i|| on inputs
-            # scaled to E||x|| = sqrt(d_in), lambda ~ 5. Both terms are divided by d_in, which only
-            # sets the gradient scale, so l1_coef means the same lambda as in that recipe.
-            loss = (err.mean() + l1_w * (out.acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()) / cfg.d_in
-        else:
-            loss = fvu + cfg.aux_coef * sae.aux_loss(x, out, since_fired > t.dead_after)
+        loss = cfg.rule.loss(sae, x, out, err, fvu, step, t, since_fired > t.dead_after)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.project_decoder_grad()
@@ -285,13 +285,11 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
         hist.dead_frac.append(float((since_fired > t.dead_after).float().mean()))
         if step % 20 == 0:
             bar.set_postfix(L0=f"{l0:.1f}", FVU=f"{hist.fvu[-1]:.3f}")
-        if ckpt_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < t.steps:
-            _save_checkpoint(ckpt_dir, {"step": step + 1, "sae_cfg": asdict(cfg), "train_cfg": asdict(t),
-                                        "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                        "since_fired": since_fired, "hist": asdict(hist), "batches": it.state_dict()})
+        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < t.steps:
+            ckpt.save({"step": step + 1, "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                       "since_fired": since_fired, "hist": asdict(hist), "batches": it.state_dict()})
     sae.eval()
-    if cfg.arch == "batchtopk":
-        sae.inference = True
+    cfg.rule.finish(sae)
     fold_input_scale(sae, scale)
     return sae, hist
 

@@ -11,15 +11,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ...config import Config
 from ...errors import SteerscopeError
+from .base import DISCOVERY, Discovered, DiscoveryContext
 
 
 def _orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows of x made orthonormal in order (Gram-Schmidt via QR, signs kept)."""
     q, r = torch.linalg.qr(x.T)
-    return (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(1, dtype=q.dtype))).T
+    return (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(1, dtype=q.dtype, device=q.device))).T
 
 
 def random_directions(k: int, d: int, seed: int) -> torch.Tensor:
@@ -62,5 +66,41 @@ def random_onmanifold(layer_range, k: int, manifold_rank: int, seed: int) -> tup
     if k > manifold_rank:
         raise SteerscopeError(f"{k} orthogonal vectors do not fit in a rank-{manifold_rank} subspace; raise manifold_rank.")
     g = torch.Generator().manual_seed(seed)
-    coeffs = torch.randn(k, manifold_rank, generator=g, dtype=torch.float64)
+    coeffs = torch.randn(k, manifold_rank, generator=g, dtype=torch.float64).to(basis.device)
     return _orthonormal_rows(coeffs @ basis).float(), {"manifold_rank": manifold_rank}
+
+
+@dataclass(frozen=True)
+class ManifoldConfig(Config):
+    """Settings of the on-manifold baselines."""
+
+    manifold_rank: int | None = field(default=None, metadata={"min": 1})
+    """rank of the activation subspace kept (auto: 2 x the number of vectors)"""
+
+
+@DISCOVERY.register("pca")
+def _pca(ctx: DiscoveryContext, cfg: None) -> Discovered:
+    """Top principal components of the source-layer activations, times R."""
+    dirs, info = pca(ctx.layer_range, ctx.settings.n_vectors)
+    return Discovered(ctx.R * dirs.cpu(), info=info)
+
+
+@DISCOVERY.register("pca_onmanifold", ManifoldConfig)
+def _pca_onmanifold(ctx: DiscoveryContext, cfg: ManifoldConfig) -> Discovered:
+    """Those PCs kept inside the span the activations occupy, times R."""
+    dirs, info = pca(ctx.layer_range, ctx.settings.n_vectors, cfg.manifold_rank or 2 * ctx.settings.n_vectors)
+    return Discovered(ctx.R * dirs.cpu(), info=info)
+
+
+@DISCOVERY.register("random")
+def _random(ctx: DiscoveryContext, cfg: None) -> Discovered:
+    """Orthogonal random directions of norm R: the control."""
+    return Discovered(ctx.R * random_directions(ctx.settings.n_vectors, ctx.lm.d_model, ctx.settings.seed))
+
+
+@DISCOVERY.register("random_onmanifold", ManifoldConfig)
+def _random_onmanifold(ctx: DiscoveryContext, cfg: ManifoldConfig) -> Discovered:
+    """Random directions inside the activations' top subspace, norm R."""
+    n = ctx.settings.n_vectors
+    dirs, info = random_onmanifold(ctx.layer_range, n, cfg.manifold_rank or 2 * n, ctx.settings.seed)
+    return Discovered(ctx.R * dirs.cpu(), info=info)

@@ -18,13 +18,40 @@ between models, so a fixed R is wrong for most.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ...config import Config
 from ...errors import SteerscopeError
 from ...models.layer_range import eager_attention, frozen_weights
+from .base import DISCOVERY, Discovered, DiscoveryContext
 from .baselines import _orthonormal_rows, random_directions
+
+
+@dataclass(frozen=True)
+class JacobianConfig(Config):
+    """Settings of the Jacobian singular-vector method."""
+
+    power_iters: int = field(default=50, metadata={"min": 1})
+    """most subspace iterations"""
+    tol: float = field(default=1e-4, metadata={"min": 0})
+    """stop when every singular vector's relative residual is below this"""
+    oversample: int = field(default=4, metadata={"min": 0})
+    """extra vectors iterated alongside for faster convergence"""
+
+
+@DISCOVERY.register("jacobian", JacobianConfig)
+def jacobian(ctx: DiscoveryContext, cfg: JacobianConfig) -> Discovered:
+    """Top right singular vectors of the source->target Jacobian (the linear DCT), times R."""
+    s = ctx.settings
+    with ctx.bar(cfg.power_iters, "jacobian") as bar:
+        res = jacobian_singular_vectors(ctx.layer_range, s.n_vectors, target_tokens=s.target_tokens, oversample=cfg.oversample,
+                                        iters=cfg.power_iters, tol=cfg.tol, seed=s.seed, progress=bar)
+    info = {"singular_values": res.singular_values.tolist(), "residuals": res.residuals.tolist(),
+            "iterations": res.iterations, "converged": res.converged}
+    return Discovered(ctx.R * res.vectors.cpu(), {"singular_values": res.singular_values.cpu(),
+                                                  "history": torch.tensor(res.history)}, info)
 
 
 @dataclass
@@ -54,15 +81,15 @@ def jacobian_singular_vectors(layer_range, n: int, *, target_tokens: str = "all"
     try:
         with eager_attention(lm), frozen_weights(lm):
             layer_range.capture()  # masks in the eager format
-            return _subspace_iteration(_masked_delta(layer_range, mask), d, n, k, iters, tol, seed, progress)
+            return _subspace_iteration(_masked_delta(layer_range, mask), d, n, k, iters, tol, seed, progress, lm.device)
     finally:
         layer_range.capture()  # back to masks for the model's own attention implementation
 
 
-def _subspace_iteration(f, d: int, n: int, k: int, iters: int, tol: float, seed: int, progress) -> JacobianResult:
-    zero = torch.zeros(k, d)
+def _subspace_iteration(f, d: int, n: int, k: int, iters: int, tol: float, seed: int, progress, device) -> JacobianResult:
+    zero = torch.zeros(k, d, device=device)
     _, vjp_fn = torch.func.vjp(f, zero)  # linearisation point theta = 0, reused every iteration
-    V = random_directions(k, d, seed)  # (k, d) orthonormal rows
+    V = random_directions(k, d, seed).to(device)  # (k, d) orthonormal rows
     history, converged = [], False
     for it in range(1, iters + 1):
         _, JV = torch.func.jvp(f, (zero,), (V,))  # row block i: J v_i
@@ -85,7 +112,7 @@ def _subspace_iteration(f, d: int, n: int, k: int, iters: int, tol: float, seed:
     vecs = ritz[:n]
     # Signs are arbitrary (-v is as singular as v); fix them reproducibly.
     s = torch.sign(vecs.sum(-1, keepdim=True))
-    vecs = vecs * s.where(s != 0, torch.ones(1))
+    vecs = vecs * s.where(s != 0, torch.ones(1, device=s.device))
     return JacobianResult(vecs, lam[:n].sqrt(), res[:n], history, it, converged)
 
 
@@ -113,7 +140,7 @@ def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, tar
     first upward crossing."""
     lm = layer_range.lm
     mask = layer_range.target_mask(target_tokens).float()
-    V = random_directions(n_probe, lm.d_model, seed)
+    V = random_directions(n_probe, lm.d_model, seed).to(lm.device)
     try:
         with eager_attention(lm), frozen_weights(lm):
             layer_range.capture()

@@ -13,26 +13,62 @@ chunk of vectors trains as one batch (K vectors x P prompts rows). Gradients are
 tangent of the sphere and theta is renormalised to R after every Adam step; with
 `orthogonal=True` vector k is kept orthogonal to vectors 0..k-1 (Gram-Schmidt after each step,
 and against all earlier chunks), which is the reference's sequential scheme done in one batch.
-The inner loop never calls .item(). A checkpoint (safetensors + json, written atomically) is
-saved every `checkpoint_every` steps and after each chunk; a run started again with the same
-config resumes from it and gives the same vectors as an uninterrupted run.
+The inner loop never calls .item(). A checkpoint (the shared `checkpoint.Checkpoint`) is saved
+every `checkpoint_every` steps and after each chunk; a run started again with the same config
+resumes from it and gives the same vectors as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
-from ..._io import write_json_atomic
+from ...checkpoint import Checkpoint
+from ...config import Config
 from ...errors import SteerscopeError
 from ...models.layer_range import frozen_weights
+from .base import DISCOVERY, Discovered, DiscoveryContext
 from .baselines import _orthonormal_rows
+
+
+@dataclass(frozen=True)
+class MelboConfig(Config):
+    """MELBO's own settings."""
+
+    p: float = field(default=2.0, metadata={"min": 0})
+    """exponent of the per-token change in the objective"""
+    q: float = field(default=1.0, metadata={"min": 0})
+    """the per-prompt sum is raised to 1/q"""
+    steps: int = field(default=300, metadata={"min": 1})
+    """Adam steps per chunk of vectors"""
+    lr: float | None = field(default=None, metadata={"min": 0})
+    """Adam learning rate (auto: 0.01 * R / sqrt(d_model), the reference's 1e-3 at R=4, d=2048)"""
+    orthogonal: bool = True
+    """keep the vectors mutually orthogonal"""
+    vectors_per_batch: int | None = field(default=None, metadata={"min": 1})
+    """train this many vectors at once (auto: all in one batch)"""
+    checkpoint_every: int = field(default=25, metadata={"min": 1})
+    """steps between checkpoints"""
+
+
+@DISCOVERY.register("melbo", MelboConfig)
+def melbo(ctx: DiscoveryContext, cfg: MelboConfig) -> Discovered:
+    """MELBO (Mack & Turner 2024): vectors that maximise the change at the target layer."""
+    s = ctx.settings
+    chunks = -(-s.n_vectors // (cfg.vectors_per_batch or s.n_vectors))
+    with ctx.bar(cfg.steps * chunks, "melbo") as bar:
+        res = train_melbo(ctx.layer_range, n_vectors=s.n_vectors, R=ctx.R, p=cfg.p, q=cfg.q, target_tokens=s.target_tokens,
+                          steps=cfg.steps, lr=cfg.lr, orthogonal=cfg.orthogonal, chunk=cfg.vectors_per_batch, seed=s.seed,
+                          checkpoint=ctx.checkpoint, checkpoint_every=cfg.checkpoint_every, progress=bar)
+    return Discovered(res.vectors, {"curves": res.curves}, {"final_objective": res.curves[:, -1].tolist()})
+
+
+class MelboResult(NamedTuple):
+    vectors: torch.Tensor  # (K, d)
+    curves: torch.Tensor  # (K, steps): each vector's objective per step
 
 
 def melbo_objective(delta: torch.Tensor, mask: torch.Tensor, K: int, p: float, q: float) -> torch.Tensor:
@@ -54,47 +90,11 @@ def _project(theta: torch.Tensor, earlier: torch.Tensor | None, orthogonal: bool
     return R * theta / theta.norm(dim=-1, keepdim=True)
 
 
-class _Checkpoint:
-    """state.safetensors + state.json in a folder; both replaced atomically."""
-
-    def __init__(self, folder: Path | None, key: str):
-        self.folder, self.key = folder, key
-
-    def load(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
-        if self.folder is None or not (self.folder / "state.json").is_file():
-            return None
-        from safetensors.torch import load_file
-
-        meta = json.loads((self.folder / "state.json").read_text())
-        if meta.get("key") != self.key:
-            raise SteerscopeError(
-                f"{self.folder} holds a checkpoint of a different MELBO run (other model, prompts or settings); "
-                "delete it or pass --force to start over."
-            )
-        return meta, load_file(str(self.folder / "state.safetensors"))
-
-    def save(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        if self.folder is None:
-            return
-        from safetensors.torch import save_file
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".state.safetensors.{os.getpid()}.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.folder / "state.safetensors")
-        write_json_atomic(self.folder / "state.json", {**meta, "key": self.key})
-
-
-def run_key(lm, prompts: list[str], cfg_dict: dict) -> str:
-    blob = json.dumps({"model": lm.fingerprint, "prompts": prompts, "cfg": cfg_dict}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def train_melbo(layer_range, *, n_vectors: int, R: float, p: float = 2.0, q: float = 1.0, target_tokens: str = "all",
                 steps: int = 300, lr: float | None = None, orthogonal: bool = True, chunk: int | None = None,
-                seed: int = 0, checkpoint: _Checkpoint | None = None, checkpoint_every: int = 25,
-                progress=None, callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (vectors (K, d), curves (K, steps) of each vector's objective)."""
+                seed: int = 0, checkpoint: Checkpoint | None = None, checkpoint_every: int = 25,
+                progress=None, callback: Callable[[int, int], None] | None = None) -> MelboResult:
+    """Train K vectors; `callback(chunk, step)` runs after every step (tests use it to kill a run)."""
     with frozen_weights(layer_range.lm):
         return _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
                       checkpoint_every, progress, callback)
@@ -108,31 +108,30 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
     if orthogonal and n_vectors > d:
         raise SteerscopeError(f"{n_vectors} orthogonal vectors do not fit in d_model={d}.")
     mask = layer_range.target_mask(target_tokens).float()  # (P, T)
-    ckpt = checkpoint or _Checkpoint(None, "")
-    done = torch.zeros(0, d)
-    curves = torch.zeros(0, steps)
+    ckpt = checkpoint or Checkpoint(None, "")
+    dev = layer_range.lm.device
+    done = torch.zeros(0, d, device=dev)
+    curves = torch.zeros(0, steps, device=dev)
     start_chunk, start_step, state = 0, 0, None
     loaded = ckpt.load()
     if loaded is not None:
-        meta, t = loaded
-        done, curves = t["done"], t["curves"]
-        start_chunk, start_step = meta["chunk"], meta["step"]
-        state = t if "theta" in t else None
+        done, curves = loaded["done"].to(dev), loaded["curves"].to(dev)
+        start_chunk, start_step = loaded["chunk"], loaded["step"]
+        state = loaded if "theta" in loaded else None
     n_chunks = math.ceil(n_vectors / chunk)
     for c in range(start_chunk, n_chunks):
         K = min(chunk, n_vectors - c * chunk)
         g = torch.Generator().manual_seed(seed * 1_000_003 + c)
-        theta = torch.nn.Parameter(_project(torch.randn(K, d, generator=g), done, orthogonal, R))
+        theta = torch.nn.Parameter(_project(torch.randn(K, d, generator=g).to(dev), done, orthogonal, R))
         # AdamW(wd=0, betas=(.9,.98), amsgrad) as in the reference code.
         opt = torch.optim.Adam([theta], lr=lr_, betas=(0.9, 0.98), amsgrad=True)
-        curve = torch.zeros(K, steps)
+        curve = torch.zeros(K, steps, device=dev)
         step0 = 0
         if state is not None and c == start_chunk:
             with torch.no_grad():
                 theta.copy_(state["theta"])
-            opt.state[theta] = {"step": state["adam_step"].clone(), "exp_avg": state["exp_avg"].clone(),
-                                "exp_avg_sq": state["exp_avg_sq"].clone(), "max_exp_avg_sq": state["max_exp_avg_sq"].clone()}
-            curve = state["curve"].clone()
+            opt.load_state_dict(state["opt"])
+            curve = state["curve"].to(dev)
             step0 = start_step
         for step in range(step0, steps):
             opt.zero_grad(set_to_none=True)
@@ -151,15 +150,12 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
                 if step % 10 == 0 or step == steps - 1:
                     progress.set_postfix(chunk=f"{c + 1}/{n_chunks}", objective=f"{float(obj.detach().mean()):.4g}")
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                st = opt.state[theta]
-                ckpt.save({"chunk": c, "step": step + 1}, {"done": done, "curves": curves, "theta": theta.detach(),
-                                                          "adam_step": st["step"], "exp_avg": st["exp_avg"],
-                                                          "exp_avg_sq": st["exp_avg_sq"], "max_exp_avg_sq": st["max_exp_avg_sq"],
-                                                          "curve": curve})
+                ckpt.save({"chunk": c, "step": step + 1, "done": done, "curves": curves, "theta": theta.detach(),
+                           "opt": opt.state_dict(), "curve": curve})
             if callback is not None:
                 callback(c, step)
         done = torch.cat([done, theta.detach().clone()])
         curves = torch.cat([curves, curve])
-        ckpt.save({"chunk": c + 1, "step": 0}, {"done": done, "curves": curves})  # this chunk's vectors are safe
+        ckpt.save({"chunk": c + 1, "step": 0, "done": done, "curves": curves})  # this chunk's vectors are safe
         state = None
-    return done, curves
+    return MelboResult(done.cpu(), curves.cpu())

@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ...generation import generate
-from ...models.layer_range import LayerRange
-from ..vectors import VectorSet
+from ..errors import SteerscopeError
+
+from ..generation import generate
+from ..models.layer_range import LayerRange
+from ..directions.vectors import VectorSet
 
 
 @dataclass
@@ -28,19 +30,23 @@ class SweepRow:
 
 
 def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0, 2.0, 4.0), *, target: int | None = None,
-               max_new_tokens: int = 24, chat: bool | None = None) -> list[SweepRow]:
+               max_new_tokens: int = 24, chat: bool | None = None, layer_range: LayerRange | None = None,
+               unsteered: list | None = None) -> list[SweepRow]:
+    """One row per multiple. `layer_range` (same prompts, the vectors' layer -> target) and
+    `unsteered` completions are reused when given (a run has both already)."""
     source = vs.layers[0]
     if any(l != source for l in vs.layers):
-        raise ValueError("norm_sweep needs vectors at one source layer.")
+        raise SteerscopeError("norm_sweep needs vectors at one source layer; pick them with --index.")
     t = target if target is not None else vs.config.hyperparams.get("target", min(lm.n_layers - 1, source + 1))
-    lr = LayerRange(lm, prompts, source, t, chat=chat)
+    lr = layer_range if layer_range is not None and (layer_range.source, layer_range.target) == (source, t) \
+        else LayerRange(lm, prompts, source, t, chat=chat)
     tmask = lr.target_mask(vs.config.hyperparams.get("target_tokens", "all"))  # (P, T)
     base_norm = lr.z_target.float().norm(dim=-1)[tmask].mean()
-    base = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False)
+    base = unsteered if unsteered is not None else generate(lm, prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False)
     rows = []
     for m in multiples:
         with torch.no_grad():
-            delta = lr.delta(vs.vectors * m).norm(dim=-1)  # (K*P, T)
+            delta = lr.delta(vs.vectors.to(lm.device) * m).norm(dim=-1)  # (K*P, T)
         change = float(delta[tmask.repeat(len(vs), 1)].mean() / base_norm)
         res = generate(lm, prompts, vectors=vs, coef=m, max_new_tokens=max_new_tokens, chat=chat, include_unsteered=False,
                        progress=False)

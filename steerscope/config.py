@@ -1,0 +1,247 @@
+"""Method families and configs: the one shape every method in steerscope has.
+
+A method is a frozen config dataclass (one docstring per field) plus a function returning a named
+result, registered by name in its family::
+
+    @dataclass(frozen=True)
+    class MelboConfig:
+        steps: int = 300
+        \"\"\"Adam steps per chunk of vectors.\"\"\"
+
+    @DISCOVERY.register("melbo", MelboConfig)
+    def melbo(ctx: DiscoveryContext, cfg: MelboConfig) -> Discovered: ...
+
+Families: `DISCOVERY` (directions.discovery), `EXTRACTORS` (directions.extract), `METRICS`
+(judging.metrics), `SAE_ARCHS` (sae.archs), `INTERVENTIONS` (interventions.ops). Tests iterate over
+the families, so a new method passes the shared checks without being listed anywhere else.
+
+Configs are the single source of truth: the CLI is generated from them (`cli_args`), their
+docstrings are the `--help` text, and `config_to_dict` / `config_from_dict` write and read them
+in `config.json`. Field metadata understood here and in `cli_args`:
+    min / max     inclusive bounds checked by `validate` (out of range: SteerscopeError)
+    choices       allowed values, or a Family whose names are allowed
+    none          the CLI word for None (e.g. "calibrate" for R); default "auto"
+    family        on a config-typed field: the Family whose config class is chosen by the sibling
+                  field named in `by` (e.g. DiscoverConfig.method_config by DiscoverConfig.method)
+    cli           False: not exposed on the command line; a string: the flag name to use
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import math
+import textwrap
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from .errors import SteerscopeError
+
+F = TypeVar("F", bound=Callable)
+
+
+@dataclass(frozen=True)
+class Method(Generic[F]):
+    """One registered method: its name, its config class (None when it has no settings) and its
+    function (or class, for interventions)."""
+
+    name: str
+    config: type | None
+    fn: F
+    family: str
+
+    @property
+    def doc(self) -> str:
+        return (inspect.getdoc(self.fn) or "").split("\n\n")[0].replace("\n", " ")
+
+    def default_config(self):
+        return None if self.config is None else self.config()
+
+
+class Family(Generic[F]):
+    """A registry of methods of one kind; every family has this shape."""
+
+    def __init__(self, name: str, what: str):
+        self.name, self.what = name, what
+        self._methods: dict[str, Method[F]] = {}
+
+    def register(self, name: str, config: type | None = None, *, replace: bool = False) -> Callable[[F], F]:
+        if config is not None and not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
+            raise TypeError(f"{self.what} {name!r}: its config must be a frozen dataclass.")
+
+        def deco(fn: F) -> F:
+            if name in self._methods and not replace:
+                raise SteerscopeError(f"{self.what} {name!r} is already registered; pass replace=True to override it.")
+            self._methods[name] = Method(name, config, fn, self.name)
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Method[F]:
+        if name not in self._methods:
+            raise SteerscopeError(f"unknown {self.what} {name!r}; available: {', '.join(self.names())}.")
+        return self._methods[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._methods)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._methods
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._methods)
+
+    def __getitem__(self, name: str) -> F:
+        return self.get(name).fn
+
+    def items(self) -> list[tuple[str, Method[F]]]:
+        return [(n, self._methods[n]) for n in self.names()]
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r}: {', '.join(self.names())})"
+
+
+# ---- field docstrings ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literal written under each field in the class body
+    (inherited fields included)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations (configs use `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
+
+
+def fields(cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def validate(cfg: Any, where: str = "") -> None:
+    """Check every field's `min`/`max`/`choices` metadata and finite floats, recursively; raise a
+    SteerscopeError naming the field (as its CLI flag) and the allowed range."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        flag = f"--{f.name.replace('_', '-')}"
+        if dataclasses.is_dataclass(v):
+            validate(v, where)
+            continue
+        if v is None:
+            continue
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        for x in vals:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise SteerscopeError(f"{flag} must be a finite number, got {x}.")
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                if lo is not None and x < lo or hi is not None and x > hi:
+                    rng = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in {lo}..{hi}")
+                    raise SteerscopeError(f"{flag} must be {rng}, got {x}.")
+            ch = f.metadata.get("choices")
+            if ch is not None and x not in ch:
+                names = ch.names() if isinstance(ch, Family) else list(ch)
+                raise SteerscopeError(f"{flag} must be one of {', '.join(map(str, names))}; got {x!r}.")
+
+
+class Config:
+    """Mixin for config dataclasses: `validate` in `__post_init__` (bad values raise at once, in
+    the library and the CLI alike) and `replace`."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+# ---- (de)serialisation --------------------------------------------------------------------------
+def config_to_dict(cfg: Any) -> Any:
+    """Plain JSON data; nested configs become dicts (a family-chosen config keeps its class's
+    fields only, the family and choice are recorded by the sibling field)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(x) for x in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ())) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+def family_config_class(cls: type, f: dataclasses.Field, values: dict) -> type | None:
+    """The config class of a family-chosen field, from the sibling field that names the method."""
+    fam: Family = f.metadata["family"]
+    by = f.metadata["by"]
+    name = values.get(by, next(g.default for g in dataclasses.fields(cls) if g.name == by))
+    return fam.get(name).config
+
+
+def config_from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config (nested configs too) from `config_to_dict` output; unknown keys raise."""
+    if not isinstance(data, dict):
+        raise SteerscopeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SteerscopeError(f"{cls.__name__} has no setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+    types = field_types(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        v = data[f.name]
+        if "family" in f.metadata:
+            sub = family_config_class(cls, f, data)
+            kw[f.name] = None if sub is None or v is None else config_from_dict(sub, v)
+            continue
+        tp, _ = _unwrap_optional(types[f.name])
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            v = config_from_dict(tp, v)
+        elif typing.get_origin(tp) in (list, tuple) and isinstance(v, list):
+            v = list(v)
+        kw[f.name] = v
+    return cls(**kw)
+
+
+# ---- one spelling for "the last K tokens" -------------------------------------------------------
+def parse_last(spec: str, *, allow_all: bool = False, extra: tuple[str, ...] = (), what: str = "") -> int | str:
+    """`last:K` -> K (K >= 1); `all` (when allowed) and the `extra` words are returned as is.
+    The one spelling for "the last K tokens" everywhere (target tokens, read positions, steering
+    positions)."""
+    s = str(spec).strip()
+    if (allow_all and s == "all") or s in extra:
+        return s
+    if s.startswith("last:") and s[5:].isdigit() and int(s[5:]) >= 1:
+        return int(s[5:])
+    words = ", ".join((["all"] if allow_all else []) + list(extra) + ["last:K (K >= 1)"])
+    hint = f" (spelled last:{s[5:]} in steerscope)" if s.startswith("tail:") else ""
+    raise SteerscopeError(f"{what + ' ' if what else ''}expected {words}; got {spec!r}{hint}.")

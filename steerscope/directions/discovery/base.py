@@ -1,0 +1,46 @@
+"""The discovery family's contract: what a method receives and what it returns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...checkpoint import Checkpoint
+from ...config import Family
+from ...errors import SteerscopeError
+
+
+@dataclass
+class DiscoveryContext:
+    """Everything a discovery method gets besides its own config."""
+
+    lm: Any
+    layer_range: Any  # models.layer_range.LayerRange on the training prompts, source -> target
+    settings: Any  # the DiscoverConfig (n_vectors, target_tokens, seed, ...)
+    R: float  # the norm every vector gets (given or calibrated)
+    checkpoint: Checkpoint | None = None  # where a long method saves its state; None: no checkpoints
+    progress: bool = False  # show a progress bar
+
+    def bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="step", disable=not self.progress or total <= 0, leave=False)
+
+
+@dataclass
+class Discovered:
+    """A method's result: K vectors (norm R each) and what to record about them."""
+
+    vectors: torch.Tensor  # (K, d_model)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # saved in the VectorSet's safetensors
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-able, saved in its hyper-parameters
+
+    def __post_init__(self) -> None:
+        if self.vectors.dim() != 2 or not math.isfinite(float(self.vectors.float().abs().sum())):
+            raise SteerscopeError("the discovery method returned non-finite vectors; try a smaller R or learning rate.")
+
+
+DISCOVERY: Family = Family("discovery", "discovery method")

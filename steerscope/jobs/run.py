@@ -1,0 +1,260 @@
+"""The main job: discover vectors, generate under them (and under matched-norm random controls
+and unsteered) on training and held-out prompts, measure, cluster behaviours, write a report.
+
+A run is a folder, one file or folder per stage:
+    config.json         the RunConfig and steerscope version (JobFolder)
+    vectors/learned/    stage "discover": the VectorSet (vectors/learned.partial/ checkpoints it)
+    vectors/random/     stage "control": orthogonal random vectors with the same norms
+    completions.jsonl   stage "generate": one row per (vector or unsteered, prompt)
+    metrics.json        stage "measure": per-vector metrics, clusters, learned vs random, norm sweep
+    report.html         stage "report": one self-contained page (rebuilt every time)
+Everything the run needs (prompts, layers, scorers and their extras, the judge endpoint, the
+model) is checked before the first expensive stage. A finished stage is never redone, so a
+killed run resumes where it stopped; a folder holding a run with other settings is refused
+unless `force`. One `LayerRange` serves discovery, measurement and the norm sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from .._io import write_json_atomic, write_text_atomic
+from ..checkpoint import JobFolder
+from ..config import Config, config_from_dict, config_to_dict
+from ..directions.data import load_prompts
+from ..directions.discovery import DiscoverConfig, discover, random_control
+from ..directions.vectors import VectorSet
+from ..errors import SteerscopeError
+from ..generation import Completion, generate
+from ..models.loading import ModelConfig
+from .stages import Stage, run_stages
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """Everything `steerscope run` does; every field is a flag of the command."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the model"""
+    prompts: str = "neutral"
+    """prompt file (one per line, .jsonl/.csv with a prompt column) or a builtin set (neutral, harmful, harmless)"""
+    n_train: int = field(default=2, metadata={"min": 1})
+    """prompts the vectors are trained on (the first ones of the set)"""
+    n_heldout: int = field(default=2, metadata={"min": 0})
+    """further prompts from the same set, never seen in training"""
+    neutral: str = "neutral"
+    """prompt set for KL side effects"""
+    n_neutral: int = field(default=8, metadata={"min": 1})
+    """neutral prompts used for KL (taken from the end of the set)"""
+    discover: DiscoverConfig = field(default_factory=lambda: DiscoverConfig.of("melbo", n_vectors=8, steps=60, R=4.0))
+    """the discovery method and its settings"""
+    max_new_tokens: int = field(default=32, metadata={"min": 1})
+    """tokens generated per completion"""
+    sweep_multiples: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    """multiples of R in the norm sweep"""
+    sweep_top: int = field(default=3, metadata={"min": 0})
+    """norm-sweep this many vectors with the largest effect"""
+    scorers: list[str] = field(default_factory=lambda: ["refusal", "sentiment"])
+    """text scorers: refusal, sentiment, regex:P, substring:a|b"""
+    cluster_threshold: float = field(default=0.35, metadata={"min": 0, "max": 2})
+    """cosine distance below which completions join one behaviour cluster"""
+    judge_url: str | None = None
+    """OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:8000/v1 (optional)"""
+    judge_model: str | None = None
+    """model name sent to the judge"""
+    judge_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the judge's API key (never a file or a flag)"""
+    judge_rubric: str | None = None
+    """the judge's system prompt asking for a number (default: how far the response departs)"""
+
+    def to_dict(self) -> dict:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return config_from_dict(cls, d)
+
+
+def _log(msg: str) -> None:
+    print(f"steerscope run: {msg}", file=sys.stderr, flush=True)
+
+
+class _RunContext:
+    """What the stages share: the config, the model, the prompts, one LayerRange, artifacts."""
+
+    def __init__(self, cfg: RunConfig, folder: JobFolder, lm, train: list[str], heldout: list[str], neutral: list[str],
+                 scorers: list):
+        self.cfg, self.folder, self.lm = cfg, folder, lm
+        self.train, self.heldout, self.neutral, self.scorers = train, heldout, neutral, scorers
+        self.artifacts: dict[str, Any] = {}
+        self.t0 = time.perf_counter()
+
+    @cached_property
+    def layer_range(self):
+        from ..models.layer_range import LayerRange
+
+        s, t = self.cfg.discover.resolve_layers(self.lm.n_layers)
+        return LayerRange(self.lm, self.train, s, t, chat=self.cfg.discover.chat)
+
+
+def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list]:
+    """Everything that can be checked before the first expensive stage."""
+    from ..judging.metrics import parse_metric
+
+    prompts = load_prompts(cfg.prompts)
+    if len(prompts) < cfg.n_train + cfg.n_heldout:
+        raise SteerscopeError(f"{cfg.prompts} has {len(prompts)} prompts; the run needs --n-train + --n-heldout = "
+                              f"{cfg.n_train + cfg.n_heldout}.")
+    neutral = load_prompts(cfg.neutral)[-cfg.n_neutral:]
+    s, t = cfg.discover.resolve_layers(lm.n_layers)
+    lm.check_layer(s), lm.check_layer(t)
+    if t <= s:
+        raise SteerscopeError(f"the target layer ({t}) must come after the source layer ({s}); set --source/--target.")
+    scorers = [parse_metric(x, lm) for x in cfg.scorers]
+    if cfg.judge_url:
+        from ..judging.judge import DEFAULT_RUBRIC, Judge
+
+        judge = Judge(cfg.judge_url, cfg.judge_model or "judge", rubric=cfg.judge_rubric or DEFAULT_RUBRIC,
+                      key_env=cfg.judge_key_env)
+        judge.check_reachable()
+    return prompts[:cfg.n_train], prompts[cfg.n_train:cfg.n_train + cfg.n_heldout], neutral, scorers
+
+
+def _discover(ctx: _RunContext) -> VectorSet:
+    d = ctx.cfg.discover
+    _log(f"discovering {d.n_vectors} vectors with {d.method} on {len(ctx.train)} prompts")
+    partial = ctx.folder.path("vectors/learned.partial")
+    vs = discover(ctx.lm, ctx.train, d, checkpoint_dir=partial, layer_range=ctx.layer_range)
+    return vs
+
+
+def _save_vectors(vs: VectorSet, path: Path) -> None:
+    vs.save(path)
+    shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)
+
+
+def _generate(ctx: _RunContext) -> list[dict]:
+    learned, control = ctx.artifacts["discover"], ctx.artifacts["control"]
+    sets = {**{i: "learned" for i in learned.ids}, **{i: "random" for i in control.ids}}
+    prompts = ctx.train + ctx.heldout
+    _log(f"generating {(len(learned) + len(control) + 1) * len(prompts)} completions")
+    res = generate(ctx.lm, prompts, vectors=list(learned) + list(control), include_unsteered=True,
+                   max_new_tokens=ctx.cfg.max_new_tokens, chat=ctx.cfg.discover.chat)
+    return [{**r.to_dict(), "split": "train" if r.prompt_index < len(ctx.train) else "heldout",
+             "set": sets.get(r.vector_id, "unsteered")} for r in res]
+
+
+def _save_rows(rows: list[dict], path: Path) -> None:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _load_rows(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def _completions(rows: list[dict]) -> list[Completion]:
+    keys = Completion.__dataclass_fields__
+    return [Completion(**{k: r[k] for k in keys}) for r in rows]
+
+
+def _measure(ctx: _RunContext) -> dict:
+    from ..judging.cluster import cluster_texts
+    from ..judging.embed import embed
+    from ..judging.sweep import norm_sweep, sweep_to_dicts
+    from ..judging.vector_metrics import compute_vector_metrics, nanmean
+
+    cfg, lm = ctx.cfg, ctx.lm
+    learned, control, rows = ctx.artifacts["discover"], ctx.artifacts["control"], ctx.artifacts["generate"]
+    sets = {**{i: "learned" for i in learned.ids}, **{i: "random" for i in control.ids}}
+    completions = _completions(rows)
+    _log("measuring, clustering and sweeping")
+    both = VectorSet.create(lm, torch.cat([learned.vectors, control.vectors]), learned.layers + control.layers,
+                            "run", ids=learned.ids + control.ids)
+    emb = embed([c.text for c in completions])
+    scorers = list(ctx.scorers)
+    if cfg.judge_url:
+        from ..judging.judge import DEFAULT_RUBRIC, Judge
+
+        judge = Judge(cfg.judge_url, cfg.judge_model or "judge", rubric=cfg.judge_rubric or DEFAULT_RUBRIC,
+                      key_env=cfg.judge_key_env, cache_path=ctx.folder.path("judge_cache.jsonl"))
+        scorers.append(judge.metric())
+    h = learned.config.hyperparams
+    per_vector = compute_vector_metrics(lm, both, completions, neutral=ctx.neutral, layer_range=ctx.layer_range,
+                                        target_tokens=h.get("target_tokens", "all"), scorers=scorers, chat=cfg.discover.chat,
+                                        embeddings=dict(zip(map(id, completions), emb)))
+    clustering = cluster_texts([c.text for c in completions], emb, cfg.cluster_threshold)
+    for vid, m in per_vector.items():
+        m["clusters"] = sorted({clustering.labels[i] for i, c in enumerate(completions) if c.vector_id == vid})
+    summary = {}
+    for s in ("learned", "random"):
+        idx = [i for i, r in enumerate(rows) if r["set"] == s]
+        vids = [v for v, k in sets.items() if k == s]
+        summary[s] = {"vectors": len(vids), "completions": len(idx),
+                      "distinct_completions": len({rows[i]["text"] for i in idx}),
+                      "clusters": len({clustering.labels[i] for i in idx}),
+                      **{f"mean_{k}": nanmean([per_vector[v][k] for v in vids])
+                         for k in ("target_change", "kl_neutral", "logprob", "distinct2", "embed_distance", "changed")}}
+    top = sorted(learned.ids, key=lambda v: -per_vector[v]["embed_distance"])[:cfg.sweep_top]
+    unsteered_train = [c for c in completions if c.vector_id is None and c.prompt_index < len(ctx.train)]
+    sweep = {}
+    for vid in top:
+        sv = learned[vid]
+        one = VectorSet.create(lm, sv.vector[None], [sv.layer], "sweep", ids=[vid], hyperparams=h)
+        sweep[vid] = sweep_to_dicts(norm_sweep(lm, ctx.train, one, cfg.sweep_multiples, max_new_tokens=cfg.max_new_tokens,
+                                               chat=cfg.discover.chat, layer_range=ctx.layer_range,
+                                               unsteered=unsteered_train))
+    return {"vectors": per_vector, "sets": sets, "summary": summary, "sweep": sweep,
+            "clusters": [asdict(c) for c in clustering.clusters], "labels": clustering.labels, "map": clustering.xy,
+            "discovery": {k: h.get(k) for k in ("method", "source", "target", "R", "target_tokens", "calibration",
+                                                 "final_objective", "singular_values")},
+            "seconds": round(time.perf_counter() - ctx.t0, 1)}
+
+
+def _report(ctx: _RunContext) -> Path:
+    from ..report.html import render_report
+
+    report = ctx.folder.path("report.html")
+    config = json.loads(ctx.folder.path("config.json").read_text())
+    write_text_atomic(report, render_report(config, ctx.artifacts["measure"], ctx.artifacts["generate"]))
+    return report
+
+
+STAGES = [
+    Stage("discover", "vectors/learned", _discover, _save_vectors, lambda p: VectorSet.load(p)),
+    Stage("control", "vectors/random",
+          lambda ctx: random_control(ctx.lm, ctx.artifacts["discover"], seed=ctx.cfg.discover.seed + 1),
+          lambda vs, p: vs.save(p), lambda p: VectorSet.load(p)),
+    Stage("generate", "completions.jsonl", _generate, _save_rows, _load_rows),
+    Stage("measure", "metrics.json", _measure, lambda m, p: write_json_atomic(p, m), lambda p: json.loads(p.read_text())),
+    Stage("report", None, _report),
+]
+
+
+def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Path:
+    """Run (or resume) the whole job; returns the report's path."""
+    JobFolder.check(out, "run", cfg.to_dict(), force=force)  # refuse another run's folder before any work
+    lm = lm or cfg.model.load()
+    train, heldout, neutral, scorers = _validate(cfg, lm)
+    folder = JobFolder(out, "run", cfg.to_dict(), force=force, version=__version__)
+    if folder.resumed:
+        _log(f"resuming the run in {folder.out}")
+    ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)
+    for name in ("discover", "control"):
+        st = next(s for s in STAGES if s.name == name)
+        p = folder.path(st.path)
+        if p.is_dir():
+            VectorSet.load(p, lm)  # the saved vectors belong to this model
+    run_stages(folder, STAGES, ctx, _log)
+    report = ctx.artifacts["report"]
+    _log(f"report: {report.resolve()}")
+    return report

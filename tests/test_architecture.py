@@ -1,0 +1,195 @@
+"""The package's shape: one-way imports, one registration shape, configs documented field by field,
+and a CLI whose flags and defaults are the library's."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+import steerscope
+import steerscope.sae  # noqa: F401  (registers ClampFeature and the SAE architectures)
+from steerscope.cli import COMMANDS, build_parser, main
+from steerscope.cli_args import _UNSET, config_from_args, walk_flags
+from steerscope.config import Family, field_docs
+
+ROOT = Path(steerscope.__file__).parent
+
+# models -> interventions -> directions -> generation -> sae -> judging -> report -> jobs -> cli
+RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
+        "directions": 3, "generation": 4, "sae": 5, "judging": 6, "report": 7, "jobs": 8,
+        "cli": 9, "cli_args": 9, "cli_discover": 9, "cli_sae": 9, "cli_supervised": 9, "__init__": 10, "__main__": 10}
+
+
+def _unit(module: str) -> str:
+    """`steerscope.directions.vectors` -> `directions`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(path: Path) -> list[str]:
+    """Every steerscope module imported anywhere in the file (function bodies included)."""
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    pkg = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[: len(pkg) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+                names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""]
+            out += [n for n in names if n.startswith("steerscope")]
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.startswith("steerscope")]
+    return out
+
+
+MODULES = sorted(p for p in ROOT.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_flow_one_way(path):
+    me = _unit("steerscope." + ".".join(path.relative_to(ROOT).with_suffix("").parts))
+    assert me in RANK, f"{path} is in no layer; add it to RANK and the package docstring"
+    for mod in _imports(path):
+        other = _unit(mod)
+        if other in ("steerscope", "__init__") and mod in ("steerscope", "steerscope.__init__"):
+            other = "__init__"
+        assert RANK.get(other, 99) <= RANK[me], f"{path.relative_to(ROOT)} ({me}) imports {mod} ({other}), a higher layer"
+
+
+def test_vector_files_do_not_import_interventions():
+    mods = _imports(ROOT / "directions" / "vectors.py")
+    assert not [m for m in mods if ".interventions" in m]
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The import checker itself can fail: a fake module in `models` importing `judging`."""
+    fake = ROOT / "models" / "_fake_for_test.py"
+    fake.write_text("def f():\n    from ..judging import metrics\n")
+    try:
+        with pytest.raises(AssertionError, match="higher layer"):
+            test_imports_flow_one_way(fake)
+    finally:
+        fake.unlink()
+
+
+def _families() -> dict[str, Family]:
+    from steerscope.config import Family as F
+
+    found = {}
+    for path in MODULES:
+        mod = "steerscope." + ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        if mod.endswith("__main__"):
+            continue
+        m = __import__(mod, fromlist=["x"])
+        for v in vars(m).values():
+            if isinstance(v, F):
+                found[v.name] = v
+    return found
+
+
+def test_every_family_found_and_nonempty():
+    fams = _families()
+    assert set(fams) == {"discovery", "extractors", "metrics", "sae_archs", "sae_baselines", "interventions"}
+    assert all(len(f) >= 3 for f in fams.values())
+    assert "sae_clamp" in fams["interventions"]
+
+
+@pytest.mark.parametrize("family", ["discovery", "extractors", "metrics", "sae_archs", "sae_baselines", "interventions"])
+def test_methods_are_documented_with_frozen_documented_configs(family):
+    fam = _families()[family]
+    for name, m in fam.items():
+        assert m.doc, f"{family}/{name} has no docstring"
+        if m.config is not None:
+            assert m.config.__dataclass_params__.frozen
+            docs = field_docs(m.config)
+            missing = [f.name for f in dataclasses.fields(m.config) if not docs.get(f.name)]
+            assert not missing, f"{family}/{name}: fields without a docstring: {missing}"
+
+
+def test_no_string_dispatch_on_method_names_outside_registries():
+    pattern = re.compile(r"""(method|arch|kind)\s*==\s*["'](melbo|jacobian|pca|random|dct|topk|batchtopk|relu|diffmean|probe)["']""")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in MODULES for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+def _required(cmd) -> list[str]:
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    words = cmd.name.split()
+    p = sub[words[0]]
+    if len(words) == 2:
+        p = p._subparsers._group_actions[0].choices[words[1]]
+    return p, [a for a in p._actions if a.required]
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_cli_defaults_equal_library_defaults(name):
+    """Parse each command with only its required flags: the config must equal the library default,
+    every field of it must have a flag, and --help must show the library's default."""
+    cmd = COMMANDS[name]
+    parser, required = _required(cmd)
+    argv = []
+    for a in required:
+        argv += [a.option_strings[0], "3" if a.type is not None and a.type.__name__ == "int" else "x"]
+    ns = parser.parse_args(argv)
+    default = cmd.default()
+    got = config_from_args(default, ns)
+    given = {a.dest for a in required}
+    for dest, lib in walk_flags(default):
+        if dest in given:
+            continue
+        obj = got
+        for part in dest.split("."):
+            obj = getattr(obj, part) if part != "method_config" else obj.method_config
+            if obj is None:
+                break
+        if dest.split(".")[-2:-1] == ["method_config"] or ".method_config." in dest:
+            continue  # checked below per method
+        assert obj == lib, f"{name}: {dest} is {obj!r} from the CLI but {lib!r} in the library"
+        assert getattr(ns, dest, _UNSET) is _UNSET
+    flags = {o for a in parser._actions for o in a.option_strings}
+    assert len(walk_flags(default)) <= len(flags)
+
+
+def test_run_exposes_every_discovery_setting():
+    """Every field of RunConfig (nested discovery and method settings included) is a flag of `run`."""
+    from steerscope.jobs.run import RunConfig
+
+    parser, _ = _required(COMMANDS["run"])
+    dests = {a.dest for a in parser._actions}
+    for dest, _ in walk_flags(RunConfig(), "run."):
+        assert dest in dests, f"run has no flag for {dest}"
+    for flag in ("--target-tokens", "--p", "--q", "--lr", "--sweep-multiples", "--cluster-threshold", "--device",
+                 "--dtype", "--R", "--steps", "--power-iters", "--n-vectors"):
+        assert any(flag in a.option_strings for a in parser._actions), flag
+
+
+def test_run_flags_reach_the_config():
+    from steerscope.cli_args import config_from_args as cfa
+
+    parser, _ = _required(COMMANDS["run"])
+    ns = parser.parse_args(["--R", "calibrate", "--steps", "7", "--target-tokens", "last:2", "--lr", "0.5",
+                            "--sweep-multiples", "1,3", "--cluster-threshold", "0.2", "--no-chat"])
+    cfg = cfa(COMMANDS["run"].default(), ns).run
+    d = cfg.discover
+    assert d.R is None and d.method_config.steps == 7 and d.method_config.lr == 0.5 and d.target_tokens == "last:2"
+    assert cfg.sweep_multiples == [1.0, 3.0] and cfg.cluster_threshold == 0.2 and d.chat is False
+    ns = parser.parse_args(["--method", "jacobian", "--power-iters", "3"])
+    cfg = cfa(COMMANDS["run"].default(), ns).run
+    assert cfg.discover.method == "jacobian" and cfg.discover.method_config.power_iters == 3
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_for_every_command(name, capsys):
+    assert main(name.split() + ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default:" in out or "(required)" in out
