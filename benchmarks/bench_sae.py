@@ -26,7 +26,7 @@ from pathlib import Path
 
 import steerscope as ss
 from steerscope.sae import ActivationBuffer, SAEConfig, TrainConfig, cache_activations, shard_batches, train_sae
-from steerscope.sae.corpus import sample_corpus
+from steerscope.sae.corpus import CorpusConfig, sample_corpus
 from steerscope.sae.evaluate import baseline_dictionary, evaluate, sae_codec
 from steerscope.sae.formats import load_saelens, save_saelens
 
@@ -53,7 +53,7 @@ def main() -> None:
     if have < args.docs:
         sampler = ss.load_model(dtype=args.sample_dtype)
         t0 = time.perf_counter()
-        sample_corpus(sampler, corpus, args.docs, progress=True)
+        sample_corpus(sampler, corpus, CorpusConfig(docs=args.docs), progress=True)
         el = time.perf_counter() - t0
         print(f"sampled {args.docs - have} documents in {el:.0f} s ({args.sample_dtype})")
         del sampler

@@ -16,6 +16,7 @@ from .models import LM, ArchSpec, ModelConfig, Site, load_model, register_archit
 from .interventions import INTERVENTIONS, Ablate, Add, Clamp, Positions, steer  # noqa: E402
 from .directions import SteeringVector, VectorSet  # noqa: E402
 from .generation import Completion, generate  # noqa: E402
+from . import sae  # noqa: E402,F401  (registers ClampFeature in INTERVENTIONS)
 
 __all__ = [
     "__version__", "LM", "load_model", "ModelConfig", "ArchSpec", "Site", "register_architecture",

@@ -122,7 +122,7 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
         chunk = rows[start:start + batch_size]
         enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
         with steer(lm, *_per_row(lm, [variants[vi] for vi, _ in chunk], ALL, mode)):
-            logits = lm.forward(**enc).logits[:, -1].float()  # (B, vocab)
+            logits = _last_logits(lm, enc)  # (B, vocab)
         if reduce is not None:
             logits = reduce(logits, torch.tensor([pi for _, pi in chunk], device=logits.device)).float().cpu()
         out.append(logits)
@@ -131,6 +131,15 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
     if reduce is not None:
         return torch.cat(out).reshape(len(variants), len(prompts))
     return torch.cat(out).reshape(len(variants), len(prompts), -1)
+
+
+def _last_logits(lm, enc) -> torch.Tensor:
+    """(B, vocab) float32 logits at the last position only: the unembedding is not run at the
+    other positions (`logits_to_keep`, ~20 % of a small model's forward and B x T x vocab floats)."""
+    try:
+        return lm.forward(**enc, logits_to_keep=1).logits[:, -1].float()
+    except TypeError:  # a model class without logits_to_keep
+        return lm.forward(**enc).logits[:, -1].float()
 
 
 def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None,

@@ -91,3 +91,22 @@ def rand_vec(lm: LM, seed: int = 1, scale: float = 4.0, rows: int | None = None)
     g = torch.Generator().manual_seed(seed)
     shape = (lm.d_model,) if rows is None else (rows, lm.d_model)
     return torch.randn(shape, generator=g) * scale / lm.d_model ** 0.5
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + \
+    (["mps"] if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else [])
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    """Every available device; the CUDA row is skipped where torch sees no GPU."""
+    if request.param not in DEVICES:
+        pytest.skip(f"no {request.param} device here")
+    return request.param
+
+
+def tiny_on(model_type: str, device: str, chat: bool = False) -> LM:
+    """A fresh tiny model on `device` (not the cached CPU one)."""
+    lm = make_tiny_lm(model_type, chat=chat)
+    lm.model.to(device)
+    return lm

@@ -7,10 +7,19 @@ import torch
 from conftest import ALL_ARCHS, PROMPTS, rand_vec, tiny_lm
 
 import steerscope as ss
-from steerscope.interventions import Ablate, Add, Clamp, Positions
+from steerscope.interventions import INTERVENTIONS, Ablate, Add, Clamp, Positions
+from steerscope.sae import ClampFeature
 from steerscope.models import Site, count_hooks, hooks, record
 
 NOTHING = Positions.range(10_000)  # selects no token
+
+
+def _sae(lm):
+    """A random TopK SAE reading layer 1 of the tiny model (for the ClampFeature row)."""
+    from steerscope.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    return SAE(SAEConfig(lm.d_model, 16, arch="topk", k=4, layer=1))
 
 # name -> factory(lm, positions, rows=None) -> intervention; `layer` = first layer it touches.
 CASES = {
@@ -21,9 +30,17 @@ CASES = {
     "ablate_all": (lambda lm, pos, rows=None: Ablate(rand_vec(lm, rows=rows), positions=pos), 0),
     "clamp": (lambda lm, pos, rows=None: Clamp(rand_vec(lm, rows=rows), value=torch.linspace(-3, 3, rows) if rows else 2.5,
                                                layer=1, positions=pos), 1),
+    "sae_clamp": (lambda lm, pos, rows=None: ClampFeature(_sae(lm), feature=3, value=25.0, positions=pos), 1),
     "combo": (lambda lm, pos, rows=None: [Ablate(rand_vec(lm, seed=5), layer=2, positions=pos),
                                            Add(rand_vec(lm, rows=rows), layer=1, coef=3.0, positions=pos)], 1),
 }
+
+
+def test_every_registered_intervention_has_a_row():
+    """A new intervention registered in INTERVENTIONS fails here until it joins the table."""
+    lm = tiny_lm("llama")
+    made = {type(iv).__name__ for f, _ in CASES.values() for iv in (lambda x: x if isinstance(x, list) else [x])(f(lm, Positions.all()))}
+    assert {m.fn.__name__ for _, m in INTERVENTIONS.items()} <= made
 
 
 def logits(lm, enc, *interventions):

@@ -100,14 +100,3 @@ def test_positions_parse():
             P.parse(bad)
 
 
-def test_bf16_steering_runs_and_is_close():
-    lm = make_tiny_lm("llama")
-    enc = lm.encode(PROMPTS)
-    v = torch.randn(32)
-    with torch.no_grad(), ss.steer(lm, ss.Add(v, layer=1)):
-        ref = lm.forward(**enc).logits
-    lm.model.to(torch.bfloat16)
-    with torch.no_grad(), ss.steer(lm, ss.Add(v, layer=1)):
-        half = lm.forward(**enc).logits.float()
-    mask = enc["attention_mask"].bool()
-    assert (half[mask] - ref[mask]).abs().max() < 0.25 * ref[mask].abs().max()

@@ -4,8 +4,8 @@ For every candidate (one per layer and read position) with A = prompts with the 
 B = prompts without:
     induce   metric on B prompts with coef * v added at the candidate's layer (all positions)
     bypass   metric on A prompts with v's direction ablated at every layer
-    kl_add   KL(base || steered) at the last position of neutral prompts, v added
-    kl_abl   the same with v ablated
+    kl_add   KL(base || steered) at the last position of neutral prompts, v added (mode add)
+    kl_abl   the same with v ablated (mode ablate)
     effect   induce - metric(B) (mode add), or metric(A) - bypass (mode ablate)
 Candidates in the last `1 - max_layer_frac` of the layers, or whose addition does not move B
 towards the behaviour, are dropped. Among the rest, the effect-vs-KL Pareto frontier (no other
@@ -78,8 +78,8 @@ class CandidateScore:
     layer: int
     induce: float | None
     bypass: float | None
-    kl_add: float
-    kl_ablate: float
+    kl_add: float | None  # measured in mode add only
+    kl_ablate: float | None  # measured in mode ablate only
     kept: bool
     reason: str = ""
     prefilter: float | None = None  # the prefilter's effect (text metrics)
@@ -225,8 +225,9 @@ def select(lm, vs: VectorSet, metric: str | Metric, a_prompts: Sequence[str], b_
             raise SteerscopeError(f"--prefilter must be a logit metric such as logodds:TOKENS, got {spec!r}.")
     a, b, neutral = list(a_prompts), list(b_prompts), list(neutral_prompts)
     K = len(vs)
-    kl_add, kl_abl = _kl(lm, neutral, vs, "add", cfg), _kl(lm, neutral, vs, "ablate", cfg)
-    kl_mode = kl_add if cfg.mode == "add" else kl_abl
+    # Only the chosen mode's KL decides anything, so only it is measured (a quarter of the passes).
+    kl_mode = _kl(lm, neutral, vs, cfg.mode, cfg)
+    kl_add, kl_abl = (kl_mode, None) if cfg.mode == "add" else (None, kl_mode)
     max_layer = cfg.max_layer_frac * lm.n_layers
 
     def effect_of(metric_: Metric, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:
@@ -277,7 +278,8 @@ def select(lm, vs: VectorSet, metric: str | Metric, a_prompts: Sequence[str], b_
         if sv.layer >= max_layer:
             reasons.append(f"layer in last {100 * (1 - cfg.max_layer_frac):.0f} %")
         sel.candidates.append(CandidateScore(sv.id, sv.layer, induce, None if j is None or byp is None else float(byp[j]),
-                                             float(kl_add[i]), float(kl_abl[i]), not reasons, "; ".join(reasons),
+                                             None if kl_add is None else float(kl_add[i]),
+                                             None if kl_abl is None else float(kl_abl[i]), not reasons, "; ".join(reasons),
                                              None if pre_eff is None else pre_eff[i], eff.get(i)))
     _choose(sel)
     return sel

@@ -138,7 +138,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict]) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>steerscope run — {title}</title>
 <style>{CSS}</style></head><body>
 <h1>steerscope run — {title}</h1>
-<p>model {escape(str(config['config'].get('model') or 'SmolLM2-135M-Instruct (embedded)'))}, steerscope {escape(config.get('steerscope_version', ''))},
+<p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}, steerscope {escape(config.get('steerscope_version', ''))},
 {len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. Click a vector for its completions; click a column to sort.</p>
 <h2>Learned vs random (same norms)</h2>{compare}
 <h2>Vectors</h2><table id="summary"><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>

@@ -1,0 +1,122 @@
+"""Every CLI command fed its bad inputs: exit status 2 and ONE line naming the problem and the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_lm, rand_vec
+
+from steerscope.cli import main
+from steerscope.directions.vectors import VectorSet
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny checkpoint, a vector set for it, one for another model, one with NaN, prompt files,
+    a run folder, a corrupt checkpoint and a corrupt SAE folder."""
+    d = tmp_path_factory.mktemp("bad")
+    lm = make_tiny_lm("llama")
+    lm.model.save_pretrained(d / "ckpt")
+    lm.tokenizer.save_pretrained(d / "ckpt")
+    VectorSet.create(lm, rand_vec(lm, rows=2), layers=[1, 2], method="x").save(d / "vec")
+    VectorSet.create(lm, rand_vec(lm, rows=2), layers=[1, 1], method="x").save(d / "same_layer")
+    VectorSet.create(lm, rand_vec(lm, rows=3), layers=[0, 1, 2], method="x").save(d / "three")
+    other = make_tiny_lm("llama", seed=5)
+    VectorSet.create(other, rand_vec(other), layers=[1], method="x").save(d / "other_model")
+    wide = make_tiny_lm("gpt2")
+    wide_vs = VectorSet.create(wide, rand_vec(wide), layers=[1], method="x")
+    wide_vs.config.d_model = 64
+    wide_vs.vectors = torch.zeros(1, 64)
+    wide_vs.save(d / "wide")
+    VectorSet.create(lm, rand_vec(lm), layers=[1], method="x").save(d / "nan")
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(d / "nan" / "vectors.safetensors"))
+    t["vectors"][0, 0] = float("nan")
+    save_file(t, str(d / "nan" / "vectors.safetensors"))
+    (d / "empty.txt").write_text("\n\n")
+    (d / "p.txt").write_text("Hello there\nHow are you\n")
+    (d / "ck").mkdir()
+    (d / "ck" / "state.json").write_text("{not json")
+    (d / "sae").mkdir()
+    (d / "sae" / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 32, "d_sae": 8, "k": 2}))
+    (d / "sae" / "sae_weights.safetensors").write_bytes(b"truncated")
+    (d / "junk.gguf").write_bytes(b"not a gguf file")
+    (d / "exists").mkdir()
+    (d / "exists" / "keep.txt").write_text("user data")
+    return d
+
+
+M = ["--model", "{d}/ckpt"]
+GEN = ["generate", "--prompt", "hi", *M]
+RUN = ["run", *M, "--prompts", "{d}/p.txt", "--n-train", "1", "--n-heldout", "1", "--n-neutral", "1"]
+
+CASES = [
+    # (name, argv, what the line must say)
+    ("layer out of range", GEN + ["--contrast", "a", "b", "--layer", "9"], "valid layers are 0..2"),
+    ("missing vector folder", GEN + ["--vector", "{d}/nope"], "not a steerscope vector folder"),
+    ("vector of another model", GEN + ["--vector", "{d}/other_model"], "--allow-other-model"),
+    ("vector of another width", GEN + ["--vector", "{d}/wide"], "d_model 64 vs 32"),
+    ("NaN in a vector file", GEN + ["--vector", "{d}/nan"], "NaN"),
+    ("NaN coefficient", GEN + ["--vector", "{d}/vec", "--coef", "nan"], "finite"),
+    ("empty prompt file", ["generate", "--prompts-file", "{d}/empty.txt", "--vector", "{d}/vec", *M], "is empty"),
+    ("missing prompt file", ["generate", "--prompts-file", "{d}/none.txt", "--vector", "{d}/vec", *M], "does not exist"),
+    ("no prompts", ["generate", "--vector", "{d}/vec", *M], "no prompts"),
+    ("bad positions", GEN + ["--vector", "{d}/vec", "--positions", "soon"], "cannot parse positions"),
+    ("old tail spelling", ["extract", "--pairs", "sentiment", "--read", "tail:3", "--out", "{d}/x", *M], "spelled last:3"),
+    ("top-p out of range", GEN + ["--vector", "{d}/vec", "--top-p", "2"], "--top-p must be in 0..1"),
+    ("not a number", GEN + ["--vector", "{d}/vec", "--max-new-tokens", "many"], "takes an integer"),
+    ("unknown discovery method", ["discover", "--method", "dreaming", "--out", "{d}/x", *M], "invalid choice"),
+    ("setting of another method", ["discover", "--power-iters", "3", "--out", "{d}/x", *M], "is a setting of jacobian"),
+    ("zero vectors", RUN + ["--n-vectors", "0"], "--n-vectors must be >= 1"),
+    ("negative R", RUN + ["--R", "-1"], "--R must be >= 0"),
+    ("bad target tokens", RUN + ["--target-tokens", "first"], "target tokens"),
+    ("source after target", RUN + ["--source", "2", "--target", "1"], "must come after"),
+    ("layer beyond the model", RUN + ["--source", "0", "--target", "7"], "valid layers are 0..2"),
+    ("too few prompts", RUN + ["--n-train", "3"], "the run needs"),
+    ("unknown scorer", RUN + ["--scorers", "vibes"], "unknown metric"),
+    ("unreachable judge", RUN + ["--judge-url", "http://127.0.0.1:9/v1"], "unreachable"),
+    ("CUDA on a CPU build", RUN + ["--device", "cuda"], "--device cpu"),
+    ("unknown dtype", RUN + ["--dtype", "fp8"], "invalid choice"),
+    ("existing output without --force", ["extract", "--pairs", "sentiment", "--out", "{d}/exists", *M], "--force"),
+    ("existing non-run folder", RUN + ["--out", "{d}/exists"], "not a steerscope run"),
+    ("corrupt checkpoint", ["discover", "--prompts", "{d}/p.txt", "--R", "1", "--steps", "2", "--source", "0",
+                            "--target", "2", "--checkpoint", "{d}/ck", "--out", "{d}/y", *M], "damaged"),
+    ("unknown metric in select", ["select", "--vector", "{d}/vec", "--metric", "vibes", "--a", "{d}/p.txt", "--b",
+                                  "{d}/p.txt", "--neutral", "{d}/p.txt", *M], "unknown metric"),
+    ("metric without its argument", ["select", "--vector", "{d}/vec", "--metric", "logodds", "--a", "{d}/p.txt", "--b",
+                                     "{d}/p.txt", "--neutral", "{d}/p.txt", *M], "needs an argument"),
+    ("sweep over several layers", ["sweep", "--vector", "{d}/vec", "--prompts", "{d}/p.txt", *M], "one source layer"),
+    ("negative sweep multiple", ["sweep", "--vector", "{d}/vec", "--prompts", "{d}/p.txt", "--multiples", "1,-2", *M],
+     "positive"),
+    ("export: two vectors at one layer", ["export", "--vector", "{d}/same_layer", "--gguf", "{d}/o.gguf"], "--index"),
+    ("export: only layer 0 chosen", ["export", "--vector", "{d}/three", "--index", "0", "--gguf", "{d}/o.gguf"], "layer 0"),
+    ("import: not a GGUF file", ["import", "--gguf", "{d}/junk.gguf", "--out", "{d}/z", *M], "not a GGUF file"),
+    ("orthogonalize without --index", ["orthogonalize", "--vector", "{d}/vec", "--out", "{d}/o", *M], "--index"),
+    ("missing required flag", ["extract", "--pairs", "sentiment", *M], "--out"),
+    ("SAE: k out of range", ["sae", "train", "--layer", "1", "--k", "0", "--out", "{d}/s", *M], "--k must be >= 1"),
+    ("SAE: layer out of range", ["sae", "train", "--layer", "5", "--text", "{d}/p.txt", "--out", "{d}/s", *M],
+     "valid layers are 0..2"),
+    ("SAE: missing text", ["sae", "train", "--layer", "1", "--text", "{d}/none.txt", "--out", "{d}/s", *M],
+     "neither a file nor self:N"),
+    ("SAE: damaged folder", ["sae", "eval", "--sae", "{d}/sae", "--text", "{d}/p.txt", *M], "damaged"),
+    ("SAE: unknown architecture", ["sae", "train", "--layer", "1", "--arch", "gated", "--out", "{d}/s", *M],
+     "invalid choice"),
+    ("corpus: zero temperature", ["sae", "corpus", "--temperature", "0", "--out", "{d}/c.jsonl", *M], "--temperature"),
+]
+
+
+@pytest.mark.parametrize("name,argv,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(env, capsys, name, argv, message):
+    args = [a.replace("{d}", str(env)) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("steerscope: error:") and message in err, err
+    assert (env / "exists" / "keep.txt").read_text() == "user data"  # nothing a user made is touched
+
+
+def test_the_table_is_long():
+    assert len(CASES) >= 40
