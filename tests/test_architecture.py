@@ -17,6 +17,8 @@ from steerscope.cli_args import _UNSET, config_from_args, walk_flags
 from steerscope.config import Family, field_docs
 
 ROOT = Path(steerscope.__file__).parent
+build_parser()  # imports the CLI modules, so COMMANDS holds every command before the tables below are made
+assert len(COMMANDS) >= 14
 
 # models -> interventions -> directions -> generation -> sae -> judging -> report -> jobs -> cli
 RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
@@ -145,15 +147,11 @@ def test_cli_defaults_equal_library_defaults(name):
     got = config_from_args(default, ns)
     given = {a.dest for a in required}
     for dest, lib in walk_flags(default):
-        if dest in given:
-            continue
+        if dest in given or ".method_config." in dest:
+            continue  # method settings: test_cli_method_settings_default_to_each_methods_library_defaults
         obj = got
         for part in dest.split("."):
-            obj = getattr(obj, part) if part != "method_config" else obj.method_config
-            if obj is None:
-                break
-        if dest.split(".")[-2:-1] == ["method_config"] or ".method_config." in dest:
-            continue  # checked below per method
+            obj = getattr(obj, part)
         assert obj == lib, f"{name}: {dest} is {obj!r} from the CLI but {lib!r} in the library"
         assert getattr(ns, dest, _UNSET) is _UNSET
     flags = {o for a in parser._actions for o in a.option_strings}
@@ -193,3 +191,41 @@ def test_help_for_every_command(name, capsys):
     assert main(name.split() + ["--help"]) == 0
     out = capsys.readouterr().out
     assert "(default:" in out or "(required)" in out
+
+
+def _family_fields(cfg, prefix=""):
+    """(dest prefix, field, parent config) of every family-chosen field inside `cfg`."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if "family" in f.metadata:
+            out.append((prefix + f.name, f, cfg))
+        elif dataclasses.is_dataclass(v):
+            out += _family_fields(v, f"{prefix}{f.name}.")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_cli_method_settings_default_to_each_methods_library_defaults(name):
+    """For every command with a method family (discover, run, extract): choosing each method with
+    no further flag gives exactly that method's library config."""
+    cmd = COMMANDS[name]
+    default = cmd.default()
+    fams = _family_fields(default)
+    if not fams:
+        pytest.skip("no method family")
+    parser, required = _required(cmd)
+    req = []
+    for a in required:
+        req += [a.option_strings[0], "3" if a.type is not None and a.type.__name__ == "int" else "x"]
+    for dest, f, parent in fams:
+        fam, by = f.metadata["family"], f.metadata["by"]
+        flag = next(a.option_strings[0] for a in parser._actions if a.dest == dest.rsplit(".", 1)[0] + "." + by
+                    or a.dest == by)
+        for method, m in fam.items():
+            got = config_from_args(default, parser.parse_args(req + [flag, method]))
+            obj = got
+            for part in dest.split("."):
+                obj = getattr(obj, part)
+            expected = getattr(parent, f.name) if getattr(parent, by) == method else m.default_config()
+            assert obj == expected, f"{name} --{by} {method}: {obj!r} != {expected!r}"

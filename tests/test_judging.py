@@ -60,7 +60,7 @@ def test_last_token_logits_rows_equal_direct_steering():
         assert torch.equal(abl[0], batched[0])  # the unsteered row is untouched in both modes
 
 
-def _planted_select(monkeypatch, mode, induce, bypass, kl_add, kl_abl, layers, base_b=0.0):
+def _planted_select(monkeypatch, mode, induce, bypass, kl_add, kl_abl, layers, base_b=0.0, base_a=None, **cfg):
     """3-layer model with max_layer_frac=0.5: layer 2 counts as "too late"."""
     lm = tiny_lm("llama")
     vs = VectorSet.create(lm, rand_vec(lm, rows=len(layers)), layers=layers, method="x")
@@ -68,13 +68,13 @@ def _planted_select(monkeypatch, mode, induce, bypass, kl_add, kl_abl, layers, b
 
     def scores(lm, m, p, sub, md, cfg):
         if sub is None:
-            return torch.tensor([base_b])
+            return torch.tensor([base_a if base_a is not None and p == ["a"] else base_b])
         vals = induce if md == "add" else bypass
         return torch.tensor([vals[ids.index(i)] for i in sub.ids])
 
     monkeypatch.setattr(selection_mod, "_text_scores", scores)
     monkeypatch.setattr(selection_mod, "_kl", lambda lm, n, vs, md, cfg: torch.tensor(kl_add if md == "add" else kl_abl))
-    return select(lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5, prefilter=None))
+    return select(lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5, prefilter=None, **cfg))
 
 
 def test_selection_rules(monkeypatch):
@@ -121,3 +121,38 @@ def test_clamp_to_mean_projection_of_set_a():
     with torch.no_grad(), ss.steer(lm, ss.Clamp(d, value=value, layer=1)), record(lm, [1]) as r:
         lm.forward(**enc)
     assert torch.allclose(r[1][0] @ (d / d.norm()), torch.full((r[1].shape[1],), value), atol=1e-4)
+
+
+def test_pareto_frontier_and_knee():
+    from steerscope.judging.selection import knee, pareto_frontier
+
+    pts = [(0.1, 0.1), (0.2, 0.5), (0.3, 0.4), (1.0, 0.6), (0.05, 0.0), (2.0, 0.62)]
+    front = pareto_frontier(pts)
+    assert front == [4, 0, 1, 3, 5]  # (0.3, 0.4) is dominated by (0.2, 0.5)
+    assert knee(pts, front) == 1  # most of the gain for little KL
+
+
+def test_weak_winner_warns_and_names_the_better_frontier_candidate(monkeypatch):
+    """The refusal case from the field: the candidate within the KL budget barely moves refusal
+    (0.84 -> 0.76) while a frontier candidate at KL 0.3 takes it to 0.20."""
+    sel = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.76, 0.2, 0.9, 0.1],
+                          kl_add=[0.0] * 4, kl_abl=[0.05, 0.3, 0.02, 0.0], layers=[0, 1, 1, 2], base_b=0.0, base_a=0.84)
+    assert sel.best == 0 and [c.frontier for c in sel.candidates] == [True, True, True, False]
+    assert "barely beats" in sel.warning and "x-1" in sel.warning and "--kl-bound" in sel.warning
+    wide = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.76, 0.2, 0.9, 0.1],
+                           kl_add=[0.0] * 4, kl_abl=[0.05, 0.3, 0.02, 0.0], layers=[0, 1, 1, 2], base_b=0.0, base_a=0.84,
+                           kl_bound=0.5)
+    assert wide.best == 1 and wide.warning == ""
+    same = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.0] * 4, kl_add=[0.0] * 4,
+                           kl_abl=[0.01] * 4, layers=[0, 1, 1, 2], base_b=0.0, base_a=0.0)
+    assert "does not measure this behaviour" in same.warning
+
+
+def test_selection_plot_page(monkeypatch):
+    from steerscope.report.selection import render_selection
+
+    sel = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.76, 0.2, 0.9, 0.1],
+                          kl_add=[0.0] * 4, kl_abl=[0.05, 0.3, 0.02, 0.0], layers=[0, 1, 1, 2], base_b=0.0, base_a=0.84)
+    html = render_selection(sel)
+    assert html.count("<circle") == 4 and "<polyline" in html and "KL budget 0.1" in html and "barely beats" in html
+    assert "http" not in html.replace("http://www.w3.org", "")  # nothing fetched

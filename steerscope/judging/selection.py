@@ -310,7 +310,11 @@ def _choose(sel: Selection) -> None:
         top = max(better, key=lambda c: c.effect)
         alt = (f"; {top.id} reaches effect {top.effect:.3f} at {key} {getattr(top, key):.3f}: "
                + ("raise --kl-bound or use --choose knee" if cfg.choose == "budget" else "raise the KL you accept"))
-    if best is None:
+    if gap == 0:
+        sel.warning = (f"{sel.metric} scores A and B the same without steering ({sel.baseline_a:.3f}): it does not "
+                       "measure this behaviour on this model, so no choice is meaningful; try a logit metric such as "
+                       "logodds:I,Sorry or a scorer that separates the sets.")
+    elif best is None:
         sel.warning = "no candidate was chosen" + (f" within the KL budget {cfg.kl_bound:g}" if cfg.choose == "budget" else "") + alt + "."
     elif gap > 0 and best.effect < cfg.warn_ratio * gap:
         sel.warning = (f"the selected {best.id} barely beats the baseline: effect {best.effect:.3f} is "
