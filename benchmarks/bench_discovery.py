@@ -20,7 +20,7 @@ import steerscope as ss
 from steerscope.directions.data import load_prompts
 from steerscope.directions.discovery import DiscoverConfig
 from steerscope.directions.discovery.jacobian import jacobian_singular_vectors
-from steerscope.directions.discovery.melbo import melbo_objective, train_melbo
+from steerscope.directions.discovery.melbo import train_melbo
 from steerscope.models import record
 from steerscope.models.layer_range import LayerRange, frozen_weights
 

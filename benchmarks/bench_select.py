@@ -57,10 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     lm = ss.load_model()
     data = load_sets("harmful", "harmless")
-    try:
-        cfg = ExtractConfig(read="last:3", stats=False)
-    except ss.SteerscopeError:
-        cfg = ExtractConfig(read="tail:3", stats=False)  # steerscope <= 0.1
+    old = ss.__version__.startswith("0.1.")
+    cfg = ExtractConfig(read="tail:3" if old else "last:3", stats=False)  # steerscope 0.1 spelled it tail:3
     t0 = time.perf_counter()
     vs = extract(lm, data, cfg, progress=False)
     t_extract = time.perf_counter() - t0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 import steerscope as ss
 from steerscope.directions.data import load_contrast, load_prompts

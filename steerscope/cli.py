@@ -53,11 +53,18 @@ def pick_index(spec: str) -> int | str:
     return int(spec) if spec.lstrip("-").isdigit() else spec
 
 
-# ---- info -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class InfoCommand(Config):
+class WithModel(Config):
+    """Base of every command that loads a model."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     """the model"""
+
+
+# ---- info -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InfoCommand(WithModel):
+    """`steerscope info`: the model flags only."""
 
 
 @command("info", "show a model's layers, d_model, architecture and cache location",
@@ -88,9 +95,7 @@ def cmd_info(cfg: InfoCommand) -> int:
 
 # ---- generate -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class GenerateCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class GenerateCommand(WithModel):
     prompt: list[str] = field(default_factory=list, metadata={"append": True})
     """a prompt (repeat the flag for more)"""
     prompts_file: str | None = None

@@ -154,81 +154,87 @@ class _Builder:
         self.group.add_argument(flag, **kw)
 
 
+def _owners(fam: Family, setting: str) -> list[str]:
+    """The methods of `fam` whose config has a field named `setting`."""
+    return [n for n, m in fam.items() if m.config is not None and setting in {g.name for g in dataclasses.fields(m.config)}]
+
+
+def _walk(default: Any, prefix: str = ""):
+    """Every CLI-visible field of the config instance `default`, nested configs flattened:
+    yields (kind, path, field, type, value) with kind "leaf", "nested" (value: the nested default
+    instance) or "family" (value: the family-chosen config, possibly of another method)."""
+    cls = type(default)
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        path, value = f"{prefix}{f.name}", getattr(default, f.name)
+        if "family" in f.metadata:
+            yield "family", path, f, None, value
+            continue
+        inner, _ = _unwrap_optional(types[f.name])
+        if dataclasses.is_dataclass(inner):
+            yield "nested", path, f, inner, value if value is not None else inner()
+        else:
+            yield "leaf", path, f, types[f.name], value
+
+
+def _family_settings(f: dataclasses.Field, path: str, value: Any):
+    """(dest, field, type, default, owners) for every setting of every method in the family."""
+    fam: Family = f.metadata["family"]
+    for _, m in fam.items():
+        if m.config is None:
+            continue
+        sub = value if isinstance(value, m.config) else m.config()
+        stypes = field_types(m.config)
+        for sf in dataclasses.fields(m.config):
+            yield f"{path}.{sf.name}", sf, stypes[sf.name], getattr(sub, sf.name), m.config, _owners(fam, sf.name)
+
+
 def add_config_args(parser: argparse.ArgumentParser, default: Any, *, prefix: str = "", title: str | None = None,
                     _builder: _Builder | None = None) -> None:
     """Add a flag for every field of the config instance `default` (nested ones flattened)."""
     b = _builder or _Builder(parser)
     if title:
         b.group = parser.add_argument_group(title)
-    cls = type(default)
-    docs, types = field_docs(cls), field_types(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        path = f"{prefix}{f.name}"
-        value = getattr(default, f.name)
-        if "family" in f.metadata:
-            fam: Family = f.metadata["family"]
-            for name, m in fam.items():
-                if m.config is None:
-                    continue
-                sub = value if isinstance(value, m.config) else m.config()
-                sdocs, stypes = field_docs(m.config), field_types(m.config)
-                for sf in dataclasses.fields(m.config):
-                    owners = [n for n, mm in fam.items() if mm.config is not None
-                              and sf.name in {g.name for g in dataclasses.fields(mm.config)}]
-                    b.add(f"{path}.{sf.name}", sf, stypes[sf.name], getattr(sub, sf.name), sdocs.get(sf.name, ""),
-                          note=", ".join(owners))
-            continue
-        tp = types[f.name]
-        inner, _ = _unwrap_optional(tp)
-        if dataclasses.is_dataclass(inner):
-            add_config_args(parser, value if value is not None else inner(), prefix=f"{path}.", _builder=b)
-            continue
-        b.add(path, f, tp, value, docs.get(f.name, ""))
+    docs = field_docs(type(default))
+    for kind, path, f, tp, value in _walk(default, prefix):
+        if kind == "family":
+            for dest, sf, stp, sval, owner_cls, owners in _family_settings(f, path, value):
+                b.add(dest, sf, stp, sval, field_docs(owner_cls).get(sf.name, ""), note=", ".join(owners))
+        elif kind == "nested":
+            add_config_args(parser, value, prefix=f"{path}.", _builder=b)
+        else:
+            b.add(path, f, tp, value, docs.get(f.name, ""))
 
 
 def config_from_args(default: Any, ns: argparse.Namespace, *, prefix: str = "") -> Any:
     """The config `default` with every field the user set on the command line replaced."""
-    cls = type(default)
-    types = field_types(cls)
     changes: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        path = f"{prefix}{f.name}"
-        value = getattr(default, f.name)
-        if "family" in f.metadata:
-            continue  # after the sibling that chooses the method is known
-        inner, _ = _unwrap_optional(types[f.name])
-        if dataclasses.is_dataclass(inner):
-            new = config_from_args(value if value is not None else inner(), ns, prefix=f"{path}.")
-            if new != value:
+    families = []
+    for kind, path, f, tp, value in _walk(default, prefix):
+        if kind == "family":
+            families.append((path, f))  # after the sibling that chooses the method is known
+        elif kind == "nested":
+            new = config_from_args(value, ns, prefix=f"{path}.")
+            if new != getattr(default, f.name):
                 changes[f.name] = new
-            continue
-        got = getattr(ns, path, _UNSET)
-        if got is not _UNSET:
+        elif (got := getattr(ns, path, _UNSET)) is not _UNSET:
             changes[f.name] = got
-    for f in dataclasses.fields(cls):
-        if "family" not in f.metadata:
-            continue
-        path = f"{prefix}{f.name}"
+    for path, f in families:
         fam: Family = f.metadata["family"]
-        by = f.metadata["by"]
-        chosen = changes.get(by, getattr(default, by))
+        chosen = changes.get(f.metadata["by"], getattr(default, f.metadata["by"]))
         method = fam.get(chosen)
         value = getattr(default, f.name)
         mine = {g.name for g in dataclasses.fields(method.config)} if method.config else set()
         given = {k[len(path) + 1:]: v for k, v in vars(ns).items() if k.startswith(path + ".") and v is not _UNSET}
         stray = sorted(set(given) - mine)
         if stray:
-            owners = {s: [n for n, m in fam.items() if m.config and s in {g.name for g in dataclasses.fields(m.config)}]
-                      for s in stray}
-            desc = "; ".join(f"{_flag(s)} is a setting of {', '.join(o)}" for s, o in owners.items())
+            desc = "; ".join(f"{_flag(s)} is a setting of {', '.join(_owners(fam, s))}" for s in stray)
             raise SteerscopeError(f"{desc}, not of {fam.what} {chosen!r}; drop it or choose that method.")
         base = value if method.config is not None and isinstance(value, method.config) else method.default_config()
-        if base is not None:
-            base = dataclasses.replace(base, **given) if given else base
+        if base is not None and given:
+            base = dataclasses.replace(base, **given)
         if base != value:
             changes[f.name] = base
     out = dataclasses.replace(default, **changes) if changes else default
@@ -240,21 +246,11 @@ def walk_flags(default: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """(dest, library default) for every flag `add_config_args` makes from `default`: used by the
     test that checks CLI defaults equal library defaults."""
     out = []
-    cls = type(default)
-    types = field_types(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        path, value = f"{prefix}{f.name}", getattr(default, f.name)
-        if "family" in f.metadata:
-            for _, m in f.metadata["family"].items():
-                if m.config is not None:
-                    sub = value if isinstance(value, m.config) else m.config()
-                    out += [(f"{path}.{g.name}", getattr(sub, g.name)) for g in dataclasses.fields(m.config)]
-            continue
-        inner, _ = _unwrap_optional(types[f.name])
-        if dataclasses.is_dataclass(inner):
-            out += walk_flags(value if value is not None else inner(), f"{path}.")
+    for kind, path, f, _, value in _walk(default, prefix):
+        if kind == "family":
+            out += [(dest, sval) for dest, _, _, sval, _, _ in _family_settings(f, path, value)]
+        elif kind == "nested":
+            out += walk_flags(value, f"{path}.")
         else:
             out.append((path, value))
     return out

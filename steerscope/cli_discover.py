@@ -8,18 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._io import refuse_existing
-from .cli import command, pick_index
+from .cli import WithModel, command, pick_index
 from .config import Config
 from .directions.discovery import DiscoverConfig
 from .errors import SteerscopeError
 from .jobs.run import RunConfig
-from .models.loading import ModelConfig
 
 
 @dataclass(frozen=True)
-class DiscoverCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class DiscoverCommand(WithModel):
     prompts: str = field(default="neutral")
     """prompt file (one per line) or builtin set (neutral, harmful, harmless)"""
     n_prompts: int = field(default=8, metadata={"min": 1})
@@ -67,9 +64,7 @@ def cmd_discover(cfg: DiscoverCommand) -> int:
 
 
 @dataclass(frozen=True)
-class SweepCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class SweepCommand(WithModel):
     vector: str = field(default="", metadata={"required": True})
     """vector folder (vectors at one source layer)"""
     index: list[str] = field(default_factory=list, metadata={"append": True})

@@ -8,18 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._io import refuse_existing, write_text_atomic
-from .cli import command, say
-from .config import Config
+from .cli import WithModel, command, say
 from .errors import SteerscopeError
 from .jobs.sae import SAEJobConfig
-from .models.loading import ModelConfig
 from .sae.corpus import CorpusConfig
 
 
 @dataclass(frozen=True)
-class SAETrainCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class SAETrainCommand(WithModel):
     job: SAEJobConfig = field(default_factory=SAEJobConfig)
     """the training job"""
     out: str = field(default="", metadata={"required": True})
@@ -44,9 +40,7 @@ def cmd_sae_train(cfg: SAETrainCommand) -> int:
 
 
 @dataclass(frozen=True)
-class SAECorpusCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class SAECorpusCommand(WithModel):
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """what to sample"""
     out: str = field(default="", metadata={"required": True})
@@ -70,9 +64,7 @@ def cmd_sae_corpus(cfg: SAECorpusCommand) -> int:
 
 
 @dataclass(frozen=True)
-class SAEEvalCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class SAEEvalCommand(WithModel):
     sae: str = field(default="", metadata={"required": True})
     """SAE folder (SAELens layout)"""
     text: str = "self:40"
@@ -124,9 +116,7 @@ def cmd_sae_eval(cfg: SAEEvalCommand) -> int:
 
 
 @dataclass(frozen=True)
-class SAEFeaturesCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class SAEFeaturesCommand(WithModel):
     sae: str = field(default="", metadata={"required": True})
     """SAE folder (SAELens layout)"""
     text: str = "self:40"

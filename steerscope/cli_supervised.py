@@ -5,18 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._io import refuse_existing
-from .cli import command, pick_index, say
+from .cli import WithModel, command, pick_index, say
 from .config import Config
 from .directions.extract import ExtractConfig
 from .errors import SteerscopeError
 from .judging.selection import SelectConfig
-from .models.loading import ModelConfig
 
 
 @dataclass(frozen=True)
-class ExtractCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class ExtractCommand(WithModel):
     pairs: str | None = None
     """JSONL/CSV with positive,negative[,prompt] columns, or a builtin: sentiment, formal, french"""
     sets: list[str] = field(default_factory=list, metadata={"nargs": 2, "metavar": ("A", "B")})
@@ -49,9 +46,7 @@ def cmd_extract(cfg: ExtractCommand) -> int:
 
 
 @dataclass(frozen=True)
-class SelectCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class SelectCommand(WithModel):
     vector: str = field(default="", metadata={"required": True})
     """candidate vector folder (from extract)"""
     metric: str = field(default="", metadata={"required": True})
@@ -117,9 +112,7 @@ def cmd_select(cfg: SelectCommand) -> int:
 
 
 @dataclass(frozen=True)
-class OrthogonalizeCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class OrthogonalizeCommand(WithModel):
     vector: str = field(default="", metadata={"required": True})
     """vector folder"""
     index: str | None = None
@@ -188,9 +181,7 @@ def cmd_export(cfg: ExportCommand) -> int:
 
 
 @dataclass(frozen=True)
-class ImportCommand(Config):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+class ImportCommand(WithModel):
     gguf: str = field(default="", metadata={"required": True})
     """a llama.cpp control-vector file"""
     out: str = field(default="", metadata={"required": True})

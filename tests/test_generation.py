@@ -102,3 +102,33 @@ def test_bad_generation_inputs():
         ss.generate(lm, PROMPTS, vectors=torch.ones(32))
     with pytest.raises(ss.SteerscopeError, match="3 coefficients for 2 vectors"):
         ss.generate(lm, PROMPTS, vectors=torch.ones(2, 32), layer=1, coef=[1, 2, 3])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize("mode", ["add", "ablate"])
+def test_last_token_logits_with_a_shared_prefix_equal_plain_rows(arch, mode):
+    """Chat prompts share the template's prefix: computing it once per vector and letting the
+    suffixes attend to its cache gives the plain batch's logits."""
+    from conftest import make_tiny_lm
+
+    from steerscope.generation import _SharedPrefix, last_token_logits
+
+    lm = make_tiny_lm(arch, chat=True)
+    prompts = ["Hello there", "A much longer prompt here", "Hi", "What is this?"]
+    vs = ss.VectorSet.create(lm, torch.randn(3, lm.d_model) * 3, layers=[0, 1, 2], method="x")
+    sp = _SharedPrefix(lm, prompts, True, None)
+    assert sp.ok and sp.C >= 4  # "<user>" is shared
+    kw = dict(vectors=vs, mode=mode, include_unsteered=True, chat=True, batch_size=5)
+    shared = last_token_logits(lm, prompts, **kw)
+    plain = last_token_logits(lm, prompts, share_prefix=False, **kw)
+    assert (shared - plain).abs().max() < 1e-4
+    assert not torch.allclose(plain[1], plain[0])  # the vectors do something
+    # and the shared path itself (not a fallback) produced them
+    from steerscope.generation import _per_row, _variants
+
+    variants = _variants(lm, vs, None, 1.0, True)
+    rows = [(vi, pi) for vi in range(len(variants)) for pi in range(len(prompts))]
+    ivs = lambda rs: _per_row(lm, [variants[vi] for vi, _ in rs], ss.Positions.all(), mode)  # noqa: E731
+    with torch.no_grad():
+        direct = sp._shared(rows, ivs)
+    assert sp.ok and (direct - plain.reshape(-1, plain.shape[-1])).abs().max() < 1e-4

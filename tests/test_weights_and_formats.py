@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, make_tiny_lm, rand_vec, tiny_lm
+from conftest import PROMPTS, rand_vec, tiny_lm
 
 import steerscope as ss
 from steerscope.directions import VectorSet

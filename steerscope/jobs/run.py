@@ -121,6 +121,13 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
     if t <= s:
         raise SteerscopeError(f"the target layer ({t}) must come after the source layer ({s}); set --source/--target.")
     scorers = [parse_metric(x, lm) for x in cfg.scorers]
+    from ..judging.embed import model_dir
+
+    model_dir()  # the embedding model the measure stage clusters with
+    try:
+        import sklearn  # noqa: F401  (clustering)
+    except ImportError:
+        raise SteerscopeError("the run's clustering needs scikit-learn: pip install 'steerscope[eval]'.") from None
     if cfg.judge_url:
         from ..judging.judge import DEFAULT_RUBRIC, Judge
 

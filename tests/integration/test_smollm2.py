@@ -1,6 +1,5 @@
 """Integration tests on the real embedded SmolLM2-135M-Instruct (dequantised once, then cached)."""
 
-import os
 import shutil
 
 import pytest
