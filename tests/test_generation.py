@@ -132,3 +132,18 @@ def test_last_token_logits_with_a_shared_prefix_equal_plain_rows(arch, mode):
     with torch.no_grad():
         direct = sp._shared(rows, ivs)
     assert sp.ok and (direct - plain.reshape(-1, plain.shape[-1])).abs().max() < 1e-4
+
+
+def test_last_token_scores_do_not_keep_whole_logit_tensors_alive():
+    """steerscope 0.1 kept `logits[:, -1].float()` per batch: a view (float() of fp32 is a no-op)
+    holding each batch's whole (B, T, vocab) tensor, so `select` grew by ~300 MB per batch on
+    SmolLM2. Each kept result must own only its own numbers."""
+    from steerscope.generation import _last_logits, last_token_logits
+
+    lm = tiny_lm("llama")
+    lg = _last_logits(lm, lm.encode(PROMPTS))
+    assert lg.untyped_storage().nbytes() == lg.numel() * lg.element_size()
+    kept = []
+    vs = ss.VectorSet.create(lm, torch.randn(4, lm.d_model), layers=[1] * 4, method="x")
+    last_token_logits(lm, PROMPTS, vectors=vs, batch_size=2, reduce=lambda l, _: kept.append(l) or l[:, 0])
+    assert all(k.untyped_storage().nbytes() == k.numel() * k.element_size() for k in kept)
