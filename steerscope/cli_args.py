@@ -103,7 +103,6 @@ def _show(v: Any) -> str:
 class _Builder:
     def __init__(self, parser: argparse.ArgumentParser):
         self.parser = parser
-        self.group = parser
         self.flags: dict[str, str] = {o: "argparse" for a in parser._actions for o in a.option_strings}
 
     def add(self, path: str, f: dataclasses.Field, tp: Any, default: Any, doc: str, note: str = "") -> None:
@@ -151,7 +150,7 @@ class _Builder:
             else:
                 kw["metavar"] = {int: "N", float: "X", str: "TEXT"}[inner] + (f"|{none_word}" if none_word else "")
         kw["help"] = kw.get("help", help_).replace("%", "%%")
-        self.group.add_argument(flag, **kw)
+        self.parser.add_argument(flag, **kw)
 
 
 def _owners(fam: Family, setting: str) -> list[str]:
@@ -191,12 +190,10 @@ def _family_settings(f: dataclasses.Field, path: str, value: Any):
             yield f"{path}.{sf.name}", sf, stypes[sf.name], getattr(sub, sf.name), m.config, _owners(fam, sf.name)
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: Any, *, prefix: str = "", title: str | None = None,
+def add_config_args(parser: argparse.ArgumentParser, default: Any, *, prefix: str = "",
                     _builder: _Builder | None = None) -> None:
     """Add a flag for every field of the config instance `default` (nested ones flattened)."""
     b = _builder or _Builder(parser)
-    if title:
-        b.group = parser.add_argument_group(title)
     docs = field_docs(type(default))
     for kind, path, f, tp, value in _walk(default, prefix):
         if kind == "family":

@@ -34,6 +34,7 @@ import functools
 import inspect
 import math
 import textwrap
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -191,7 +192,7 @@ def config_to_dict(cfg: Any) -> Any:
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ())) and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
     return tp, False
@@ -213,7 +214,7 @@ def config_from_dict(cls: type, data: dict) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise SteerscopeError(f"{cls.__name__} has no setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
-    types = field_types(cls)
+    hints = field_types(cls)
     kw = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -223,7 +224,7 @@ def config_from_dict(cls: type, data: dict) -> Any:
             sub = family_config_class(cls, f, data)
             kw[f.name] = None if sub is None or v is None else config_from_dict(sub, v)
             continue
-        tp, _ = _unwrap_optional(types[f.name])
+        tp, _ = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp) and isinstance(v, dict):
             v = config_from_dict(tp, v)
         elif typing.get_origin(tp) in (list, tuple) and isinstance(v, list):

@@ -237,12 +237,12 @@ def _report(ctx: _RunContext) -> Path:
 
 
 STAGES = [
-    Stage("discover", "vectors/learned", _discover, _save_vectors, lambda p: VectorSet.load(p)),
+    Stage("discover", "vectors/learned", _discover, _save_vectors, lambda p, ctx: VectorSet.load(p, ctx.lm)),
     Stage("control", "vectors/random",
           lambda ctx: random_control(ctx.lm, ctx.artifacts["discover"], seed=ctx.cfg.discover.seed + 1),
-          lambda vs, p: vs.save(p), lambda p: VectorSet.load(p)),
-    Stage("generate", "completions.jsonl", _generate, _save_rows, _load_rows),
-    Stage("measure", "metrics.json", _measure, lambda m, p: write_json_atomic(p, m), lambda p: json.loads(p.read_text())),
+          lambda vs, p: vs.save(p), lambda p, ctx: VectorSet.load(p, ctx.lm)),
+    Stage("generate", "completions.jsonl", _generate, _save_rows, lambda p, ctx: _load_rows(p)),
+    Stage("measure", "metrics.json", _measure, lambda m, p: write_json_atomic(p, m), lambda p, ctx: json.loads(p.read_text())),
     Stage("report", None, _report),
 ]
 
@@ -256,11 +256,6 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
     if folder.resumed:
         _log(f"resuming the run in {folder.out}")
     ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)
-    for name in ("discover", "control"):
-        st = next(s for s in STAGES if s.name == name)
-        p = folder.path(st.path)
-        if p.is_dir():
-            VectorSet.load(p, lm)  # the saved vectors belong to this model
     run_stages(folder, STAGES, ctx, _log)
     report = ctx.artifacts["report"]
     _log(f"report: {report.resolve()}")

@@ -2,7 +2,7 @@
 
 A stage has a name, an artifact path inside the job folder, and three functions: `build(ctx)`
 makes the artifact from what earlier stages left in `ctx`, `save(artifact, path)` writes it
-atomically, `load(path)` reads it back. `run_stages` skips a stage whose artifact exists (so a
+atomically, `load(path, ctx)` reads it back. `run_stages` skips a stage whose artifact exists (so a
 killed job resumes where it stopped) and never rebuilds what an earlier stage built: everything
 passes through the context.
 """
@@ -24,7 +24,7 @@ class Stage:
     path: str | None  # artifact path relative to the job folder; None: always rebuilt (e.g. the report)
     build: Callable[[Any], Any]
     save: Callable[[Any, Path], None] = lambda artifact, path: None
-    load: Callable[[Path], Any] | None = None
+    load: Callable[[Path, Any], Any] | None = None  # (path, ctx): the context can check it (e.g. against the model)
 
 
 @dataclass
@@ -41,7 +41,7 @@ def run_stages(folder: JobFolder, stages: list[Stage], ctx: Any, log: Callable[[
     for st in stages:
         path = folder.path(st.path) if st.path else None
         if path is not None and path.exists() and st.load is not None:
-            ctx.artifacts[st.name] = st.load(path)
+            ctx.artifacts[st.name] = st.load(path, ctx)
             out.reused.append(st.name)
             continue
         t0 = time.perf_counter()
