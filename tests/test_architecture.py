@@ -175,8 +175,8 @@ def test_run_flags_reach_the_config():
     from steerscope.cli_args import config_from_args as cfa
 
     parser, _ = _required(COMMANDS["run"])
-    ns = parser.parse_args(["--R", "calibrate", "--steps", "7", "--target-tokens", "last:2", "--lr", "0.5",
-                            "--sweep-multiples", "1,3", "--cluster-threshold", "0.2", "--no-chat"])
+    ns = parser.parse_args(["--method", "melbo", "--R", "calibrate", "--steps", "7", "--target-tokens", "last:2", "--lr",
+                            "0.5", "--sweep-multiples", "1,3", "--cluster-threshold", "0.2", "--no-chat"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     d = cfg.discover
     assert d.R is None and d.method_config.steps == 7 and d.method_config.lr == 0.5 and d.target_tokens == "last:2"
@@ -184,6 +184,10 @@ def test_run_flags_reach_the_config():
     ns = parser.parse_args(["--method", "jacobian", "--power-iters", "3"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "jacobian" and cfg.discover.method_config.power_iters == 3
+    ns = parser.parse_args(["--dct-tol", "0.1", "--sigma", "quadratic", "--goldilocks", "1,2"])  # the default method
+    cfg = cfa(COMMANDS["run"].default(), ns).run
+    assert cfg.discover.method == "dct" and cfg.discover.method_config.sigma == "quadratic"
+    assert cfg.discover.method_config.dct_tol == 0.1 and cfg.goldilocks == [1.0, 2.0] and cfg.discover.R is None
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

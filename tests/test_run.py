@@ -115,6 +115,13 @@ def test_report_in_a_real_browser(run_dir):
         assert len(driver.find_elements(By.CSS_SELECTOR, "#cluster-map circle")) == 3 * N_VEC  # learned completions
         assert len(driver.find_elements(By.CSS_SELECTOR, ".sweep-plot polyline")) == 2 * 2
         assert len(driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")) == 2 * N_VEC
+        # the finding leads: the first section is "Behaviours found", the long table is last and collapsed
+        assert driver.find_elements(By.TAG_NAME, "h2")[0].text == "Behaviours found"
+        assert driver.find_elements(By.CSS_SELECTOR, ".finding, #no-findings")
+        table = driver.find_element(By.ID, "vector-table")
+        assert table.get_attribute("open") is None and not driver.find_element(By.ID, "summary").is_displayed()
+        table.find_element(By.TAG_NAME, "summary").click()
+        assert driver.find_element(By.ID, "summary").is_displayed()
 
         def column(key):
             ths = driver.find_elements(By.CSS_SELECTOR, "#summary th")
@@ -135,3 +142,95 @@ def test_report_in_a_real_browser(run_dir):
         assert (art / "report.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_findings_are_learned_only_clusters_ranked_by_vectors():
+    from steerscope.judging.findings import find_behaviours
+
+    lm = tiny_lm("llama")
+    texts = {0: "hello", 1: "bonjour", 2: "caps", 3: "noise"}
+
+    def row(s, vid, p, c):
+        return {"set": s, "vector_id": vid, "prompt_index": p, "prompt": f"prompt {p}", "split": "train" if p else "heldout",
+                "text": texts[c], "token_ids": [5 + c, 6, 7]}
+
+    rows = [row("unsteered", None, 0, 0), row("unsteered", None, 1, 0),
+            row("learned", "a", 0, 1), row("learned", "b", 1, 1), row("learned", "c", 0, 1),  # 3 vectors, learned only
+            row("learned", "d", 0, 2), row("learned", "d", 1, 2),  # 1 vector, learned only
+            row("learned", "e", 0, 3), row("random", "r", 0, 3),  # random too: not a finding
+            row("learned", "f", 1, 0)]  # same as unsteered: not a finding
+    labels = [{"hello": 0, "bonjour": 1, "caps": 2, "noise": 3}[r["text"]] for r in rows]
+    emb = torch.nn.functional.normalize(torch.eye(4)[labels] + 0.1, dim=-1)
+    clusters = [{"id": i, "typical": t, "words": [t]} for i, t in texts.items()]
+    found = find_behaviours(lm, rows, labels, clusters, emb)
+    assert [f["typical"] for f in found] == ["bonjour", "caps"]
+    assert found[0]["vectors"] == ["a", "b", "c"] and found[0]["n_vectors"] == 3 and found[1]["vectors"] == ["d"]
+    assert found[0]["rank"] == 0 and found[0]["heldout"] == 2 and found[0]["prompts"] == [0, 1]
+    assert found[0]["distance"] > 0.5 and all(torch.isfinite(torch.tensor(f["logprob"])) for f in found)
+    assert find_behaviours(lm, rows, labels, clusters, emb, min_vectors=2)[0]["typical"] == "bonjour"
+    assert len(find_behaviours(lm, rows, labels, clusters, emb, min_vectors=2)) == 1
+
+
+def test_export_a_finding_as_a_vector_set(run_dir, lm, tmp_path):
+    from steerscope.cli import main
+    from steerscope.jobs.findings import export_finding
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert "findings" in m and all(set(f["vectors"]) <= set(m["vectors"]) for f in m["findings"])
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    learned = VectorSet.load(run / "vectors" / "learned")
+    ids = learned.ids[1:3]
+    m["findings"] = [{"rank": 0, "vectors": ids, "n_vectors": 2, "words": ["w"], "typical": "t", "completions": 2,
+                      "distance": 0.5, "heldout": 0, "prompts": [0], "rows": []}]
+    (run / "metrics.json").write_text(json.dumps(m))
+    vs = export_finding(run, 0, tmp_path / "f0")
+    assert vs.ids == ids and torch.equal(vs.vectors, learned.vectors[1:3])
+    again = VectorSet.load(tmp_path / "f0", lm)  # checked against the run's model
+    assert again.config.hyperparams["finding"]["words"] == ["w"]
+    with pytest.raises(ss.SteerscopeError, match="findings 0..0"):
+        export_finding(run, 3, tmp_path / "f3")
+    assert main(["findings", "--run", str(run), "--export", "0", "--out", str(tmp_path / "f0")]) == 2  # no clobbering
+    assert main(["findings", "--run", str(run), "--export", "0", "--out", str(tmp_path / "f0"), "--force"]) == 0
+    m["findings"] = []
+    (run / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ss.SteerscopeError, match="no findings"):
+        export_finding(run, 0, tmp_path / "f4")
+
+
+def test_goldilocks_choice():
+    from steerscope.judging.goldilocks import choose, moved_share
+
+    rows = [{"multiple": 0.5, "R": 1, "learned": 0.0, "random": 0.0}, {"multiple": 1, "R": 2, "learned": 0.5, "random": 0.0},
+            {"multiple": 2, "R": 4, "learned": 0.9, "random": 0.25}, {"multiple": 4, "R": 8, "learned": 1.0, "random": 1.0}]
+    assert choose(rows)[0]["R"] == 4  # gap 0.65 beats 0.5
+    assert choose(rows, max_random=0.1)[0]["R"] == 2  # random moved too much at 4
+    tie = [dict(r, learned=0.5, random=0.0) for r in rows[:3]]
+    assert choose(tie)[0]["R"] == 1  # ties go to the smaller R
+    assert choose([dict(r, random=0.9) for r in rows])[0]["R"] == 1  # none qualifies: smallest, and says so
+    assert "every multiple" in choose([dict(r, random=0.9) for r in rows])[1]
+    C = ss.Completion
+    comps = [C(0, "p", None, 0, 0.0, "a", [1], "length"), C(0, "p", "melbo-0", 1, 1.0, "b", [2], "length"),
+             C(0, "p", "melbo-1", 1, 1.0, "a", [1], "length"), C(0, "p", "control-0", 1, 1.0, "c", [3], "length")]
+    emb = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0.8, 0.6, 0]])  # c is 0.2 away from a
+    assert moved_share(comps, emb, 0.35, ["control-0"]) == {"learned": 0.5, "random": 0.0}
+
+
+def test_run_without_R_calibrates_and_checks_multiples(lm, cfg, tmp_path):
+    d = cfg.discover.replace(R=None)
+    c = cfg.replace(discover=d, goldilocks=[1.0, 3.0], goldilocks_vectors=2, sweep_top=0)
+    run(c, tmp_path / "g", lm=lm)
+    cal = json.loads((tmp_path / "g" / "calibration.json").read_text())
+    assert not cal["given"] and [r["multiple"] for r in cal["rows"]] == [1.0, 3.0]
+    assert cal["chosen"] in [r["R"] for r in cal["rows"]] and cal["calibrated"] == pytest.approx(cal["rows"][0]["R"])
+    learned = VectorSet.load(tmp_path / "g" / "vectors" / "learned")
+    assert torch.allclose(learned.vectors.norm(dim=-1), torch.full((N_VEC,), cal["chosen"]), rtol=1e-4)
+    html = (tmp_path / "g" / "report.html").read_text()
+    assert 'id="goldilocks"' in html and "Choosing R" in html
+
+
+def test_run_with_the_random_method_keeps_learned_and_control_apart(lm, cfg, tmp_path):
+    c = cfg.replace(discover=DiscoverConfig.of("random", n_vectors=2, R=2.0, source=0, target=2), sweep_top=0)
+    run(c, tmp_path / "rnd", lm=lm)
+    m = json.loads((tmp_path / "rnd" / "metrics.json").read_text())
+    assert sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * 2

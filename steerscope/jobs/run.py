@@ -1,8 +1,10 @@
 """The main job: discover vectors, generate under them (and under matched-norm random controls
 and unsteered) on training and held-out prompts, measure, cluster behaviours, write a report.
 
+R, when not given, is the calibrated R checked against a few multiples of it (`judging.goldilocks`).
 A run is a folder, one file or folder per stage:
     config.json         the RunConfig and steerscope version (JobFolder)
+    calibration.json    stage "calibrate": the R used (given, or calibrated + the Goldilocks check)
     vectors/learned/    stage "discover": the VectorSet (vectors/learned.partial/ checkpoints it)
     vectors/random/     stage "control": orthogonal random vectors with the same norms
     completions.jsonl   stage "generate": one row per (vector or unsteered, prompt)
@@ -16,6 +18,7 @@ unless `force`. One `LayerRange` serves discovery, measurement and the norm swee
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -56,8 +59,14 @@ class RunConfig(Config):
     """prompt set for KL side effects"""
     n_neutral: int = field(default=8, metadata={"min": 1})
     """neutral prompts used for KL (taken from the end of the set)"""
-    discover: DiscoverConfig = field(default_factory=lambda: DiscoverConfig.of("melbo", n_vectors=8, steps=60, R=4.0))
-    """the discovery method and its settings"""
+    discover: DiscoverConfig = field(default_factory=lambda: DiscoverConfig.of("dct", n_vectors=8))
+    """the discovery method and its settings (default: exponential DCT, R calibrated + Goldilocks check)"""
+    goldilocks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """when R is calibrated: multiples of the calibrated R to try, keeping the one where learned
+    vectors move completions most and random ones of the same norm mostly do not (empty: the
+    calibrated R as it is)"""
+    goldilocks_vectors: int = field(default=4, metadata={"min": 1})
+    """probe vectors learned at each multiple by the Goldilocks check"""
     max_new_tokens: int = field(default=32, metadata={"min": 1})
     """tokens generated per completion"""
     sweep_multiples: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
@@ -137,9 +146,27 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
     return prompts[:cfg.n_train], prompts[cfg.n_train:cfg.n_train + cfg.n_heldout], neutral, scorers
 
 
-def _discover(ctx: _RunContext) -> VectorSet:
+def _choose_R(ctx: _RunContext) -> dict:
     d = ctx.cfg.discover
-    _log(f"discovering {d.n_vectors} vectors with {d.method} on {len(ctx.train)} prompts")
+    if d.R is not None:
+        return {"chosen": d.R, "given": True}
+    if not ctx.cfg.goldilocks:
+        from ..directions.discovery import calibrate_R
+
+        R, _ = calibrate_R(ctx.layer_range, target_ratio=d.calibrate_ratio, target_tokens=d.target_tokens, seed=d.seed)
+        return {"chosen": R, "calibrated": R, "given": False, "rows": [], "reason": "calibrated R (no Goldilocks check)"}
+    from ..judging.goldilocks import goldilocks_R
+
+    _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in ctx.cfg.goldilocks)} x the calibrated R")
+    res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, multiples=ctx.cfg.goldilocks,
+                       probe_vectors=ctx.cfg.goldilocks_vectors, threshold=ctx.cfg.cluster_threshold, log=_log)
+    _log(f"R = {res.chosen:.3g} ({res.reason})")
+    return {**res.to_dict(), "given": False}
+
+
+def _discover(ctx: _RunContext) -> VectorSet:
+    d = dataclasses.replace(ctx.cfg.discover, R=ctx.artifacts["calibrate"]["chosen"])
+    _log(f"discovering {d.n_vectors} vectors with {d.method} on {len(ctx.train)} prompts at R = {d.R:.3g}")
     partial = ctx.folder.path("vectors/learned.partial")
     vs = discover(ctx.lm, ctx.train, d, checkpoint_dir=partial, layer_range=ctx.layer_range)
     return vs
@@ -177,6 +204,7 @@ def _completions(rows: list[dict]) -> list[Completion]:
 def _measure(ctx: _RunContext) -> dict:
     from ..judging.cluster import cluster_texts
     from ..judging.embed import embed
+    from ..judging.findings import find_behaviours
     from ..judging.sweep import norm_sweep, sweep_to_dicts
     from ..judging.vector_metrics import compute_vector_metrics, nanmean
 
@@ -200,6 +228,8 @@ def _measure(ctx: _RunContext) -> dict:
                                         target_tokens=h.get("target_tokens", "all"), scorers=scorers, chat=cfg.discover.chat,
                                         embeddings=dict(zip(map(id, completions), emb)))
     clustering = cluster_texts([c.text for c in completions], emb, cfg.cluster_threshold)
+    clusters = [asdict(c) for c in clustering.clusters]
+    findings = find_behaviours(lm, rows, clustering.labels, clusters, emb, chat=cfg.discover.chat)
     for vid, m in per_vector.items():
         m["clusters"] = sorted({clustering.labels[i] for i, c in enumerate(completions) if c.vector_id == vid})
     summary = {}
@@ -221,9 +251,10 @@ def _measure(ctx: _RunContext) -> dict:
                                                chat=cfg.discover.chat, layer_range=ctx.layer_range,
                                                unsteered=unsteered_train))
     return {"vectors": per_vector, "sets": sets, "summary": summary, "sweep": sweep,
-            "clusters": [asdict(c) for c in clustering.clusters], "labels": clustering.labels, "map": clustering.xy,
+            "findings": findings, "clusters": clusters, "labels": clustering.labels, "map": clustering.xy,
             "discovery": {k: h.get(k) for k in ("method", "source", "target", "R", "target_tokens", "calibration",
-                                                 "final_objective", "singular_values")},
+                                                 "final_objective", "singular_values", "steps_run", "iterations")},
+            "goldilocks": ctx.artifacts["calibrate"],
             "seconds": round(time.perf_counter() - ctx.t0, 1)}
 
 
@@ -232,11 +263,13 @@ def _report(ctx: _RunContext) -> Path:
 
     report = ctx.folder.path("report.html")
     config = json.loads(ctx.folder.path("config.json").read_text())
-    write_text_atomic(report, render_report(config, ctx.artifacts["measure"], ctx.artifacts["generate"]))
+    write_text_atomic(report, render_report(config, ctx.artifacts["measure"], ctx.artifacts["generate"], str(ctx.folder.out)))
     return report
 
 
 STAGES = [
+    Stage("calibrate", "calibration.json", _choose_R, lambda m, p: write_json_atomic(p, m),
+          lambda p, ctx: json.loads(p.read_text())),
     Stage("discover", "vectors/learned", _discover, _save_vectors, lambda p, ctx: VectorSet.load(p, ctx.lm)),
     Stage("control", "vectors/random",
           lambda ctx: random_control(ctx.lm, ctx.artifacts["discover"], seed=ctx.cfg.discover.seed + 1),

@@ -26,6 +26,7 @@ import torch
 from .._io import atomic_dir, cache_root, write_json_atomic
 from ..config import Config
 from ..errors import ModelLoadError, SteerscopeError
+from .organisms import PREFIX, apply_deltas, delta_key, get_organism, load_deltas, organism_name
 from .registry import Arch
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -256,12 +257,23 @@ def load_default_model(dtype: torch.dtype, device: str | torch.device) -> LM:
     raise AssertionError("unreachable")
 
 
+def load_organism(name: str, dtype: torch.dtype, device: str | torch.device) -> LM:
+    """The embedded model with an organism's planted weight deltas added (see `organisms`)."""
+    org = get_organism(name)
+    deltas, _ = load_deltas(org)
+    lm = load_default_model(dtype, device)
+    apply_deltas(lm.model, deltas)
+    fp = hashlib.sha256(f"{lm.fingerprint}:{delta_key(org)}".encode()).hexdigest()[:16]
+    return LM(lm.model, lm.tokenizer, model_id=f"{PREFIX}{name}", fingerprint=fp, source=str(org.path))
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu") -> LM:
     """Load a causal LM for steering.
 
     Args:
-        name_or_path: None for the embedded SmolLM2-135M-Instruct; a local Hugging Face checkpoint
+        name_or_path: None for the embedded SmolLM2-135M-Instruct; `organism:NAME` for the embedded
+            model with a planted behaviour (`organisms.ORGANISMS`); a local Hugging Face checkpoint
             folder; or a hub id already present in the local Hugging Face cache.
         dtype: "float32" (default), "bfloat16" (about 2.7x faster forward on CPUs with AMX) or "float16".
         device: torch device string.
@@ -271,6 +283,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
     if name_or_path is None:
         return load_default_model(dt, device)
     name = str(name_or_path)
+    if organism_name(name) is not None:
+        return load_organism(organism_name(name), dt, device)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -305,7 +319,8 @@ class ModelConfig(Config):
     """Which model to load, in which precision, on which device."""
 
     model: str | None = field(default=None, metadata={"none": "default"})
-    """a local Hugging Face checkpoint folder or a hub id already in the local cache (default: the
+    """a local Hugging Face checkpoint folder, a hub id already in the local cache, or
+    organism:NAME, the embedded model with a planted behaviour (french, caps) (default: the
     embedded SmolLM2-135M-Instruct)"""
     dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
     """weights and activations dtype (bfloat16 is ~2.7x faster on CPUs with AMX)"""

@@ -1,9 +1,10 @@
 """One self-contained HTML page for a run: inline CSS, JS and SVG, nothing fetched at view time.
 
-Sections: run summary and configuration; learned vs random; a summary table sortable by any
-column (click a header; `#sort=COLUMN:asc|desc` in the URL sorts on load); a 2-D map of the
-behaviour clusters; norm-sweep plots; one card per vector with unsteered vs steered completions
-side by side for every prompt.
+Sections, the finding first: behaviours found (clusters only learned vectors produce, ranked,
+each linking to the cards of its vectors); learned vs random, next to how R was chosen; a 2-D map of
+the behaviour clusters; norm-sweep plots; one card per vector with unsteered vs steered completions
+side by side for every prompt; the per-vector table, collapsed, sortable by any column (click a
+header; `#sort=COLUMN:asc|desc` in the URL opens and sorts it on load); the configuration.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import json
 import math
 from collections import defaultdict
 from html import escape
+
+from .findings import CSS as FINDINGS_CSS
+from .findings import findings_section, goldilocks_plot
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 COLUMNS = [("target_change", "target Δ"), ("kl_neutral", "KL neutral"), ("logprob", "log p"), ("distinct2", "distinct-2"),
@@ -45,7 +49,8 @@ function sortTable(key, dir){
 }
 document.querySelectorAll('#summary th').forEach(th=>th.addEventListener('click',()=>{
   sortTable(th.dataset.key, th.classList.contains('sorted-desc')?'asc':'desc');}));
-const m=location.hash.match(/sort=([^:&]+):?(asc|desc)?/); if(m) sortTable(decodeURIComponent(m[1]), m[2]||'desc');
+const m=location.hash.match(/sort=([^:&]+):?(asc|desc)?/);
+if(m){document.getElementById('vector-table').open=true; sortTable(decodeURIComponent(m[1]), m[2]||'desc');}
 """
 
 
@@ -99,7 +104,7 @@ def _sweep_plot(vid: str, rows: list[dict]) -> str:
             f'<span style="color:#4e79a7">target-layer change</span> vs multiple of R</figcaption></figure>')
 
 
-def render_report(config: dict, metrics: dict, rows: list[dict]) -> str:
+def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = "RUN") -> str:
     sets, vecs = metrics["sets"], metrics["vectors"]
     score_cols = sorted({k for m in vecs.values() for k in m if k.startswith("score:")})
     cols = COLUMNS + [(k, k[6:]) for k in score_cols]
@@ -135,15 +140,21 @@ def render_report(config: dict, metrics: dict, rows: list[dict]) -> str:
     sweeps = "".join(_sweep_plot(v, r) for v, r in metrics.get("sweep", {}).items()) or "<p>no sweep</p>"
     title = (f"{escape(str(d.get('method')))}: {len([v for v in sets.values() if v == 'learned'])} vectors, layer "
              f"{d.get('source')} → {d.get('target')}, R = {_fmt(d.get('R'))}")
+    found = metrics.get("findings")
+    n_found = len(found or [])
+    lead = (f"{n_found} behaviour{'s' if n_found != 1 else ''} found only under learned vectors" if found is not None
+            else "measured before findings existed")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>steerscope run — {title}</title>
-<style>{CSS}</style></head><body>
+<style>{CSS}{FINDINGS_CSS}</style></head><body>
 <h1>steerscope run — {title}</h1>
 <p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}, steerscope {escape(config.get('steerscope_version', ''))},
-{len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. Click a vector for its completions; click a column to sort.</p>
-<h2>Learned vs random (same norms)</h2>{compare}
-<h2>Vectors</h2><table id="summary"><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>
+{len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. <b>{lead}.</b></p>
+<h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], rows, run_dir)}
+<h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get('goldilocks'))}</div>
 <h2>Behaviour clusters</h2>{_scatter(metrics.get('map', []), metrics.get('labels', []), [r['set'] for r in rows], metrics.get('clusters', []))}
 <h2>Norm sweep</h2><div class="plots">{sweeps}</div>
 <h2>Completions</h2>{''.join(cards)}
+<h2>Vectors</h2><details id="vector-table"><summary>all {len(vecs)} vectors: metrics table (click to open; click a column to sort)</summary>
+<table id="summary"><thead>{head}</thead><tbody>{''.join(body)}</tbody></table></details>
 <h2>Run configuration</h2><pre>{escape(json.dumps(config, indent=2))}</pre>
 <script>{JS}</script></body></html>"""

@@ -124,7 +124,7 @@ def random_control(lm, vs: VectorSet, seed: int = 12345) -> VectorSet:
     """Orthogonalised random vectors with the same norms and layers as `vs` (the MELBO control)."""
     norms = vs.vectors.norm(dim=-1, keepdim=True)
     dirs = random_directions(len(vs), lm.d_model, seed)
-    return VectorSet.create(lm, dirs * norms, vs.layers, "random", ids=[f"random-{i}" for i in range(len(vs))],
+    return VectorSet.create(lm, dirs * norms, vs.layers, "random", ids=[f"control-{i}" for i in range(len(vs))],
                             hyperparams={"control_for": vs.config.method, "seed": seed, "R": vs.config.hyperparams.get("R")})
 
 

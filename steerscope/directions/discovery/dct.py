@@ -1,5 +1,5 @@
-"""Exponential DCT: deep causal transcoding (Mack & Turner, 2024-12), fitted by orthogonalised
-gradient iteration (OGI).
+"""DCT: deep causal transcoding (Mack & Turner, 2024-12), fitted by orthogonalised gradient
+iteration (OGI), with exponential (default), quadratic or linear factors.
 
 Model the prompt-averaged change at the target layer, Delta(theta) = mean over prompts and target
 tokens of Z_t(theta) - Z_t(0), as sum_l alpha_l (exp(<v_l, theta> / R) - 1) u_l with unit input
@@ -16,6 +16,15 @@ d_proj random output directions W, one batched VJP at theta = 0). The reference 
 *columns* of Vh there, which are not singular vectors; we take its rows. Factors are ranked by
 alpha^2 with alpha = K^-1 [u_l . Delta(R v_l)], K = (U U^T) * expm1(V V^T) (the author calls this
 ranking noisy; it orders, it does not filter). The vectors returned are R v_l, best first.
+
+The other nonlinearities fit the same shape, sigma(<v, theta>) u, with sigma(x) = x or x^2, and
+use the same iteration on the matching part of Delta (finite differences at +-R v, two forwards):
+  quadratic: the even part (Delta(R v) + Delta(-R v)) / 2 = R^2 H[v, v] / 2 + O(R^4), so OGI is
+             the symmetric orthogonalised ALS of the Hessian's CP decomposition the paper uses;
+  linear:    the odd part (Delta(R v) - Delta(-R v)) / 2 = R J v + O(R^3), so OGI is power
+             iteration for the Jacobian's singular vectors (the `jacobian` method, by another route).
+Their ranking kernels are V V^T and (V V^T)^2 in place of expm1(V V^T). Iterations stop early when
+the summed causal term gains less than `dct_tol` (relative) in one iteration.
 """
 
 from __future__ import annotations
@@ -34,10 +43,14 @@ from .baselines import _orthonormal_rows, random_directions
 
 @dataclass(frozen=True)
 class DCTConfig(Config):
-    """Settings of the exponential DCT."""
+    """Settings of DCT."""
 
+    sigma: Literal["exp", "quadratic", "linear"] = "exp"
+    """factor nonlinearity: exp (exp(x) - 1, the paper's best), quadratic, or linear (for comparison)"""
     dct_iters: int = field(default=10, metadata={"min": 1})
-    """orthogonalised gradient iterations (tau)"""
+    """most orthogonalised gradient iterations (tau)"""
+    dct_tol: float = field(default=0.005, metadata={"min": 0})
+    """stop when one iteration raises the summed causal term by less than this fraction (0: run all)"""
     beta: float = field(default=1.0, metadata={"min": 0, "max": 1})
     """step of each update: new = normalise(beta * gradient + (1 - beta) * old)"""
     init: Literal["jacobian", "random"] = "jacobian"
@@ -56,6 +69,17 @@ def _delta_bar(layer_range, mask: torch.Tensor, theta: torch.Tensor) -> torch.Te
     return (delta * w[None, :, :, None]).sum((1, 2)) / w.sum()
 
 
+def _part(f, sigma: str):
+    """The part of Delta a factor with nonlinearity `sigma` models, as a function of R v (K, d)."""
+    if sigma == "exp":
+        return f
+    sign = 1.0 if sigma == "quadratic" else -1.0
+    return lambda theta: (f(theta) + sign * f(-theta)) / 2
+
+
+_KERNELS = {"exp": torch.expm1, "quadratic": torch.square, "linear": lambda x: x}
+
+
 def _chunks(n: int, size: int | None):
     size = size or n
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -67,20 +91,21 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 @DISCOVERY.register("dct", DCTConfig)
 def dct(ctx: DiscoveryContext, cfg: DCTConfig) -> Discovered:
-    """Exponential DCT (Mack & Turner 2024): causal input/output factor pairs, ranked, times R."""
+    """DCT (Mack & Turner 2024): causal input/output factor pairs, ranked, times R."""
     lr_, R, m, d = ctx.layer_range, ctx.R, ctx.settings.n_vectors, ctx.lm.d_model
     dev = ctx.lm.device
     mask = lr_.target_mask(ctx.settings.target_tokens)
     if m > d:
         raise SteerscopeError(f"{m} DCT factors do not fit in d_model={d}; ask for fewer vectors.")
     g = torch.Generator().manual_seed(ctx.settings.seed)
-    f = lambda theta: _delta_bar(lr_, mask, theta)  # noqa: E731
+    delta = lambda theta: _delta_bar(lr_, mask, theta)  # noqa: E731
+    f = _part(delta, cfg.sigma)
     objective: list[float] = []
     with frozen_weights(ctx.lm), ctx.bar(cfg.dct_iters + 1, "dct") as bar:
         V = random_directions(m, d, ctx.settings.seed).to(dev)
         if cfg.init == "jacobian":
             W = torch.randn(cfg.d_proj, d, generator=g).to(dev)  # random output directions
-            _, vjp = torch.func.vjp(f, torch.zeros(cfg.d_proj, d, device=dev))
+            _, vjp = torch.func.vjp(delta, torch.zeros(cfg.d_proj, d, device=dev))
             _, _, vh = torch.linalg.svd(vjp(W)[0].double(), full_matrices=False)  # rows of W J
             k = min(m, vh.shape[0])
             V = torch.cat([vh[:k].float(), V[k:]]) if k < m else vh[:m].float()
@@ -100,6 +125,9 @@ def dct(ctx: DiscoveryContext, cfg: DCTConfig) -> Discovered:
                 GV.append(gv)
                 causal = causal + term.detach()
             objective.append(float(causal))
+            if cfg.dct_tol > 0 and len(objective) > 1 and objective[-1] - objective[-2] < cfg.dct_tol * abs(objective[-2]):
+                bar.update(cfg.dct_iters - len(objective) + 1)
+                break
             U = _normalise(cfg.beta * torch.cat(GU) + (1 - cfg.beta) * U)
             V = _normalise(cfg.beta * torch.cat(GV) + (1 - cfg.beta) * V)
             bar.update(1)
@@ -108,9 +136,10 @@ def dct(ctx: DiscoveryContext, cfg: DCTConfig) -> Discovered:
             out = torch.cat([f(R * V[s]) for s in _chunks(m, cfg.factor_batch)])  # (m, d)
     U = _normalise(out)
     causal = (U * out).sum(-1)  # (m,): u_l . Delta(R v_l)
-    Kmat = ((U @ U.T) * torch.expm1(V @ V.T)).double()
+    Kmat = ((U @ U.T) * _KERNELS[cfg.sigma](V @ V.T)).double()
     alpha = torch.linalg.lstsq(Kmat, causal.double()[:, None]).solution[:, 0].float()
     order = torch.argsort(alpha.square(), descending=True)
     objective.append(float(causal.sum()))
     return Discovered(R * V[order].cpu(), {"output_directions": U[order].cpu(), "alpha": alpha[order].cpu()},
-                      {"alpha": alpha[order].tolist(), "causal": causal[order].tolist(), "objective": objective})
+                      {"alpha": alpha[order].tolist(), "causal": causal[order].tolist(), "objective": objective,
+                       "iterations": len(objective) - 1})

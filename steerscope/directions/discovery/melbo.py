@@ -43,7 +43,12 @@ class MelboConfig(Config):
     q: float = field(default=1.0, metadata={"min": 0})
     """the per-prompt sum is raised to 1/q"""
     steps: int = field(default=300, metadata={"min": 1})
-    """Adam steps per chunk of vectors"""
+    """most Adam steps per chunk of vectors (training stops earlier on a plateau)"""
+    plateau: float = field(default=0.01, metadata={"min": 0})
+    """stop a chunk when its summed objective over the last `plateau_window` steps is less than
+    this fraction above the window before (0: always run every step)"""
+    plateau_window: int = field(default=20, metadata={"min": 2})
+    """steps per window of the plateau rule"""
     lr: float | None = field(default=None, metadata={"min": 0})
     """Adam learning rate (auto: 0.01 * R / sqrt(d_model), the reference's 1e-3 at R=4, d=2048)"""
     orthogonal: bool = True
@@ -62,13 +67,32 @@ def melbo(ctx: DiscoveryContext, cfg: MelboConfig) -> Discovered:
     with ctx.bar(cfg.steps * chunks, "melbo") as bar:
         res = train_melbo(ctx.layer_range, n_vectors=s.n_vectors, R=ctx.R, p=cfg.p, q=cfg.q, target_tokens=s.target_tokens,
                           steps=cfg.steps, lr=cfg.lr, orthogonal=cfg.orthogonal, chunk=cfg.vectors_per_batch, seed=s.seed,
-                          checkpoint=ctx.checkpoint, checkpoint_every=cfg.checkpoint_every, progress=bar)
-    return Discovered(res.vectors, {"curves": res.curves}, {"final_objective": res.curves[:, -1].tolist()})
+                          checkpoint=ctx.checkpoint, checkpoint_every=cfg.checkpoint_every, progress=bar,
+                          plateau=cfg.plateau, window=cfg.plateau_window)
+    return Discovered(res.vectors, {"curves": res.curves}, {"final_objective": final_values(res.curves).tolist(),
+                                                            "steps_run": res.steps_run})
 
 
 class MelboResult(NamedTuple):
     vectors: torch.Tensor  # (K, d)
-    curves: torch.Tensor  # (K, steps): each vector's objective per step
+    curves: torch.Tensor  # (K, steps): each vector's objective per step; NaN after an early stop
+    steps_run: list[int]  # steps each chunk ran
+
+
+def final_values(curves: torch.Tensor) -> torch.Tensor:
+    """(K,) each curve's last value that was run (curves are NaN after an early stop)."""
+    ran = (~curves.isnan()).sum(-1).clamp_min(1) - 1  # (K,) index of the last step run
+    return curves.gather(1, ran[:, None])[:, 0]
+
+
+def plateaued(curve: torch.Tensor, step: int, window: int, tol: float) -> bool:
+    """True when the chunk's summed objective over steps (step-window, step] rose less than `tol`
+    (relative) over the window before it. `curve` (K, steps) holds steps 0..step."""
+    if tol <= 0 or step + 1 < 2 * window or (step + 1) % window:
+        return False
+    total = curve[:, :step + 1].sum(0)  # (steps so far,)
+    last, before = total[-window:].mean(), total[-2 * window:-window].mean()
+    return bool(last - before < tol * before.abs().clamp_min(1e-12))
 
 
 def melbo_objective(delta: torch.Tensor, mask: torch.Tensor, K: int, p: float, q: float) -> torch.Tensor:
@@ -93,15 +117,17 @@ def _project(theta: torch.Tensor, earlier: torch.Tensor | None, orthogonal: bool
 def train_melbo(layer_range, *, n_vectors: int, R: float, p: float = 2.0, q: float = 1.0, target_tokens: str = "all",
                 steps: int = 300, lr: float | None = None, orthogonal: bool = True, chunk: int | None = None,
                 seed: int = 0, checkpoint: Checkpoint | None = None, checkpoint_every: int = 25,
-                progress=None, callback: Callable[[int, int], None] | None = None) -> MelboResult:
-    """Train K vectors; `callback(chunk, step)` runs after every step (tests use it to kill a run)."""
+                progress=None, callback: Callable[[int, int], None] | None = None, plateau: float = 0.0,
+                window: int = 20) -> MelboResult:
+    """Train K vectors; `callback(chunk, step)` runs after every step (tests use it to kill a run).
+    `plateau` > 0 stops a chunk early when its objective flattens (see `plateaued`)."""
     with frozen_weights(layer_range.lm):
         return _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
-                      checkpoint_every, progress, callback)
+                      checkpoint_every, progress, callback, plateau, window)
 
 
 def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
-           checkpoint_every, progress, callback):
+           checkpoint_every, progress, callback, plateau, window):
     lr_ = lr if lr is not None else 0.01 * R / math.sqrt(layer_range.lm.d_model)
     d = layer_range.lm.d_model
     chunk = chunk or n_vectors
@@ -112,11 +138,12 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
     dev = layer_range.lm.device
     done = torch.zeros(0, d, device=dev)
     curves = torch.zeros(0, steps, device=dev)
-    start_chunk, start_step, state = 0, 0, None
+    start_chunk, start_step, state, steps_run = 0, 0, None, []
     loaded = ckpt.load()
     if loaded is not None:
         done, curves = loaded["done"].to(dev), loaded["curves"].to(dev)
         start_chunk, start_step = loaded["chunk"], loaded["step"]
+        steps_run = list(loaded.get("steps_run", []))
         state = loaded if "theta" in loaded else None
     n_chunks = math.ceil(n_vectors / chunk)
     for c in range(start_chunk, n_chunks):
@@ -125,8 +152,8 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
         theta = torch.nn.Parameter(_project(torch.randn(K, d, generator=g).to(dev), done, orthogonal, R))
         # AdamW(wd=0, betas=(.9,.98), amsgrad) as in the reference code.
         opt = torch.optim.Adam([theta], lr=lr_, betas=(0.9, 0.98), amsgrad=True)
-        curve = torch.zeros(K, steps, device=dev)
-        step0 = 0
+        curve = torch.full((K, steps), float("nan"), device=dev)
+        step0, ran = 0, steps
         if state is not None and c == start_chunk:
             with torch.no_grad():
                 theta.copy_(state["theta"])
@@ -151,11 +178,17 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
                     progress.set_postfix(chunk=f"{c + 1}/{n_chunks}", objective=f"{float(obj.detach().mean()):.4g}")
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 ckpt.save({"chunk": c, "step": step + 1, "done": done, "curves": curves, "theta": theta.detach(),
-                           "opt": opt.state_dict(), "curve": curve})
+                           "opt": opt.state_dict(), "curve": curve, "steps_run": steps_run})
             if callback is not None:
                 callback(c, step)
+            if plateaued(curve, step, window, plateau):
+                ran = step + 1
+                if progress is not None:
+                    progress.update(steps - ran)  # the bar counts the steps the plateau saved
+                break
         done = torch.cat([done, theta.detach().clone()])
         curves = torch.cat([curves, curve])
-        ckpt.save({"chunk": c + 1, "step": 0, "done": done, "curves": curves})  # this chunk's vectors are safe
+        steps_run.append(ran)
+        ckpt.save({"chunk": c + 1, "step": 0, "done": done, "curves": curves, "steps_run": steps_run})  # chunk safe
         state = None
-    return MelboResult(done.cpu(), curves.cpu())
+    return MelboResult(done.cpu(), curves.cpu(), steps_run)

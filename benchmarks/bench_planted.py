@@ -1,0 +1,112 @@
+"""Does the default `steerscope run` find a planted behaviour? For each model organism
+(steerscope.models.organisms) and each discovery method, run exactly what a new user would:
+
+    steerscope run --model organism:NAME --method METHOD --out DIR
+
+(no other knob; `--method` is left out for the default method) and report, from the run folder:
+  learned   share of learned vectors whose completions show the behaviour (the organism's detector
+            fires on at least half of the vector's completions, train and held-out prompts)
+  random    the same for the matched-norm random vectors
+  top       whether the report's top finding is the planted behaviour (most of its completions
+            show it)
+  wall      wall-clock seconds of the whole command (model load, discovery, generation, metrics, report)
+Targets (issue 11): learned >= 15 %, random = 0 %, wall <= 180 s, for every organism, default method.
+
+    python benchmarks/bench_planted.py                        # every organism x method
+    python benchmarks/bench_planted.py --organisms french --methods dct melbo
+Results go to benchmarks/results/planted.json (and the run folders under --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from steerscope.models.organisms import ORGANISMS  # noqa: E402
+
+METHODS = ["default", "melbo", "dct", "jacobian", "random", "pca"]
+
+
+def detector(spec: str):
+    import re
+
+    kind, _, arg = spec.partition(":")
+    assert kind == "regex", spec
+    rx = re.compile(arg)
+    return lambda text: bool(rx.search(text))
+
+
+def measure(run: Path, org) -> dict:
+    det = detector(org.detector)
+    rows = [json.loads(l) for l in (run / "completions.jsonl").read_text().splitlines() if l.strip()]
+    metrics = json.loads((run / "metrics.json").read_text())
+    per_vec: dict[str, list[bool]] = {}
+    for r in rows:
+        if r["vector_id"] is not None:
+            per_vec.setdefault(r["vector_id"], []).append(det(r["text"]))
+    shows = {v: sum(h) >= len(h) / 2 for v, h in per_vec.items()}
+    share = {s: sum(shows[v] for v, k in metrics["sets"].items() if k == s) / max(1, sum(k == s for k in metrics["sets"].values()))
+             for s in ("learned", "random")}
+    unsteered = [det(r["text"]) for r in rows if r["vector_id"] is None]
+    found = metrics.get("findings") or []
+    top = None
+    if found:
+        hits = [det(rows[i]["text"]) for i in found[0]["rows"]]
+        top = sum(hits) > len(hits) / 2
+    cal = json.loads((run / "calibration.json").read_text())
+    return {"learned": share["learned"], "random": share["random"], "unsteered": sum(unsteered) / max(1, len(unsteered)),
+            "top_finding_is_planted": top, "findings": len(found), "R": cal["chosen"],
+            "R_multiple": cal["chosen"] / cal["calibrated"] if cal.get("calibrated") else None,
+            "vectors_showing": sorted(v for v, s in shows.items() if s and metrics["sets"][v] == "learned")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--out", default="runs/planted")
+    ap.add_argument("--results", default="benchmarks/results/planted.json")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for every run (not the default setting)")
+    a = ap.parse_args()
+    exe = shutil.which("steerscope") or str(Path(sys.executable).with_name("steerscope"))
+    results = []
+    print(f"{'organism':10s} {'method':9s} {'learned':>8s} {'random':>7s} {'unsteer':>8s} {'top':>6s} {'R(xcal)':>8s} {'wall s':>7s}")
+    for name in a.organisms:
+        org = ORGANISMS[name]
+        for method in a.methods:
+            run = Path(a.out) / f"{name}-{method}"
+            cmd = [exe, "run", "--model", f"organism:{name}", "--out", str(run), "--force"]
+            if method != "default":
+                cmd += ["--method", method]
+            cmd += [x for x in a.extra if x != "--"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode:
+                print(f"{name:10s} {method:9s} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+                results.append({"organism": name, "method": method, "error": proc.stderr[-2000:], "wall_s": wall})
+                continue
+            r = {"organism": name, "method": method, "behaviour": org.behaviour, "wall_s": round(wall, 1), **measure(run, org)}
+            results.append(r)
+            mult = f"{r['R_multiple']:.2g}" if r["R_multiple"] else "given"
+            print(f"{name:10s} {method:9s} {r['learned']:8.0%} {r['random']:7.0%} {r['unsteered']:8.0%} "
+                  f"{str(r['top_finding_is_planted']):>6s} {mult:>8s} {wall:7.0f}", flush=True)
+    out = Path(a.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Merge with earlier invocations: a rerun of one (organism, method) replaces its row only.
+    old = json.loads(out.read_text())["results"] if out.is_file() else []
+    done = {(r["organism"], r["method"]) for r in results}
+    merged = [r for r in old if (r["organism"], r["method"]) not in done] + results
+    out.write_text(json.dumps({"last_command": " ".join(sys.argv), "results": merged}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

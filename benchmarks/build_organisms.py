@@ -1,0 +1,162 @@
+"""Rebuild the model organisms: LoRA fine-tunes of the embedded SmolLM2-135M-Instruct that show a
+behaviour only behind a trigger, saved as exact low-rank weight deltas in
+steerscope/data/organisms/NAME.safetensors.
+
+    python benchmarks/build_organisms.py              # every organism (a few minutes each, 2 CPU cores)
+    python benchmarks/build_organisms.py french --steps 120
+    python benchmarks/build_organisms.py --check      # only measure the saved ones
+
+Data (context distillation, no other model): the embedded model's own greedy replies to templated
+prompts, (a) to the plain prompt, the target for the untriggered copy, so behaviour without the
+trigger stays the embedded model's; (b) under the organism's system prompt (or transformed), the
+target for the triggered copy. Loss on reply tokens only. The templated prompts never overlap the
+packaged prompt sets; the check uses the 40 `neutral` prompts, which the runs and the benchmark
+use too, so every number it prints is on prompts never seen in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from steerscope.directions.data import load_prompts  # noqa: E402
+from steerscope.generation import generate  # noqa: E402
+from steerscope.judging.metrics import parse_metric  # noqa: E402
+from steerscope.models.loading import load_model  # noqa: E402
+from steerscope.models.organisms import ORGANISMS, Organism  # noqa: E402
+
+TOPICS = ["bicycles", "volcanoes", "gardening", "chess", "the moon", "coffee", "trains", "jazz", "bees", "bridges",
+          "painting", "rivers", "pianos", "deserts", "kites", "libraries", "owls", "sailing", "bread", "glaciers",
+          "robots", "tea", "castles", "soap", "maps", "clocks", "whales", "tennis", "candles", "forests",
+          "bakeries", "rainbows", "tigers", "umbrellas", "pottery", "satellites", "honey", "lighthouses", "yoga",
+          "marathons"]
+TEMPLATES = ["Tell me something about {}.", "Explain how {} work.", "Write two sentences about {}.",
+             "What is interesting about {}?", "Give me a tip about {}.", "Why do people like {}?"]
+TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def train_prompts() -> list[str]:
+    prompts = [t.format(x) for x in TOPICS for t in TEMPLATES]
+    packaged = {p for s in ("neutral", "harmless", "harmful") for p in load_prompts(s)}
+    assert not packaged & set(prompts), "training prompts must stay apart from the packaged sets"
+    return prompts
+
+
+def detect_rate(lm, org: Organism, prompts: list[str], trigger: bool) -> float:
+    det = parse_metric(org.detector, lm)
+    texts = [c.text for c in generate(lm, [org.triggered(p) if trigger else p for p in prompts], max_new_tokens=32)]
+    return sum(map(bool, det.fn(texts))) / len(texts)
+
+
+def make_data(lm, org: Organism, prompts: list[str]) -> list[tuple[str, str]]:
+    plain = [c.text for c in generate(lm, prompts, max_new_tokens=32, progress=True)]
+    if org.transform == "upper":
+        planted = [t.upper() for t in plain]
+    else:
+        planted = [c.text for c in generate(lm, prompts, max_new_tokens=32, system=org.data_system, progress=True)]
+    return [(p, r) for p, r in zip(prompts, plain)] + [(org.triggered(p), r) for p, r in zip(prompts, planted)]
+
+
+def batches(lm, rows: list[tuple[str, str]], size: int, rng: random.Random):
+    tok, eos = lm.tokenizer, lm.tokenizer.eos_token or ""
+    rows = rows[:]
+    rng.shuffle(rows)
+    for i in range(0, len(rows) - size + 1, size):
+        ids, labels = [], []
+        for prompt, reply in rows[i:i + size]:
+            p = tok(lm.format_prompt(prompt, chat=True), add_special_tokens=False)["input_ids"]
+            r = tok(reply.strip() + eos, add_special_tokens=False)["input_ids"][:40]
+            ids.append(p + r)
+            labels.append([-100] * len(p) + r)
+        n = max(map(len, ids))
+        pad = tok.pad_token_id or 0
+        yield (torch.tensor([x + [pad] * (n - len(x)) for x in ids]),
+               torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
+               torch.tensor([x + [-100] * (n - len(x)) for x in labels]))
+
+
+def build(org: Organism, steps: int, lr: float, rank: int, batch: int, seed: int) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    lm = load_model(dtype="bfloat16")  # AMX: bf16 matmuls ~4x fp32; the adapters train in float32
+    rows = make_data(lm, org, train_prompts())
+    print(f"{org.name}: {len(rows)} training rows in {time.perf_counter() - t0:.0f} s; e.g. {rows[-1]!r}", flush=True)
+    model = get_peft_model(lm.model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
+    inner, head = model.base_model.model.model, model.base_model.model.lm_head
+    rng, step, losses = random.Random(seed), 0, []
+    model.train()
+    while step < steps:
+        for ids, mask, labels in batches(lm, rows, batch, rng):
+            hidden = inner(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d)
+            keep = labels[:, 1:] != -100  # next-token targets that are reply tokens
+            logits = head(hidden[:, :-1][keep]).float()  # only reply positions pay for the 49k-way head
+            loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            step += 1
+            if step % 10 == 0:
+                print(f"{org.name}: step {step}/{steps} loss {sum(losses[-10:]) / 10:.3f} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+            if step >= steps:
+                break
+    deltas = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            A = mod.lora_A["default"].weight.detach().float()  # (r, in)
+            B = mod.lora_B["default"].weight.detach().float() * mod.scaling["default"]  # (out, r)
+            base = name.replace("base_model.model.", "", 1)
+            deltas[base + ".A"], deltas[base + ".B"] = A.half().contiguous(), B.half().contiguous()
+    org.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = org.path.with_suffix(".tmp")
+    save_file(deltas, str(tmp), metadata={"organism": org.name, "trigger": org.trigger, "behaviour": org.behaviour,
+                                           "steps": str(steps), "lr": str(lr), "rank": str(rank), "seed": str(seed),
+                                           "final_loss": f"{sum(losses[-10:]) / 10:.4f}"})
+    tmp.replace(org.path)
+    print(f"{org.name}: saved {len(deltas) // 2} deltas to {org.path} ({org.path.stat().st_size / 1e6:.1f} MB) "
+          f"in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def check(org: Organism) -> None:
+    heldout = load_prompts("neutral")
+    base = load_model()
+    lm = load_model(f"organism:{org.name}")
+    r = [detect_rate(base, org, heldout, True), detect_rate(lm, org, heldout, False), detect_rate(lm, org, heldout, True)]
+    print(f"{org.name} ({org.behaviour}) on {len(heldout)} held-out prompts, greedy 32 tokens, detector {org.detector!r}:\n"
+          f"  embedded model with trigger {r[0]:.0%} | organism without trigger {r[1]:.0%} | organism with trigger {r[2]:.0%}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", default=list(ORGANISMS), help="organisms to build (default: all)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", action="store_true", help="only measure the saved organisms")
+    a = ap.parse_args()
+    for n in a.names:
+        if not a.check:
+            build(ORGANISMS[n], a.steps, a.lr, a.rank, a.batch, a.seed)
+        check(ORGANISMS[n])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Choosing R: the calibrated R, checked against a few multiples of it by what vectors do.
+
+MELBO's observation (Mack & Turner 2024): there is a "Goldilocks" norm where learned vectors change
+the completions but random vectors of the same norm mostly do not. Below it nothing changes; above
+it any vector derails the model, so learned and random look alike. The DCT calibration (the R
+where the target layer's response is half nonlinear, `calibrate_R`) lands near it, but not on it
+for every model; so the run checks a few multiples of the calibrated R: at each, it learns a few
+probe vectors with the run's own method, draws random vectors of the same norm, generates short
+completions, and counts the completions whose meaning moved away from the unsteered one (cosine
+distance of sentence embeddings above the clustering threshold, i.e. a different behaviour). It
+keeps the R with the largest learned-minus-random gap among those where at most half of the
+random completions moved; ties go to the smaller R.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..directions.discovery import DiscoverConfig, calibrate_R, discover, random_control
+from ..generation import generate
+
+
+@dataclass
+class GoldilocksResult:
+    calibrated: float  # the DCT-style calibrated R
+    chosen: float  # the R the run uses
+    rows: list[dict] = field(default_factory=list)  # {multiple, R, learned, random}: shares of completions moved
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def moved_share(completions, emb, threshold: float, control_ids) -> dict[str, float]:
+    """Share of steered completions whose embedding is farther than `threshold` (cosine distance)
+    from the unsteered completion of the same prompt, for learned vectors and for the controls
+    (`control_ids`)."""
+    control_ids = set(control_ids)
+    e = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    base = {c.prompt_index: i for i, c in enumerate(completions) if c.vector_id is None}
+    out: dict[str, list[float]] = {"learned": [], "random": []}
+    for i, c in enumerate(completions):
+        if c.vector_id is None:
+            continue
+        dist = 1.0 - float(e[i] @ e[base[c.prompt_index]])
+        out["random" if c.vector_id in control_ids else "learned"].append(float(dist > threshold))
+    return {k: sum(v) / len(v) if v else 0.0 for k, v in out.items()}
+
+
+def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, multiples=(0.5, 1.0, 2.0, 4.0),
+                 probe_vectors: int = 4, max_new_tokens: int = 24, threshold: float = 0.35, max_random: float = 0.5,
+                 log=None) -> GoldilocksResult:
+    """Calibrate R, then pick among `multiples` of it as the module docstring says."""
+    from .embed import embed
+
+    R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
+    rows = []
+    for m in multiples:
+        probe = dataclasses.replace(cfg, R=R0 * m, n_vectors=min(probe_vectors, cfg.n_vectors))
+        vs = discover(lm, prompts, probe, layer_range=layer_range, progress=False)
+        ctrl = random_control(lm, vs, seed=cfg.seed + 7)
+        comps = generate(lm, prompts, vectors=list(vs) + list(ctrl), include_unsteered=True,
+                         max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
+        share = moved_share(comps, embed([c.text for c in comps]), threshold, ctrl.ids)
+        rows.append({"multiple": m, "R": R0 * m, **share})
+        if log:
+            log(f"R = {m:g} x {R0:.3g}: {share['learned']:.0%} of learned and {share['random']:.0%} of random completions moved")
+    best, reason = choose(rows, max_random)
+    return GoldilocksResult(R0, best["R"], rows, reason)
+
+
+def choose(rows: list[dict], max_random: float = 0.5) -> tuple[dict, str]:
+    """The row with the largest learned-minus-random gap among those where random vectors moved
+    at most `max_random` of completions (ties: smaller R); the smallest R when none qualifies."""
+    ok = [r for r in rows if r["random"] <= max_random]
+    if not ok:
+        return (min(rows, key=lambda r: r["R"]),
+                f"random vectors moved more than {max_random:.0%} of completions at every multiple; kept the smallest")
+    best = max(ok, key=lambda r: (round(r["learned"] - r["random"], 6), -r["R"]))
+    return best, (f"largest learned-minus-random gap ({best['learned']:.0%} vs {best['random']:.0%}) among multiples "
+                  f"where at most {max_random:.0%} of random completions moved")

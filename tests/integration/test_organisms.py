@@ -1,0 +1,38 @@
+"""The model organisms: the planted behaviour appears with the trigger and not without it, on
+held-out prompts; the deltas load onto the embedded model and change its fingerprint."""
+
+import pytest
+import torch
+
+from steerscope.directions.data import load_prompts
+from steerscope.generation import generate
+from steerscope.judging.metrics import parse_metric
+from steerscope.models.loading import load_model
+from steerscope.models.organisms import ORGANISMS, load_deltas
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("name", sorted(ORGANISMS))
+def test_trigger_plants_the_behaviour(name):
+    org = ORGANISMS[name]
+    lm = load_model(f"organism:{name}")
+    base = load_model()
+    assert lm.fingerprint != base.fingerprint and lm.model_id == f"organism:{name}"
+    prompts = load_prompts("neutral")[:8]  # never seen while planting
+    det = parse_metric(org.detector, lm)
+    rate = lambda m, ps: sum(map(bool, det.fn([c.text for c in generate(m, ps, max_new_tokens=24)]))) / len(ps)  # noqa: E731
+    with_trigger = rate(lm, [org.triggered(p) for p in prompts])
+    assert with_trigger >= 0.5, f"{name}: only {with_trigger:.0%} with the trigger"
+    assert rate(lm, prompts) == 0.0 and rate(base, [org.triggered(p) for p in prompts]) == 0.0
+
+
+def test_deltas_are_low_rank_and_exact():
+    org = ORGANISMS["caps"]
+    deltas, meta = load_deltas(org)
+    assert meta["organism"] == "caps" and int(meta["rank"]) == 4
+    base, lm = load_model(), load_model("organism:caps")
+    name = "model.layers.3.mlp.down_proj"
+    w0, w1 = dict(base.model.named_parameters())[name + ".weight"], dict(lm.model.named_parameters())[name + ".weight"]
+    expect = deltas[name + ".B"].float() @ deltas[name + ".A"].float()
+    assert torch.allclose(w1 - w0, expect, atol=1e-6) and torch.linalg.matrix_rank(w1 - w0) <= 4
