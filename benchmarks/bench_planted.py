@@ -29,22 +29,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.organisms import ORGANISMS  # noqa: E402
 
 METHODS = ["default", "melbo", "dct", "jacobian", "random", "pca"]
 
 
-def detector(spec: str):
-    import re
-
-    kind, _, arg = spec.partition(":")
-    assert kind == "regex", spec
-    rx = re.compile(arg)
-    return lambda text: bool(rx.search(text))
-
-
 def measure(run: Path, org) -> dict:
-    det = detector(org.detector)
+    detect = parse_metric(org.detector, None).fn  # text metrics need no model
+    det = lambda text: bool(detect([text])[0])  # noqa: E731
     rows = [json.loads(l) for l in (run / "completions.jsonl").read_text().splitlines() if l.strip()]
     metrics = json.loads((run / "metrics.json").read_text())
     per_vec: dict[str, list[bool]] = {}

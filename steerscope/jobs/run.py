@@ -150,14 +150,10 @@ def _choose_R(ctx: _RunContext) -> dict:
     d = ctx.cfg.discover
     if d.R is not None:
         return {"chosen": d.R, "given": True}
-    if not ctx.cfg.goldilocks:
-        from ..directions.discovery import calibrate_R
-
-        R, _ = calibrate_R(ctx.layer_range, target_ratio=d.calibrate_ratio, target_tokens=d.target_tokens, seed=d.seed)
-        return {"chosen": R, "calibrated": R, "given": False, "rows": [], "reason": "calibrated R (no Goldilocks check)"}
     from ..judging.goldilocks import goldilocks_R
 
-    _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in ctx.cfg.goldilocks)} x the calibrated R")
+    if ctx.cfg.goldilocks:
+        _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in ctx.cfg.goldilocks)} x the calibrated R")
     res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, multiples=ctx.cfg.goldilocks,
                        probe_vectors=ctx.cfg.goldilocks_vectors, threshold=ctx.cfg.cluster_threshold, log=_log)
     _log(f"R = {res.chosen:.3g} ({res.reason})")

@@ -51,10 +51,13 @@ def moved_share(completions, emb, threshold: float, control_ids) -> dict[str, fl
 def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, multiples=(0.5, 1.0, 2.0, 4.0),
                  probe_vectors: int = 4, max_new_tokens: int = 24, threshold: float = 0.35, max_random: float = 0.5,
                  log=None) -> GoldilocksResult:
-    """Calibrate R, then pick among `multiples` of it as the module docstring says."""
+    """Calibrate R, then pick among `multiples` of it as the module docstring says (no
+    multiples: the calibrated R as it is)."""
     from .embed import embed
 
     R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
+    if not multiples:
+        return GoldilocksResult(R0, R0, [], "calibrated R (no Goldilocks check)")
     rows = []
     for m in multiples:
         probe = dataclasses.replace(cfg, R=R0 * m, n_vectors=min(probe_vectors, cfg.n_vectors))

@@ -70,14 +70,12 @@ def organism_name(spec: str | None) -> str | None:
 
 def load_deltas(org: Organism) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not org.path.is_file():
         raise ModelLoadError(f"organism {org.name!r} has no weight deltas at {org.path}; rebuild them with "
                              "`python benchmarks/build_organisms.py`.")
     with safe_open(str(org.path), "pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(org.path)), meta
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ def _one_line(text: str, n: int = 240) -> str:
     return t if len(t) <= n else t[:n].rstrip() + "…"
 
 
-def findings_section(findings: list[dict], rows: list[dict], run_dir_hint: str = "RUN") -> str:
+def findings_section(findings: list[dict], run_dir_hint: str = "RUN") -> str:
     if not findings:
         return ('<div class="nofinding" id="no-findings"><b>No behaviour appeared only under learned vectors.</b> Every '
                 'cluster of learned-vector completions also holds random-vector or unsteered completions. Try more '
@@ -34,14 +34,14 @@ def findings_section(findings: list[dict], rows: list[dict], run_dir_hint: str =
     out = []
     for f in findings:
         links = " ".join(f'<a class="tag" href="#card-{escape(v)}">{escape(v)}</a>' for v in f["vectors"])
-        prompts = sorted({rows[i]["prompt"] for i in f["rows"]})
+        n_prompts = len(f["prompts"])
         nat = (f'log p per token {_f(f.get("logprob"))} (unsteered completions: {_f(f.get("logprob_unsteered"))})')
         out.append(
             f'<div class="finding" id="finding-{f["rank"]}" data-rank="{f["rank"]}">'
             f'<h3>#{f["rank"] + 1} · {escape(", ".join(f["words"]) or "(no distinctive words)")}</h3>'
             f'<div class="typical">{escape(_one_line(f["typical"]))}</div>'
             f'<div class="facts">elicited by <b>{f["n_vectors"]}</b> learned vector{"s" if f["n_vectors"] != 1 else ""} '
-            f'({f["completions"]} completion{"s" if f["completions"] != 1 else ""}, {len(prompts)} prompt{"s" if len(prompts) != 1 else ""}, '
+            f'({f["completions"]} completion{"s" if f["completions"] != 1 else ""}, {n_prompts} prompt{"s" if n_prompts != 1 else ""}, '
             f'{f["heldout"]} held-out) and by no random vector and not unsteered · distance from unsteered '
             f'{_f(f["distance"])} · {nat}<br>vectors: {links}<br>'
             f'export: <code>steerscope findings --run {escape(run_dir_hint)} --export {f["rank"]} --out finding-{f["rank"]}</code>'

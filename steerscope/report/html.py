@@ -149,7 +149,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
 <h1>steerscope run — {title}</h1>
 <p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}, steerscope {escape(config.get('steerscope_version', ''))},
 {len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. <b>{lead}.</b></p>
-<h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], rows, run_dir)}
+<h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir)}
 <h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get('goldilocks'))}</div>
 <h2>Behaviour clusters</h2>{_scatter(metrics.get('map', []), metrics.get('labels', []), [r['set'] for r in rows], metrics.get('clusters', []))}
 <h2>Norm sweep</h2><div class="plots">{sweeps}</div>
