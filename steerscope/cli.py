@@ -130,6 +130,8 @@ class GenerateCommand(WithModel):
     """system prompt for the chat template"""
     allow_other_model: bool = False
     """use vectors whose model fingerprint differs (e.g. made on the base of a fine-tune)"""
+    kv_cache: bool = True
+    """decode with the KV cache (--no-kv-cache recomputes every step: slower, the same tokens)"""
     json: bool = False
     """print one JSON object per completion"""
 
@@ -185,7 +187,7 @@ def cmd_generate(cfg: GenerateCommand) -> int:
         vs_list = list(vs)
     results = generate(lm, prompts, vectors=vs_list, layer=cfg.layer, coef=cfg.coef, positions=positions,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                       chat=cfg.chat, system=cfg.system, include_unsteered=True)
+                       chat=cfg.chat, system=cfg.system, include_unsteered=True, use_cache=cfg.kv_cache)
     if cfg.json:
         for r in results:
             print(json.dumps(r.to_dict()))
@@ -202,7 +204,7 @@ def cmd_generate(cfg: GenerateCommand) -> int:
 
 # ---- the parser -----------------------------------------------------------------------------------
 def build_parser() -> Parser:
-    from . import cli_discover, cli_sae, cli_supervised  # noqa: F401  (they register commands)
+    from . import cli_discover, cli_sae, cli_serve, cli_supervised  # noqa: F401  (they register commands)
     from ._version import __version__
 
     p = Parser(prog="steerscope", description="Find, apply and judge steering vectors in language models.")

@@ -157,7 +157,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
              coef: float | Sequence[float] = 1.0, positions: Positions = ALL, mode: str = "add",
              interventions: Sequence = (), include_unsteered: bool | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool | None = None, system: str | None = None,
-             batch_size: int = 32, progress: bool | None = None) -> list[Completion]:
+             batch_size: int = 32, progress: bool | None = None, use_cache: bool = True) -> list[Completion]:
     """Generate a completion for every (vector, prompt) pair.
 
     Args:
@@ -175,6 +175,8 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
             `batch_size` or on which rows share a batch, and the steered and unsteered rows of a
             prompt draw the same random numbers (so their differences come from the steering).
         chat: apply the chat template (default: when the tokenizer has one).
+        use_cache: decode with the KV cache (default); False recomputes every sequence at every
+            step (slow; the same tokens, a check that steering does not depend on the cache).
     Returns completions ordered by variant (unsteered first), then prompt.
     """
     from transformers import GenerationConfig
@@ -196,7 +198,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
     # Sampling happens in `_RowSampler` (a logits processor that leaves one token possible per
     # row), so transformers always decodes greedily here.
     gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
-                          top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+                          top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos, use_cache=use_cache)
     from tqdm.auto import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -208,7 +210,8 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
             enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
             adds = _per_row(lm, [variants[vi] for vi, _ in chunk], positions, mode)
             procs = [_RowSampler([_row_seed(seed, pi) for _, pi in chunk], temperature, top_p)] if temperature > 0 else []
-            with torch.no_grad(), steer(lm, *interventions, *adds):
+            # Prompt lengths are pinned: without a cache every step is a fresh full pass.
+            with torch.no_grad(), steer(lm, *interventions, *adds, prompt_len=enc["attention_mask"].sum(-1)):
                 out = lm.model.generate(**enc, generation_config=gc, logits_processor=procs)
             new = out[:, enc["input_ids"].shape[1]:].tolist()
             for (vi, pi), ids in zip(chunk, new):
@@ -237,20 +240,34 @@ class _RowSampler:
     which made sampled text depend on the batch size."""
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]  # see row_generator
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # scores (B, V)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        if self.top_p < 1:
-            before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above
-            sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)  # the top token always stays
-        cdf = sorted_p.cumsum(-1)  # (B, V)
-        u = torch.cat([torch.rand(1, generator=g) for g in self.gens]).to(scores.device)[:, None]  # (B, 1)
-        pick = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
-        token = order.gather(-1, pick)
+        token = sample_rows(scores, self.gens, self.temperature, self.top_p)[:, None]  # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)
+
+
+def row_generator(seed: int, prompt_index: int = 0) -> torch.Generator:
+    """The random stream of prompt `prompt_index` under `seed` (what `generate` samples with)."""
+    return torch.Generator().manual_seed(_row_seed(seed, prompt_index))
+
+
+def sample_rows(scores: torch.Tensor, gens: Sequence[torch.Generator], temperature, top_p) -> torch.Tensor:
+    """(B,) tokens drawn from (B, V) scores with one generator per row (inverse CDF, one uniform
+    per row). `temperature`/`top_p`: numbers or (B,) tensors. Shared by `generate` and the server
+    so a sampled request gives the same text in both."""
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=scores.device).reshape(-1, 1)
+    p = torch.as_tensor(top_p, dtype=torch.float32, device=scores.device).reshape(-1, 1)
+    probs = torch.softmax(scores.float() / t, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if bool((p < 1).any()):
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above
+        sorted_p = sorted_p.masked_fill(before >= p, 0.0)  # the top token always stays
+    cdf = sorted_p.cumsum(-1)  # (B, V)
+    u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(scores.device)[:, None]  # (B, 1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    return order.gather(-1, pick)[:, 0]
 
 
 class _SharedPrefix:

@@ -110,3 +110,24 @@ def tiny_on(model_type: str, device: str, chat: bool = False) -> LM:
     lm = make_tiny_lm(model_type, chat=chat)
     lm.model.to(device)
     return lm
+
+
+def chrome(width: int = 1300, height: int = 2000):
+    """Headless Chromium through Selenium and Debian's chromium-driver; skipped where there is
+    none, except in CI (which must install it)."""
+    import os
+    import shutil
+
+    chromedriver = shutil.which("chromedriver")
+    if chromedriver is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (.ci/run does).")
+        pytest.skip("no chromedriver on this machine (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", f"--window-size={width},{height}"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(chromedriver), options=opts)

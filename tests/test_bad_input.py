@@ -104,6 +104,13 @@ CASES = [
     ("SAE: damaged folder", ["sae", "eval", "--sae", "{d}/sae", "--text", "{d}/p.txt", *M], "damaged"),
     ("SAE: unknown architecture", ["sae", "train", "--layer", "1", "--arch", "gated", "--out", "{d}/s", *M],
      "invalid choice"),
+    ("serve: public host without a key", ["serve", "--host", "0.0.0.0", *M], "without an API key"),
+    ("serve: key variable unset", ["serve", "--api-key-env", "STEERSCOPE_NO_SUCH_VAR", *M], "empty or unset"),
+    ("serve: port out of range", ["serve", "--port", "70000", *M], "--port must be"),
+    ("serve: missing vectors", ["serve", "--vectors", "{d}/nope", *M], "neither a vector-set folder"),
+    ("serve: vectors of another model", ["serve", "--vectors", "{d}/other_model", *M], "--allow-other-model"),
+    ("serve: NaN in a vector file", ["serve", "--vectors", "{d}/nan", *M], "NaN"),
+    ("serve: not a GGUF file", ["serve", "--vectors", "{d}/junk.gguf", *M], "not a GGUF file"),
     ("corpus: zero temperature", ["sae", "corpus", "--temperature", "0", "--out", "{d}/c.jsonl", *M], "--temperature"),
 ]
 

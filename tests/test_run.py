@@ -2,13 +2,12 @@
 and the report opened in a real headless Chromium."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_lm, rand_vec, tiny_lm
+from conftest import chrome, make_tiny_lm, rand_vec, tiny_lm
 
 import steerscope as ss
 from steerscope.directions import VectorSet
@@ -89,26 +88,10 @@ def test_clustering_groups_identical_completions():
     assert {cl.typical for cl in c.clusters} == set(texts) and all(cl.size == 2 for cl in c.clusters)
 
 
-def _chrome():
-    chromedriver = shutil.which("chromedriver")
-    if chromedriver is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium and chromium-driver (.ci/run does).")
-        pytest.skip("no chromedriver on this machine (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--window-size=1300,2000"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(chromedriver), options=opts)
-
-
 def test_report_in_a_real_browser(run_dir):
     from selenium.webdriver.common.by import By
 
-    driver = _chrome()
+    driver = chrome()
     try:
         driver.get((run_dir / "report.html").resolve().as_uri())
         assert len(driver.find_elements(By.CSS_SELECTOR, ".vector-card")) == 2 * N_VEC

@@ -109,10 +109,14 @@ ALL = Positions("all")
 class StepState:
     """Per-call token bookkeeping shared by all hooks of one `steer(...)` block."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_len: torch.Tensor | None = None) -> None:
         self.abs_pos: torch.Tensor | None = None  # (B, T) long
         self.valid: torch.Tensor | None = None  # (B, T) bool
         self.prompt_len: torch.Tensor | None = None  # (B,) long
+        # Known prompt lengths, for callers whose calls do not start with the prompt pass: a
+        # decode loop entering `steer` per step, or decoding without a KV cache (every call
+        # then has no cache, and would otherwise count the generated tokens as prompt).
+        self.pinned = None if prompt_len is None else torch.as_tensor(prompt_len, dtype=torch.long)
         self.all_valid = True
         self._masks: dict[Positions, torch.Tensor] = {}
 
@@ -172,5 +176,7 @@ class StepState:
         self.abs_pos, self.valid = abs_pos, valid
         self.all_valid = bool(valid.all())
         self._masks = {}
-        if past == 0:
+        if self.pinned is not None:
+            self.prompt_len = self.pinned.to(device)
+        elif past == 0:
             self.prompt_len = valid.sum(-1)

@@ -32,7 +32,7 @@ def _flatten(items: Iterable) -> list[Intervention]:
 
 
 @contextmanager
-def steer(lm, *interventions) -> Iterator[StepState]:
+def steer(lm, *interventions, prompt_len=None) -> Iterator[StepState]:
     """Example::
 
         with steer(lm, Add(vec, layer=7, coef=4.0), Ablate(refusal_dir)):
@@ -40,9 +40,13 @@ def steer(lm, *interventions) -> Iterator[StepState]:
 
     Every hook is removed when the block exits, also on an exception. Yields the `StepState`
     (token positions of the latest forward call), which is mostly useful for debugging.
+
+    `prompt_len`: (batch,) prompt lengths, when the forward calls inside the block do not start
+    with the prompt pass (a decode loop that enters `steer` per step, or decoding without a KV
+    cache); "prompt"/"generated" positions then use these lengths.
     """
     items = _flatten(interventions)
-    state = StepState()
+    state = StepState(prompt_len)
 
     def build():
         specs = [(lm.arch.base, "observe", state.observe)]

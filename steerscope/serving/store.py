@@ -1,0 +1,231 @@
+"""Named vectors the server steers with, and the parsing of a request's steering.
+
+Vector sets are loaded at start (`--vectors DIR|FILE.gguf`) or uploaded (`POST /v1/vectors`);
+both go through `VectorSet.load` / `import_gguf`, which check the shape, finite values and the
+model fingerprint, and read safetensors/GGUF only (nothing is ever unpickled).
+
+A request names vectors as `SET` (a set of one vector, or a llama.cpp control vector: all its
+layers at once, as llama.cpp applies it) or `SET/ID` / `SET/INDEX` (one vector of a set).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+from ..directions.vectors import CONFIG_FILE, TENSORS_FILE, SteeringVector, VectorSet
+from ..errors import SteerscopeError
+from ..interventions.positions import ALL, Positions
+from .engine import AblateSpec, AddSpec, RowSteering
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RequestError(SteerscopeError):
+    """A client error: `status` is the HTTP status, `param` the offending field."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+@dataclass
+class _Entry:
+    vs: VectorSet
+    source: str  # where it came from: a path or "upload"
+    control: bool  # a llama.cpp control vector: the bare name means every layer
+
+
+class VectorStore:
+    """Thread-safe name -> VectorSet map for one loaded model."""
+
+    def __init__(self, lm, *, check_model: bool = True, max_sets: int = 256):
+        self.lm, self.check_model, self.max_sets = lm, check_model, max_sets
+        self._sets: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    # ---- adding ----------------------------------------------------------------------------------
+    def add(self, name: str, vs: VectorSet, replace: bool = False) -> str:
+        """Add an in-memory VectorSet (checked against the model like a loaded one)."""
+        if not NAME.match(name):
+            raise SteerscopeError(f"vector set name {name!r}: use 1-64 letters, digits, '_', '-' or '.'.")
+        vs.check(self.lm, check_model=self.check_model)
+        return self._put(name, _Entry(vs, "memory", vs.config.method == "llamacpp_import"), replace)
+
+    def load_path(self, path: str | Path, name: str | None = None, replace: bool = False) -> str:
+        """Add a vector-set folder or a GGUF control vector from disk; returns its name."""
+        from ..directions.llamacpp import import_gguf
+
+        p = Path(path)
+        name = name or (p.stem if p.suffix == ".gguf" else p.name)
+        if p.suffix == ".gguf":
+            vs, control = import_gguf(p, self.lm, check_model=self.check_model), True
+        elif p.is_dir():
+            vs, control = VectorSet.load(p, self.lm, check_model=self.check_model), False
+        else:
+            raise SteerscopeError(f"{p} is neither a vector-set folder nor a .gguf control vector.")
+        return self._put(name, _Entry(vs, str(p), control), replace)
+
+    def upload(self, body: dict[str, Any]) -> str:
+        """Add an uploaded set: {"name", "config": {...config.json...}, "safetensors": base64}
+        or {"name", "gguf": base64}; "replace": true overwrites a set of the same name."""
+        name = body.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise RequestError("`name` must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit.", param="name")
+        replace = bool(body.get("replace", False))
+        if name in self._sets and not replace:
+            raise RequestError(f"a vector set named {name!r} exists; DELETE it first or send \"replace\": true.", 409, "name")
+        with tempfile.TemporaryDirectory(prefix="steerscope-upload-") as tmp:
+            if "gguf" in body:
+                f = Path(tmp) / f"{name}.gguf"
+                f.write_bytes(_b64(body["gguf"], "gguf"))
+                try:
+                    return self.load_path(f, name, replace)
+                except RequestError:
+                    raise
+                except SteerscopeError as e:
+                    raise RequestError(f"the uploaded control vector was rejected: {e}", param="gguf") from None
+            if "safetensors" not in body or not isinstance(body.get("config"), dict):
+                raise RequestError("send {\"name\", \"config\": <config.json object>, \"safetensors\": <base64>} "
+                                   "or {\"name\", \"gguf\": <base64>}.")
+            folder = Path(tmp) / name
+            folder.mkdir()
+            (folder / CONFIG_FILE).write_text(json.dumps(body["config"]))
+            (folder / TENSORS_FILE).write_bytes(_b64(body["safetensors"], "safetensors"))
+            try:
+                vs = VectorSet.load(folder, self.lm, check_model=self.check_model)
+            except SteerscopeError as e:
+                raise RequestError(f"the uploaded vector set was rejected: {e}", param="safetensors") from None
+            return self._put(name, _Entry(vs, "upload", False), replace)
+
+    def _put(self, name: str, entry: _Entry, replace: bool) -> str:
+        with self._lock:
+            if name in self._sets and not replace:
+                raise RequestError(f"a vector set named {name!r} exists; DELETE it first or send \"replace\": true.", 409, "name")
+            if name not in self._sets and len(self._sets) >= self.max_sets:
+                raise RequestError(f"the server holds {self.max_sets} vector sets already; DELETE one first.", 409)
+            self._sets[name] = entry
+        return name
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if self._sets.pop(name, None) is None:
+                raise RequestError(f"no vector set named {name!r}; GET /v1/vectors lists them.", 404, "name")
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            items = list(self._sets.items())
+        return [{"name": n, "object": "vector_set", "method": e.vs.config.method, "source": e.source,
+                 "control_vector": e.control, "vectors": [{"id": i, "layer": l, "norm": nm, "ref": f"{n}/{i}"}
+                                                          for i, l, nm in zip(e.vs.ids, e.vs.layers, e.vs.config.norms)]}
+                for n, e in items]
+
+    def resolve(self, ref: Any, param: str) -> list[SteeringVector]:
+        """The vectors a reference names (see the module docstring)."""
+        if not isinstance(ref, str) or not ref:
+            raise RequestError(f"`{param}` must be a vector name such as \"SET\" or \"SET/ID\".", param=param)
+        name, _, which = ref.partition("/")
+        with self._lock:
+            e = self._sets.get(name)
+        if e is None:
+            known = ", ".join(sorted(self._sets)[:10]) or "none loaded"
+            raise RequestError(f"unknown vector {ref!r} in `{param}`; known sets: {known} (GET /v1/vectors).", param=param)
+        vs = e.vs
+        if which:
+            key: int | str = int(which) if which.lstrip("-").isdigit() and which not in vs.ids else which
+            try:
+                return [vs[key]]
+            except SteerscopeError as err:
+                raise RequestError(f"`{param}`: {err}", param=param) from None
+        if len(vs) == 1 or e.control:
+            return list(vs)
+        raise RequestError(f"`{param}`: set {name!r} has {len(vs)} vectors; name one as \"{name}/ID\" "
+                           f"(ids: {', '.join(vs.ids[:8])}{' ...' if len(vs) > 8 else ''}).", param=param)
+
+
+def _b64(value: Any, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(f"`{field}` must be a base64 string.", param=field)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"`{field}` is not valid base64.", param=field) from None
+
+
+def parse_steering(store: VectorStore, lm, steering: Any, projection: Any, max_vectors: int) -> RowSteering:
+    """A request's `steering` list and `projection` reference -> RowSteering, every field checked.
+
+    steering: [{"vector": REF, "coef": x, "layer"?: L, "positions"?: P}, {"ablate": REF, "positions"?: P}]
+    positions: all | prompt | generated | A:B | last:K (as `steerscope generate --positions`).
+    """
+    if steering is None:
+        steering = []
+    if not isinstance(steering, list):
+        raise RequestError("`steering` must be a list of {\"vector\", \"coef\", \"layer\"?, \"positions\"?} "
+                           "or {\"ablate\"} objects.", param="steering")
+    adds, ablations = [], []
+    for k, item in enumerate(steering):
+        where = f"steering[{k}]"
+        if not isinstance(item, dict):
+            raise RequestError(f"`{where}` must be an object such as {{\"vector\": \"SET/ID\", \"coef\": 4}}.", param=where)
+        unknown = set(item) - {"vector", "coef", "layer", "positions", "ablate"}
+        if unknown:
+            raise RequestError(f"`{where}` has unknown keys {sorted(unknown)}; use vector, coef, layer, positions or ablate.", param=where)
+        positions = _positions(item.get("positions", "all"), where)
+        if "ablate" in item:
+            if "vector" in item or "coef" in item or "layer" in item:
+                raise RequestError(f"`{where}`: an ablation takes only \"ablate\" (and \"positions\").", param=where)
+            for sv in store.resolve(item["ablate"], f"{where}.ablate"):
+                if float(sv.vector.norm()) == 0.0:
+                    raise RequestError(f"`{where}.ablate`: vector {sv.id!r} is zero and has no direction.", param=where)
+                ablations.append(AblateSpec(sv.vector, positions))
+            continue
+        if "vector" not in item:
+            raise RequestError(f"`{where}` needs \"vector\" (or \"ablate\").", param=where)
+        coef = item.get("coef", 1.0)
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+            raise RequestError(f"`{where}.coef` must be a finite number, got {coef!r}.", param=f"{where}.coef")
+        layer = item.get("layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < lm.n_layers):
+            raise RequestError(f"`{where}.layer` must be an integer in 0..{lm.n_layers - 1}, got {layer!r}.", param=f"{where}.layer")
+        for sv in store.resolve(item["vector"], f"{where}.vector"):
+            adds.append(AddSpec(sv.vector, sv.layer if layer is None else layer, float(coef), positions))
+    if len(adds) + len(ablations) > max_vectors:
+        raise RequestError(f"the request uses {len(adds) + len(ablations)} vectors; this server allows {max_vectors} "
+                           "per request (--max-vectors-per-request).", param="steering")
+    probe = None
+    if projection is not None:
+        ref, layer = (projection.get("vector"), projection.get("layer")) if isinstance(projection, dict) else (projection, None)
+        svs = store.resolve(ref, "projection")
+        sv = svs[0]
+        n = float(sv.vector.norm())
+        if n == 0.0:
+            raise RequestError("`projection`: that vector is zero.", param="projection")
+        L = sv.layer if layer is None else layer
+        if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < lm.n_layers:
+            raise RequestError(f"`projection.layer` must be an integer in 0..{lm.n_layers - 1}.", param="projection")
+        probe = (sv.vector.float() / n, L)
+    return RowSteering(tuple(adds), tuple(ablations), probe)
+
+
+def _positions(spec: Any, where: str) -> Positions:
+    if spec is None or spec == "all":
+        return ALL
+    if not isinstance(spec, str):
+        raise RequestError(f"`{where}.positions` must be a string: all, prompt, generated, A:B or last:K.", param=f"{where}.positions")
+    try:
+        return Positions.parse(spec)
+    except SteerscopeError as e:
+        raise RequestError(f"`{where}.positions`: {e}", param=f"{where}.positions") from None
+
+
