@@ -231,3 +231,26 @@ def test_prompt_len_is_pinned_in_steer():
         lm.forward(**enc)
         assert st.prompt_len.tolist() == [3]
         assert Positions.generated().mask(st).tolist() == [[False] * 3 + [True] * (enc["input_ids"].shape[1] - 3)]
+
+
+def test_batches_per_window_when_caches_cannot_join():
+    """A model whose cache cannot be padded and joined runs one batch per window: requests that
+    arrive while a batch decodes wait for it, and still get generate's tokens."""
+    lm = make_tiny_lm("llama")
+    vec = rand_vec(lm)
+    eng = Engine(lm, max_batch=8, window_s=0.0)
+    eng.joinable = False
+    eng.start()
+    try:
+        col = Collector(eng)
+        first = col.submit(lm, PROMPTS[0], max_tokens=40, ignore_eos=True)
+        while not col.tokens(first):
+            time.sleep(0.001)
+        late = [col.submit(lm, p, _steered(vec)) for p in PROMPTS[1:]]
+        col.wait(1 + len(late))
+    finally:
+        eng.stop()
+    assert col.finish(first).completion_tokens == 40
+    for k, p in zip(late, PROMPTS[1:]):
+        assert col.tokens(k) == _reference(lm, p, vec).token_ids
+    assert eng.stats["max_rows"] == len(late)  # the late ones batched together, never with the first

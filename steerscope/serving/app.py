@@ -299,7 +299,7 @@ class Server:
         import threading
 
         self.engine.start()
-        self.thread = threading.Thread(target=self.uv.run, name="steerscope-http", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="steerscope-http", daemon=True)
         self.thread.start()
         t0 = time.monotonic()
         while not self.uv.started:
@@ -308,6 +308,12 @@ class Server:
                 raise SteerscopeError(f"the server did not start on {self.cfg.host}:{self.cfg.port} (port in use? try --port 0).")
             time.sleep(0.02)
         return self
+
+    def _run(self) -> None:
+        try:
+            self.uv.run()
+        except SystemExit:  # uvicorn exits when it cannot bind; start() reports it in one line
+            pass
 
     def stop(self) -> None:
         self.uv.should_exit = True

@@ -118,6 +118,15 @@ def test_playground_in_chromium(smol, happy_dir, tmp_path):
             assert driver.find_element(By.ID, "prompt").get_attribute("value") == PROMPT
             assert driver.find_element(By.ID, "out-steered").text == steered2
             driver.save_screenshot(str(shots / "playground-from-url.png"))
+            # upload a vector folder's two files through the page; it becomes selectable
+            driver.find_element(By.ID, "upload-name").send_keys("joy")
+            driver.find_element(By.ID, "upload").send_keys(f"{happy_dir / 'config.json'}\n{happy_dir / 'vectors.safetensors'}")
+            t0 = time.monotonic()
+            while "uploaded" not in driver.find_element(By.ID, "upload-note").text and time.monotonic() - t0 < 20:
+                time.sleep(0.1)
+            assert driver.find_element(By.ID, "upload-note").text == "uploaded joy"
+            options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#proj option")]
+            assert "joy" in options and "happy" in options
         finally:
             driver.quit()
     assert count_hooks(smol.model) == 0
