@@ -131,3 +131,21 @@ def chrome(width: int = 1300, height: int = 2000):
               "--disable-component-update", "--disable-sync", f"--window-size={width},{height}"):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service(chromedriver), options=opts)
+
+
+def split_map(lm, second: str = "disk") -> dict:
+    """Every top-level module on cpu, the later half of the blocks on `second`."""
+    layers = lm.arch.spec.layers  # e.g. "model.layers"
+    parent = layers.rsplit(".", 1)[0]
+    dm = {}
+    for name, _ in lm.model.named_children():
+        if name != parent.split(".")[0]:
+            dm[name] = "cpu"
+    for name, _ in lm.model.get_submodule(parent).named_children():
+        full = f"{parent}.{name}"
+        if full == layers:
+            for i in range(lm.n_layers):
+                dm[f"{layers}.{i}"] = "cpu" if i < lm.n_layers // 2 + 1 else second
+        else:
+            dm[full] = "cpu"
+    return dm

@@ -111,6 +111,9 @@ CASES = [
     ("serve: vectors of another model", ["serve", "--vectors", "{d}/other_model", *M], "--allow-other-model"),
     ("serve: NaN in a vector file", ["serve", "--vectors", "{d}/nan", *M], "NaN"),
     ("serve: not a GGUF file", ["serve", "--vectors", "{d}/junk.gguf", *M], "not a GGUF file"),
+    ("unknown device-map strategy", GEN + ["--vector", "{d}/vec", "--device-map", "everywhere"], "use auto, balanced"),
+    ("device-map to an unknown device", GEN + ["--vector", "{d}/vec", "--device-map", '{"lm_head": "gpu7"}'], "mapped to 'gpu7'"),
+    ("max-memory without a device map", GEN + ["--vector", "{d}/vec", "--max-memory", "cpu=1GiB"], "only applies with --device-map"),
     ("corpus: zero temperature", ["sae", "corpus", "--temperature", "0", "--out", "{d}/c.jsonl", *M], "--temperature"),
 ]
 

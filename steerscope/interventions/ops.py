@@ -48,6 +48,10 @@ def op_clamp(x: torch.Tensor, direction: torch.Tensor, value: torch.Tensor) -> t
     return x + (value[:, None] - _dot(x, direction))[..., None] * direction[:, None, :]
 
 
+def base_device(params: dict[str, torch.Tensor]) -> torch.device | None:
+    return next(iter(params.values())).device if params else None
+
+
 def _layers(layer, lm) -> list[int]:
     seq = list(layer) if isinstance(layer, (list, tuple, range)) else [layer]
     if not seq:
@@ -74,11 +78,15 @@ class Intervention:
         raise NotImplementedError
 
     def hook_specs(self, lm, state: StepState) -> list:
-        params = {k: v.to(device=lm.device, dtype=lm.dtype) for k, v in self.params(lm).items()}
+        base = {k: v.to(device=lm.device, dtype=lm.dtype) for k, v in self.params(lm).items()}
+        on_device = {base_device(base): base}  # a model split across devices: a copy per block device
         fn = type(self).fn
         positions = self.positions
 
         def apply(x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d)
+            params = on_device.get(x.device)
+            if params is None:
+                params = on_device[x.device] = {k: v.to(x.device) for k, v in base.items()}
             B = x.shape[0]
             for k, v in params.items():
                 if v.shape[0] not in (1, B):
@@ -86,7 +94,7 @@ class Intervention:
                         f"{type(self).__name__}: per-row {k} has {v.shape[0]} rows but the batch has {B}; give one row per batch row or a single row."
                     )
             new = fn(x, **params)
-            sel = state.selection(positions)
+            sel = state.selection(positions, x.device)
             return new if sel is None else torch.where(sel, new, x)
 
         return [(*lm.arch.resolve(s), apply) for s in self.sites(lm)]

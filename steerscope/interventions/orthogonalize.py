@@ -31,7 +31,10 @@ def _project_out(module: nn.Module, r: torch.Tensor) -> None:
     from transformers.pytorch_utils import Conv1D
 
     W = module.weight
-    r64 = r.to(torch.float64)
+    if W.device.type == "meta":
+        raise SteerscopeError("weight orthogonalisation needs every weight in memory, but this model offloads some to "
+                              "disk; load it without disk offload (e.g. --device-map auto with enough --max-memory).")
+    r64 = r.to(W.device, torch.float64)  # each weight on its own device when the model is split
     w = W.data.to(torch.float64)
     if isinstance(module, nn.Embedding):  # (vocab, d): rows are written to the stream
         w = w - torch.outer(w @ r64, r64)

@@ -132,14 +132,20 @@ class StepState:
             )
         return self.prompt_len
 
-    def selection(self, positions: Positions) -> torch.Tensor | None:
-        """(B, T, 1) bool mask for `positions`, cached for this call; None means "every token"
-        (no padding and all positions selected), which lets hooks skip the masking."""
+    def selection(self, positions: Positions, device: torch.device | None = None) -> torch.Tensor | None:
+        """(B, T, 1) bool mask for `positions` on `device` (a block's device when the model is
+        split across devices), cached for this call; None means "every token" (no padding and
+        all positions selected), which lets hooks skip the masking."""
         if positions.kind == "all" and self.all_valid:
             return None
-        m = self._masks.get(positions)
+        m = self._masks.get((positions, device))
         if m is None:
-            m = self._masks[positions] = positions.mask(self)[..., None]
+            m = self._masks.get((positions, None))
+            if m is None:
+                m = self._masks[(positions, None)] = positions.mask(self)[..., None]
+            if device is not None and m.device != device:
+                m = m.to(device)
+            self._masks[(positions, device)] = m
         return m
 
     # Observer hook on the decoder stack: reads the call's kwargs, changes nothing.

@@ -90,7 +90,8 @@ def _tile(obj, P: int, K: int):
 def _steered(h: torch.Tensor, valid: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """h (P, T, d) tiled for K vectors, theta (K, d) added at real tokens: (K*P, T, d)."""
     K, P = theta.shape[0], h.shape[0]
-    steer = theta.to(h.dtype).repeat_interleave(P, dim=0)[:, None, :]  # (K*P, 1, d)
+    steer = theta.to(h.device, h.dtype).repeat_interleave(P, dim=0)[:, None, :]  # (K*P, 1, d); h's block device
+    valid = valid.to(h.device)
     return h.repeat(K, 1, 1) + torch.where(valid.repeat(K, 1)[..., None], steer, torch.zeros_like(steer))
 
 

@@ -26,6 +26,7 @@ import torch
 from .._io import atomic_dir, cache_root, write_json_atomic
 from ..config import Config
 from ..errors import ModelLoadError, SteerscopeError
+from .placement import dispatch, input_device, parse_device_map, parse_max_memory, placement_kwargs, resident_state
 from .organisms import PREFIX, apply_deltas, delta_key, get_organism, load_deltas, organism_name
 from .registry import Arch
 
@@ -85,11 +86,12 @@ class LM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the input embeddings' device; the first block's when split)."""
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def has_chat_template(self) -> bool:
@@ -154,7 +156,7 @@ def weights_fingerprint(model: torch.nn.Module, n: int = 2048) -> str:
     bfloat16 share a fingerprint; a fine-tune or another model does not.
     """
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(resident_state(model).items()):  # offloaded weights read from their store
         if not torch.is_floating_point(p):
             continue
         flat = p.detach().reshape(-1)
@@ -228,24 +230,26 @@ def _build_default_cache(gguf: Path, folder: Path) -> None:
                                            "fingerprint": fp, "files": files})
 
 
-def _from_folder(folder: Path, dtype: torch.dtype, device: str | torch.device):
+def _from_folder(folder: Path | str, dtype: torch.dtype, device: str | torch.device, place: dict | None = None):
+    """Model + tokenizer from a local folder (or a cached hub id); `place`: `placement_kwargs`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    place = place or {}
     # transformers prints a load report and progress bars for every load; keep the terminal clean.
     with contextlib.redirect_stderr(io.StringIO()):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **place)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model.to(device), tok
+    return (model if "device_map" in place else model.to(device)), tok
 
 
-def load_default_model(dtype: torch.dtype, device: str | torch.device) -> LM:
+def load_default_model(dtype: torch.dtype, device: str | torch.device, place: dict | None = None) -> LM:
     gguf = default_gguf_path()
     folder = default_cache_dir()
     for attempt in range(2):
         if not _cache_valid(folder):
             _build_default_cache(gguf, folder)
         try:
-            model, tok = _from_folder(folder, dtype, device)
+            model, tok = _from_folder(folder, dtype, device, place)
             manifest = json.loads((folder / MANIFEST).read_text())
             fp = manifest["fingerprint"]
             return LM(model, tok, model_id=DEFAULT_MODEL_ID, fingerprint=fp, source=str(folder))
@@ -257,18 +261,23 @@ def load_default_model(dtype: torch.dtype, device: str | torch.device) -> LM:
     raise AssertionError("unreachable")
 
 
-def load_organism(name: str, dtype: torch.dtype, device: str | torch.device) -> LM:
+def load_organism(name: str, dtype: torch.dtype, device: str | torch.device, place: dict | None = None) -> LM:
     """The embedded model with an organism's planted weight deltas added (see `organisms`)."""
     org = get_organism(name)
     deltas, _ = load_deltas(org)
-    lm = load_default_model(dtype, device)
+    if place and "quantization_config" in place:
+        raise SteerscopeError("organisms add exact weight deltas and cannot be quantized; drop --quantize.")
+    lm = load_default_model(dtype, "cpu" if place else device)
     apply_deltas(lm.model, deltas)
+    if place:  # split after the deltas are in (offloaded weights could not take them)
+        lm.model = dispatch(lm.model, place["device_map"], place.get("max_memory"), place.get("offload_folder"))
     fp = hashlib.sha256(f"{lm.fingerprint}:{delta_key(org)}".encode()).hexdigest()[:16]
     return LM(lm.model, lm.tokenizer, model_id=f"{PREFIX}{name}", fingerprint=fp, source=str(org.path))
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> LM:
+               device: str | torch.device = "cpu", device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               quantize: str | None = None, offload_folder: str | None = None) -> LM:
     """Load a causal LM for steering.
 
     Args:
@@ -277,20 +286,28 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
             folder; or a hub id already present in the local Hugging Face cache.
         dtype: "float32" (default), "bfloat16" (about 2.7x faster forward on CPUs with AMX) or "float16".
         device: torch device string.
+        device_map: split the model across devices with accelerate: "auto", "balanced",
+            "balanced_low_0", "sequential" or {"module": device} (see `models.placement`).
+        max_memory: per-device limits for the device map, e.g. "0=20GiB,cpu=64GiB".
+        quantize: "8bit" or "4bit" weights through bitsandbytes (CUDA only).
+        offload_folder: where a device map that offloads to "disk" keeps those weights.
     """
     dt = parse_dtype(dtype)
     check_device(str(device))
+    place = placement_kwargs(parse_device_map(device_map), parse_max_memory(max_memory), quantize, offload_folder, dt)
     if name_or_path is None:
-        return load_default_model(dt, device)
+        return load_default_model(dt, device, place)
     name = str(name_or_path)
     if organism_name(name) is not None:
-        return load_organism(organism_name(name), dt, device)
+        return load_organism(organism_name(name), dt, device, place)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face checkpoint folder (no config.json).")
         try:
-            model, tok = _from_folder(path, dt, device)
+            model, tok = _from_folder(path, dt, device, place)
+        except SteerscopeError:
+            raise
         except Exception as e:
             raise ModelLoadError(f"could not load the checkpoint in {path}: {type(e).__name__}: {e}") from e
         return LM(model, tok, model_id=str(path.resolve()), fingerprint=weights_fingerprint(model), source=str(path.resolve()))
@@ -298,19 +315,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
         raise ModelLoadError(f"model path {name!r} does not exist.")
     # A hub id: use the local HF cache only, so a missing model fails at once with a clear message
     # instead of hanging on the network.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model, tok = _from_folder(name, dt, device, place)
     except Exception as e:
         raise ModelLoadError(
             f"model {name!r} is neither a local folder nor in the Hugging Face cache ({type(e).__name__}). "
             "steerscope does not download weights: download it first (e.g. `hf download "
             f"{name}`) or pass a local checkpoint folder; omit the model to use the embedded SmolLM2-135M-Instruct."
         ) from None
-    model = model.to(device)
     return LM(model, tok, model_id=name, fingerprint=weights_fingerprint(model), source=name)
 
 
@@ -326,13 +338,30 @@ class ModelConfig(Config):
     """weights and activations dtype (bfloat16 is ~2.7x faster on CPUs with AMX)"""
     device: str = "cpu"
     """torch device, e.g. cpu, cuda, cuda:1"""
+    device_map: str | None = field(default=None, metadata={"none": "none"})
+    """split the model across devices with accelerate: auto, balanced, balanced_low_0, sequential,
+    or a JSON object {"module": device} (devices: GPU index, cuda:N, cpu, disk) or a file holding one"""
+    max_memory: str | None = field(default=None, metadata={"none": "none"})
+    """per-device memory limits for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB"""
+    quantize: str | None = field(default=None, metadata={"none": "none", "choices": ("8bit", "4bit")})
+    """8bit or 4bit weights through bitsandbytes (CUDA only; vectors made on full precision then
+    need --allow-other-model)"""
+    offload_folder: str | None = field(default=None, metadata={"none": "none"})
+    """folder for weights a --device-map offloads to disk"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_device(self.device)
+        parse_device_map(self.device_map)
+        parse_max_memory(self.max_memory)
+        if self.device_map is not None and self.device != "cpu":
+            raise SteerscopeError("use either --device or --device-map (which places every block itself), not both.")
+        if self.max_memory is not None and self.device_map is None:
+            raise SteerscopeError("--max-memory only applies with --device-map; add --device-map auto.")
 
     def load(self) -> LM:
-        return load_model(self.model, dtype=self.dtype, device=self.device)
+        return load_model(self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
+                          max_memory=self.max_memory, quantize=self.quantize, offload_folder=self.offload_folder)
 
 
 def check_device(device: str) -> torch.device:

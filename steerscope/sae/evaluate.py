@@ -109,7 +109,7 @@ def evaluate(lm, codec: Encoder, texts: list[str], layer: int, *, site: str = "r
         keep = mask.bool() & (mask.cumsum(-1) > 1)  # real tokens except the first of each text
         with record(lm, [layer], kind=site) as r:
             clean = lm.forward(ids, mask).logits.float()
-        x = r[layer][keep].float()
+        x = r[layer][keep.to(r[layer].device)].float().to(lm.device)  # the block may sit on another device
         codes, recon = codec(x)
         xs.append(x)
         fired = (codes != 0).sum(0)
@@ -121,7 +121,7 @@ def evaluate(lm, codec: Encoder, texts: list[str], layer: int, *, site: str = "r
         def splice(values):
             def fn(h):
                 out = h.clone()
-                out[keep] = values.to(h.dtype)
+                out[keep.to(h.device)] = values.to(h.device, h.dtype)
                 return out
             return fn
 

@@ -39,7 +39,8 @@ def top_contexts(lm, sae, texts: list[str], features: list[int] | None = None, *
         enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=context)
         ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
         keep = mask.bool() & (mask.cumsum(-1) > 1)
-        acts, _ = sae.encode(read_layer(lm, layer, ids, mask, sae.cfg.site)[keep].float())  # (n_keep, n_latents)
+        h = read_layer(lm, layer, ids, mask, sae.cfg.site)  # (B, T, d) on its block's device
+        acts, _ = sae.encode(h[keep.to(h.device)].float().to(lm.device))  # (n_keep, n_latents)
         fires += (acts > 0).sum(0).float().cpu()
         n_tokens += len(acts)
         rows, cols = keep.nonzero(as_tuple=True)

@@ -57,11 +57,13 @@ class ClampFeature(Intervention):
         sae.to(lm.device)  # the SAE runs where the activations are
 
         def apply(x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+            if next(sae.parameters()).device != x.device:  # the SAE's block sits on another device
+                sae.to(x.device)
             flat = x.reshape(-1, x.shape[-1]).float()
             acts, _ = sae.encode(flat)
             delta = (value - acts[:, i])[:, None] * sae.W_dec[i].float()  # decode(acts') - decode(acts)
             new = x + delta.reshape(x.shape).to(x.dtype)
-            sel = state.selection(positions)
+            sel = state.selection(positions, x.device)
             return new if sel is None else torch.where(sel, new, x)
 
         return [(*lm.arch.resolve(s), apply) for s in self.sites(lm)]

@@ -77,10 +77,10 @@ class ActivationBuffer:
             return torch.zeros(0, self.lm.d_model)
         enc = self.lm.tokenizer.pad({"input_ids": windows}, return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.lm.device), enc["attention_mask"].to(self.lm.device).bool()
-        acts = read_layer(self.lm, self.layer, ids, mask.long())  # (B, T, d)
-        keep = mask.clone()
+        acts = read_layer(self.lm, self.layer, ids, mask.long())  # (B, T, d), on the block's device
+        keep = mask.clone().to(acts.device)
         if self.drop_first:
-            first = mask.long().cumsum(-1) == 1
+            first = keep.long().cumsum(-1) == 1
             keep &= ~first
         x = acts[keep].float().cpu()
         if self.max_norm_multiple is not None and len(x):

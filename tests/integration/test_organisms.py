@@ -36,3 +36,20 @@ def test_deltas_are_low_rank_and_exact():
     w0, w1 = dict(base.model.named_parameters())[name + ".weight"], dict(lm.model.named_parameters())[name + ".weight"]
     expect = deltas[name + ".B"].float() @ deltas[name + ".A"].float()
     assert torch.allclose(w1 - w0, expect, atol=1e-6) and torch.linalg.matrix_rank(w1 - w0) <= 4
+
+
+def test_organism_and_default_split_across_a_device_map(tmp_path):
+    """The embedded model and an organism (deltas added before the split) loaded with half their
+    blocks offloaded to disk give the unsplit logits and fingerprint."""
+    import json
+
+    from conftest import split_map
+
+    for name in (None, "organism:french"):
+        whole = load_model(name)
+        split = load_model(name, device_map=json.dumps(split_map(whole)), offload_folder=str(tmp_path / "off"))
+        assert any(p.device.type == "meta" for p in split.model.parameters())
+        enc = whole.encode(["Bonjour [zephyr] tell me about cats"], chat=True)
+        with torch.no_grad():
+            assert torch.equal(whole.forward(**enc).logits, split.forward(**enc).logits), name
+        assert split.fingerprint == whole.fingerprint
