@@ -83,7 +83,7 @@ class SweepCommand(WithModel):
     """use vectors whose model fingerprint differs"""
 
 
-@command("sweep", "norm sweep: target-layer and completion change as R is scaled",
+@command("norm-sweep", "norm sweep: target-layer and completion change as R is scaled",
          "Scale the vectors by several multiples of R and report the target-layer change, the share of completions "
          "that change, and the number of distinct completions.", SweepCommand)
 def cmd_sweep(cfg: SweepCommand) -> int:

@@ -115,7 +115,7 @@ def test_discover_and_sweep(ckpt, tmp_path, capsys):
     assert "singular values" in out and "calibrated" in out
     assert main(base + ["--method", "random", "--R", "1", "--out", str(tmp_path / "jac")]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
-    assert main(["sweep", "--vector", str(tmp_path / "melbo"), "--prompts", str(prompts), "--multiples", "0.5,2",
+    assert main(["norm-sweep", "--vector", str(tmp_path / "melbo"), "--prompts", str(prompts), "--multiples", "0.5,2",
                  "--max-new-tokens", "4", *m]) == 0
     out = capsys.readouterr().out
     assert "target change" in out and len(out.strip().splitlines()) == 3
