@@ -30,6 +30,14 @@ def pair(request, tmp_path):
     return whole, split
 
 
+def _sae_clamp(lm):
+    """SAE steering on the offloaded part of the model."""
+    from steerscope.sae import SAE, SAEConfig, ClampFeature
+
+    torch.manual_seed(0)
+    return ClampFeature(SAE(SAEConfig(lm.d_model, 16, arch="topk", k=4, layer=lm.n_layers - 1)), feature=3, value=25.0)
+
+
 def test_split_model_gives_identical_logits(pair):
     whole, split = pair
     assert "disk" in devices(split.model) and split.device == torch.device("cpu")
@@ -40,7 +48,7 @@ def test_split_model_gives_identical_logits(pair):
     d = rand_vec(whole, seed=3)
     cases = [(), (Add(v, layer=whole.n_layers - 1, coef=torch.tensor([1.0, 2.0])),),  # per-row, on the offloaded part
              (Add(v[0], layer=0, positions=Positions.range(1, 3)),), (Ablate(d),),
-             (Clamp(d, value=1.5, layer=whole.n_layers - 1),)]
+             (Clamp(d, value=1.5, layer=whole.n_layers - 1),), (_sae_clamp(whole),)]
     with torch.no_grad():
         for ivs in cases:
             with steer(whole, *ivs):

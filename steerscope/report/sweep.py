@@ -12,7 +12,7 @@ COLORS = ["#1f5fa8", "#e15759", "#59a14f", "#f28e2b", "#76b7b2", "#b07aa1", "#9c
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:1.2rem 2rem;color:#1d2330}
 h1{font-size:1.35rem;margin:.2rem 0}h2{font-size:1.1rem;margin:1.4rem 0 .5rem}
 table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #e3e6ec;padding:.25rem .55rem;text-align:left}
-th{background:#f4f5f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f5f8}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .status-done{color:#2d7a32}.status-failed{color:#b3261e;font-weight:600}.status-running{color:#1f5fa8}.status-pending{color:#888}
 .progress{display:flex;gap:1.2rem;align-items:center;margin:.4rem 0 1rem}.bar{width:280px;height:12px;background:#eee;border-radius:6px;overflow:hidden;display:flex}
 .bar span{display:block;height:100%}.plots{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0}figcaption{font-size:12px;color:#555}
@@ -97,7 +97,7 @@ def render_sweep(grid: dict, points: dict[str, dict], counts: dict[str, int], et
         if p.get("error"):
             body.append(f'<tr><td colspan="{len(fields) + len(metrics) + 4}" class="err">{escape(p["error"])}</td></tr>')
     plots = [_plot(m, f, points, fields) for m in metrics for f in fields]
-    plots = [p for p in plots if p][:16]
+    plots = [p for p in plots if p][:12]
     eta_txt = "finished" if eta == 0 else f"ETA {_duration(eta)}" if eta is not None else "ETA after the first point"
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>steerscope sweep: {escape(grid["command"])}</title>'
             f'<style>{CSS}</style></head><body><h1>Sweep: <code>steerscope {escape(grid["command"])}</code> over '
@@ -105,9 +105,9 @@ def render_sweep(grid: dict, points: dict[str, dict], counts: dict[str, int], et
             f'<div class="progress" id="progress"><div class="bar">{segs}</div><span>{counts["done"]} done · '
             f'{counts["running"]} running · {counts["failed"]} failed · {counts["pending"]} pending of {total} · '
             f'{_duration(elapsed)} elapsed in this session · {eta_txt}</span></div>'
-            + (f'<h2>Headline metrics vs swept fields</h2><div class="plots">{"".join(plots)}</div>' if plots else "")
             + f'<h2>Points</h2><table id="points"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-            f'<h2>Grid</h2><pre>{escape(_json(grid))}</pre></body></html>')
+            + (f'<h2>Headline metrics vs swept fields</h2><div class="plots">{"".join(plots)}</div>' if plots else "")
+            + f'<h2>Grid</h2><pre>{escape(_json(grid))}</pre></body></html>')
 
 
 def _json(obj) -> str:
