@@ -44,6 +44,7 @@ def env(tmp_path_factory):
     (d / "sae" / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": 32, "d_sae": 8, "k": 2}))
     (d / "sae" / "sae_weights.safetensors").write_bytes(b"truncated")
     (d / "junk.gguf").write_bytes(b"not a gguf file")
+    (d / "bad_concept.jsonl").write_text('{"kind": "postive", "text": "yay"}\n')
     (d / "exists").mkdir()
     (d / "exists" / "keep.txt").write_text("user data")
     return d
@@ -114,6 +115,14 @@ CASES = [
     ("unknown device-map strategy", GEN + ["--vector", "{d}/vec", "--device-map", "everywhere"], "use auto, balanced"),
     ("device-map to an unknown device", GEN + ["--vector", "{d}/vec", "--device-map", '{"lm_head": "gpu7"}'], "mapped to 'gpu7'"),
     ("max-memory without a device map", GEN + ["--vector", "{d}/vec", "--max-memory", "cpu=1GiB"], "only applies with --device-map"),
+    ("bench: unknown method", ["bench", "--methods", "diffmean,lasso", "--out", "{d}/b", *M], "lasso"),
+    ("bench: unknown concept", ["bench", "--concepts", "sports,quantum", "--out", "{d}/b", *M], "unknown concept 'quantum'"),
+    ("bench: bad concept file", ["bench", "--concepts", "{d}/bad_concept.jsonl", "--out", "{d}/b", *M], "has kind 'postive'"),
+    ("bench: curve without 1", ["bench", "--curve", "0.5,2", "--out", "{d}/b", *M], "--curve must"),
+    ("bench: A/B without 0", ["bench", "--ab-multipliers=-1,1", "--out", "{d}/b", *M], "--ab-multipliers must"),
+    ("bench: judge without a model", ["bench", "--judge-url", "http://127.0.0.1:9/v1", "--out", "{d}/b", *M], "--judge-model"),
+    ("bench: SAE not a folder", ["bench", "--sae", "{d}/p.txt", "--out", "{d}/b", *M], "not an SAE folder"),
+    ("bench: another job's folder", ["bench", "--out", "{d}/exists", *M], "--force"),
     ("corpus: zero temperature", ["sae", "corpus", "--temperature", "0", "--out", "{d}/c.jsonl", *M], "--temperature"),
 ]
 

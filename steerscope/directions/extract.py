@@ -137,7 +137,8 @@ class ExtractConfig(Config):
     method: str = field(default="diffmean", metadata={"choices": EXTRACTORS})
     """extraction method"""
     read: str = "mean"
-    """positions read per text: mean (over its real tokens), last, or last:K (each of the last K, e.g.
+    """positions read per text: mean (over its real tokens after the first, whose massive
+    activations would dominate), last, or last:K (each of the last K, e.g.
     the post-instruction template tokens)"""
     layers: list[int] | None = field(default=None, metadata={"none": "all"})
     """layers to extract at: all, A:B (B exclusive) or A,B,C"""

@@ -17,6 +17,7 @@ neutral rollouts) of the adapter vs the vector. `merge_adapter` writes a plain H
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import random
@@ -232,3 +233,21 @@ def merge_adapter(lm, adapter: str | Path, out: str | Path, force: bool = False)
         merged.save_pretrained(str(tmp))
         lm.tokenizer.save_pretrained(str(tmp))
     return Path(out)
+
+
+@contextlib.contextmanager
+def adapter_in_place(lm, adapter: str | Path):
+    """Within the block, `lm` runs with the LoRA adapter at `adapter` (generation, forward passes
+    and steering hooks all see it); afterwards the model is exactly as it was."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise SteerscopeError("adapters load with peft: pip install 'steerscope[distill]'.") from None
+    inner = lm.model
+    model = PeftModel.from_pretrained(inner, str(adapter))
+    model.eval()
+    lm.model = model
+    try:
+        yield lm
+    finally:
+        lm.model = model.unload()

@@ -66,31 +66,57 @@ class Rollouts:
             raise SteerscopeError("KL matching needs at least one neutral prompt.")
         self.lm = lm
         comps = generate(lm, prompts, max_new_tokens=tokens, min_new_tokens=tokens, chat=chat, progress=False)
-        prompt_ids = [lm.encode([p], chat=chat)["input_ids"][0].tolist() for p in prompts]
-        seqs = [p + c.token_ids for p, c in zip(prompt_ids, comps)]
-        T = max(len(s) for s in seqs)
-        pad = lm.tokenizer.pad_token_id
-        self.ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=lm.device)  # (P, T) left-padded
-        self.mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
-        # positions that predict a rollout token: the last prompt token .. the second-to-last token
-        sel = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for b, c in enumerate(comps):
-            n = len(c.token_ids)
-            sel[b, T - n - 1:T - 1] = True
-        self.sel = sel.to(lm.device)  # (P, T)
+        self.prompts, self.chat = list(prompts), chat
+        self.completions = [c.token_ids for c in comps]
+        self.ids, self.mask, self.sel = self._pack(None)
         self.base = self._logp(())  # (N, V) float32, N = selected positions
 
-    def _logp(self, interventions) -> torch.Tensor:
+    def _pack(self, system: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts (under `system`) followed by the fixed rollout tokens, left-padded."""
+        lm = self.lm
+        prompt_ids = [lm.encode([p], chat=self.chat, system=system)["input_ids"][0].tolist() for p in self.prompts]
+        seqs = [p + c for p, c in zip(prompt_ids, self.completions)]
+        T = max(len(s) for s in seqs)
+        pad = lm.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=lm.device)  # (P, T) left-padded
+        mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
+        # positions that predict a rollout token: the last prompt token .. the second-to-last token
+        sel = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for b, c in enumerate(self.completions):
+            sel[b, T - len(c) - 1:T - 1] = True
+        return ids, mask, sel.to(lm.device)  # (P, T) each
+
+    def _logp(self, interventions, packed=None) -> torch.Tensor:
+        ids, mask, sel = packed or (self.ids, self.mask, self.sel)
+        # Left padding puts every rollout at the end: the unembedding (a fifth of a small model's
+        # compute, and P x T x V floats) only runs on the last K columns.
+        K = int(sel.shape[1] - sel.long().argmax(-1).min())
         with steer(self.lm, *interventions):
-            logits = self.lm.forward(self.ids, self.mask).logits  # (P, T, V)
-        return torch.log_softmax(logits[self.sel.to(logits.device)].float(), -1)
+            try:
+                logits = self.lm.forward(ids, mask, logits_to_keep=K).logits  # (P, K, V)
+            except TypeError:  # a model class without logits_to_keep
+                logits = self.lm.forward(ids, mask).logits[:, -K:]
+        return torch.log_softmax(logits[sel[:, -K:].to(logits.device)].float(), -1)
+
+    def _kl(self, lq: torch.Tensor) -> torch.Tensor:
+        lp = self.base.to(lq.device)
+        return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+
+    @torch.no_grad()
+    def kl_prompted(self, system: str) -> torch.Tensor:
+        """(N,) per-token KL on the same rollout tokens when the prompts carry `system` (the
+        prompting baseline's side effects, comparable with a vector's)."""
+        return self._kl(self._logp((), self._pack(system)))
+
+    @torch.no_grad()
+    def kl_model(self) -> torch.Tensor:
+        """(N,) per-token KL of the model as it is now (e.g. with a LoRA adapter in place)."""
+        return self._kl(self._logp(()))
 
     @torch.no_grad()
     def kl(self, vector: torch.Tensor, layer: int, coef: float, positions: Positions = ALL) -> torch.Tensor:
         """(N,) per-token KL(p_unsteered || p_steered) in nats on the rollouts."""
-        lq = self._logp([Add(vector, layer=layer, coef=coef, positions=positions)])
-        lp = self.base.to(lq.device)
-        return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+        return self._kl(self._logp([Add(vector, layer=layer, coef=coef, positions=positions)]))
 
 
 def match_kl(rollouts: Rollouts, vector: torch.Tensor, layer: int, cfg: KLMatchConfig = KLMatchConfig(),

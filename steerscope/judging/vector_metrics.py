@@ -40,13 +40,19 @@ def completion_logprobs(lm, prompts: list[str], completions: list[list[int]], *,
         T = max(len(s) for s in seqs)
         ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=lm.device)  # left padding
         mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
-        logp = torch.log_softmax(lm.forward(ids, mask).logits.float(), -1)  # (B, T, V)
+        # Left padding ends every completion at column T: only the last K columns need logits.
+        K = min(T, max(len(c) for c in cs) + 1)
+        try:
+            logits = lm.forward(ids, mask, logits_to_keep=K).logits  # (B, K, V)
+        except TypeError:  # a model class without logits_to_keep
+            logits = lm.forward(ids, mask).logits[:, -K:]
+        logp = torch.log_softmax(logits.float(), -1)
         for b, (p, c) in enumerate(zip(prompt_ids, cs)):
             if not c:
                 out.append(float("nan"))
                 continue
-            start = T - len(c)  # first completion position; predicted from position start - 1
-            lp = logp[b, start - 1:T - 1].gather(-1, torch.tensor(c, device=lm.device)[:, None])
+            start = K - len(c)  # first completion column; predicted from column start - 1
+            lp = logp[b, start - 1:K - 1].gather(-1, torch.tensor(c, device=logp.device)[:, None])
             out.append(float(lp.mean()))
     return out
 

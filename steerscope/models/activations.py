@@ -45,7 +45,8 @@ def collect_activations(lm, texts: Sequence[str], layers: Sequence[int], *, read
     """(N, P, L, d) float64 activations: P read positions per text, L layers, all layers from one
     forward pass per batch (the one activation collector in steerscope).
 
-    read: `last` (each text's last real token), `mean` (over its real tokens, padding excluded)
+    read: `last` (each text's last real token), `mean` (over its real tokens after the first,
+          padding excluded; see below)
     or `last:K` (each of its last K tokens, oldest first). `formatted=True`: the texts already
     went through `lm.format_prompt`."""
     if len(texts) == 0:
@@ -62,6 +63,12 @@ def collect_activations(lm, texts: Sequence[str], layers: Sequence[int], *, read
             lm.forward(**enc)
         stack = torch.stack([acts[l] for l in layers], dim=1).double()  # (B, L, T, d)
         if read == "mean":
+            # The first real token is left out of the mean when a text has more: its residual
+            # carries "massive activations" (Sun et al. 2024; on SmolLM2 one dimension of size
+            # ~600 at layer 12 vs ~3 elsewhere) whose weight 1/len differs between texts of
+            # different lengths, so a difference of means would point along that dimension.
+            first = mask & (mask.long().cumsum(-1) == 1)
+            mask = mask & ~(first & (mask.sum(-1, keepdim=True) > 1))
             m = mask[:, None, :, None].double()
             out.append(((stack * m).sum(2) / m.sum(2))[:, None].cpu())  # (B, 1, L, d)
         else:  # left padding: the last P columns are every row's last P real tokens

@@ -1,0 +1,244 @@
+"""The `steerscope bench` report: one offline HTML page, the comparison first.
+
+Sections: the headline (methods ranked by their mean score over concepts at the matched KL);
+a methods x concepts table per measure, each naming its judge; strength-vs-effect curves (concept
+rate against the KL actually reached at 0.5x, 1x, 2x the matched coefficient); detection ROC
+curves; A/B steerability; example completions per method at the matched KL; settings and times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from html import escape
+
+COLORS = {"diffmean": "#1f5fa8", "pca": "#59a14f", "probe": "#f28e2b", "sae": "#b07aa1", "discovered": "#e15759",
+          "prompting": "#555555", "distill": "#76b7b2"}
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:1.2rem 2rem;color:#1d2330;max-width:1400px}
+h1{font-size:1.35rem;margin:.2rem 0}h2{font-size:1.1rem;margin:1.6rem 0 .4rem;border-bottom:1px solid #ddd}
+h3{font-size:.95rem;margin:.8rem 0 .3rem}.lead{font-size:15px;max-width:62rem}
+table{border-collapse:collapse;font-size:13px;margin:.3rem 0 .8rem}td,th{border-bottom:1px solid #e3e6ec;padding:.2rem .5rem}
+th{background:#f4f5f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.best{font-weight:700;background:#eef5ea}.muted{color:#888}.note{color:#555;font-size:12px;max-width:60rem}
+.plots{display:flex;flex-wrap:wrap;gap:.8rem}figure{margin:0}figcaption{font-size:12px;color:#444;text-align:center}
+svg{background:#fafafa;border:1px solid #eee}.ex td{vertical-align:top;white-space:pre-wrap;max-width:30rem;font-size:12px}
+.key span{display:inline-block;margin-right:.8rem;font-size:12px}.key i{display:inline-block;width:10px;height:10px;margin-right:3px}
+details{margin:.4rem 0}"""
+
+# (key, title, how to read it, judge, higher is better)
+MEASURES = [
+    ("score", "Score (harmonic mean of concept, relevance, fluency)", "AxBench-style aggregate per completion, averaged", "offline", True),
+    ("concept_rate", "Concept rate", "share of completions the embedding judge says show the concept", "offline", True),
+    ("selectivity", "Selectivity", "concept change - 0.1 x mean |change| on the other concepts", "offline", True),
+    ("relevance", "Instruction relevance", "cosine of the answer to the unsteered answer", "offline", True),
+    ("fluency_logprob", "Fluency (log p / token)", "mean log-probability per token under the unsteered model", "log-prob", True),
+]
+
+
+def _n(x, fmt: str = ".2f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, fmt) if isinstance(x, (int, float)) else escape(str(x))
+
+
+def _methods(per: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for c in per:
+        for m in c["methods"]:
+            if m not in seen:
+                seen.append(m)
+    return seen
+
+
+def _val(c: dict, m: str, key: str):
+    r = c["methods"].get(m) or {}
+    if key.startswith("detection."):
+        return (r.get("detection") or {}).get(key.split(".", 1)[1])
+    if key.startswith("ab."):
+        return (r.get("ab") or {}).get(key.split(".", 1)[1])
+    if key in ("kl", "coef"):
+        return r.get(key)
+    if key.startswith("llm."):
+        return ((r.get("at") or {}).get("1", {}).get("llm") or {}).get(key.split(".", 1)[1])
+    return (r.get("at") or {}).get("1", {}).get(key)
+
+
+def _table(per: list[dict], methods: list[str], key: str, higher: bool = True, fmt: str = ".2f") -> str:
+    head = "<tr><th>method</th>" + "".join(f"<th>{escape(c['concept'])}</th>" for c in per) + "<th>mean</th></tr>"
+    best = {}
+    for c in per:
+        vals = [(v, m) for m in methods if isinstance(v := _val(c, m, key), (int, float)) and not math.isnan(v)]
+        if vals:
+            best[c["concept"]] = (max if higher else min)(vals)[1]
+    body = []
+    for m in methods:
+        vals = [_val(c, m, key) for c in per]
+        nums = [v for v in vals if isinstance(v, (int, float)) and not math.isnan(v)]
+        if not nums and all((c["methods"].get(m) or {}).get("kind") != "skip" for c in per):
+            continue
+        cells = []
+        for c, v in zip(per, vals):
+            r = c["methods"].get(m) or {}
+            if r.get("kind") == "skip":
+                cells.append(f'<td class="muted" title="{escape(r["info"]["skipped"])}">skipped</td>')
+            else:
+                cls = "num best" if best.get(c["concept"]) == m else "num"
+                cells.append(f'<td class="{cls}">{_n(v, fmt)}</td>')
+        mean = sum(nums) / len(nums) if nums else None
+        body.append(f'<tr><td>{escape(m)}</td>{"".join(cells)}<td class="num">{_n(mean, fmt)}</td></tr>')
+    return f"<table>{head}{''.join(body)}</table>" if body else '<p class="muted">no numbers</p>'
+
+
+def _svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, w: int = 300, h: int = 210,
+               diag: bool = False, vline: float | None = None, ylim: tuple[float, float] | None = None) -> str:
+    pts = [p for s in series.values() for p in s if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+    if not pts:
+        return '<svg width="300" height="60"><text x="10" y="30" font-size="12">no data</text></svg>'
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = ylim or (min(p[1] for p in pts), max(p[1] for p in pts))
+    if vline is not None:
+        x0, x1 = min(x0, vline), max(x1, vline)
+    x0, x1 = (x0 - 0.5, x1 + 0.5) if x1 == x0 else (x0, x1)
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 == y0 else (y0, y1)
+    L, R, T, B = 40, 10, 10, 34
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (w - L - R)  # noqa: E731
+    sy = lambda y: h - B - (y - y0) / (y1 - y0) * (h - T - B)  # noqa: E731
+    parts = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">',
+             f'<line x1="{L}" y1="{h - B}" x2="{w - R}" y2="{h - B}" stroke="#999"/><line x1="{L}" y1="{T}" x2="{L}" y2="{h - B}" stroke="#999"/>',
+             f'<text x="{w / 2}" y="{h - 6}" font-size="11" text-anchor="middle">{escape(xlabel)}</text>',
+             f'<text x="10" y="{h / 2}" font-size="11" text-anchor="middle" transform="rotate(-90 10 {h / 2})">{escape(ylabel)}</text>',
+             f'<text x="{L}" y="{h - B + 12}" font-size="10">{x0:.2g}</text><text x="{w - R}" y="{h - B + 12}" font-size="10" text-anchor="end">{x1:.2g}</text>',
+             f'<text x="{L - 3}" y="{h - B}" font-size="10" text-anchor="end">{y0:.2g}</text><text x="{L - 3}" y="{T + 8}" font-size="10" text-anchor="end">{y1:.2g}</text>']
+    if diag:
+        parts.append(f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(1)}" y2="{sy(1)}" stroke="#ccc" stroke-dasharray="3 3"/>')
+    if vline is not None:
+        parts.append(f'<line x1="{sx(vline)}" y1="{T}" x2="{sx(vline)}" y2="{h - B}" stroke="#bbb" stroke-dasharray="4 3"/>')
+    for name, s in series.items():
+        s = [p for p in s if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+        col = COLORS.get(name, "#333")
+        if len(s) > 1:
+            parts.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{" ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)}"/>')
+        for x, y in s if len(s) <= 8 else []:
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{col}"><title>{escape(name)}: {x:.3g}, {y:.3g}</title></circle>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _key(methods: list[str]) -> str:
+    return '<div class="key">' + "".join(f'<span><i style="background:{COLORS.get(m, "#333")}"></i>{escape(m)}</span>' for m in methods) + "</div>"
+
+
+def _headline(per: list[dict], methods: list[str], meta: dict) -> str:
+    kl = meta["config"]["kl"]
+    means = []
+    for m in methods:
+        v = [x for c in per if isinstance(x := _val(c, m, "score"), (int, float)) and not math.isnan(x)]
+        r = [x for c in per if isinstance(x := _val(c, m, "concept_rate"), (int, float)) and not math.isnan(x)]
+        if v:
+            means.append((sum(v) / len(v), sum(r) / len(r) if r else float("nan"), m, len(v)))
+    means.sort(reverse=True)
+    if not means:
+        return '<p class="lead">No method produced a judged completion.</p>'
+    best = means[0]
+    wins: dict[str, list[str]] = {}
+    for c in per:
+        vals = [(x, m) for m in methods if isinstance(x := _val(c, m, "score"), (int, float)) and not math.isnan(x)]
+        if vals:
+            wins.setdefault(max(vals)[1], []).append(c["concept"])
+    rank = "".join(f"<tr><td>{i + 1}</td><td>{escape(m)}</td><td class='num'>{s:.3f}</td><td class='num'>{r:.2f}</td>"
+                   f"<td>{escape(', '.join(wins.get(m, [])) or '–')}</td></tr>" for i, (s, r, m, _) in enumerate(means))
+    base = [c["unsteered"]["concept_rate"] for c in per]
+    return (f'<p class="lead">At matched side effects (per-token KL to the unsteered model = {kl["target"]:g} nats at the '
+            f'{100 * kl["quantile"]:g}th percentile over {kl["tokens"]}-token neutral rollouts), <b>{escape(best[2])}</b> '
+            f'has the highest mean score over {best[3]} concepts ({best[0]:.3f}; concept rate {best[1]:.2f}, unsteered '
+            f'{sum(base) / len(base):.2f}). Scores and rates are the offline judge\'s ({escape(meta["judges"]["offline"])}); '
+            f'prompting is not matched, its own KL is in the KL table.</p>'
+            f'<table><tr><th>#</th><th>method</th><th>mean score</th><th>mean concept rate</th><th>best on</th></tr>{rank}</table>')
+
+
+def render_bench(meta: dict, per: list[dict]) -> str:
+    methods = _methods(per)
+    cfg = meta["config"]
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>steerscope bench</title><style>{CSS}</style></head><body>",
+           f"<h1>steerscope bench: {len(methods)} methods × {len(per)} concepts on {escape(meta['model_id'])}, layer {meta['layer']}</h1>",
+           _headline(per, methods, meta)]
+    out.append("<h2>Methods × concepts at the matched KL</h2>")
+    out.append(f'<p class="note">Report split: {per[0]["n_instructions"]["report"]} instructions per concept, greedy, '
+               f'{cfg["max_new_tokens"]} tokens. Bold: best per concept. Offline judge: {escape(meta["judges"]["offline"])}'
+               + (f'; LLM judge: {escape(meta["judges"]["llm"])}' if meta["judges"]["llm"] else "; no LLM judge given") + ".</p>")
+    for key, title, how, judge, higher in MEASURES:
+        jname = meta["judges"]["offline"] if judge == "offline" else "the unsteered model's log-probabilities"
+        out.append(f"<h3>{escape(title)}</h3><p class='note'>{escape(how)}; judge: {escape(jname)}.</p>")
+        out.append(_table(per, methods, key, higher))
+    if meta["judges"]["llm"]:
+        for k in ("score", "concept", "instruction", "fluency"):
+            out.append(f"<h3>LLM judge: {k} (0-2)</h3><p class='note'>judge: {escape(meta['judges']['llm'])}.</p>")
+            out.append(_table(per, methods, f"llm.{k}"))
+    out.append("<h3>Side effects reached (per-token KL quantile, nats)</h3><p class='note'>vectors: the matched value "
+               "(target ± 10 %); prompting and distill: measured on the same rollouts, not matched.</p>")
+    out.append(_table(per, methods, "kl", higher=False, fmt=".3f"))
+    out.append("<h3>Matched coefficient</h3>" + _table(per, methods, "coef", fmt=".3g"))
+    out.append("<h2>Detection</h2><p class='note'>AUROC of the max-over-tokens projection (SAE: the feature's activation) "
+               "on held-out texts (choose + report splits): positives vs negatives and hard negatives; then vs hard negatives only.</p>")
+    out.append("<h3>AUROC (all negatives)</h3>" + _table(per, methods, "detection.auroc"))
+    out.append("<h3>AUROC (hard negatives)</h3>" + _table(per, methods, "detection.auroc_hard"))
+    if any(c.get("ab") for c in per):
+        abc = [c for c in per if c.get("ab")]
+        out.append("<h2>A/B steerability (CAA)</h2><p class='note'>Slope of P(behaviour answer) per unit multiplier of "
+                   f"the matched coefficient (multipliers {escape(str(cfg['ab_multipliers']))}), and the share of items whose "
+                   "own slope is negative (anti-steerable).</p>")
+        out.append("<h3>slope</h3>" + _table(abc, methods, "ab.slope", fmt=".3f"))
+        out.append("<h3>anti-steerable share</h3>" + _table(abc, methods, "ab.anti_steerable", higher=False))
+        plots = []
+        for c in abc:
+            series = {m: list(zip(r["ab"]["multipliers"], r["ab"]["p_behaviour"])) for m, r in c["methods"].items()
+                      if "slope" in (r.get("ab") or {})}
+            plots.append(f"<figure>{_svg_lines(series, 'multiplier of the matched coef', 'P(behaviour)', ylim=(0, 1))}"
+                         f"<figcaption>{escape(c['concept'])} (unsteered {c['ab']['unsteered']:.2f})</figcaption></figure>")
+        out.append(_key(methods) + f"<div class='plots'>{''.join(plots)}</div>")
+    out.append("<h2>Strength vs effect</h2><p class='note'>Concept rate against the KL reached at "
+               f"{escape(', '.join(f'{m:g}' for m in cfg['curve']))} × the matched coefficient (dashed: the budget). "
+               "Prompting and distill are single points.</p>" + _key(methods))
+    plots = []
+    for c in per:
+        series = {}
+        for m, r in c["methods"].items():
+            if r.get("kind") == "vector":
+                series[m] = sorted((r["kl_at"][k], r["at"][f"{float(k):g}"]["concept_rate"]) for k in r["kl_at"])
+            elif "at" in r:
+                series[m] = [(r["kl"], r["at"]["1"]["concept_rate"])]
+        plots.append(f"<figure>{_svg_lines(series, 'per-token KL (quantile)', 'concept rate', vline=cfg['kl']['target'], ylim=(0, 1))}"
+                     f"<figcaption>{escape(c['concept'])} (unsteered {c['unsteered']['concept_rate']:.2f})</figcaption></figure>")
+    out.append(f"<div class='plots'>{''.join(plots)}</div>")
+    out.append("<h2>Detection ROC curves</h2>" + _key(methods))
+    plots = []
+    for c in per:
+        series = {m: [tuple(p) for p in r["detection"]["roc"]] for m, r in c["methods"].items() if "detection" in r}
+        plots.append(f"<figure>{_svg_lines(series, 'false-positive rate', 'true-positive rate', w=220, h=200, diag=True, ylim=(0, 1))}"
+                     f"<figcaption>{escape(c['concept'])}</figcaption></figure>")
+    out.append(f"<div class='plots'>{''.join(plots)}</div>")
+    out.append("<h2>Examples at the matched KL</h2>")
+    for c in per:
+        nc = c["n_instructions"]["choose"]
+        base = c["unsteered"]["rows"]
+        rows = []
+        for i in range(nc, min(nc + 2, len(base))):
+            cells = [f"<td><i>{escape(c['instructions'][i])}</i></td><td><b>unsteered</b><br>{escape(base[i]['text'])}</td>"]
+            for m, r in c["methods"].items():
+                if "at" in r:
+                    x = r["at"]["1"]["rows"][i]
+                    cells.append(f"<td><b>{escape(m)}</b> {'✓' if x['shows'][c['concept']] else '·'}<br>{escape(x['text'])}</td>")
+            rows.append(f"<tr>{''.join(cells)}</tr>")
+        out.append(f"<details {'open' if c is per[0] else ''}><summary>{escape(c['concept'])}: {escape(c['description'])}</summary>"
+                   f"<table class='ex'>{''.join(rows)}</table></details>")
+    out.append("<h2>Notes and settings</h2><p class='note'>Offline judge held-out balanced accuracy on report-split texts: "
+               + escape(", ".join(f"{k} {v:.2f}" for k, v in meta["judge_accuracy"].items())) + ".</p>")
+    for c in per:
+        info = {m: r.get("info") for m, r in c["methods"].items() if r.get("info")}
+        if info:
+            out.append(f"<p class='note'><b>{escape(c['concept'])}</b>: {escape(json.dumps(info))}</p>")
+    if meta.get("seconds"):
+        out.append("<p class='note'>stage times in the last call (s): " + escape(json.dumps(meta["seconds"])) + "</p>")
+    out.append(f"<details><summary>configuration</summary><pre>{escape(json.dumps(cfg, indent=1))}</pre></details>")
+    out.append(f"<p class='note'>every number: {escape(meta['out'])}/results.jsonl</p></body></html>")
+    return "".join(out)
