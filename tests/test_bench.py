@@ -285,3 +285,12 @@ def test_distill_arm_trains_on_the_best_vector(tmp_path):
     assert d["kl"] > 0 and d["distill"]["reproduced_share"] > 0  # the adapter does part of what the vector does
     assert len(d["at"]["1"]["rows"]) == len(res["instructions"])
     assert not any("lora" in n for n, _ in lm.model.named_modules())
+
+
+def test_sweep_headline_of_a_bench(small_bench):
+    from steerscope.jobs.sweep import headline
+
+    lm, cfg, out = small_bench
+    h = headline("bench", out)
+    assert {"diffmean_score", "diffmean_concept_rate", "prompting_score"} <= set(h)
+    assert all(0 <= v <= 1 for v in h.values())

@@ -161,8 +161,19 @@ def _sae_headline(out: Path) -> dict[str, float]:
     return {k: last[k] for k in list(last)[:6]}
 
 
+def _bench_headline(out: Path) -> dict[str, float]:
+    """Mean score and concept rate per method at the matched KL (so a sweep over --target, --layer
+    or --model plots each method's line)."""
+    acc: dict[str, list[float]] = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("multiplier") == 1.0 and r["measure"] in ("score", "concept_rate") and r["value"] is not None:
+            acc.setdefault(f"{r['method']}_{r['measure']}", []).append(r["value"])
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
+
 HEADLINES: dict[str, Callable[[Path], dict[str, float]]] = {
-    "run": _run_headline, "discover": _vectors_headline, "extract": _vectors_headline, "sae train": _sae_headline,
+    "bench": _bench_headline, "run": _run_headline, "discover": _vectors_headline, "extract": _vectors_headline, "sae train": _sae_headline,
 }
 
 

@@ -63,13 +63,16 @@ def _val(c: dict, m: str, key: str):
     return (r.get("at") or {}).get("1", {}).get(key)
 
 
-def _table(per: list[dict], methods: list[str], key: str, higher: bool = True, fmt: str = ".2f") -> str:
+def _table(per: list[dict], methods: list[str], key: str, higher: bool | None = True, fmt: str = ".2f") -> str:
+    """Methods x concepts; the best cell per concept in bold when it is unique (`higher` None:
+    no best, e.g. matched coefficients)."""
     head = "<tr><th>method</th>" + "".join(f"<th>{escape(c['concept'])}</th>" for c in per) + "<th>mean</th></tr>"
     best = {}
     for c in per:
-        vals = [(v, m) for m in methods if isinstance(v := _val(c, m, key), (int, float)) and not math.isnan(v)]
-        if vals:
-            best[c["concept"]] = (max if higher else min)(vals)[1]
+        vals = sorted((v if higher else -v, m) for m in methods
+                      if isinstance(v := _val(c, m, key), (int, float)) and not math.isnan(v))
+        if higher is not None and len(vals) > 1 and format(vals[-1][0], fmt) != format(vals[-2][0], fmt):
+            best[c["concept"]] = vals[-1][1]
     body = []
     for m in methods:
         vals = [_val(c, m, key) for c in per]
@@ -142,15 +145,15 @@ def _headline(per: list[dict], methods: list[str], meta: dict) -> str:
     best = means[0]
     wins: dict[str, list[str]] = {}
     for c in per:
-        vals = [(x, m) for m in methods if isinstance(x := _val(c, m, "score"), (int, float)) and not math.isnan(x)]
-        if vals:
-            wins.setdefault(max(vals)[1], []).append(c["concept"])
+        vals = sorted((x, m) for m in methods if isinstance(x := _val(c, m, "score"), (int, float)) and not math.isnan(x))
+        if len(vals) > 1 and vals[-1][0] > vals[-2][0] + 1e-9:
+            wins.setdefault(vals[-1][1], []).append(c["concept"])
     rank = "".join(f"<tr><td>{i + 1}</td><td>{escape(m)}</td><td class='num'>{s:.3f}</td><td class='num'>{r:.2f}</td>"
                    f"<td>{escape(', '.join(wins.get(m, [])) or '–')}</td></tr>" for i, (s, r, m, _) in enumerate(means))
     base = [c["unsteered"]["concept_rate"] for c in per]
     return (f'<p class="lead">At matched side effects (per-token KL to the unsteered model = {kl["target"]:g} nats at the '
             f'{100 * kl["quantile"]:g}th percentile over {kl["tokens"]}-token neutral rollouts), <b>{escape(best[2])}</b> '
-            f'has the highest mean score over {best[3]} concepts ({best[0]:.3f}; concept rate {best[1]:.2f}, unsteered '
+            f'has the highest mean score over {best[3]} concept{"s" if best[3] != 1 else ""} ({best[0]:.3f}; concept rate {best[1]:.2f}, unsteered '
             f'{sum(base) / len(base):.2f}). Scores and rates are the offline judge\'s ({escape(meta["judges"]["offline"])}); '
             f'prompting is not matched, its own KL is in the KL table.</p>'
             f'<table><tr><th>#</th><th>method</th><th>mean score</th><th>mean concept rate</th><th>best on</th></tr>{rank}</table>')
@@ -160,7 +163,7 @@ def render_bench(meta: dict, per: list[dict]) -> str:
     methods = _methods(per)
     cfg = meta["config"]
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>steerscope bench</title><style>{CSS}</style></head><body>",
-           f"<h1>steerscope bench: {len(methods)} methods × {len(per)} concepts on {escape(meta['model_id'])}, layer {meta['layer']}</h1>",
+           f"<h1>steerscope bench: {len(methods)} method{'s' if len(methods) != 1 else ''} × {len(per)} concept{'s' if len(per) != 1 else ''} on {escape(meta['model_id'])}, layer {meta['layer']}</h1>",
            _headline(per, methods, meta)]
     out.append("<h2>Methods × concepts at the matched KL</h2>")
     out.append(f'<p class="note">Report split: {per[0]["n_instructions"]["report"]} instructions per concept, greedy, '
@@ -176,8 +179,8 @@ def render_bench(meta: dict, per: list[dict]) -> str:
             out.append(_table(per, methods, f"llm.{k}"))
     out.append("<h3>Side effects reached (per-token KL quantile, nats)</h3><p class='note'>vectors: the matched value "
                "(target ± 10 %); prompting and distill: measured on the same rollouts, not matched.</p>")
-    out.append(_table(per, methods, "kl", higher=False, fmt=".3f"))
-    out.append("<h3>Matched coefficient</h3>" + _table(per, methods, "coef", fmt=".3g"))
+    out.append(_table(per, methods, "kl", higher=None, fmt=".3f"))
+    out.append("<h3>Matched coefficient</h3>" + _table(per, methods, "coef", higher=None, fmt=".3g"))
     out.append("<h2>Detection</h2><p class='note'>AUROC of the max-over-tokens projection (SAE: the feature's activation) "
                "on held-out texts (choose + report splits): positives vs negatives and hard negatives; then vs hard negatives only.</p>")
     out.append("<h3>AUROC (all negatives)</h3>" + _table(per, methods, "detection.auroc"))
