@@ -23,12 +23,12 @@ formal.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from ..errors import SteerscopeError
+from .data import jsonl_rows
 
 SPLITS = ("train", "choose", "report")
 KINDS = ("meta", "positive", "negative", "hard_negative", "instruction", "ab")
@@ -93,13 +93,7 @@ def load_concept(name_or_path: str | Path) -> Concept:
             raise SteerscopeError(f"unknown concept {s!r}: not a shipped concept ({', '.join(builtin_names())}) "
                                   "and not a JSONL file; see `steerscope bench --help` for the schema.")
         text, source = path.read_text(encoding="utf-8"), str(path)
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise SteerscopeError(f"{source}:{n} is not valid JSON ({e}).") from None
+    rows = jsonl_rows(text, source)
     meta = next((r for r in rows if r.get("kind") == "meta"), {})
     name = meta.get("concept") or Path(s).stem
     texts = {k: {sp: [] for sp in SPLITS} for k in ("positive", "negative", "hard_negative")}

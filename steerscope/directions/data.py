@@ -80,17 +80,23 @@ def _rows(path: Path) -> list[dict]:
     if path.suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     elif path.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise SteerscopeError(f"{path}:{n} is not valid JSON ({e}).") from None
+        rows = jsonl_rows(text, str(path))
     else:
         raise SteerscopeError(f"unsupported data file {path.name}: use .jsonl or .csv (or .txt for prompt sets).")
     if not rows:
         raise SteerscopeError(f"data file {path} has no rows.")
+    return rows
+
+
+def jsonl_rows(text: str, source: str) -> list[dict]:
+    """One JSON object per non-empty line; a bad line is one error naming `source`:LINE."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise SteerscopeError(f"{source}:{n} is not valid JSON ({e}).") from None
     return rows
 
 

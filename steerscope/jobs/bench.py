@@ -171,7 +171,7 @@ class BenchContext:
 
 
 # ---- validation ------------------------------------------------------------------------------
-def _validate(cfg: BenchConfig, lm=None) -> tuple[list[Concept], list[str]]:
+def _validate(cfg: BenchConfig) -> tuple[list[Concept], list[str]]:
     """Everything checked before the model does any work."""
     for m in cfg.methods:
         BENCH_METHODS.get(m)
@@ -194,8 +194,6 @@ def _validate(cfg: BenchConfig, lm=None) -> tuple[list[Concept], list[str]]:
             raise SteerscopeError("method distill trains LoRA adapters with peft: pip install 'steerscope[distill]'.") from None
     concepts = load_concepts(cfg.concepts)
     neutral = load_prompts(cfg.neutral)[-cfg.n_neutral:]
-    if lm is not None and cfg.layer is not None:
-        lm.check_layer(cfg.layer)
     return concepts, neutral
 
 
@@ -253,7 +251,7 @@ def stages(ctx: BenchContext) -> list[Stage]:
     if "discovered" in ctx.cfg.methods and ctx.cfg.discovered is None:
         out.append(Stage("discover", "discovered", _discover, lambda vs, p: vs.save(p), lambda p, c: VectorSet.load(p, c.lm)))
     out += [_concept_stage(c) for c in ctx.concepts]
-    out += [Stage("results", None, _results), Stage("report", None, _report)]
+    out.append(Stage("results", None, _results))  # the report follows, with this call's stage times
     return out
 
 
@@ -262,7 +260,8 @@ def bench(cfg: BenchConfig, out: str | Path, *, lm=None, force: bool = False) ->
     JobFolder.check(out, "bench", cfg.to_dict(), force=force)
     concepts, neutral = _validate(cfg)
     lm = lm or cfg.model.load()
-    _validate(cfg, lm)
+    if cfg.layer is not None:
+        lm.check_layer(cfg.layer)
     sae = None
     if "sae" in cfg.methods and cfg.sae is not None:
         from ..sae.formats import load_saelens
@@ -279,6 +278,6 @@ def bench(cfg: BenchConfig, out: str | Path, *, lm=None, force: bool = False) ->
         ctx.artifacts["discover"] = VectorSet.load(cfg.discovered, lm)
     log = run_stages(folder, stages(ctx), ctx, _log)
     ctx.artifacts["_seconds"] = log.seconds
-    ctx.artifacts["report"] = _report(ctx)  # again, with this call's stage times
+    ctx.artifacts["report"] = _report(ctx)
     _log(f"report: {ctx.artifacts['report'].resolve()}")
     return ctx.artifacts["report"]

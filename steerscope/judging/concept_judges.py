@@ -67,7 +67,9 @@ class EmbeddingJudge:
         for c in concepts:
             cp = torch.nn.functional.normalize(embed(c.pos("train")).mean(0), dim=0)
             cn = torch.nn.functional.normalize(embed(c.neg("train")).mean(0), dim=0)
-            s = lambda texts: embed(texts) @ cp - embed(texts) @ cn  # noqa: E731
+            def s(texts: list[str]) -> torch.Tensor:
+                e = embed(texts)  # (n, 384)
+                return e @ cp - e @ cn
             thr = _best_threshold(s(c.pos("choose")), s(c.neg("choose")))
             rp, rn = s(c.pos("report")), s(c.neg("report"))
             acc = float(((rp > thr).float().mean() + (rn <= thr).float().mean()) / 2)
