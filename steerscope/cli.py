@@ -204,7 +204,7 @@ def cmd_generate(cfg: GenerateCommand) -> int:
 
 # ---- the parser -----------------------------------------------------------------------------------
 def build_parser() -> Parser:
-    from . import cli_bench, cli_discover, cli_distill, cli_sae, cli_serve, cli_supervised, cli_sweep  # noqa: F401  (they register commands)
+    from . import cli_bench, cli_discover, cli_distill, cli_refine, cli_sae, cli_serve, cli_supervised, cli_sweep  # noqa: F401  (they register commands)
     from ._version import __version__
 
     p = Parser(prog="steerscope", description="Find, apply and judge steering vectors in language models.")

@@ -23,7 +23,7 @@ assert len(COMMANDS) >= 14
 # models -> interventions -> directions -> generation -> sae -> judging -> report -> jobs -> cli
 RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
         "directions": 3, "generation": 4, "sae": 5, "judging": 6, "report": 7, "jobs": 8, "serving": 8,
-        "cli": 9, "cli_args": 9, "cli_bench": 9, "cli_serve": 9, "cli_sweep": 9, "cli_distill": 9, "cli_discover": 9, "cli_sae": 9, "cli_supervised": 9, "__init__": 10, "__main__": 10}
+        "cli": 9, "cli_args": 9, "cli_bench": 9, "cli_serve": 9, "cli_sweep": 9, "cli_distill": 9, "cli_refine": 9, "cli_discover": 9, "cli_sae": 9, "cli_supervised": 9, "__init__": 10, "__main__": 10}
 
 
 def _unit(module: str) -> str:
@@ -98,13 +98,14 @@ def _families() -> dict[str, Family]:
 
 def test_every_family_found_and_nonempty():
     fams = _families()
-    assert set(fams) == {"discovery", "extractors", "metrics", "sae_archs", "sae_baselines", "interventions", "bench_methods"}
+    assert set(fams) == {"discovery", "extractors", "metrics", "sae_archs", "sae_baselines", "interventions", "bench_methods",
+                         "refine_methods"}
     assert all(len(f) >= 3 for f in fams.values())
     assert "sae_clamp" in fams["interventions"]
 
 
 @pytest.mark.parametrize("family", ["discovery", "extractors", "metrics", "sae_archs", "sae_baselines", "interventions",
-                                    "bench_methods"])
+                                    "bench_methods", "refine_methods"])
 def test_methods_are_documented_with_frozen_documented_configs(family):
     fam = _families()[family]
     for name, m in fam.items():

@@ -123,6 +123,16 @@ CASES = [
     ("bench: judge without a model", ["bench", "--judge-url", "http://127.0.0.1:9/v1", "--out", "{d}/b", *M], "--judge-model"),
     ("bench: SAE not a folder", ["bench", "--sae", "{d}/p.txt", "--out", "{d}/b", *M], "not an SAE folder"),
     ("bench: another job's folder", ["bench", "--out", "{d}/exists", *M], "--force"),
+    ("refine: not a vector folder", ["refine", "--vectors", "{d}/nope", "--scorer", "regex:a", "--out", "{d}/r", *M], "not a vector folder"),
+    ("refine: no scorer", ["refine", "--vectors", "{d}/same_layer", "--out", "{d}/r", *M], "refine needs --scorer"),
+    ("refine: cma with one seed", ["refine", "--vectors", "{d}/same_layer", "--scorer", "regex:a", "--seeds", "1", "--out", "{d}/r", *M], "--seeds 2"),
+    ("refine: bad anneal", ["refine", "--vectors", "{d}/same_layer", "--scorer", "regex:a", "--anneal=1,-1", "--out", "{d}/r", *M], "--anneal must"),
+    ("refine: logits scorer", ["refine", "--vectors", "{d}/same_layer", "--scorer", "logodds:I", "--out", "{d}/r", *M], "scores logits"),
+    ("refine: ids at two layers", ["refine", "--vectors", "{d}/vec", "--ids", "x-0,x-1", "--scorer", "regex:a", "--out", "{d}/r", *M], "at layers [1, 2]"),
+    ("refine: unknown id", ["refine", "--vectors", "{d}/vec", "--ids", "x-0,x-9", "--scorer", "regex:a", "--out", "{d}/r", *M], "x-9"),
+    ("refine: judge without a model", ["refine", "--vectors", "{d}/same_layer", "--judge-url", "http://127.0.0.1:9/v1", "--out", "{d}/r", *M], "--judge-model"),
+    ("refine: scorer and judge", ["refine", "--vectors", "{d}/same_layer", "--scorer", "regex:a", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--out", "{d}/r", *M], "not both"),
+    ("refine: another job's folder", ["refine", "--vectors", "{d}/same_layer", "--scorer", "regex:a", "--out", "{d}/exists", *M], "--force"),
     ("corpus: zero temperature", ["sae", "corpus", "--temperature", "0", "--out", "{d}/c.jsonl", *M], "--temperature"),
 ]
 

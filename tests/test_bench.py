@@ -184,7 +184,7 @@ def test_bench_matches_the_budget_and_writes_everything(small_bench):
 
     t = load_file(str(out / "concepts" / "joy.safetensors"))
     assert set(t) >= {"diffmean", "pca", "probe", "sae", "discovered"} and t["diffmean"].shape == (lm.d_model,)
-    keys = {"concept", "method", "measure", "value", "judge", "layer", "coef", "kl_target", "kl_quantile", "model_fingerprint"}
+    keys = {"concept", "method", "measure", "value", "judge", "layer", "coef", "kl_target", "kl_quantile", "model_fingerprint", "dtype", "device"}
     assert rows and all(keys <= set(r) for r in rows)
     assert {r["measure"] for r in rows} >= {"score", "concept_rate", "selectivity", "relevance", "fluency_logprob",
                                            "detection_auroc", "detection_auroc_hard", "ab_slope", "ab_anti_steerable"}
@@ -294,3 +294,18 @@ def test_sweep_headline_of_a_bench(small_bench):
     h = headline("bench", out)
     assert {"diffmean_score", "diffmean_concept_rate", "prompting_score"} <= set(h)
     assert all(0 <= v <= 1 for v in h.values())
+
+
+def test_headline_marks_methods_within_noise_of_the_best():
+    from steerscope.report.bench import _paired_gaps
+
+    def concept(a, b):
+        rows = lambda xs: [{"hm": x} for x in [0.0] + xs]  # noqa: E731  (one choose row first)
+        return {"n_instructions": {"choose": 1}, "methods": {"a": {"at": {"1": {"rows": rows(a)}}}, "b": {"at": {"1": {"rows": rows(b)}}}}}
+
+    clear = _paired_gaps([concept([0.9, 0.8, 0.9, 0.85], [0.1, 0.0, 0.1, 0.05])], "a", ["a", "b"])
+    mu, se, n = clear["b"]
+    assert n == 4 and mu == pytest.approx(0.8) and mu > 2 * se  # the choose row is left out
+    noisy = _paired_gaps([concept([0.9, 0.0, 0.5, 0.1], [0.0, 0.8, 0.4, 0.2])], "a", ["a", "b"])
+    assert noisy["b"][0] < 2 * noisy["b"][1]
+    assert clear["a"][0] == 0.0

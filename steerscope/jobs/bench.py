@@ -53,8 +53,9 @@ DEFAULT_METHODS = ["diffmean", "pca", "probe", "sae", "discovered", "prompting"]
 class BenchConfig(Config):
     """Everything `steerscope bench` does; every field is a flag of the command."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="bfloat16"))
+    """the model (bfloat16 by default: 1.3-1.8x faster on CPUs with bf16 units and GPUs; detection, relevance
+    and fluency match float32 within 0.03 on SmolLM2, concept rates within the noise of 9 prompts; see README)"""
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"choices": BENCH_METHODS})
     """methods compared (distill trains a LoRA adapter per concept: slow, so not in the default)"""
     concepts: list[str] = field(default_factory=lambda: list(DEFAULT_CONCEPTS))

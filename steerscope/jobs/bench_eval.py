@@ -207,7 +207,8 @@ MEASURES = ("concept_rate", "concept_score", "concept_change", "selectivity", "r
 def result_rows(ctx) -> list[dict]:
     """Flat rows: one per (concept, method, multiplier, measure), with what reproduces it."""
     cfg = ctx.cfg
-    settings = {"model_id": ctx.lm.model_id, "model_fingerprint": ctx.lm.fingerprint, "kl_target": cfg.kl.target,
+    settings = {"model_id": ctx.lm.model_id, "model_fingerprint": ctx.lm.fingerprint,
+                "dtype": str(ctx.lm.dtype).removeprefix("torch."), "device": str(ctx.lm.device), "kl_target": cfg.kl.target,
                 "kl_quantile": cfg.kl.quantile, "kl_tokens": cfg.kl.tokens, "n_neutral": cfg.n_neutral,
                 "neutral": cfg.neutral, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "decoding": "greedy",
                 "steerscope_version": __import__("steerscope").__version__}

@@ -73,6 +73,9 @@ class RunConfig(Config):
     """multiples of R in the norm sweep"""
     sweep_top: int = field(default=3, metadata={"min": 0})
     """norm-sweep this many vectors with the largest effect"""
+    null_model: str = field(default="none", metadata={"choices": ("none", "shuffle", "reinit")})
+    """opt-in control: the same discovery on a copy whose block weights are shuffled (or re-initialised),
+    and how natural and coherent its elicited completions are next to the real model's"""
     scorers: list[str] = field(default_factory=lambda: ["refusal", "sentiment"])
     """text scorers: refusal, sentiment, regex:P, substring:a|b"""
     cluster_threshold: float = field(default=0.35, metadata={"min": 0, "max": 2})
@@ -254,12 +257,20 @@ def _measure(ctx: _RunContext) -> dict:
             "seconds": round(time.perf_counter() - ctx.t0, 1)}
 
 
+def _null(ctx: _RunContext) -> dict:
+    from .null_control import null_control
+
+    rows = [r for r in ctx.artifacts["generate"] if r["set"] in ("learned", "unsteered")]
+    return null_control(ctx.lm, ctx.cfg, ctx.train, ctx.train + ctx.heldout, _completions(rows), _log)
+
+
 def _report(ctx: _RunContext) -> Path:
     from ..report.html import render_report
 
     report = ctx.folder.path("report.html")
     config = json.loads(ctx.folder.path("config.json").read_text())
-    write_text_atomic(report, render_report(config, ctx.artifacts["measure"], ctx.artifacts["generate"], str(ctx.folder.out)))
+    write_text_atomic(report, render_report(config, ctx.artifacts["measure"], ctx.artifacts["generate"], str(ctx.folder.out),
+                                            null=ctx.artifacts.get("null")))
     return report
 
 
@@ -272,6 +283,7 @@ STAGES = [
           lambda vs, p: vs.save(p), lambda p, ctx: VectorSet.load(p, ctx.lm)),
     Stage("generate", "completions.jsonl", _generate, _save_rows, lambda p, ctx: _load_rows(p)),
     Stage("measure", "metrics.json", _measure, lambda m, p: write_json_atomic(p, m), lambda p, ctx: json.loads(p.read_text())),
+    Stage("null", "null.json", _null, lambda m, p: write_json_atomic(p, m), lambda p, ctx: json.loads(p.read_text())),
     Stage("report", None, _report),
 ]
 
@@ -285,7 +297,7 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
     if folder.resumed:
         _log(f"resuming the run in {folder.out}")
     ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)
-    run_stages(folder, STAGES, ctx, _log)
+    run_stages(folder, [s for s in STAGES if s.name != "null" or cfg.null_model != "none"], ctx, _log)
     report = ctx.artifacts["report"]
     _log(f"report: {report.resolve()}")
     return report

@@ -93,7 +93,8 @@ def _table(per: list[dict], methods: list[str], key: str, higher: bool | None = 
 
 
 def _svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, w: int = 300, h: int = 210,
-               diag: bool = False, vline: float | None = None, ylim: tuple[float, float] | None = None) -> str:
+               diag: bool = False, vline: float | None = None, ylim: tuple[float, float] | None = None,
+               colors: dict[str, str] | None = None) -> str:
     pts = [p for s in series.values() for p in s if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
     if not pts:
         return '<svg width="300" height="60"><text x="10" y="30" font-size="12">no data</text></svg>'
@@ -118,7 +119,7 @@ def _svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel
         parts.append(f'<line x1="{sx(vline)}" y1="{T}" x2="{sx(vline)}" y2="{h - B}" stroke="#bbb" stroke-dasharray="4 3"/>')
     for name, s in series.items():
         s = [p for p in s if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
-        col = COLORS.get(name, "#333")
+        col = (colors or COLORS).get(name, "#333")
         if len(s) > 1:
             parts.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{" ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)}"/>')
         for x, y in s if len(s) <= 8 else []:
@@ -148,22 +149,52 @@ def _headline(per: list[dict], methods: list[str], meta: dict) -> str:
         vals = sorted((x, m) for m in methods if isinstance(x := _val(c, m, "score"), (int, float)) and not math.isnan(x))
         if len(vals) > 1 and vals[-1][0] > vals[-2][0] + 1e-9:
             wins.setdefault(vals[-1][1], []).append(c["concept"])
+    gap = _paired_gaps(per, best[2], [m for _, _, m, _ in means])
     rank = "".join(f"<tr><td>{i + 1}</td><td>{escape(m)}</td><td class='num'>{s:.3f}</td><td class='num'>{r:.2f}</td>"
+                   f"<td class='num'>{_gap_cell(gap.get(m)) if m != best[2] else '–'}</td>"
                    f"<td>{escape(', '.join(wins.get(m, [])) or '–')}</td></tr>" for i, (s, r, m, _) in enumerate(means))
+    tied = [m for m, g in gap.items() if m != best[2] and g[2] > 0 and g[0] < 2 * g[1]]
+    noise = (f" <b>{escape(', '.join(tied))}</b> {'is' if len(tied) == 1 else 'are'} within two standard errors of it "
+             f"(paired over the same instructions): at this sample size {'it is' if len(tied) == 1 else 'they are'} "
+             "not distinguishable from the best." if tied else "")
     base = [c["unsteered"]["concept_rate"] for c in per]
     return (f'<p class="lead">At matched side effects (per-token KL to the unsteered model = {kl["target"]:g} nats at the '
             f'{100 * kl["quantile"]:g}th percentile over {kl["tokens"]}-token neutral rollouts), <b>{escape(best[2])}</b> '
             f'has the highest mean score over {best[3]} concept{"s" if best[3] != 1 else ""} ({best[0]:.3f}; concept rate {best[1]:.2f}, unsteered '
             f'{sum(base) / len(base):.2f}). Scores and rates are the offline judge\'s ({escape(meta["judges"]["offline"])}); '
-            f'prompting is not matched, its own KL is in the KL table.</p>'
-            f'<table><tr><th>#</th><th>method</th><th>mean score</th><th>mean concept rate</th><th>best on</th></tr>{rank}</table>')
+            f'prompting is not matched, its own KL is in the KL table.{noise}</p>'
+            f'<table><tr><th>#</th><th>method</th><th>mean score</th><th>mean concept rate</th><th>score below the best (± SE)</th>'
+            f'<th>best on</th></tr>{rank}</table>')
+
+
+def _paired_gaps(per: list[dict], best: str, methods: list[str]) -> dict[str, tuple[float, float, int]]:
+    """Per method: mean and standard error of (best's score - its score) over the same report
+    instructions of every concept (per-completion harmonic-mean scores), and the pair count."""
+    out = {}
+    for m in methods:
+        d = []
+        for c in per:
+            a, b = (c["methods"].get(best) or {}).get("at"), (c["methods"].get(m) or {}).get("at")
+            if not a or not b:
+                continue
+            nc = c["n_instructions"]["choose"]
+            d += [x["hm"] - y["hm"] for x, y in zip(a["1"]["rows"][nc:], b["1"]["rows"][nc:])]
+        if len(d) > 1:
+            mu = sum(d) / len(d)
+            sd = math.sqrt(sum((x - mu) ** 2 for x in d) / (len(d) - 1))
+            out[m] = (mu, sd / math.sqrt(len(d)), len(d))
+    return out
+
+
+def _gap_cell(g) -> str:
+    return "–" if g is None else f"{g[0]:.3f} ± {g[1]:.3f}"
 
 
 def render_bench(meta: dict, per: list[dict]) -> str:
     methods = _methods(per)
     cfg = meta["config"]
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>steerscope bench</title><style>{CSS}</style></head><body>",
-           f"<h1>steerscope bench: {len(methods)} method{'s' if len(methods) != 1 else ''} × {len(per)} concept{'s' if len(per) != 1 else ''} on {escape(meta['model_id'])}, layer {meta['layer']}</h1>",
+           f"<h1>steerscope bench: {len(methods)} method{'s' if len(methods) != 1 else ''} × {len(per)} concept{'s' if len(per) != 1 else ''} on {escape(meta['model_id'])} ({escape(cfg['model']['dtype'])}), layer {meta['layer']}</h1>",
            _headline(per, methods, meta)]
     out.append("<h2>Methods × concepts at the matched KL</h2>")
     out.append(f'<p class="note">Report split: {per[0]["n_instructions"]["report"]} instructions per concept, greedy, '

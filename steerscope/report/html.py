@@ -104,7 +104,27 @@ def _sweep_plot(vid: str, rows: list[dict]) -> str:
             f'<span style="color:#4e79a7">target-layer change</span> vs multiple of R</figcaption></figure>')
 
 
-def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = "RUN") -> str:
+def null_section(null: dict | None) -> str:
+    """Real model vs the null-model control (`jobs.null_control`)."""
+    if not null:
+        return ""
+    r, n = null["real"], null["null"]
+    rows = [("steered completions", "completions", "{:.0f}"), ("changed vs its own unsteered", "changed", "{:.2f}"),
+            ("log p / token under the real model (steered)", "logprob_real", "{:.2f}"),
+            ("log p / token under the real model (its unsteered)", "logprob_real_unsteered", "{:.2f}"),
+            ("distinct bigrams (1 = no repetition)", "distinct2", "{:.2f}")]
+    body = "".join(f"<tr><td class='l'>{escape(t)}</td><td>{f.format(r[k])}</td><td>{f.format(n[k])}</td></tr>" for t, k, f in rows)
+    ex = "".join(f"<tr><td class='l'>{escape(e['vector'])}</td><td class='l'>{escape(e['text'])}</td></tr>" for e in null["examples"])
+    natural = r["logprob_real"] - n["logprob_real"]
+    return (f"<h2 id='null-control'>Natural behaviours or artefacts? Control on a {escape(null['kind'])}d copy</h2>"
+            f"<p class='lead'>The same discovery on a copy of the model whose block weights were {escape(null['kind'])}d "
+            f"({null['vectors']} vectors, its own calibrated R = {_fmt(null['R'])}). What the real model's vectors elicit is "
+            f"{natural:.2f} nats/token {'more' if natural >= 0 else 'less'} natural (log p under the unsteered real model) "
+            f"than what the copy's vectors elicit.</p><table><tr><th class='l'></th><th>real model</th><th>null copy</th></tr>{body}</table>"
+            f"<details><summary>completions elicited in the null copy</summary><table>{ex}</table></details>")
+
+
+def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = "RUN", null: dict | None = None) -> str:
     sets, vecs = metrics["sets"], metrics["vectors"]
     score_cols = sorted({k for m in vecs.values() for k in m if k.startswith("score:")})
     cols = COLUMNS + [(k, k[6:]) for k in score_cols]
@@ -151,6 +171,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
 {len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. <b>{lead}.</b></p>
 <h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir)}
 <h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get('goldilocks'))}</div>
+{null_section(null)}
 <h2>Behaviour clusters</h2>{_scatter(metrics.get('map', []), metrics.get('labels', []), [r['set'] for r in rows], metrics.get('clusters', []))}
 <h2>Norm sweep</h2><div class="plots">{sweeps}</div>
 <h2>Completions</h2>{''.join(cards)}
