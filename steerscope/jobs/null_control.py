@@ -33,14 +33,13 @@ def null_control(lm, cfg, train: list[str], prompts: list[str], real_completions
     (`real_completions`: the run's Completion rows, learned and unsteered only)."""
     from ..models.null import null_copy
 
+    chat = cfg.discover.chat
     null = null_copy(lm, cfg.null_model, seed=cfg.discover.seed)
     d = dataclasses.replace(cfg.discover, R=None)  # the copy's own calibrated R
     log(f"null-model control: {d.method} on a copy with {cfg.null_model}d block weights")
     vs = discover(null, train, d)
-    comps = generate(null, prompts, vectors=vs, include_unsteered=True, max_new_tokens=cfg.max_new_tokens,
-                     chat=cfg.discover.chat)
+    comps = generate(null, prompts, vectors=vs, include_unsteered=True, max_new_tokens=cfg.max_new_tokens, chat=chat)
     del null
-    chat = cfg.discover.chat
     real = _summary(lm, [c for c in real_completions if c.vector_id is not None],
                     [c for c in real_completions if c.vector_id is None], chat)
     ctrl = _summary(lm, [c for c in comps if c.vector_id is not None], [c for c in comps if c.vector_id is None], chat)

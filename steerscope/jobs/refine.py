@@ -32,10 +32,9 @@ SAE, in its feature basis.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -161,11 +160,9 @@ class Evaluator:
         self.saved: list[dict] = saved["generations"] if saved else []
         self.history: list[dict] = []
 
-    @property
+    @cached_property
     def rollouts(self) -> Rollouts:
-        if not hasattr(self, "_rollouts"):
-            self._rollouts = Rollouts(self.lm, self.neutral, self.cfg.kl_tokens)
-        return self._rollouts
+        return Rollouts(self.lm, self.neutral, self.cfg.kl_tokens)
 
     def completions(self, vectors: torch.Tensor, prompts: list[str]) -> list[list[str]]:
         """(P, len(prompts)) completion texts, one batched generate call."""
@@ -226,7 +223,6 @@ class Evaluator:
 
 
 # ---- methods: fn(evaluate, start, cfg) -> None; `evaluate` keeps every candidate -------------
-SearchFn = Callable[[Evaluator, Start, RefineConfig], None]
 
 
 @REFINE_METHODS.register("local")
@@ -345,7 +341,3 @@ def search_key(cfg: RefineConfig, start: Start, fingerprint: str, budget: float)
                       cfg.method, cfg.generations, cfg.population, cfg.sigma, cfg.anneal, cfg.prompts, cfg.n_train,
                       cfg.max_new_tokens, cfg.neutral, cfg.n_neutral, cfg.kl_tokens, cfg.kl_quantile, budget,
                       cfg.kl_weight, cfg.seed)
-
-
-def fmt_fitness(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:.3f}"

@@ -78,12 +78,9 @@ def _validate(cfg: RefineConfig, has_scorer: bool = False) -> tuple[list[str], l
                               "`steerscope findings --run RUN --export N --out DIR` or use RUN/vectors/learned.")
     if not cfg.anneal or any(m <= 0 for m in cfg.anneal):
         raise SteerscopeError("--anneal must be positive multiples of R, e.g. 1 1.5 1 0.7 1.")
-    if cfg.method in ("cma", "cem") and cfg.ids and len(cfg.ids) < 2:
-        raise SteerscopeError(f"--method {cfg.method} searches the span of the seeds and needs at least 2 --ids; "
-                              "give more, or use --method local.")
-    if cfg.method in ("cma", "cem") and not cfg.ids and cfg.seeds < 2:
-        raise SteerscopeError(f"--method {cfg.method} searches the span of the seeds and needs --seeds 2 or more; "
-                              "or use --method local.")
+    if cfg.method in ("cma", "cem") and (len(cfg.ids) or cfg.seeds) < 2:
+        raise SteerscopeError(f"--method {cfg.method} searches the span of the seeds and needs at least 2 (--seeds 2 "
+                              "or more, or 2 or more --ids); or use --method local.")
     if cfg.sae is not None and not (Path(cfg.sae) / "cfg.json").is_file():
         raise SteerscopeError(f"--sae {cfg.sae} is not an SAE folder (no cfg.json); train one with `steerscope sae train`.")
     prompts = load_prompts(cfg.prompts)
@@ -112,7 +109,8 @@ def _seeds(ctx: _Ctx) -> dict:
         rows += list(zip(at, e.score.tolist(), e.kl.tolist()))
     budget = cfg.kl_budget if cfg.kl_budget is not None else statistics.median(k for _, _, k in rows)
     ev.budget = budget
-    fits = [(i, float(ev.fitness(torch.tensor(s), torch.tensor(k))), s, k) for i, s, k in rows]
+    fit = ev.fitness(torch.tensor([s for _, s, _ in rows]), torch.tensor([k for _, _, k in rows])).tolist()
+    fits = [(i, f, s, k) for (i, s, k), f in zip(rows, fit)]
     fits.sort(key=lambda r: -r[1])
     # a folder with several layers: the best vector's layer decides, and seeds come from it
     best_layer = src[fits[0][0]].layer
