@@ -167,7 +167,7 @@ def print_findings(found: list[dict], limit: int | None = None) -> None:
     if not found:
         print("no behaviour appeared only under learned vectors in this run.")
     for f in found[:limit]:
-        print(f"{f['rank']}: {f['n_vectors']} vectors ({', '.join(f['vectors'])}), {f['completions']} completions, "
+        print(f"{f['rank']}: {f['surface'] + ', ' if f.get('surface') else ''}{f['n_vectors']} vectors ({', '.join(f['vectors'])}), {f['completions']} completions, "
               f"distance {f['distance']:.2f}, log p {f.get('logprob', float('nan')):.2f} "
               f"(unsteered {f.get('logprob_unsteered', float('nan')):.2f}); words: {', '.join(f['words'])}\n"
               f"   e.g. {f['typical'][:150]!r}")

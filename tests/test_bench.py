@@ -5,6 +5,7 @@ LLM judge over loopback, the adapter context, and resume after a kill."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -234,6 +235,8 @@ class _Judge(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         system = body["messages"][0]["content"]
         score = "2" if "fluency" in system else "1" if "concept" in system else "0.5"
+        if self.server.wordy and "fluency" in system:  # a judge that forgets to give a number
+            score = "The response reads well."
         data = json.dumps({"choices": [{"message": {"content": score}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -255,22 +258,39 @@ def test_a_missing_sae_is_a_visible_skip(tmp_path):
     assert "skipped" in (tmp_path / "b" / "report.html").read_text()
 
 
-def test_llm_judge_ratings_reach_the_results(tmp_path):
+def _judged_bench(folder, wordy: bool) -> list[dict]:
     srv = HTTPServer(("127.0.0.1", 0), _Judge)
+    srv.wordy = wordy
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         lm = make_tiny_lm("llama", chat=True)
         cfg = BenchConfig(concepts=["joy"], methods=["diffmean"], judge_url=f"http://127.0.0.1:{srv.server_port}/v1",
                           judge_model="stub", **{**SMALL, "discover_vectors": 1})
-        bench(cfg, tmp_path / "b", lm=lm)
+        bench(cfg, folder, lm=lm)
     finally:
         srv.shutdown()
-    rows = [json.loads(l) for l in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    return [json.loads(l) for l in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def test_llm_judge_ratings_reach_the_results(tmp_path):
+    rows = _judged_bench(tmp_path / "b", wordy=False)
     llm = {r["measure"]: r["value"] for r in rows if r["measure"].startswith("llm_") and r["multiplier"] == 1.0}
     assert llm["llm_concept"] == 1.0 and llm["llm_fluency"] == 2.0 and llm["llm_instruction"] == 0.5
     assert abs(llm["llm_score"] - harmonic([1.0, 0.5, 2.0])) < 1e-9
+    assert llm["llm_rated"] == 1.0
     assert all(r["judge"] == "LLM (stub)" for r in rows if r["measure"].startswith("llm_"))
     assert (tmp_path / "b" / "judge_cache.jsonl").is_file()
+
+
+def test_llm_judge_without_numbers_is_counted_not_hidden(tmp_path):
+    """A small judge model often answers without a number: the results and the report say how
+    many completions were rated instead of showing a mean over the few that were."""
+    rows = _judged_bench(tmp_path / "b", wordy=True)
+    llm = {r["measure"]: r["value"] for r in rows if r["measure"].startswith("llm_") and r["multiplier"] == 1.0}
+    assert llm["llm_rated"] == 0.0 and llm["llm_concept"] == 1.0
+    assert llm["llm_score"] is None or math.isnan(llm["llm_score"])
+    html = (tmp_path / "b" / "report.html").read_text()
+    assert "completions with all three ratings" in html and ">0%<" in html
 
 
 def test_distill_arm_trains_on_the_best_vector(tmp_path):

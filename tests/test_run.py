@@ -88,6 +88,22 @@ def test_clustering_groups_identical_completions():
     assert {cl.typical for cl in c.clusters} == set(texts) and all(cl.size == 2 for cl in c.clusters)
 
 
+def test_clustering_groups_capitals_and_other_languages_apart():
+    """The embedder is uncased and English-only: capitals and French must still be behaviours of their own."""
+    from steerscope.judging.surface import surface_group
+
+    texts = ["The cat sat on the mat and looked at the birds.", "THE CAT SAT ON THE MAT AND LOOKED AT THE BIRDS.",
+             "Le chat est sur le tapis et il regarde les oiseaux.", "La lumière de la lumière est très belle.",
+             "Stocks fell sharply today in the morning.", "jrjrjr jrjr ****", "El perro es muy grande y come mucho."]
+    assert [surface_group(t) for t in texts] == ["", "caps", "fr", "fr", "", "", "es"]
+    c = cluster_texts(texts)
+    assert c.labels[2] == c.labels[3]  # two French texts on unrelated topics: one behaviour
+    assert len({c.labels[i] for i in (0, 1, 2, 6)}) == 4  # English, capitals, French, Spanish apart
+    surf = {cl.id: cl.surface for cl in c.clusters}
+    assert surf[c.labels[1]] == "written in capitals" and surf[c.labels[2]] == "in French"
+    assert surf[c.labels[0]] == "" and surf[c.labels[5]] == ""  # degenerate text is no language
+
+
 def test_report_in_a_real_browser(run_dir):
     from selenium.webdriver.common.by import By
 

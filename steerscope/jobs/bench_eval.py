@@ -157,6 +157,9 @@ def evaluate_concept(ctx, concept) -> dict:
                 at1 = r["at"]["1"]
                 ratings = ctx.llm_judge.rate(concept, report, [x["text"] for x in at1["rows"][nc:]])
                 at1["llm"] = {k: _mean([x[k] for x in ratings]) for k in ("concept", "instruction", "fluency", "score")}
+                # A judge that often answers without a number (a small model) leaves means over few
+                # completions: record how many had all three ratings, so no cell looks firmer than it is.
+                at1["llm"]["rated"] = sum(x["score"] is not None for x in ratings) / max(1, len(ratings))
     lap("ab+llm")
     out["seconds"] = seconds
     out["_tensors"] = tensors

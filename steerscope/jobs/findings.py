@@ -43,7 +43,7 @@ def export_finding(run_dir: str | Path, rank: int, out: str | Path, *, overwrite
     cfg = dataclasses.replace(vs.config, ids=[vs.ids[i] for i in idx], layers=[vs.layers[i] for i in idx],
                               norms=[vs.config.norms[i] for i in idx],
                               hyperparams={**vs.config.hyperparams, "finding": {
-                                  "run": str(run.resolve()), "rank": rank, "words": f["words"], "typical": f["typical"],
+                                  "run": str(run.resolve()), "rank": rank, "words": f["words"], "surface": f.get("surface", ""), "typical": f["typical"],
                                   "n_vectors": f["n_vectors"]}})
     sub = VectorSet(vs.vectors[idx].clone(), cfg)
     sub.save(out, overwrite=overwrite)

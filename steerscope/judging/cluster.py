@@ -5,6 +5,10 @@ distance with a distance threshold (so the number of behaviours is found, not fi
 cluster is labelled by its most typical completion (closest to the centroid) and its most
 distinctive words (smoothed log-ratio of in-cluster to overall word frequency). A 2-D map comes
 from the top two principal components of the embeddings.
+
+The embedder is uncased and English-only, so completions in capitals or in another language are
+first put in surface groups (`judging.surface`): each such group is one behaviour, labelled ("in
+French", "written in capitals"); the rest is clustered by meaning.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-_WORD = re.compile(r"[a-zA-Z][a-zA-Z']+")
+_WORD = re.compile(r"[^\W\d_][^\W\d_']+")  # words of any alphabet ("lumière" is one word)
 _STOP = set("the a an and or of to in on for with is are was were be been it its this that i you he she we they my your "
             "our their me him her them as at by from but not so if then than there here have has had do does did can "
             "will would could should just also very about into over more most some any all what which who how when".split())
@@ -28,6 +32,7 @@ class Cluster:
     size: int
     typical: str
     words: list[str]
+    surface: str = ""  # "in French", "written in capitals", ... for a surface group; "" when grouped by meaning
 
 
 @dataclass
@@ -49,14 +54,22 @@ def cluster_texts(texts: list[str], embeddings: torch.Tensor | None = None, thre
         from .embed import embed
 
         embeddings = embed(texts)
+    from .surface import LABELS, surface_group
+
     e = embeddings.double()
-    if len(texts) == 1:
-        labels = [0]
-    else:
+    groups = [surface_group(t) for t in texts]
+    plain = [i for i, g in enumerate(groups) if not g]
+    raw: list[tuple[str, int | str]] = [("surface", g) for g in groups]  # surface groups: one behaviour each
+    if len(plain) == 1:
+        raw[plain[0]] = ("meaning", 0)
+    elif plain:
         from sklearn.cluster import AgglomerativeClustering
 
-        labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                         distance_threshold=threshold).fit_predict(e.numpy()).tolist()
+        sub = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                      distance_threshold=threshold).fit_predict(e[plain].numpy()).tolist()
+        for i, c in zip(plain, sub):
+            raw[i] = ("meaning", c)
+    labels = raw
     # renumber by size, largest first
     order = [c for c, _ in Counter(labels).most_common()]
     remap = {c: i for i, c in enumerate(order)}
@@ -71,7 +84,9 @@ def cluster_texts(texts: list[str], embeddings: torch.Tensor | None = None, thre
         inside = Counter(w for i in idx for w in _words(texts[i]))
         n_in = sum(inside.values()) or 1
         score = {w: inside[w] * math.log(((inside[w] + 0.5) / n_in) / ((overall[w] + 0.5) / n_all)) for w in inside}
-        clusters.append(Cluster(c, len(idx), typical, [w for w, _ in sorted(score.items(), key=lambda x: -x[1])[:5]]))
+        kind, key = order[c]
+        clusters.append(Cluster(c, len(idx), typical, [w for w, _ in sorted(score.items(), key=lambda x: -x[1])[:5]],
+                                LABELS[key] if kind == "surface" else ""))
     centred = e - e.mean(0)
     if len(texts) >= 2:
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)

@@ -4,8 +4,9 @@ A run clusters every completion (learned vectors, matched-norm random vectors, u
 *finding* is a cluster with completions under at least `min_vectors` learned vectors and none under
 a random vector or unsteered: a behaviour the discovery surfaced that neither the model's default
 nor a random push of the same size shows (MELBO's learned-vs-random comparison, Mack & Turner
-2024, made per behaviour). Findings are ranked by how many vectors elicit them, then by how far
-their completions are from the unsteered completion of the same prompt; each carries its
+2024, made per behaviour). Findings are ranked by how many vectors elicit them, then by how many
+completions show them, then by how far their completions are from the unsteered completion of
+the same prompt; each carries its
 naturalness, the mean log-probability per token of its completions under the unsteered model next
 to that of the unsteered completions (near it: a behaviour the model already finds natural; far
 below: an artefact of pushing activations).
@@ -39,8 +40,11 @@ def find_behaviours(lm, rows: list[dict], labels: list[int], clusters: list[dict
         found.append({"cluster": c, "vectors": vecs, "n_vectors": len(vecs), "completions": len(idx),
                       "prompts": sorted({rows[i]["prompt_index"] for i in idx}),
                       "heldout": sum(rows[i].get("split") == "heldout" for i in idx),
-                      "distance": nanmean(dist), "typical": info["typical"], "words": info["words"], "rows": idx})
-    found.sort(key=lambda f: (-f["n_vectors"], -f["distance"]))
+                      "distance": nanmean(dist), "typical": info["typical"], "words": info["words"],
+                      "surface": info.get("surface", ""), "rows": idx})
+    # More vectors first; among those, more completions (a behaviour seen on several prompts is
+    # more than one odd completion), then farther from unsteered.
+    found.sort(key=lambda f: (-f["n_vectors"], -f["completions"], -f["distance"]))
     found = found[:limit]
     # Naturalness: one batched pass over the findings' completions and the unsteered ones.
     pick = sorted({i for f in found for i in f["rows"]} | set(base.values()))

@@ -205,6 +205,11 @@ def render_bench(meta: dict, per: list[dict]) -> str:
         out.append(f"<h3>{escape(title)}</h3><p class='note'>{escape(how)}; judge: {escape(jname)}.</p>")
         out.append(_table(per, methods, key, higher))
     if meta["judges"]["llm"]:
+        out.append(f"<h3>LLM judge: completions with all three ratings</h3><p class='note'>judge: "
+                   f"{escape(meta['judges']['llm'])}. A rating is missing when the reply held no number or the request "
+                   "failed; the tables below average the ratings that came back, so a cell over few completions is "
+                   "weak evidence.</p>")
+        out.append(_table(per, methods, "llm.rated", higher=None, fmt=".0%"))
         for k in ("score", "concept", "instruction", "fluency"):
             out.append(f"<h3>LLM judge: {k} (0-2)</h3><p class='note'>judge: {escape(meta['judges']['llm'])}.</p>")
             out.append(_table(per, methods, f"llm.{k}"))
