@@ -24,6 +24,7 @@ Results: benchmarks/results/planted_direction.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -71,8 +72,6 @@ def measure(name: str, targets: list[int], multiples: list[float]) -> dict:
         elicit[m] = sum(map(bool, det(texts))) / len(texts)
         print(f"{name}: u at {m:g} x R ({R0 * m:.1f}): behaviour in {elicit[m]:.0%} of completions | {texts[0][:60]!r}",
               flush=True)
-    import dataclasses
-
     dct = discover(lm, train, dataclasses.replace(cfg, R=R0), layer_range=lr_, progress=False).vectors  # (8, d)
     V = dct / dct.norm(dim=-1, keepdim=True)
     rand = random_directions(32, lm.d_model, 3)

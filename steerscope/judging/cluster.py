@@ -59,21 +59,20 @@ def cluster_texts(texts: list[str], embeddings: torch.Tensor | None = None, thre
     e = embeddings.double()
     groups = [surface_group(t) for t in texts]
     plain = [i for i, g in enumerate(groups) if not g]
-    raw: list[tuple[str, int | str]] = [("surface", g) for g in groups]  # surface groups: one behaviour each
+    keys: list[tuple[str, int | str]] = [("surface", g) for g in groups]  # surface groups: one behaviour each
     if len(plain) == 1:
-        raw[plain[0]] = ("meaning", 0)
+        keys[plain[0]] = ("meaning", 0)
     elif plain:
         from sklearn.cluster import AgglomerativeClustering
 
         sub = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
                                       distance_threshold=threshold).fit_predict(e[plain].numpy()).tolist()
         for i, c in zip(plain, sub):
-            raw[i] = ("meaning", c)
-    labels = raw
+            keys[i] = ("meaning", c)
     # renumber by size, largest first
-    order = [c for c, _ in Counter(labels).most_common()]
+    order = [c for c, _ in Counter(keys).most_common()]
     remap = {c: i for i, c in enumerate(order)}
-    labels = [remap[c] for c in labels]
+    labels = [remap[c] for c in keys]
     overall = Counter(w for t in texts for w in _words(t))
     n_all = sum(overall.values()) or 1
     clusters = []

@@ -17,8 +17,8 @@ def _f(x, fmt=".2f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def _surface(f: dict) -> str:
-    """'<b>in French</b> · ' for a surface-group finding (judging.surface), else ''."""
+def surface_tag(f: dict) -> str:
+    """'<b>in French</b> · ' for a surface-group finding or cluster (judging.surface), else ''."""
     return f'<b class="surface">{escape(f["surface"])}</b> · ' if f.get("surface") else ""
 
 
@@ -43,7 +43,7 @@ def findings_section(findings: list[dict], run_dir_hint: str = "RUN") -> str:
         nat = (f'log p per token {_f(f.get("logprob"))} (unsteered completions: {_f(f.get("logprob_unsteered"))})')
         out.append(
             f'<div class="finding" id="finding-{f["rank"]}" data-rank="{f["rank"]}">'
-            f'<h3>#{f["rank"] + 1} · {_surface(f)}{escape(", ".join(f["words"]) or "(no distinctive words)")}</h3>'
+            f'<h3>#{f["rank"] + 1} · {surface_tag(f)}{escape(", ".join(f["words"]) or "(no distinctive words)")}</h3>'
             f'<div class="typical">{escape(_one_line(f["typical"]))}</div>'
             f'<div class="facts">elicited by <b>{f["n_vectors"]}</b> learned vector{"s" if f["n_vectors"] != 1 else ""} '
             f'({f["completions"]} completion{"s" if f["completions"] != 1 else ""}, {n_prompts} prompt{"s" if n_prompts != 1 else ""}, '

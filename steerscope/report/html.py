@@ -15,7 +15,7 @@ from collections import defaultdict
 from html import escape
 
 from .findings import CSS as FINDINGS_CSS
-from .findings import findings_section, goldilocks_plot
+from .findings import findings_section, goldilocks_plot, surface_tag
 
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 COLUMNS = [("target_change", "target Δ"), ("kl_neutral", "KL neutral"), ("logprob", "log p"), ("distinct2", "distinct-2"),
@@ -78,7 +78,7 @@ def _scatter(points, labels, sets, clusters) -> str:
         else:
             marks.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{col}" opacity="0.8"/>')
     legend = "".join(f'<li><span class="tag" style="background:{PALETTE[c["id"] % len(PALETTE)]};color:#fff">{c["id"]}</span>'
-                     f'{c["size"]} completions — {"<b>" + escape(c["surface"]) + "</b> · " if c.get("surface") else ""}<i>{escape(", ".join(c["words"]))}</i>: “{escape(c["typical"][:120])}”</li>'
+                     f'{c["size"]} completions — {surface_tag(c)}<i>{escape(", ".join(c["words"]))}</i>: “{escape(c["typical"][:120])}”</li>'
                      for c in clusters)
     return (f'<svg id="cluster-map" class="plot" width="{W}" height="{H}" viewBox="0 0 {W} {H}">{"".join(marks)}</svg>'
             f'<p>● learned ■ random △ unsteered; colour = behaviour cluster (first two principal components of the '
