@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The main job on a model organism (the embedded SmolLM2 with French planted behind a trigger):
-# DCT discovery at a calibrated R, completions under learned,
-# random and no vectors, metrics, clusters, norm sweep, report.html. A rerun resumes/reuses it.
+# output-KL discovery at a calibrated R, completions under learned, random and no vectors,
+# metrics, clusters, norm sweep, report.html. bfloat16: ~200 s instead of ~290 s on 2 CPU cores,
+# French still the top finding (benchmarks/bench_planted.py). A rerun resumes/reuses it.
 demo: $(STAMP)
-	$(VENV)/bin/steerscope run --model organism:french --out runs/demo
+	$(VENV)/bin/steerscope run --model organism:french --dtype bfloat16 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

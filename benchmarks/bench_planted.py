@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.organisms import ORGANISMS  # noqa: E402
 
-METHODS = ["default", "melbo", "dct", "jacobian", "random", "pca"]
+METHODS = ["default", "dct", "melbo", "jacobian", "random", "pca"]  # default: kl
 
 
 def measure(run: Path, org) -> dict:

@@ -16,6 +16,8 @@ not told):
 If u elicits the behaviour but its objective value is near the random ones while the DCT factors
 score several times higher, a norm-of-change objective ranks the planted direction low, and more
 steps or more factors of the same objective will not find it.
+  4. the same three (u, DCT factors, random) under the output-KL objective of discovery method
+     `kl` (the run default): mean KL of the next-token distributions along the unsteered reply.
 
     python benchmarks/planted_direction.py [--organisms french caps] [--targets 16 22 26 29]
 Results: benchmarks/results/planted_direction.json
@@ -99,9 +101,21 @@ def measure(name: str, targets: list[int], multiples: list[float]) -> dict:
               f"(max {row['dct_max']:.1f}), random median {row['random_median']:.1f} (max {row['random_max']:.1f}); "
               f"whitened {wu:.1f} / {float(wd.median()):.1f} / {float(wr.median()):.1f}",
               flush=True)
+    # The output-KL objective (discovery method `kl`, the run default) on the same training
+    # prompts: mean KL of the next-token distributions along the unsteered greedy reply.
+    from steerscope.directions.discovery.kl import KLConfig, output_kl_objective
+
+    okl = output_kl_objective(lm, lr_, KLConfig().reply_tokens, cfg.target_tokens)
+    with torch.no_grad():
+        ku, kd, kr = float(okl(R0 * u[None])), okl(R0 * V), okl(R0 * rand)
+    kl_row = {"trigger": round(ku, 3), "dct_median": round(float(kd.median()), 3), "dct_max": round(float(kd.max()), 3),
+              "random_median": round(float(kr.median()), 3), "random_max": round(float(kr.max()), 3),
+              "trigger_over_random": round(ku / float(kr.median()), 1)}
+    print(f"{name}: output KL (nats): trigger {ku:.3f}, DCT median {kl_row['dct_median']:.3f} (max {kl_row['dct_max']:.3f}), "
+          f"random median {kl_row['random_median']:.3f} (max {kl_row['random_max']:.3f})", flush=True)
     cos = (V @ u).abs()
     return {"organism": name, "source": s, "default_target": t_default, "R_calibrated": round(R0, 2),
-            "elicits": {str(k): v for k, v in elicit.items()}, "objective": rows,
+            "elicits": {str(k): v for k, v in elicit.items()}, "objective": rows, "output_kl": kl_row,
             "dct_max_abs_cosine_with_trigger": round(float(cos.max()), 3),
             "random_abs_cosine_scale": round(1 / lm.d_model ** 0.5, 3)}
 

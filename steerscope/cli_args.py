@@ -105,7 +105,8 @@ class _Builder:
         self.parser = parser
         self.flags: dict[str, str] = {o: "argparse" for a in parser._actions for o in a.option_strings}
 
-    def add(self, path: str, f: dataclasses.Field, tp: Any, default: Any, doc: str, note: str = "") -> None:
+    def add(self, path: str, f: dataclasses.Field, tp: Any, default: Any, doc: str, note: str = "",
+            shown: str | None = None) -> None:
         meta = f.metadata
         flag = meta["cli"] if isinstance(meta.get("cli"), str) else _flag(f.name)
         if flag in self.flags:
@@ -119,7 +120,7 @@ class _Builder:
         # "auto" for optional numbers; an optional text is simply left out.
         none_word = meta.get("none", None if inner is str else "auto") if optional else None
         kw: dict[str, Any] = {"dest": path, "default": _UNSET}
-        shown = (none_word or "unset") if default is None else _show(default)
+        shown = shown or ((none_word or "unset") if default is None else _show(default))
         help_ = (doc or "").rstrip(".") + (f" [{note}]" if note else "") + f" (default: {shown})"
         choices = meta.get("choices")
         if isinstance(choices, Family):
@@ -190,6 +191,17 @@ def _family_settings(f: dataclasses.Field, path: str, value: Any):
             yield f"{path}.{sf.name}", sf, stypes[sf.name], getattr(sub, sf.name), m.config, _owners(fam, sf.name)
 
 
+def _owner_defaults(fam: Family, value: Any, setting: str, owners: list[str]) -> str | None:
+    """'30 for kl, 300 for melbo' when the methods sharing a flag have different defaults; else None."""
+    shown = {}
+    for n in owners:
+        cfg = fam.get(n).config
+        sub = value if isinstance(value, cfg) else cfg()
+        v = getattr(sub, setting)
+        shown[n] = "auto" if v is None else _show(v)
+    return ", ".join(f"{v} for {n}" for n, v in shown.items()) if len(set(shown.values())) > 1 else None
+
+
 def add_config_args(parser: argparse.ArgumentParser, default: Any, *, prefix: str = "",
                     _builder: _Builder | None = None) -> None:
     """Add a flag for every field of the config instance `default` (nested ones flattened)."""
@@ -198,7 +210,8 @@ def add_config_args(parser: argparse.ArgumentParser, default: Any, *, prefix: st
     for kind, path, f, tp, value in _walk(default, prefix):
         if kind == "family":
             for dest, sf, stp, sval, owner_cls, owners in _family_settings(f, path, value):
-                b.add(dest, sf, stp, sval, field_docs(owner_cls).get(sf.name, ""), note=", ".join(owners))
+                b.add(dest, sf, stp, sval, field_docs(owner_cls).get(sf.name, ""), note=", ".join(owners),
+                      shown=_owner_defaults(f.metadata["family"], value, sf.name, owners) if len(owners) > 1 else None)
         elif kind == "nested":
             add_config_args(parser, value, prefix=f"{path}.", _builder=b)
         else:

@@ -157,7 +157,7 @@ def test_cli_defaults_equal_library_defaults(name):
         assert obj == lib, f"{name}: {dest} is {obj!r} from the CLI but {lib!r} in the library"
         assert getattr(ns, dest, _UNSET) is _UNSET
     flags = {o for a in parser._actions for o in a.option_strings}
-    assert len(walk_flags(default)) <= len(flags)
+    assert len({dest for dest, _ in walk_flags(default)}) <= len(flags)  # methods sharing a setting share its flag
 
 
 def test_run_exposes_every_discovery_setting():
@@ -186,10 +186,14 @@ def test_run_flags_reach_the_config():
     ns = parser.parse_args(["--method", "jacobian", "--power-iters", "3"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "jacobian" and cfg.discover.method_config.power_iters == 3
-    ns = parser.parse_args(["--dct-tol", "0.1", "--sigma", "quadratic", "--goldilocks", "1,2"])  # the default method
+    ns = parser.parse_args(["--reply-tokens", "4", "--steps", "9", "--goldilocks", "1,2"])  # the default method
+    cfg = cfa(COMMANDS["run"].default(), ns).run
+    assert cfg.discover.method == "kl" and cfg.discover.method_config.reply_tokens == 4
+    assert cfg.discover.method_config.steps == 9 and cfg.goldilocks == [1.0, 2.0] and cfg.discover.R is None
+    ns = parser.parse_args(["--method", "dct", "--dct-tol", "0.1", "--sigma", "quadratic"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "dct" and cfg.discover.method_config.sigma == "quadratic"
-    assert cfg.discover.method_config.dct_tol == 0.1 and cfg.goldilocks == [1.0, 2.0] and cfg.discover.R is None
+    assert cfg.discover.method_config.dct_tol == 0.1
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

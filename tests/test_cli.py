@@ -134,7 +134,7 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
 
     def killed(*a, **k):
         cb = lambda chunk, step: (_ for _ in ()).throw(KeyboardInterrupt()) if (chunk, step) == (1, 27) else None  # noqa: E731
-        return real(*a[:-3], cb, *a[-2:])  # (..., callback, plateau, window)
+        return real(*a[:-4], cb, *a[-3:])  # (..., callback, plateau, window, objective)
 
     monkeypatch.setattr(melbo, "_train", killed)
     assert main(argv + ["--out", str(tmp_path / "resumed")]) == 130

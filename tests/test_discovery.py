@@ -182,7 +182,7 @@ def test_calibrated_R_hits_the_ratio():
     assert lm.model.config._attn_implementation == "sdpa"  # restored
 
 
-FAST = {"melbo": {"steps": 5}, "jacobian": {"power_iters": 5}, "dct": {"dct_iters": 3}}
+FAST = {"melbo": {"steps": 5}, "jacobian": {"power_iters": 5}, "dct": {"dct_iters": 3}, "kl": {"steps": 5, "reply_tokens": 3}}
 
 
 @pytest.mark.parametrize("method", DISCOVERY.names())
@@ -347,3 +347,45 @@ def test_dct_stops_early_when_the_objective_flattens():
     vs = discover(lm, PROMPTS, DiscoverConfig.of("dct", source=0, target=2, n_vectors=2, R=1.0, dct_iters=50, dct_tol=0.05),
                   progress=False)
     assert vs.config.hyperparams["iterations"] < 50
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_kl_objective_equals_a_hooked_forward(arch):
+    """The objective of kl.py: KL(steered || unsteered) of the next-token distributions along the
+    unsteered greedy reply, computed here from two ordinary hooked forwards of prompt + reply."""
+    from steerscope.directions.discovery.kl import output_kl_objective
+
+    lm = tiny_lm(arch)
+    lr0 = LayerRange(lm, PROMPTS[:2], 0, 2, chat=False)
+    obj = output_kl_objective(lm, lr0, reply_tokens=3, target_tokens="last:3")
+    texts = obj.lr.prompts
+    heads = [lm.tokenizer.decode(lm.encode([p], chat=False)["input_ids"][0]) for p in PROMPTS[:2]]  # as a run encodes them
+    assert all(t.startswith(h) and len(t) > len(h) for t, h in zip(texts, heads))  # the replies were appended
+    theta = rand_vec(lm, seed=4, scale=3.0)[None]  # (1, d)
+    with torch.no_grad():
+        got = float(obj(theta)[0])
+        total, n = 0.0, 0
+        for t, h in zip(texts, heads):
+            n_prompt = int(lm.encode([h], formatted=True)["attention_mask"].sum())
+            enc = lm.encode([t], formatted=True)
+            base = torch.log_softmax(lm.forward(**enc).logits[0].float(), -1)
+            with ss.steer(lm, ss.Add(theta[0], layer=0)):
+                st = torch.log_softmax(lm.forward(**enc).logits[0].float(), -1)
+            kl = (st.exp() * (st - base)).sum(-1)[n_prompt - 1:]  # last prompt token onwards
+            total, n = total + float(kl.sum()), n + kl.numel()
+    assert n > 2 and abs(got - total / n) <= 1e-4 * max(1.0, total / n)
+
+
+def test_kl_discovery_raises_its_objective_and_beats_random():
+    from steerscope.directions.discovery.kl import output_kl_objective
+
+    lm = tiny_lm("llama")
+    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=3, R=3.0, steps=25, plateau=0.0, reply_tokens=4)
+    vs = discover(lm, PROMPTS, cfg, progress=False)
+    curves = vs.extras["curves"]
+    assert (final_values(curves) > curves[:, 0] * 1.1).all()
+    lr0 = LayerRange(lm, PROMPTS, 0, 2)
+    obj = output_kl_objective(lm, lr0, reply_tokens=4, target_tokens="last:3")
+    with torch.no_grad():
+        learned, control = obj(vs.vectors), obj(random_control(lm, vs).vectors)
+    assert learned.min() > control.max()

@@ -202,10 +202,13 @@ def test_goldilocks_choice():
 
     rows = [{"multiple": 0.5, "R": 1, "learned": 0.0, "random": 0.0}, {"multiple": 1, "R": 2, "learned": 0.5, "random": 0.0},
             {"multiple": 2, "R": 4, "learned": 0.9, "random": 0.25}, {"multiple": 4, "R": 8, "learned": 1.0, "random": 1.0}]
-    assert choose(rows)[0]["R"] == 4  # gap 0.65 beats 0.5
+    assert choose(rows)[0]["R"] == 4  # the largest R with a clear gap (random moved too much at 8)
     assert choose(rows, max_random=0.1)[0]["R"] == 2  # random moved too much at 4
-    tie = [dict(r, learned=0.5, random=0.0) for r in rows[:3]]
-    assert choose(tie)[0]["R"] == 1  # ties go to the smaller R
+    saturated = [dict(r, learned=1.0) for r in rows[:3]]  # learned move everything: the gap alone would pick R=1
+    assert choose(saturated)[0]["R"] == 4 and "largest R" in choose(saturated)[1]
+    small = [dict(r, learned=r["random"] + 0.1) for r in rows[:3]]  # no clear gap anywhere: the largest gap
+    assert choose(small)[0]["R"] == 1 and "no multiple" in choose(small)[1]  # ties go to the smaller R
+    assert choose([dict(rows[1], learned=0.6), dict(rows[2], learned=0.3)])[0]["R"] == 2  # R=4's gap is 0.05
     assert choose([dict(r, random=0.9) for r in rows])[0]["R"] == 1  # none qualifies: smallest, and says so
     assert "every multiple" in choose([dict(r, random=0.9) for r in rows])[1]
     C = ss.Completion

@@ -59,8 +59,9 @@ class RunConfig(Config):
     """prompt set for KL side effects"""
     n_neutral: int = field(default=8, metadata={"min": 1})
     """neutral prompts used for KL (taken from the end of the set)"""
-    discover: DiscoverConfig = field(default_factory=lambda: DiscoverConfig.of("dct", n_vectors=8))
-    """the discovery method and its settings (default: exponential DCT, R calibrated + Goldilocks check)"""
+    discover: DiscoverConfig = field(default_factory=lambda: DiscoverConfig.of("kl", n_vectors=8))
+    """the discovery method and its settings (default: output-KL discovery, R calibrated + Goldilocks check;
+    it recovers a planted behaviour where exponential DCT does not, benchmarks/bench_planted.py)"""
     goldilocks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     """when R is calibrated: multiples of the calibrated R to try, keeping the one where learned
     vectors move completions most and random ones of the same norm mostly do not (empty: the
@@ -252,7 +253,7 @@ def _measure(ctx: _RunContext) -> dict:
     return {"vectors": per_vector, "sets": sets, "summary": summary, "sweep": sweep,
             "findings": findings, "clusters": clusters, "labels": clustering.labels, "map": clustering.xy,
             "discovery": {k: h.get(k) for k in ("method", "source", "target", "R", "target_tokens", "calibration",
-                                                 "final_objective", "singular_values", "steps_run", "iterations")},
+                                                 "final_objective", "singular_values", "steps_run", "iterations", "reads")},
             "goldilocks": ctx.artifacts["calibrate"],
             "seconds": round(time.perf_counter() - ctx.t0, 1)}
 

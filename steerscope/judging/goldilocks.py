@@ -8,8 +8,13 @@ for every model; so the run checks a few multiples of the calibrated R: at each,
 probe vectors with the run's own method, draws random vectors of the same norm, generates short
 completions, and counts the completions whose meaning moved away from the unsteered one (cosine
 distance of sentence embeddings above the clustering threshold, i.e. a different behaviour). It
-keeps the R with the largest learned-minus-random gap among those where at most half of the
-random completions moved; ties go to the smaller R.
+keeps the LARGEST R where at most half of the random completions moved and learned vectors moved
+clearly more (at least `min_gap` more of their completions): the upper edge of the zone, where
+vectors are as strong as they can be before any vector of that norm derails the model. A planted
+behaviour behind a trigger needs a push of about that size: on both model organisms the trigger's
+own direction elicits it only from ~1-1.5x the calibrated R (benchmarks/planted_direction.py),
+while a strong objective (output KL) already moves every completion at 0.5x, where the gap alone
+would pick the smallest R. With no such multiple: the largest gap, ties to the smaller R.
 """
 
 from __future__ import annotations
@@ -73,13 +78,20 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, mu
     return GoldilocksResult(R0, best["R"], rows, reason)
 
 
-def choose(rows: list[dict], max_random: float = 0.5) -> tuple[dict, str]:
-    """The row with the largest learned-minus-random gap among those where random vectors moved
-    at most `max_random` of completions (ties: smaller R); the smallest R when none qualifies."""
+def choose(rows: list[dict], max_random: float = 0.5, min_gap: float = 0.25) -> tuple[dict, str]:
+    """The largest R where random vectors moved at most `max_random` of completions and learned
+    ones at least `min_gap` more; else the largest gap among those under `max_random` (ties:
+    smaller R); the smallest R when random vectors moved too much everywhere."""
     ok = [r for r in rows if r["random"] <= max_random]
     if not ok:
         return (min(rows, key=lambda r: r["R"]),
                 f"random vectors moved more than {max_random:.0%} of completions at every multiple; kept the smallest")
+    clear = [r for r in ok if r["learned"] - r["random"] >= min_gap]
+    if clear:
+        best = max(clear, key=lambda r: r["R"])
+        return best, (f"the largest R where learned vectors moved clearly more completions than random ones "
+                      f"({best['learned']:.0%} vs {best['random']:.0%}) and random ones moved at most {max_random:.0%}")
     best = max(ok, key=lambda r: (round(r["learned"] - r["random"], 6), -r["R"]))
-    return best, (f"largest learned-minus-random gap ({best['learned']:.0%} vs {best['random']:.0%}) among multiples "
-                  f"where at most {max_random:.0%} of random completions moved")
+    return best, (f"no multiple where learned vectors moved {min_gap:.0%} more completions than random ones; the "
+                  f"largest gap ({best['learned']:.0%} vs {best['random']:.0%}) among multiples where at most "
+                  f"{max_random:.0%} of random completions moved")

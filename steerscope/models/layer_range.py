@@ -146,12 +146,14 @@ class LayerRange:
     """
 
     def __init__(self, lm, prompts: list[str], source: int, target: int, *, chat: bool | None = None,
-                 share_prefix: bool = True, min_prefix: int = 4):
+                 share_prefix: bool = True, min_prefix: int = 4, formatted: bool = False):
         self.lm = lm
         self.source, self.target = lm.check_layer(source), lm.check_layer(target)
         if self.target <= self.source:
             raise SteerscopeError(f"the target layer ({target}) must come after the source layer ({source}).")
-        self.enc = lm.encode(list(prompts), chat=chat)
+        # Kept so a method can build a range over the same prompts to another target (kl.py).
+        self.prompts, self.chat, self.formatted = list(prompts), chat, formatted
+        self.enc = lm.encode(list(prompts), chat=chat, formatted=formatted)
         self.valid = self.enc["attention_mask"].bool()
         self.P = self.valid.shape[0]
         self._calls: list[tuple[tuple, dict]] = []

@@ -159,7 +159,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
     d = metrics.get("discovery", {})
     sweeps = "".join(_sweep_plot(v, r) for v, r in metrics.get("sweep", {}).items()) or "<p>no sweep</p>"
     title = (f"{escape(str(d.get('method')))}: {len([v for v in sets.values() if v == 'learned'])} vectors, layer "
-             f"{d.get('source')} → {d.get('target')}, R = {_fmt(d.get('R'))}")
+             f"{d.get('source')} → {escape(str(d.get('reads') or d.get('target')))}, R = {_fmt(d.get('R'))}")
     found = metrics.get("findings")
     n_found = len(found or [])
     lead = (f"{n_found} behaviour{'s' if n_found != 1 else ''} found only under learned vectors" if found is not None

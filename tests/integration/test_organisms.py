@@ -53,3 +53,25 @@ def test_organism_and_default_split_across_a_device_map(tmp_path):
         with torch.no_grad():
             assert torch.equal(whole.forward(**enc).logits, split.forward(**enc).logits), name
         assert split.fingerprint == whole.fingerprint
+
+
+def test_output_kl_discovery_recovers_the_planted_french():
+    """Issue 11's core check on the french organism, without the trigger: 8 output-KL vectors at
+    the calibrated R (what `run` keeps for this organism) on the run's 2 training prompts; several
+    make the organism reply in French on those and 2 held-out prompts, none of 8 random vectors of
+    the same norm does, and neither does the unsteered organism."""
+    from steerscope.directions.discovery import DiscoverConfig, discover, random_control
+
+    org = ORGANISMS["french"]
+    lm = load_model("organism:french")
+    prompts = load_prompts("neutral")[:4]
+    vs = discover(lm, prompts[:2], DiscoverConfig.of("kl", n_vectors=8), progress=False)
+    ctrl = random_control(lm, vs)
+    comps = generate(lm, prompts, vectors=list(vs) + list(ctrl), include_unsteered=True, max_new_tokens=32)
+    det = parse_metric(org.detector, lm).fn
+    shows: dict = {}
+    for c, hit in zip(comps, det([c.text for c in comps])):
+        shows.setdefault(c.vector_id, []).append(bool(hit))
+    showing = lambda ids: [v for v in ids if sum(shows[v]) >= len(shows[v]) / 2]  # noqa: E731
+    assert len(showing(vs.ids)) >= 2, {v: shows[v] for v in vs.ids}
+    assert showing(ctrl.ids) == [] and not any(shows[None])

@@ -28,7 +28,7 @@ from .base import DISCOVERY, Discovered, DiscoveryContext
 from .baselines import random_directions
 
 # Registry lines: importing a method's module registers it.
-from . import baselines, dct, jacobian, melbo  # noqa: E402,F401  isort: skip
+from . import baselines, dct, jacobian, kl, melbo  # noqa: E402,F401  isort: skip
 from .jacobian import calibrate_R, jacobian_singular_vectors  # noqa: E402
 from .melbo import MelboConfig, train_melbo  # noqa: E402
 

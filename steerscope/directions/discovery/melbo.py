@@ -118,16 +118,18 @@ def train_melbo(layer_range, *, n_vectors: int, R: float, p: float = 2.0, q: flo
                 steps: int = 300, lr: float | None = None, orthogonal: bool = True, chunk: int | None = None,
                 seed: int = 0, checkpoint: Checkpoint | None = None, checkpoint_every: int = 25,
                 progress=None, callback: Callable[[int, int], None] | None = None, plateau: float = 0.0,
-                window: int = 20) -> MelboResult:
+                window: int = 20, objective: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MelboResult:
     """Train K vectors; `callback(chunk, step)` runs after every step (tests use it to kill a run).
-    `plateau` > 0 stops a chunk early when its objective flattens (see `plateaued`)."""
+    `plateau` > 0 stops a chunk early when its objective flattens (see `plateaued`).
+    `objective(theta (K, d)) -> (K,)` replaces MELBO's (p, q, target_tokens unused then): the same
+    projected ascent, orthogonality, plateau rule and checkpoints for another objective (kl.py)."""
     with frozen_weights(layer_range.lm):
         return _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
-                      checkpoint_every, progress, callback, plateau, window)
+                      checkpoint_every, progress, callback, plateau, window, objective)
 
 
 def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
-           checkpoint_every, progress, callback, plateau, window):
+           checkpoint_every, progress, callback, plateau, window, objective):
     lr_ = lr if lr is not None else 0.01 * R / math.sqrt(layer_range.lm.d_model)
     d = layer_range.lm.d_model
     chunk = chunk or n_vectors
@@ -162,7 +164,7 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
             step0 = start_step
         for step in range(step0, steps):
             opt.zero_grad(set_to_none=True)
-            obj = melbo_objective(layer_range.delta(theta), mask, K, p, q)  # (K,)
+            obj = objective(theta) if objective else melbo_objective(layer_range.delta(theta), mask, K, p, q)  # (K,)
             (-obj.sum()).backward()
             with torch.no_grad():
                 gr = theta.grad

@@ -1,0 +1,157 @@
+"""Output-KL discovery: vectors that most change what the model would say next.
+
+MELBO's objective (melbo.py) rewards any large change of the residual stream at a target layer.
+On our model organisms (steerscope.models.organisms) the planted behaviour's own direction scores
+only 1.2-1.3x a random direction of the same norm under it, while the DCT factors score ~3x
+(benchmarks/planted_direction.py), so more steps of that objective do not find the behaviour. The
+same direction changes the next-token *distribution* 2.7-3.6x more than the median random
+direction (the "output_kl" rows of that benchmark): a planted behaviour is a switch of output
+mode, which the logits show more than the residual norm does. (DCT's factors score higher still
+on this objective; it does not make the planted direction the maximum, but ascent on it reached
+the planted mode from half of its starts on the french organism, benchmarks/bench_planted.py.)
+
+So this method maximises, for each vector theta (||theta|| = R, added at every token of the source
+layer),
+
+    mean over prompts p and reply positions j of  KL( P_theta(. | x_p, y_<j) || P_0(. | x_p, y_<j) )
+
+where y is the *unsteered* model's own greedy reply (`reply_tokens` tokens) and P the model's
+next-token distribution after the final layer. Reading the KL along the reply rather than only at
+the end of the prompt rewards vectors that keep changing the reply (a language or style switch)
+over vectors that only swap its first word. In one ad hoc comparison (32 vectors, bfloat16, the
+calibrated R, 4 other prompts) 4 of 32 vectors replied in French with it against 2 of 32 with the
+KL at the prompt's last 3 tokens only; on the caps organism 2 of 32 either way, and no random vector
+in any. Training is MELBO's: projected Adam on the sphere,
+vectors kept orthogonal, the plateau rule, checkpoints (`train_melbo` with this objective).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ...config import Config
+from ...models.layer_range import LayerRange
+from .base import DISCOVERY, Discovered, DiscoveryContext
+from .melbo import final_values, train_melbo
+
+
+@dataclass(frozen=True)
+class KLConfig(Config):
+    """Output-KL discovery's own settings."""
+
+    reply_tokens: int = field(default=8, metadata={"min": 0})
+    """read the KL along this many tokens of the unsteered greedy reply, plus the prompt's last
+    token (0: the prompt's target tokens only, --target-tokens)"""
+    steps: int = field(default=30, metadata={"min": 1})
+    """most Adam steps (training stops earlier on a plateau)"""
+    plateau: float = field(default=0.01, metadata={"min": 0})
+    """stop when the summed objective over the last `plateau_window` steps is less than this
+    fraction above the window before (0: always run every step)"""
+    plateau_window: int = field(default=10, metadata={"min": 2})
+    """steps per window of the plateau rule"""
+    lr: float | None = field(default=None, metadata={"min": 0})
+    """Adam learning rate (auto: c * R / sqrt(d_model), c = 0.15 for kl, whose saturating KL
+    plateaus in ~30 steps at that size, and 0.01 for melbo)"""
+    orthogonal: bool = True
+    """keep the vectors mutually orthogonal"""
+    vectors_per_batch: int | None = field(default=None, metadata={"min": 1})
+    """train this many vectors at once (auto: all in one batch)"""
+    checkpoint_every: int = field(default=10, metadata={"min": 1})
+    """steps between checkpoints"""
+
+
+@torch.no_grad()
+def greedy_replies(lm, prompts: list[str], n: int, *, chat: bool | None = None,
+                   formatted: bool = False) -> tuple[list[str], list[str]]:
+    """(prompt texts, prompt texts followed by the model's own greedy reply of up to `n` tokens),
+    both as text that `lm.encode(..., formatted=True)` reads back: the prompt is encoded exactly
+    as a run encodes it (chat template or BOS included), then decoded with its special tokens.
+    One prompt at a time: no padding, and a few short prompts cost well under a second."""
+    eos = lm.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else lm.tokenizer.eos_token_id])
+    heads, full = [], []
+    for p in prompts:
+        ids = lm.encode([p], chat=chat, formatted=formatted)["input_ids"]  # (1, T)
+        T = ids.shape[1]
+        for _ in range(n):
+            nxt = int(lm.forward(ids).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+        heads.append(lm.tokenizer.decode(ids[0, :T]))
+        full.append(lm.tokenizer.decode(ids[0]))
+    return heads, full
+
+
+def reply_mask(lr: LayerRange, n_prompt: list[int]) -> torch.Tensor:
+    """(P, T) bool: each row's last prompt token and every token after it (the positions whose
+    next-token distributions predict the reply). `n_prompt`: the prompt's own token count per row."""
+    n = lr.valid.sum(-1, keepdim=True)  # (P, 1) real tokens: prompt + reply
+    pos = lr.valid.long().cumsum(-1)  # 1-based position among real tokens
+    start = torch.tensor(n_prompt, device=n.device)[:, None]  # (P, 1)
+    return lr.valid & (pos >= start.clamp(max=n))
+
+
+class OutputKL:
+    """theta (K, d) -> (K,) mean KL(steered || unsteered) of the next-token distributions at
+    `mask`, through the blocks after the source, the final norm and the unembedding."""
+
+    def __init__(self, lm, lr: LayerRange, mask: torch.Tensor):
+        self.lm, self.lr, self.mask = lm, lr, mask  # mask (P, T)
+        self.head = lm.model.get_output_embeddings()
+        # Gemma-2 style models cap their logits in the head's caller; do the same.
+        self.cap = getattr(getattr(lm.model.config, "get_text_config", lambda: lm.model.config)(),
+                           "final_logit_softcapping", None)
+        self.n = mask.sum().clamp_min(1)
+        with torch.no_grad():
+            self.base = self._logp(lr.z_target, 1)  # (M, vocab), M = masked positions
+
+    def _logp(self, z: torch.Tensor, K: int) -> torch.Tensor:
+        z = z[self.mask.repeat(K, 1)]  # (K*M, d): only the positions read, before the vocab-wide head
+        logits = self.head(self.lm.arch.final_norm(z)).float()
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return torch.log_softmax(logits, dim=-1)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        K = theta.shape[0]
+        lp = self._logp(self.lr.run(theta), K)  # (K*M, vocab)
+        kl = (lp.exp() * (lp - self.base.repeat(K, 1))).sum(-1)  # (K*M,)
+        return kl.view(K, -1).sum(-1) / self.n  # (K,)
+
+
+def output_kl_objective(lm, layer_range: LayerRange, reply_tokens: int, target_tokens: str) -> OutputKL:
+    """The objective on `layer_range`'s prompts, from its source layer to the model's output."""
+    lr0 = layer_range
+    last = lm.n_layers - 1
+    if reply_tokens > 0:
+        heads, texts = greedy_replies(lm, lr0.prompts, reply_tokens, chat=lr0.chat, formatted=lr0.formatted)
+        n_prompt = [int(lm.encode([h], formatted=True)["attention_mask"].sum()) for h in heads]
+        lr = LayerRange(lm, texts, lr0.source, last, formatted=True)
+        mask = reply_mask(lr, n_prompt)
+    else:
+        lr = lr0 if lr0.target == last else LayerRange(lm, lr0.prompts, lr0.source, last, chat=lr0.chat,
+                                                       formatted=lr0.formatted)
+        mask = lr.target_mask(target_tokens)
+    return OutputKL(lm, lr, mask)
+
+
+@DISCOVERY.register("kl", KLConfig)
+def kl(ctx: DiscoveryContext, cfg: KLConfig) -> Discovered:
+    """Output-KL discovery: vectors that most change the next-token distribution along the reply."""
+    s, lm = ctx.settings, ctx.lm
+    objective = output_kl_objective(lm, ctx.layer_range, cfg.reply_tokens, s.target_tokens)
+    chunks = -(-s.n_vectors // (cfg.vectors_per_batch or s.n_vectors))
+    lr = cfg.lr if cfg.lr is not None else 0.15 * ctx.R / math.sqrt(lm.d_model)
+    with ctx.bar(cfg.steps * chunks, "kl") as bar:
+        res = train_melbo(objective.lr, n_vectors=s.n_vectors, R=ctx.R, steps=cfg.steps, lr=lr, orthogonal=cfg.orthogonal,
+                          chunk=cfg.vectors_per_batch, seed=s.seed, checkpoint=ctx.checkpoint,
+                          checkpoint_every=cfg.checkpoint_every, progress=bar, plateau=cfg.plateau,
+                          window=cfg.plateau_window, objective=objective)
+    return Discovered(res.vectors, {"curves": res.curves}, {"final_objective": final_values(res.curves).tolist(),
+                                                            "steps_run": res.steps_run,
+                                                            "objective": "mean KL(steered || unsteered), nats",
+                                                            "reads": "output"})  # the target layer only calibrates R
