@@ -40,6 +40,7 @@ from steerscope.directions.data import load_prompts  # noqa: E402
 from steerscope.directions.discovery import DiscoverConfig, calibrate_R, discover  # noqa: E402
 from steerscope.directions.discovery.baselines import random_directions  # noqa: E402
 from steerscope.directions.discovery.dct import _delta_bar  # noqa: E402
+from steerscope.directions.discovery.kl import KLConfig, output_kl_objective  # noqa: E402
 from steerscope.generation import generate  # noqa: E402
 from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.activations import collect_activations  # noqa: E402
@@ -103,8 +104,6 @@ def measure(name: str, targets: list[int], multiples: list[float]) -> dict:
               flush=True)
     # The output-KL objective (discovery method `kl`, the run default) on the same training
     # prompts: mean KL of the next-token distributions along the unsteered greedy reply.
-    from steerscope.directions.discovery.kl import KLConfig, output_kl_objective
-
     okl = output_kl_objective(lm, lr_, KLConfig().reply_tokens, cfg.target_tokens)
     with torch.no_grad():
         ku, kd, kr = float(okl(R0 * u[None])), okl(R0 * V), okl(R0 * rand)

@@ -63,9 +63,9 @@ class RunConfig(Config):
     """the discovery method and its settings (default: output-KL discovery, R calibrated + Goldilocks check;
     it recovers a planted behaviour where exponential DCT does not, benchmarks/bench_planted.py)"""
     goldilocks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    """when R is calibrated: multiples of the calibrated R to try, keeping the one where learned
-    vectors move completions most and random ones of the same norm mostly do not (empty: the
-    calibrated R as it is)"""
+    """when R is calibrated: multiples of the calibrated R to try, keeping the largest where learned
+    vectors move clearly more completions than random ones of the same norm, which mostly do not
+    (empty: the calibrated R as it is)"""
     goldilocks_vectors: int = field(default=4, metadata={"min": 1})
     """probe vectors learned at each multiple by the Goldilocks check"""
     max_new_tokens: int = field(default=32, metadata={"min": 1})

@@ -28,6 +28,7 @@ vectors kept orthogonal, the plateau rule, checkpoints (`train_melbo` with this 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -118,14 +119,30 @@ class OutputKL:
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         K = theta.shape[0]
-        lp = self._logp(self.lr.run(theta), K)  # (K*M, vocab)
-        kl = (lp.exp() * (lp - self.base.repeat(K, 1))).sum(-1)  # (K*M,)
-        return kl.view(K, -1).sum(-1) / self.n  # (K,)
+        lp = self._logp(self.lr.run(theta), K).view(K, *self.base.shape)  # (K, M, vocab)
+        kl = (lp.exp() * (lp - self.base)).sum(-1)  # (K, M); the base broadcasts, never copied K times
+        return kl.sum(-1) / self.n  # (K,)
+
+
+# A run builds the objective once per Goldilocks multiple and once more for the vectors, on the same
+# LayerRange; the greedy replies and the range to the output (~4 s on SmolLM2) do not depend on R.
+_BUILT: "weakref.WeakKeyDictionary[LayerRange, dict]" = weakref.WeakKeyDictionary()
 
 
 def output_kl_objective(lm, layer_range: LayerRange, reply_tokens: int, target_tokens: str) -> OutputKL:
-    """The objective on `layer_range`'s prompts, from its source layer to the model's output."""
-    lr0 = layer_range
+    """The objective on `layer_range`'s prompts, from its source layer to the model's output
+    (built once per range and settings)."""
+    key = (reply_tokens, target_tokens if reply_tokens <= 0 else None)
+    built = _BUILT.setdefault(layer_range, {})
+    if key in built:
+        return built[key]
+    obj = _build(lm, layer_range, reply_tokens, target_tokens)
+    if obj.lr is not layer_range:  # a value holding its own weak key would keep it alive forever
+        built[key] = obj
+    return obj
+
+
+def _build(lm, lr0: LayerRange, reply_tokens: int, target_tokens: str) -> OutputKL:
     last = lm.n_layers - 1
     if reply_tokens > 0:
         heads, texts = greedy_replies(lm, lr0.prompts, reply_tokens, chat=lr0.chat, formatted=lr0.formatted)
