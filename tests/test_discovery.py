@@ -1,5 +1,7 @@
 """Unsupervised discovery on tiny models: MELBO, Jacobian singular vectors, calibration, controls."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import ALL_ARCHS, PROMPTS, rand_vec, tiny_lm
@@ -364,7 +366,7 @@ def test_output_kl_objective_equals_a_hooked_forward(arch):
     theta = rand_vec(lm, seed=4, scale=3.0)[None]  # (1, d)
     with torch.no_grad():
         got = float(obj(theta)[0])
-        total, n = 0.0, 0
+        total, n, h_total = 0.0, 0, 0.0
         for t, h in zip(texts, heads):
             n_prompt = int(lm.encode([h], formatted=True)["attention_mask"].sum())
             enc = lm.encode([t], formatted=True)
@@ -372,15 +374,19 @@ def test_output_kl_objective_equals_a_hooked_forward(arch):
             with ss.steer(lm, ss.Add(theta[0], layer=0)):
                 st = torch.log_softmax(lm.forward(**enc).logits[0].float(), -1)
             kl = (st.exp() * (st - base)).sum(-1)[n_prompt - 1:]  # last prompt token onwards
+            ent = -(st.exp() * st).sum(-1)[n_prompt - 1:]
             total, n = total + float(kl.sum()), n + kl.numel()
+            h_total += float(ent.sum())
     assert n > 2 and abs(got - total / n) <= 1e-4 * max(1.0, total / n)
+    assert abs(float(obj.entropy(theta)[0]) - h_total / n) <= 1e-4 * max(1.0, h_total / n)
 
 
 def test_kl_discovery_raises_its_objective_and_beats_random():
     from steerscope.directions.discovery.kl import output_kl_objective
 
     lm = tiny_lm("llama")
-    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=3, R=3.0, steps=25, plateau=0.0, reply_tokens=4)
+    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=3, R=3.0, steps=25, plateau=0.0, reply_tokens=4,
+                            candidates=1)  # training alone: selection is the next test
     vs = discover(lm, PROMPTS, cfg, progress=False)
     curves = vs.extras["curves"]
     assert (final_values(curves) > curves[:, 0] * 1.1).all()
@@ -389,3 +395,25 @@ def test_kl_discovery_raises_its_objective_and_beats_random():
     with torch.no_grad():
         learned, control = obj(vs.vectors), obj(random_control(lm, vs).vectors)
     assert learned.min() > control.max()
+
+
+def test_kl_discovery_keeps_the_candidates_whose_steered_replies_keep_most_entropy():
+    """kl trains `candidates` x n_vectors vectors and keeps the n_vectors whose steered next-token
+    distributions keep the most entropy; the rest are dropped, in training order otherwise."""
+    from steerscope.directions.discovery.kl import output_kl_objective
+
+    lm = tiny_lm("llama")
+    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=2, R=3.0, steps=4, plateau=0.0, reply_tokens=3,
+                            candidates=3)
+    vs = discover(lm, PROMPTS[:2], cfg, progress=False)
+    h = vs.config.hyperparams
+    ent, kept = h["candidate_entropy"], h["kept"]
+    assert len(vs) == 2 and h["candidates"] == 6 and len(ent) == 6 and kept == sorted(kept)
+    assert min(ent[i] for i in kept) >= max(e for i, e in enumerate(ent) if i not in kept)
+    obj = output_kl_objective(lm, LayerRange(lm, PROMPTS[:2], 0, 2), reply_tokens=3, target_tokens="last:3")
+    got = obj.entropy(vs.vectors)  # the kept vectors are the candidates the entropies were measured on
+    assert torch.allclose(got, torch.tensor([ent[i] for i in kept]), atol=1e-3)
+    assert len(vs.extras["curves"]) == 2
+    one = discover(lm, PROMPTS[:2], dataclasses.replace(cfg, method_config=dataclasses.replace(cfg.method_config, candidates=1)),
+                   progress=False)
+    assert one.config.hyperparams["kept"] == [0, 1]

@@ -224,6 +224,9 @@ def test_run_without_R_calibrates_and_checks_multiples(lm, cfg, tmp_path):
     run(c, tmp_path / "g", lm=lm)
     cal = json.loads((tmp_path / "g" / "calibration.json").read_text())
     assert not cal["given"] and [r["multiple"] for r in cal["rows"]] == [1.0, 3.0]
+    # more random vectors than probes: the random share is the one the rule thresholds
+    n_rand = min(16, lm.d_model)
+    assert [(r["learned_completions"], r["random_completions"]) for r in cal["rows"]] == [(2 * c.n_train, n_rand * c.n_train)] * 2
     assert cal["chosen"] in [r["R"] for r in cal["rows"]] and cal["calibrated"] == pytest.approx(cal["rows"][0]["R"])
     learned = VectorSet.load(tmp_path / "g" / "vectors" / "learned")
     assert torch.allclose(learned.vectors.norm(dim=-1), torch.full((N_VEC,), cal["chosen"]), rtol=1e-4)

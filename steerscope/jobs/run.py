@@ -68,6 +68,9 @@ class RunConfig(Config):
     (empty: the calibrated R as it is)"""
     goldilocks_vectors: int = field(default=4, metadata={"min": 1})
     """probe vectors learned at each multiple by the Goldilocks check"""
+    goldilocks_random: int = field(default=16, metadata={"min": 1})
+    """random vectors of the same norm drawn at each multiple by the Goldilocks check (no training:
+    more of them make the share the rule thresholds less noisy)"""
     max_new_tokens: int = field(default=32, metadata={"min": 1})
     """tokens generated per completion"""
     sweep_multiples: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
@@ -159,7 +162,8 @@ def _choose_R(ctx: _RunContext) -> dict:
     if ctx.cfg.goldilocks:
         _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in ctx.cfg.goldilocks)} x the calibrated R")
     res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, multiples=ctx.cfg.goldilocks,
-                       probe_vectors=ctx.cfg.goldilocks_vectors, threshold=ctx.cfg.cluster_threshold, log=_log)
+                       probe_vectors=ctx.cfg.goldilocks_vectors,
+                       random_vectors=ctx.cfg.goldilocks_random, threshold=ctx.cfg.cluster_threshold, log=_log)
     _log(f"R = {res.chosen:.3g} ({res.reason})")
     return {**res.to_dict(), "given": False}
 

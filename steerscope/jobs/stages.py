@@ -52,4 +52,6 @@ def run_stages(folder: JobFolder, stages: list[Stage], ctx: Any, log: Callable[[
         ctx.artifacts[st.name] = artifact
         out.done.append(st.name)
         out.seconds[st.name] = round(time.perf_counter() - t0, 1)
+        if path is not None:  # where a job's time goes, stage by stage
+            log(f"{st.name}: {out.seconds[st.name]:g} s")
     return out

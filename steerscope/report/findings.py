@@ -86,6 +86,8 @@ def goldilocks_plot(g: dict | None) -> str:
     return (f'<figure id="goldilocks"><svg class="plot" width="{W}" height="{H}">{"".join(parts)}</svg>'
             f'<figcaption style="font-size:12px;max-width:{W}px">Choosing R: share of completions whose meaning moved '
             f'under <span style="color:#1f5fa8">learned</span> and <span style="color:#8a8a8a">random</span> probe vectors '
-            f'at multiples of the calibrated R = {_f(g["calibrated"], ".3g")}. '
+            f'at multiples of the calibrated R = {_f(g["calibrated"], ".3g")}'
+            + (f' ({rows[0]["learned_completions"]} learned and {rows[0]["random_completions"]} random completions at each)'
+               if "random_completions" in rows[0] else "") + '. '
             f'<span style="color:#59a14f">Chosen: R = {_f(g["chosen"], ".3g")}</span> ({escape(g.get("reason", ""))}).'
             f'</figcaption></figure>')

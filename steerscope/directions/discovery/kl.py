@@ -23,6 +23,16 @@ calibrated R, 4 other prompts) 4 of 32 vectors replied in French with it against
 KL at the prompt's last 3 tokens only; on the caps organism 2 of 32 either way, and no random vector
 in any. Training is MELBO's: projected Adam on the sphere,
 vectors kept orthogonal, the plateau rule, checkpoints (`train_melbo` with this objective).
+
+Which local maximum a start lands in is luck: on the organisms 4-25 % of starts land in the planted
+mode, the rest in other high-KL modes, many of them degenerate (a loop of one word, "a Shelf of the
+Shelf"). Those collapse the steered next-token distribution (mean entropy along the reply often
+0.1-0.7 nats), while a planted behaviour keeps a language's own uncertainty (French 0.9-2.0 nats,
+capitals 1.0-1.2). So the method trains `candidates` x K vectors and keeps the K with the most
+entropy. In six ad hoc draws (24-32 candidates, bfloat16, both organisms, seeds 0-2, 1 and
+1.5 x R) the 8 with the most entropy held 13 of the 20 candidates that showed the planted behaviour
+(3, 3, 3, 1, 3 and 0 per draw; 8 picked blindly would hold 6.1 on average, the 8 with the highest
+KL held 8).
 """
 
 from __future__ import annotations
@@ -58,6 +68,11 @@ class KLConfig(Config):
     plateaus in ~30 steps at that size, and 0.01 for melbo)"""
     orthogonal: bool = True
     """keep the vectors mutually orthogonal"""
+    candidates: int = field(default=3, metadata={"min": 1})
+    """train this many candidates per vector asked for and keep those whose steered next-token
+    distributions along the reply keep the most entropy (1: keep every vector trained); degenerate
+    directions collapse the distribution onto a loop of one word, planted behaviours keep a
+    language's own uncertainty"""
     vectors_per_batch: int | None = field(default=None, metadata={"min": 1})
     """train this many vectors at once (auto: all in one batch)"""
     checkpoint_every: int = field(default=10, metadata={"min": 1})
@@ -123,6 +138,13 @@ class OutputKL:
         kl = (lp.exp() * (lp - self.base)).sum(-1)  # (K, M); the base broadcasts, never copied K times
         return kl.sum(-1) / self.n  # (K,)
 
+    @torch.no_grad()
+    def entropy(self, theta: torch.Tensor) -> torch.Tensor:
+        """(K,) mean entropy (nats) of the steered next-token distributions at the positions read."""
+        K = theta.shape[0]
+        lp = self._logp(self.lr.run(theta), K).view(K, *self.base.shape)  # (K, M, vocab)
+        return -(lp.exp() * lp).sum(-1).sum(-1) / self.n
+
 
 # A run builds the objective once per Goldilocks multiple and once more for the vectors, on the same
 # LayerRange; the greedy replies and the range to the output (~4 s on SmolLM2) do not depend on R.
@@ -161,14 +183,19 @@ def kl(ctx: DiscoveryContext, cfg: KLConfig) -> Discovered:
     """Output-KL discovery: vectors that most change the next-token distribution along the reply."""
     s, lm = ctx.settings, ctx.lm
     objective = output_kl_objective(lm, ctx.layer_range, cfg.reply_tokens, s.target_tokens)
-    chunks = -(-s.n_vectors // (cfg.vectors_per_batch or s.n_vectors))
+    n = s.n_vectors * cfg.candidates
+    chunks = -(-n // (cfg.vectors_per_batch or n))
     lr = cfg.lr if cfg.lr is not None else 0.15 * ctx.R / math.sqrt(lm.d_model)
     with ctx.bar(cfg.steps * chunks, "kl") as bar:
-        res = train_melbo(objective.lr, n_vectors=s.n_vectors, R=ctx.R, steps=cfg.steps, lr=lr, orthogonal=cfg.orthogonal,
+        res = train_melbo(objective.lr, n_vectors=n, R=ctx.R, steps=cfg.steps, lr=lr, orthogonal=cfg.orthogonal,
                           chunk=cfg.vectors_per_batch, seed=s.seed, checkpoint=ctx.checkpoint,
                           checkpoint_every=cfg.checkpoint_every, progress=bar, plateau=cfg.plateau,
                           window=cfg.plateau_window, objective=objective)
-    return Discovered(res.vectors, {"curves": res.curves}, {"final_objective": final_values(res.curves).tolist(),
-                                                            "steps_run": res.steps_run,
-                                                            "objective": "mean KL(steered || unsteered), nats",
-                                                            "reads": "output"})  # the target layer only calibrates R
+    final = final_values(res.curves)
+    ent = torch.cat([objective.entropy(c) for c in res.vectors.split(cfg.vectors_per_batch or n)]).float().cpu()  # (n,)
+    keep = ent.argsort(descending=True)[:s.n_vectors].sort().values  # in training order
+    on = keep.to(res.vectors.device)
+    return Discovered(res.vectors[on], {"curves": res.curves[keep.to(res.curves.device)]},
+                      {"final_objective": final[keep.to(final.device)].tolist(), "steps_run": res.steps_run,
+                       "objective": "mean KL(steered || unsteered), nats", "reads": "output",  # target layer: R only
+                       "candidates": n, "kept": keep.tolist(), "candidate_entropy": [round(float(e), 4) for e in ent]})
