@@ -239,3 +239,11 @@ def test_run_with_the_random_method_keeps_learned_and_control_apart(lm, cfg, tmp
     run(c, tmp_path / "rnd", lm=lm)
     m = json.loads((tmp_path / "rnd" / "metrics.json").read_text())
     assert sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * 2
+
+
+def test_run_with_kl_reports_how_many_candidates_its_vectors_were_kept_from(lm, cfg, tmp_path):
+    d = DiscoverConfig.of("kl", n_vectors=2, R=2.0, source=0, target=2, steps=3, reply_tokens=2, candidates=2)
+    run(cfg.replace(discover=d, sweep_top=0), tmp_path / "kl", lm=lm)
+    m = json.loads((tmp_path / "kl" / "metrics.json").read_text())
+    assert m["discovery"]["candidates"] == 4 and sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * 2
+    assert "kl: 2 vectors (kept from 4 candidates by entropy)" in (tmp_path / "kl" / "report.html").read_text()

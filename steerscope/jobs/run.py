@@ -257,7 +257,8 @@ def _measure(ctx: _RunContext) -> dict:
     return {"vectors": per_vector, "sets": sets, "summary": summary, "sweep": sweep,
             "findings": findings, "clusters": clusters, "labels": clustering.labels, "map": clustering.xy,
             "discovery": {k: h.get(k) for k in ("method", "source", "target", "R", "target_tokens", "calibration",
-                                                 "final_objective", "singular_values", "steps_run", "iterations", "reads")},
+                                                 "final_objective", "singular_values", "steps_run", "iterations", "reads",
+                                                 "candidates")},
             "goldilocks": ctx.artifacts["calibrate"],
             "seconds": round(time.perf_counter() - ctx.t0, 1)}
 

@@ -5,7 +5,8 @@ the completions but random vectors of the same norm mostly do not. Below it noth
 it any vector derails the model, so learned and random look alike. The DCT calibration (the R
 where the target layer's response is half nonlinear, `calibrate_R`) lands near it, but not on it
 for every model; so the run checks a few multiples of the calibrated R: at each, it learns a few
-probe vectors with the run's own method, draws random vectors of the same norm, generates short
+probe vectors with the run's own method, draws random vectors of the same norm (more of them:
+they need no training, and the rule thresholds their share), generates short
 completions, and counts the completions whose meaning moved away from the unsteered one (cosine
 distance of sentence embeddings above the clustering threshold, i.e. a different behaviour). It
 keeps the LARGEST R where at most half of the random completions moved and learned vectors moved

@@ -56,8 +56,8 @@ def test_organism_and_default_split_across_a_device_map(tmp_path):
 
 
 def test_output_kl_discovery_recovers_the_planted_french():
-    """Issue 11's core check on the french organism, without the trigger: 8 output-KL vectors at
-    the calibrated R (what `run` keeps for this organism) on the run's 2 training prompts; several
+    """Issue 11's core check on the french organism, without the trigger: 8 output-KL vectors
+    (kept from 24 candidates by steered entropy, the default) at the calibrated R (what `run` keeps for this organism) on the run's 2 training prompts; several
     make the organism reply in French on those and 2 held-out prompts, none of 8 random vectors of
     the same norm does, and neither does the unsteered organism."""
     from steerscope.directions.discovery import DiscoverConfig, discover, random_control
