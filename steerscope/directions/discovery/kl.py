@@ -132,17 +132,20 @@ class OutputKL:
             logits = torch.tanh(logits / self.cap) * self.cap
         return torch.log_softmax(logits, dim=-1)
 
-    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+    def _steered(self, theta: torch.Tensor) -> torch.Tensor:
+        """(K, M, vocab) steered log-probs at the positions read."""
         K = theta.shape[0]
-        lp = self._logp(self.lr.run(theta), K).view(K, *self.base.shape)  # (K, M, vocab)
+        return self._logp(self.lr.run(theta), K).view(K, *self.base.shape)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        lp = self._steered(theta)  # (K, M, vocab)
         kl = (lp.exp() * (lp - self.base)).sum(-1)  # (K, M); the base broadcasts, never copied K times
         return kl.sum(-1) / self.n  # (K,)
 
     @torch.no_grad()
     def entropy(self, theta: torch.Tensor) -> torch.Tensor:
         """(K,) mean entropy (nats) of the steered next-token distributions at the positions read."""
-        K = theta.shape[0]
-        lp = self._logp(self.lr.run(theta), K).view(K, *self.base.shape)  # (K, M, vocab)
+        lp = self._steered(theta)  # (K, M, vocab)
         return -(lp.exp() * lp).sum(-1).sum(-1) / self.n
 
 
@@ -191,11 +194,10 @@ def kl(ctx: DiscoveryContext, cfg: KLConfig) -> Discovered:
                           chunk=cfg.vectors_per_batch, seed=s.seed, checkpoint=ctx.checkpoint,
                           checkpoint_every=cfg.checkpoint_every, progress=bar, plateau=cfg.plateau,
                           window=cfg.plateau_window, objective=objective)
-    final = final_values(res.curves)
+    # train_melbo returns vectors and curves on the CPU; the entropies come back there too.
     ent = torch.cat([objective.entropy(c) for c in res.vectors.split(cfg.vectors_per_batch or n)]).float().cpu()  # (n,)
     keep = ent.argsort(descending=True)[:s.n_vectors].sort().values  # in training order
-    on = keep.to(res.vectors.device)
-    return Discovered(res.vectors[on], {"curves": res.curves[keep.to(res.curves.device)]},
-                      {"final_objective": final[keep.to(final.device)].tolist(), "steps_run": res.steps_run,
+    return Discovered(res.vectors[keep], {"curves": res.curves[keep]},
+                      {"final_objective": final_values(res.curves)[keep].tolist(), "steps_run": res.steps_run,
                        "objective": "mean KL(steered || unsteered), nats", "reads": "output",  # target layer: R only
                        "candidates": n, "kept": keep.tolist(), "candidate_entropy": [round(float(e), 4) for e in ent]})
