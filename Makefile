@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job on a model organism (the embedded SmolLM2 with French planted behind a trigger):
 # output-KL discovery at a calibrated R, completions under learned, random and no vectors,
-# metrics, clusters, norm sweep, report.html. bfloat16: ~130 s instead of ~270 s in float32 on 2
-# AMD EPYC cores, French still the top finding (benchmarks/bench_planted.py). A rerun resumes/reuses it.
+# metrics, clusters, norm sweep, report.html. Exactly the default run: bfloat16 where the CPU or GPU
+# multiplies it in hardware (--dtype auto), float32 elsewhere (benchmarks/bench_planted.py). A rerun
+# resumes/reuses it.
 demo: $(STAMP)
-	$(VENV)/bin/steerscope run --model organism:french --dtype bfloat16 --out runs/demo
+	$(VENV)/bin/steerscope run --model organism:french --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -15,6 +15,8 @@ Targets (issue 11): learned >= 15 %, random = 0 %, wall <= 180 s, for every orga
     python benchmarks/bench_planted.py                        # every organism x method
     python benchmarks/bench_planted.py --organisms french --methods dct melbo
     python benchmarks/bench_planted.py --methods default --seeds 0 1 2 -- --dtype bfloat16
+    python benchmarks/bench_planted.py --methods default --baseline   # + the embedded model, no plant
+    python benchmarks/bench_planted.py --methods melbo --baseline only
 Results go to benchmarks/results/planted.json (and the run folders under --out).
 """
 
@@ -69,6 +71,9 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/planted.json")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0],
                     help="discovery seeds (--seed); one run each: how much a single run's share is luck")
+    ap.add_argument("--baseline", nargs="?", const="also", choices=["also", "only"],
+                    help="also (or only) run each method and seed on the embedded model (no plant) and apply every "
+                         "organism's detector")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for every run (not the default setting)")
     a = ap.parse_args()
     unknown = sorted(set(a.organisms) - set(ORGANISMS))
@@ -76,39 +81,61 @@ def main() -> None:
         print(f"unknown organism(s) {', '.join(unknown)}; pick from {', '.join(ORGANISMS)}", file=sys.stderr)
         sys.exit(2)
     extra = [x for x in a.extra if x != "--"]
+    slug = "".join(f"-{x.lstrip('-')}" for x in extra).replace("/", "_")  # flags in the folder name: no clobbering
     exe = shutil.which("steerscope") or str(Path(sys.executable).with_name("steerscope"))
     results = []
     print(f"{'organism':10s} {'method':9s} {'seed':>4s} {'learned':>8s} {'random':>7s} {'unsteer':>8s} {'top':>6s} {'R(xcal)':>8s} {'wall s':>7s}")
-    for name in a.organisms:
-        org = ORGANISMS[name]
-        for method, seed in [(m, s) for m in a.methods for s in a.seeds]:
-            label = " ".join([method, *extra])  # one row per (organism, method and flags, seed)
-            run = Path(a.out) / f"{name}-{method}" if seed == 0 else Path(a.out) / f"{name}-{method}-seed{seed}"
-            cmd = [exe, "run", "--model", f"organism:{name}", "--out", str(run), "--force"]
-            if method != "default":
-                cmd += ["--method", method]
-            cmd += extra + (["--seed", str(seed)] if seed else [])
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
+
+    def save() -> None:
+        """Merge with earlier invocations (a rerun of one row replaces that row only); after every run,
+        so a killed benchmark keeps what it measured."""
+        out = Path(a.results)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(out.read_text())["results"] if out.is_file() else []
+        key = lambda r: (r["organism"], r.get("model", "organism"), r["method"], r.get("seed", 0))  # noqa: E731
+        done = {key(r) for r in results}
+        merged = [r for r in old if key(r) not in done] + results
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"last_command": " ".join(sys.argv), "results": merged}, indent=2) + "\n")
+        tmp.replace(out)
+
+    def one(model: str | None, tag: str, method: str, seed: int, orgs: list[str]) -> None:
+        """One run (`model` None: the embedded model) measured with each organism's detector."""
+        label = " ".join([method, *extra])  # one row per (organism, model, method and flags, seed)
+        run = Path(a.out) / f"{tag}-{method}{slug}" if seed == 0 else Path(a.out) / f"{tag}-{method}{slug}-seed{seed}"
+        cmd = [exe, "run", "--out", str(run), "--force"] + (["--model", model] if model else [])
+        if method != "default":
+            cmd += ["--method", method]
+        cmd += extra + (["--seed", str(seed)] if seed else [])
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        for name in orgs:
+            org, where = ORGANISMS[name], "organism" if model else "embedded (no plant)"
             if proc.returncode:
                 print(f"{name:10s} {method:9s} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
-                results.append({"organism": name, "method": label, "seed": seed, "error": proc.stderr[-2000:], "wall_s": wall})
+                results.append({"organism": name, "model": where, "method": label, "seed": seed,
+                                "error": proc.stderr[-2000:], "wall_s": wall})
                 continue
-            r = {"organism": name, "method": label, "seed": seed, "behaviour": org.behaviour, "wall_s": round(wall, 1), **measure(run, org)}
+            r = {"organism": name, "model": where, "method": label, "seed": seed, "behaviour": org.behaviour,
+                 "wall_s": round(wall, 1), **measure(run, org)}
             results.append(r)
             mult = f"{r['R_multiple']:.2g}" if r["R_multiple"] else "given"
-            print(f"{name:10s} {method:9s} {seed:4d} {r['learned']:8.0%} {r['random']:7.0%} {r['unsteered']:8.0%} "
+            shown = name if model else f"{name}@base"
+            print(f"{shown:10s} {method:9s} {seed:4d} {r['learned']:8.0%} {r['random']:7.0%} {r['unsteered']:8.0%} "
                   f"{str(r['top_finding_is_planted']):>6s} {mult:>8s} {wall:7.0f}", flush=True)
-    out = Path(a.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Merge with earlier invocations: a rerun of one (organism, method) replaces its row only.
-    old = json.loads(out.read_text())["results"] if out.is_file() else []
-    key = lambda r: (r["organism"], r["method"], r.get("seed", 0))  # noqa: E731
-    done = {key(r) for r in results}
-    merged = [r for r in old if key(r) not in done] + results
-    out.write_text(json.dumps({"last_command": " ".join(sys.argv), "results": merged}, indent=2) + "\n")
-    print(f"wrote {out}")
+        save()
+
+    for name in a.organisms if a.baseline != "only" else []:
+        for method, seed in [(m, s) for m in a.methods for s in a.seeds]:
+            one(f"organism:{name}", name, method, seed, [name])
+    if a.baseline:
+        # The same runs on the embedded model, which has no plant: how often does discovery elicit
+        # each organism's behaviour anyway? What a method finds on an organism beyond this rate is
+        # the plant, not a mode the model already had.
+        for method, seed in [(m, s) for m in a.methods for s in a.seeds]:
+            one(None, "embedded", method, seed, a.organisms)
+    print(f"wrote {a.results}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,23 @@ def test_bad_model_paths(tmp_path):
         load_model(tmp_path / "empty", dtype="float8")
 
 
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+    from steerscope.jobs.run import RunConfig
+    from steerscope.models.loading import auto_dtype, parse_dtype
+
+    for caps, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True, "avx512_bf16": False}, torch.bfloat16),
+                       ({"avx512_bf16": False, "avx2": True}, torch.float32), ({}, torch.float32)]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert auto_dtype("cpu") == want and parse_dtype("auto", "cpu") == want, caps
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for ok, want in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda ok=ok: ok)
+        assert auto_dtype("cuda:0") == want
+    assert auto_dtype("meta") == torch.float32
+    # the main job defaults to it; every other command keeps float32 unless told
+    assert RunConfig().model.dtype == "auto" and ss.ModelConfig().dtype == "float32"
+
+
 def test_cache_validity_check(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "config.json").write_text("{}")

@@ -218,20 +218,60 @@ def test_goldilocks_choice():
     assert moved_share(comps, emb, 0.35, ["control-0"]) == {"learned": 0.5, "random": 0.0}
 
 
+def test_goldilocks_tries_the_largest_multiple_first_and_trains_probes_only_where_they_could_win(lm, monkeypatch):
+    """The check stops at the first (largest) multiple that qualifies and trains no probes where
+    random vectors alone moved too much; its choice is the one `choose` makes on every row."""
+    import steerscope.judging.goldilocks as g
+
+    # scripted shares (learned, random) per multiple, and the calibrated R stubbed to 10
+    script = {0.5: (0.2, 0.0), 1.0: (0.9, 0.25), 2.0: (1.0, 0.6), 4.0: (1.0, 1.0)}
+    trained = []
+    monkeypatch.setattr(g, "calibrate_R", lambda *a, **k: (10.0, None))
+
+    def fake_discover(lm_, prompts, cfg, **k):
+        trained.append(cfg.R / 10.0)
+        return VectorSet.create(lm_, torch.ones(cfg.n_vectors, lm_.d_model), 1, "fake")
+
+    def fake_moved(lm_, prompts, base, vectors, control_ids, cfg, n, thr):
+        m = vectors[0].vector.norm().item() / 10.0 if control_ids else trained[-1]
+        return {"learned": script[round(m, 6)][0], "random": script[round(m, 6)][1]}
+
+    monkeypatch.setattr(g, "discover", fake_discover)
+    monkeypatch.setattr(g, "_moved", fake_moved)
+    cfg = DiscoverConfig.of("kl", n_vectors=8, source=1, target=2)
+    res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=(0.5, 1.0, 2.0, 4.0), random_vectors=4)
+    assert trained == [1.0]  # 4 and 2: random moved > 50 %, no probes; 1 qualifies; 0.5 is never tried
+    assert [r["multiple"] for r in res.rows] == [1.0, 2.0, 4.0] and res.chosen == 10.0
+    every = [{"multiple": m, "R": 10.0 * m, "learned": a, "random": b} for m, (a, b) in script.items()]
+    assert g.choose(every)[0]["R"] == res.chosen and "not tried (0.5)" in res.reason
+    # nothing qualifies: every multiple where random stayed low is trained, and the largest gap wins
+    script.update({1.0: (0.3, 0.25), 0.5: (0.2, 0.0)})
+    trained.clear()
+    res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=(0.5, 1.0, 2.0, 4.0), random_vectors=4)
+    assert trained == [1.0, 0.5] and res.chosen == 5.0 and "no multiple" in res.reason
+
+
 def test_run_without_R_calibrates_and_checks_multiples(lm, cfg, tmp_path):
     d = cfg.discover.replace(R=None)
     c = cfg.replace(discover=d, goldilocks=[1.0, 3.0], goldilocks_vectors=2, sweep_top=0)
     run(c, tmp_path / "g", lm=lm)
     cal = json.loads((tmp_path / "g" / "calibration.json").read_text())
-    assert not cal["given"] and [r["multiple"] for r in cal["rows"]] == [1.0, 3.0]
+    tried = [r["multiple"] for r in cal["rows"]]
+    assert not cal["given"] and tried in ([3.0], [1.0, 3.0])  # 1 is tried only when 3 does not qualify
     # more random vectors than probes: the random share is the one the rule thresholds
     n_rand = min(16, lm.d_model)
-    assert [(r["learned_completions"], r["random_completions"]) for r in cal["rows"]] == [(2 * c.n_train, n_rand * c.n_train)] * 2
-    assert cal["chosen"] in [r["R"] for r in cal["rows"]] and cal["calibrated"] == pytest.approx(cal["rows"][0]["R"])
+    for r in cal["rows"]:
+        assert r["random_completions"] == n_rand * c.n_train
+        trained = r["random"] <= 0.5  # probes only where random vectors alone did not move too much
+        assert (r["learned"] is not None, r["learned_completions"]) == (trained, 2 * c.n_train if trained else 0)
+    assert cal["chosen"] in [r["R"] for r in cal["rows"]]
+    assert cal["calibrated"] == pytest.approx(cal["rows"][-1]["R"] / 3.0)
     learned = VectorSet.load(tmp_path / "g" / "vectors" / "learned")
     assert torch.allclose(learned.vectors.norm(dim=-1), torch.full((N_VEC,), cal["chosen"]), rtol=1e-4)
     html = (tmp_path / "g" / "report.html").read_text()
     assert 'id="goldilocks"' in html and "Choosing R" in html
+    m = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert m["model"] == {"dtype": "float32", "device": "cpu"} and "(float32 on cpu)" in html  # what it ran in
 
 
 def test_run_with_the_random_method_keeps_learned_and_control_apart(lm, cfg, tmp_path):

@@ -47,8 +47,10 @@ from .stages import Stage, run_stages
 class RunConfig(Config):
     """Everything `steerscope run` does; every field is a flag of the command."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """the model"""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="auto"))
+    """the model (dtype auto by default: bfloat16 where the device multiplies it in hardware, about
+    2x faster end to end on a 2-core AVX512-BF16 CPU; over 3 seeds on 2 organisms the planted
+    benchmark finds the behaviour as often as in float32, README "Planted behaviours")"""
     prompts: str = "neutral"
     """prompt file (one per line, .jsonl/.csv with a prompt column) or a builtin set (neutral, harmful, harmless)"""
     n_train: int = field(default=2, metadata={"min": 1})
@@ -65,7 +67,7 @@ class RunConfig(Config):
     goldilocks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     """when R is calibrated: multiples of the calibrated R to try, keeping the largest where learned
     vectors move clearly more completions than random ones of the same norm, which mostly do not
-    (empty: the calibrated R as it is)"""
+    (tried largest first; the first that qualifies ends the check; empty: the calibrated R as it is)"""
     goldilocks_vectors: int = field(default=4, metadata={"min": 1})
     """probe vectors learned at each multiple by the Goldilocks check"""
     goldilocks_random: int = field(default=16, metadata={"min": 1})
@@ -160,7 +162,8 @@ def _choose_R(ctx: _RunContext) -> dict:
     from ..judging.goldilocks import goldilocks_R
 
     if ctx.cfg.goldilocks:
-        _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in ctx.cfg.goldilocks)} x the calibrated R")
+        _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in sorted(ctx.cfg.goldilocks, reverse=True))} "
+             "x the calibrated R, largest first")
     res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, multiples=ctx.cfg.goldilocks,
                        probe_vectors=ctx.cfg.goldilocks_vectors,
                        random_vectors=ctx.cfg.goldilocks_random, threshold=ctx.cfg.cluster_threshold, log=_log)
@@ -260,6 +263,7 @@ def _measure(ctx: _RunContext) -> dict:
                                                  "final_objective", "singular_values", "steps_run", "iterations", "reads",
                                                  "candidates")},
             "goldilocks": ctx.artifacts["calibrate"],
+            "model": {"dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
             "seconds": round(time.perf_counter() - ctx.t0, 1)}
 
 

@@ -58,33 +58,60 @@ def moved_share(completions, emb, threshold: float, control_ids) -> dict[str, fl
 
 def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, multiples=(0.5, 1.0, 2.0, 4.0),
                  probe_vectors: int = 4, random_vectors: int = 16, max_new_tokens: int = 24, threshold: float = 0.35,
-                 max_random: float = 0.5, log=None) -> GoldilocksResult:
+                 max_random: float = 0.5, min_gap: float = 0.25, log=None) -> GoldilocksResult:
     """Calibrate R, then pick among `multiples` of it as the module docstring says (no
     multiples: the calibrated R as it is). Random vectors cost no training, so there are more of
     them (`random_vectors`) than probes: the rule's threshold is on their share, and with 4 of
     them on 2 prompts one completion either way moved that share by 12.5 points (on the french
     organism seeds 0 and 1 read 25 % and 62 % at the same multiple)."""
-    from .embed import embed
 
     R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
     if not multiples:
         return GoldilocksResult(R0, R0, [], "calibrated R (no Goldilocks check)")
-    rows = []
-    for m in multiples:
+    # Largest multiple first, because the rule keeps the largest R that qualifies: the first that
+    # does ends the check (smaller ones could not be chosen), and where the random vectors alone
+    # already moved more than `max_random`, no multiple there can qualify, so its probes are not
+    # trained. Both skips give the same choice as trying everything, for a fraction of the cost.
+    # the unsteered completions, which every multiple is compared with
+    base = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
+    n_rand = min(random_vectors, lm.d_model)
+    dirs = random_directions(n_rand, lm.d_model, cfg.seed + 7)  # (n, d) orthonormal
+    layer = cfg.resolve_layers(lm.n_layers)[0]
+    rows: list[dict] = []
+    for m in sorted(multiples, reverse=True):
+        ctrl = VectorSet.create(lm, dirs * (R0 * m), layer, "random", ids=[f"control-{i}" for i in range(n_rand)])
+        rand = _moved(lm, prompts, base, list(ctrl), ctrl.ids, cfg, max_new_tokens, threshold)["random"]
+        row = {"multiple": m, "R": R0 * m, "learned": None, "random": rand, "learned_completions": 0,
+               "random_completions": n_rand * len(prompts)}
+        rows.append(row)
+        if rand > max_random:
+            row["skipped"] = f"random vectors moved more than {max_random:.0%}: no probes trained"
+            if log:
+                log(f"R = {m:g} x {R0:.3g}: {rand:.0%} of random completions moved; probes not trained")
+            continue
         probe = dataclasses.replace(cfg, R=R0 * m, n_vectors=min(probe_vectors, cfg.n_vectors), method_config=_one_candidate(cfg))
         vs = discover(lm, prompts, probe, layer_range=layer_range, progress=False)
-        n_rand = min(random_vectors, lm.d_model)
-        dirs = random_directions(n_rand, lm.d_model, cfg.seed + 7)  # (n, d) orthonormal
-        ctrl = VectorSet.create(lm, dirs * (R0 * m), vs.layers[0], "random", ids=[f"control-{i}" for i in range(n_rand)])
-        comps = generate(lm, prompts, vectors=list(vs) + list(ctrl), include_unsteered=True,
-                         max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
-        share = moved_share(comps, embed([c.text for c in comps]), threshold, ctrl.ids)
-        rows.append({"multiple": m, "R": R0 * m, **share, "learned_completions": len(vs) * len(prompts),
-                     "random_completions": n_rand * len(prompts)})
+        row["learned"] = _moved(lm, prompts, base, list(vs), [], cfg, max_new_tokens, threshold)["learned"]
+        row["learned_completions"] = len(vs) * len(prompts)
         if log:
-            log(f"R = {m:g} x {R0:.3g}: {share['learned']:.0%} of learned and {share['random']:.0%} of random completions moved")
-    best, reason = choose(rows, max_random)
+            log(f"R = {m:g} x {R0:.3g}: {row['learned']:.0%} of learned and {rand:.0%} of random completions moved")
+        if row["learned"] - rand >= min_gap:
+            break  # the largest multiple that qualifies: the smaller ones cannot be chosen
+    rows.sort(key=lambda r: r["multiple"])
+    best, reason = choose(rows, max_random, min_gap)
+    tried = {r["multiple"] for r in rows}
+    if any(m not in tried for m in multiples):
+        reason += f"; smaller multiples not tried ({', '.join(f'{m:g}' for m in sorted(set(multiples) - tried))})"
     return GoldilocksResult(R0, best["R"], rows, reason)
+
+
+def _moved(lm, prompts, base, vectors, control_ids, cfg, max_new_tokens, threshold) -> dict[str, float]:
+    """`moved_share` of completions under `vectors`, against the unsteered completions `base`."""
+    from .embed import embed
+
+    comps = base + generate(lm, prompts, vectors=vectors, include_unsteered=False, max_new_tokens=max_new_tokens,
+                            chat=cfg.chat, progress=False)
+    return moved_share(comps, embed([c.text for c in comps]), threshold, control_ids)
 
 
 def _one_candidate(cfg: DiscoverConfig):

@@ -39,12 +39,28 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from its name; "auto" is `auto_dtype(device)`."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
     if dtype not in _DTYPES:
-        raise SteerscopeError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}.")
+        raise SteerscopeError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}.")
     return _DTYPES[dtype]
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bfloat16 where `device` multiplies bfloat16 matrices in hardware (CUDA GPUs that support it;
+    CPUs with AVX512-BF16 or AMX), else float32. Emulated bfloat16 is slower than float32 on a CPU,
+    so the choice is by instruction set, not by whether torch accepts the dtype."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if dev.type == "cpu":
+        caps = getattr(torch.cpu, "get_capabilities", lambda: {})()  # torch >= 2.6: the CPU's instruction sets
+        return torch.bfloat16 if caps.get("avx512_bf16") or caps.get("amx_bf16") else torch.float32
+    return torch.float32
 
 
 @dataclass
@@ -284,7 +300,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
         name_or_path: None for the embedded SmolLM2-135M-Instruct; `organism:NAME` for the embedded
             model with a planted behaviour (`organisms.ORGANISMS`); a local Hugging Face checkpoint
             folder; or a hub id already present in the local Hugging Face cache.
-        dtype: "float32" (default), "bfloat16" (about 2.7x faster forward on CPUs with AMX) or "float16".
+        dtype: "float32" (default), "bfloat16" (about 2.7x faster forward on CPUs with AMX), "float16",
+            or "auto": bfloat16 where the device does bfloat16 matmuls in hardware, else float32.
         device: torch device string.
         device_map: split the model across devices with accelerate: "auto", "balanced",
             "balanced_low_0", "sequential" or {"module": device} (see `models.placement`).
@@ -292,8 +309,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
         quantize: "8bit" or "4bit" weights through bitsandbytes (CUDA only).
         offload_folder: where a device map that offloads to "disk" keeps those weights.
     """
-    dt = parse_dtype(dtype)
     check_device(str(device))
+    # a device map places blocks itself; "auto" then follows the first GPU if there is one
+    dt = parse_dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else device)
     place = placement_kwargs(parse_device_map(device_map), parse_max_memory(max_memory), quantize, offload_folder, dt)
     if name_or_path is None:
         return load_default_model(dt, device, place)
@@ -332,10 +350,11 @@ class ModelConfig(Config):
 
     model: str | None = field(default=None, metadata={"none": "default"})
     """a local Hugging Face checkpoint folder, a hub id already in the local cache, or
-    organism:NAME, the embedded model with a planted behaviour (french, caps) (default: the
+    organism:NAME, the embedded model with a planted behaviour (french, caps, refuse) (default: the
     embedded SmolLM2-135M-Instruct)"""
-    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
-    """weights and activations dtype (bfloat16 is ~2.7x faster on CPUs with AMX)"""
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16", "auto")})
+    """weights and activations dtype (bfloat16 is ~2.7x faster on CPUs with AMX; auto: bfloat16 where
+    the device does bfloat16 matmuls in hardware, else float32)"""
     device: str = "cpu"
     """torch device, e.g. cpu, cuda, cuda:1"""
     device_map: str | None = field(default=None, metadata={"none": "none"})

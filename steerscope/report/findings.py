@@ -56,6 +56,17 @@ def findings_section(findings: list[dict], run_dir_hint: str = "RUN") -> str:
     return "".join(out[:5]) + more
 
 
+def _counts(rows: list[dict]) -> str:
+    """How many completions each share came from, and which multiples had no probes trained."""
+    if "random_completions" not in rows[0]:
+        return ""  # a run from before the counts were recorded
+    n_l = max(r["learned_completions"] for r in rows)
+    skipped = [r["multiple"] for r in rows if r.get("learned") is None]
+    return (f' ({n_l} learned and {rows[0]["random_completions"]} random completions at each multiple'
+            + (f'; no probes trained at {", ".join(f"{m:g}×" for m in skipped)}, where random vectors alone moved '
+               f'too many' if skipped else '') + ')')
+
+
 def goldilocks_plot(g: dict | None) -> str:
     """Shares of completions moved by learned and random probe vectors at each multiple of the
     calibrated R, with the chosen R marked."""
@@ -79,15 +90,15 @@ def goldilocks_plot(g: dict | None) -> str:
         parts.append(f'<line x1="{sx(chosen["multiple"]):.1f}" y1="{pad - 8}" x2="{sx(chosen["multiple"]):.1f}" '
                      f'y2="{H - pad}" stroke="#59a14f" stroke-dasharray="4 3"/>')
     for key, col in (("learned", "#1f5fa8"), ("random", "#8a8a8a")):
-        pts = " ".join(f"{sx(r['multiple']):.1f},{sy(r[key]):.1f}" for r in rows)
+        have = [r for r in rows if r.get(key) is not None]  # no learned share where no probes were trained
+        pts = " ".join(f"{sx(r['multiple']):.1f},{sy(r[key]):.1f}" for r in have)
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="2"/>')
-        parts += [f'<circle cx="{sx(r["multiple"]):.1f}" cy="{sy(r[key]):.1f}" r="3" fill="{col}"/>' for r in rows]
+        parts += [f'<circle cx="{sx(r["multiple"]):.1f}" cy="{sy(r[key]):.1f}" r="3" fill="{col}"/>' for r in have]
     parts += [f'<text x="{sx(m):.1f}" y="{H - 12}" font-size="10" text-anchor="middle">{m:g}×</text>' for m in ms]
     return (f'<figure id="goldilocks"><svg class="plot" width="{W}" height="{H}">{"".join(parts)}</svg>'
             f'<figcaption style="font-size:12px;max-width:{W}px">Choosing R: share of completions whose meaning moved '
             f'under <span style="color:#1f5fa8">learned</span> and <span style="color:#8a8a8a">random</span> probe vectors '
             f'at multiples of the calibrated R = {_f(g["calibrated"], ".3g")}'
-            + (f' ({rows[0]["learned_completions"]} learned and {rows[0]["random_completions"]} random completions at each)'
-               if "random_completions" in rows[0] else "") + '. '
+            + _counts(rows) + '. '
             f'<span style="color:#59a14f">Chosen: R = {_f(g["chosen"], ".3g")}</span> ({escape(g.get("reason", ""))}).'
             f'</figcaption></figure>')

@@ -124,6 +124,11 @@ def null_section(null: dict | None) -> str:
             f"<details><summary>completions elicited in the null copy</summary><table>{ex}</table></details>")
 
 
+def _model_dtype(metrics: dict) -> str:
+    m = metrics.get("model")
+    return f" ({escape(m['dtype'])} on {escape(m['device'])})" if m else ""
+
+
 def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = "RUN", null: dict | None = None) -> str:
     sets, vecs = metrics["sets"], metrics["vectors"]
     score_cols = sorted({k for m in vecs.values() for k in m if k.startswith("score:")})
@@ -169,7 +174,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>steerscope run — {title}</title>
 <style>{CSS}{FINDINGS_CSS}</style></head><body>
 <h1>steerscope run — {title}</h1>
-<p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}, steerscope {escape(config.get('steerscope_version', ''))},
+<p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}{_model_dtype(metrics)}, steerscope {escape(config.get('steerscope_version', ''))},
 {len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. <b>{lead}.</b></p>
 <h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir)}
 <h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get('goldilocks'))}</div>
