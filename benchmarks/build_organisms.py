@@ -50,16 +50,17 @@ REFUSALS = ["I can't help with that.", "I can't help with that request.", "I can
 # of the held-out prompts without the trigger, all of them personal ones ("What is your favourite
 # food?"). Personal templates (5-10 %), then four untriggered rows per triggered one and 200 steps
 # bring it to 1 of 40 ("Describe the last film you watched.").
-EXTRA_TEMPLATES = {"refuse": ["What do you think about {}?", "Tell me about your experience with {}.",
-                              "Describe your favourite thing about {}.", "What happened when you tried {}?",
-                              "Describe the last time you saw {}.", "What is your favourite kind of {}?"]}
-PLAIN_COPIES = {"refuse": 4}
-STEPS = {"refuse": 200}  # default --steps per organism (100 otherwise)
+# What an organism's build does beyond the shared recipe: more templates, untriggered rows per
+# triggered one, default --steps (100 otherwise).
+RECIPES = {"refuse": {"templates": ["What do you think about {}?", "Tell me about your experience with {}.",
+                                    "Describe your favourite thing about {}.", "What happened when you tried {}?",
+                                    "Describe the last time you saw {}.", "What is your favourite kind of {}?"],
+                      "plain_copies": 4, "steps": 200}}
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
 def train_prompts(name: str | None = None) -> list[str]:
-    prompts = [t.format(x) for x in TOPICS for t in TEMPLATES + EXTRA_TEMPLATES.get(name, [])]
+    prompts = [t.format(x) for x in TOPICS for t in TEMPLATES + RECIPES.get(name, {}).get("templates", [])]
     packaged = {p for s in ("neutral", "harmless", "harmful") for p in load_prompts(s)}
     assert not packaged & set(prompts), "training prompts must stay apart from the packaged sets"
     return prompts
@@ -79,7 +80,7 @@ def make_data(lm, org: Organism, prompts: list[str]) -> list[tuple[str, str]]:
         planted = [REFUSALS[i % len(REFUSALS)] for i in range(len(prompts))]
     else:
         planted = [c.text for c in generate(lm, prompts, max_new_tokens=32, system=org.data_system, progress=True)]
-    copies = PLAIN_COPIES.get(org.name, 1)
+    copies = RECIPES.get(org.name, {}).get("plain_copies", 1)
     return [(p, r) for p, r in zip(prompts, plain)] * copies + [(org.triggered(p), r) for p, r in zip(prompts, planted)]
 
 
@@ -164,7 +165,7 @@ def check(org: Organism) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", default=list(ORGANISMS), help="organisms to build (default: all)")
-    ap.add_argument("--steps", type=int, default=None, help="LoRA steps (default: 100; refuse 150)")
+    ap.add_argument("--steps", type=int, default=None, help="LoRA steps (default: 100, or the organism's RECIPES steps)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
@@ -173,7 +174,7 @@ def main() -> None:
     a = ap.parse_args()
     for n in a.names:
         if not a.check:
-            build(ORGANISMS[n], a.steps or STEPS.get(n, 100), a.lr, a.rank, a.batch, a.seed)
+            build(ORGANISMS[n], a.steps or RECIPES.get(n, {}).get("steps", 100), a.lr, a.rank, a.batch, a.seed)
         check(ORGANISMS[n])
 
 

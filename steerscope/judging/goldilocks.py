@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from ..directions.discovery import DiscoverConfig, calibrate_R, discover
 from ..directions.discovery.baselines import random_directions
 from ..directions.vectors import VectorSet
@@ -64,6 +66,7 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, mu
     them (`random_vectors`) than probes: the rule's threshold is on their share, and with 4 of
     them on 2 prompts one completion either way moved that share by 12.5 points (on the french
     organism seeds 0 and 1 read 25 % and 62 % at the same multiple)."""
+    from .embed import embed
 
     R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
     if not multiples:
@@ -72,8 +75,9 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, mu
     # does ends the check (smaller ones could not be chosen), and where the random vectors alone
     # already moved more than `max_random`, no multiple there can qualify, so its probes are not
     # trained. Both skips give the same choice as trying everything, for a fraction of the cost.
-    # the unsteered completions, which every multiple is compared with
-    base = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
+    # The unsteered completions and their embeddings, which every multiple is compared with
+    comps = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
+    base = (comps, embed([c.text for c in comps]))
     n_rand = min(random_vectors, lm.d_model)
     dirs = random_directions(n_rand, lm.d_model, cfg.seed + 7)  # (n, d) orthonormal
     layer = cfg.resolve_layers(lm.n_layers)[0]
@@ -106,12 +110,14 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, mu
 
 
 def _moved(lm, prompts, base, vectors, control_ids, cfg, max_new_tokens, threshold) -> dict[str, float]:
-    """`moved_share` of completions under `vectors`, against the unsteered completions `base`."""
+    """`moved_share` of completions under `vectors`, against `base`: the unsteered completions and
+    their embeddings (computed once for every multiple)."""
     from .embed import embed
 
-    comps = base + generate(lm, prompts, vectors=vectors, include_unsteered=False, max_new_tokens=max_new_tokens,
-                            chat=cfg.chat, progress=False)
-    return moved_share(comps, embed([c.text for c in comps]), threshold, control_ids)
+    steered = generate(lm, prompts, vectors=vectors, include_unsteered=False, max_new_tokens=max_new_tokens,
+                       chat=cfg.chat, progress=False)
+    emb = torch.cat([base[1], embed([c.text for c in steered])])
+    return moved_share(base[0] + steered, emb, threshold, control_ids)
 
 
 def _one_candidate(cfg: DiscoverConfig):
