@@ -45,7 +45,11 @@ def cmd_discover(cfg: DiscoverCommand) -> int:
     lm = cfg.model.load()
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
-    vs = discover(lm, prompts, cfg.discover, checkpoint_dir=ckpt, force=cfg.force)
+    from .judging.keep import completion_ranker
+
+    # kl trains more candidates than it keeps: choose them as `steerscope run` does.
+    rank = completion_ranker(lm, prompts, cfg.discover.resolve_layers(lm.n_layers)[0], chat=cfg.discover.chat)
+    vs = discover(lm, prompts, cfg.discover, checkpoint_dir=ckpt, force=cfg.force, rank=rank)
     elapsed = time.perf_counter() - t0
     vs.save(out, overwrite=cfg.force)
     shutil.rmtree(ckpt, ignore_errors=True)

@@ -113,6 +113,9 @@ def test_discover_and_sweep(ckpt, tmp_path, capsys):
     assert main(base + ["--method", "jacobian", "--out", str(tmp_path / "jac")]) == 0
     out = capsys.readouterr().out
     assert "singular values" in out and "calibrated" in out
+    assert main(base + ["--method", "kl", "--steps", "2", "--R", "2", "--reply-tokens", "2", "--out", str(tmp_path / "kl")]) == 0
+    h = json.loads((tmp_path / "kl" / "config.json").read_text())["hyperparams"]
+    assert h["kept_by"] == "completions" and h["candidates"] == 9 and len(h["kept"]) == 3  # kept as `run` keeps them
     assert main(base + ["--method", "random", "--R", "1", "--out", str(tmp_path / "jac")]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
     assert main(["norm-sweep", "--vector", str(tmp_path / "melbo"), "--prompts", str(prompts), "--multiples", "0.5,2",

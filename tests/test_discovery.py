@@ -379,6 +379,33 @@ def test_output_kl_objective_equals_a_hooked_forward(arch):
             h_total += float(ent.sum())
     assert n > 2 and abs(got - total / n) <= 1e-4 * max(1.0, total / n)
     assert abs(float(obj.entropy(theta)[0]) - h_total / n) <= 1e-4 * max(1.0, h_total / n)
+    # kl's default weighting: per prompt, half on the reply's first token, half on the rest; prompts equal.
+    weighted = output_kl_objective(lm, lr0, reply_tokens=3, target_tokens="last:3", first_share=0.5)
+    with torch.no_grad():
+        want = 0.0
+        for t, h in zip(texts, heads):
+            n_prompt = int(lm.encode([h], formatted=True)["attention_mask"].sum())
+            enc = lm.encode([t], formatted=True)
+            base = torch.log_softmax(lm.forward(**enc).logits[0].float(), -1)
+            with ss.steer(lm, ss.Add(theta[0], layer=0)):
+                st = torch.log_softmax(lm.forward(**enc).logits[0].float(), -1)
+            kl = (st.exp() * (st - base)).sum(-1)[n_prompt - 1:]
+            want += (0.5 * float(kl[0]) + 0.5 * float(kl[1:].mean())) / len(texts)
+        assert abs(float(weighted(theta)[0]) - want) <= 1e-4 * max(1.0, want)
+        assert abs(float(weighted(theta)[0]) - got) > 1e-6  # a different objective, not the mean again
+
+
+def test_position_weights_give_every_row_the_same_weight_and_its_first_position_its_share():
+    from steerscope.directions.discovery.kl import position_weights
+
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)  # 4, 2 and 1 positions
+    w = position_weights(mask, 0.5)
+    assert w.shape == (7,) and abs(float(w.sum()) - 1) < 1e-6
+    rows = torch.split(w, [4, 2, 1])
+    assert all(abs(float(r.sum()) - 1 / 3) < 1e-6 for r in rows)
+    assert torch.allclose(rows[0], torch.tensor([1 / 6, 1 / 18, 1 / 18, 1 / 18]))
+    assert torch.allclose(rows[1], torch.tensor([1 / 6, 1 / 6]))
+    assert torch.allclose(position_weights(mask, None), torch.full((7,), 1 / 7))
 
 
 def test_kl_discovery_raises_its_objective_and_beats_random():
@@ -398,8 +425,8 @@ def test_kl_discovery_raises_its_objective_and_beats_random():
 
 
 def test_kl_discovery_keeps_the_candidates_whose_steered_replies_keep_most_entropy():
-    """kl trains `candidates` x n_vectors vectors and keeps the n_vectors whose steered next-token
-    distributions keep the most entropy; the rest are dropped, in training order otherwise."""
+    """Without a ranking from the caller, kl trains `candidates` x n_vectors vectors and keeps the
+    n_vectors whose steered next-token distributions keep the most entropy, in training order."""
     from steerscope.directions.discovery.kl import output_kl_objective
 
     lm = tiny_lm("llama")
@@ -407,8 +434,8 @@ def test_kl_discovery_keeps_the_candidates_whose_steered_replies_keep_most_entro
                             candidates=3)
     vs = discover(lm, PROMPTS[:2], cfg, progress=False)
     h = vs.config.hyperparams
-    ent, kept = h["candidate_entropy"], h["kept"]
-    assert len(vs) == 2 and h["candidates"] == 6 and len(ent) == 6 and kept == sorted(kept)
+    ent, kept = h["candidate_score"], h["kept"]
+    assert len(vs) == 2 and h["candidates"] == 6 and len(ent) == 6 and kept == sorted(kept) and h["kept_by"] == "entropy"
     assert min(ent[i] for i in kept) >= max(e for i, e in enumerate(ent) if i not in kept)
     obj = output_kl_objective(lm, LayerRange(lm, PROMPTS[:2], 0, 2), reply_tokens=3, target_tokens="last:3")
     got = obj.entropy(vs.vectors)  # the kept vectors are the candidates the entropies were measured on
@@ -416,4 +443,24 @@ def test_kl_discovery_keeps_the_candidates_whose_steered_replies_keep_most_entro
     assert len(vs.extras["curves"]) == 2
     one = discover(lm, PROMPTS[:2], dataclasses.replace(cfg, method_config=dataclasses.replace(cfg.method_config, candidates=1)),
                    progress=False)
-    assert one.config.hyperparams["kept"] == [0, 1]
+    assert "kept" not in one.config.hyperparams and len(one) == 2
+
+
+def test_kl_discovery_keeps_the_candidates_the_callers_ranking_prefers():
+    """A caller's `rank` (the run's: by completions) replaces the entropy rule; it sees every
+    candidate, unit-norm-free, and the kept ones are its top scores, in training order."""
+    lm = tiny_lm("llama")
+    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=2, R=3.0, steps=3, plateau=0.0, reply_tokens=3,
+                            candidates=3)
+    seen = []
+
+    def rank(vectors):  # prefer candidates 4 and 1
+        seen.append(vectors.clone())
+        return torch.tensor([0.0, 5.0, 1.0, 2.0, 9.0, -1.0])
+
+    vs = discover(lm, PROMPTS[:2], cfg, progress=False, rank=rank)
+    h = vs.config.hyperparams
+    assert h["kept"] == [1, 4] and h["kept_by"] == "completions" and h["candidate_score"][4] == 9.0
+    assert len(seen) == 1 and seen[0].shape == (6, lm.d_model)
+    assert torch.allclose(vs.vectors.float(), seen[0][[1, 4]].float())
+    assert torch.allclose(seen[0].norm(dim=-1), torch.full((6,), 3.0), atol=1e-3)

@@ -156,3 +156,31 @@ def test_selection_plot_page(monkeypatch):
     html = render_selection(sel)
     assert html.count("<circle") == 4 and "<polyline" in html and "KL budget 0.1" in html and "barely beats" in html
     assert "http" not in html.replace("http://www.w3.org", "")  # nothing fetched
+
+
+def test_completion_ranker_scores_change_minus_weighted_surprise_of_each_candidates_completions():
+    """judging.keep: a candidate's score is the embedding distance of its greedy completions from
+    the unsteered ones minus NATURALNESS_WEIGHT x their surprise under the unsteered model,
+    recomputed here from separate generate / embed / log-prob calls. A zero vector changes nothing."""
+    import steerscope as ss
+    from conftest import PROMPTS, rand_vec, tiny_lm
+    from steerscope.judging.embed import embed
+    from steerscope.judging.keep import NATURALNESS_WEIGHT, completion_ranker
+    from steerscope.judging.vector_metrics import completion_logprobs
+
+    lm = tiny_lm("llama")
+    prompts = PROMPTS[:2]
+    vecs = torch.stack([torch.zeros(lm.d_model), rand_vec(lm, seed=1, scale=30.0), rand_vec(lm, seed=2, scale=30.0)])
+    ranker = completion_ranker(lm, prompts, 1, max_new_tokens=6)
+    score = ranker(vecs)
+    assert score.shape == (3,)
+    base = ss.generate(lm, prompts, max_new_tokens=6)
+    for k in range(3):
+        steered = ss.generate(lm, prompts, vectors=vecs[k:k + 1], layer=1, include_unsteered=False, max_new_tokens=6)
+        change = float((1 - (embed([c.text for c in steered]) * embed([c.text for c in base])).sum(-1)).mean())
+        lp = completion_logprobs(lm, prompts, [c.token_ids for c in steered])
+        want = change + NATURALNESS_WEIGHT * sum(x if x == x else -10.0 for x in lp) / len(lp)
+        assert abs(float(score[k]) - want) < 1e-4, (k, float(score[k]), want)
+        assert ranker.last["texts"][k] == [c.text for c in steered]
+    assert abs(ranker.last["change"][0]) < 1e-5  # the zero vector's completions are the unsteered ones
+    assert max(ranker.last["change"][1:]) > 0.01  # a large push moves at least one of them

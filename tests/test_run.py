@@ -286,4 +286,10 @@ def test_run_with_kl_reports_how_many_candidates_its_vectors_were_kept_from(lm, 
     run(cfg.replace(discover=d, sweep_top=0), tmp_path / "kl", lm=lm)
     m = json.loads((tmp_path / "kl" / "metrics.json").read_text())
     assert m["discovery"]["candidates"] == 4 and sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * 2
-    assert "kl: 2 vectors (kept from 4 candidates by entropy)" in (tmp_path / "kl" / "report.html").read_text()
+    assert m["discovery"]["kept_by"] == "completions"  # the run's default: ranked by what the candidates say
+    h = json.loads((tmp_path / "kl" / "vectors" / "learned" / "config.json").read_text())["hyperparams"]
+    score = h["candidate_score"]
+    assert len(score) == 4 and min(score[i] for i in h["kept"]) >= max(x for i, x in enumerate(score) if i not in h["kept"])
+    assert "kl: 2 vectors (kept from 4 candidates for changed, natural completions)" in (tmp_path / "kl" / "report.html").read_text()
+    run(cfg.replace(discover=d, sweep_top=0, keep_by="method"), tmp_path / "kl-entropy", lm=lm)
+    assert "(kept from 4 candidates by entropy)" in (tmp_path / "kl-entropy" / "report.html").read_text()

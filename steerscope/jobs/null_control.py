@@ -37,7 +37,12 @@ def null_control(lm, cfg, train: list[str], prompts: list[str], real_completions
     null = null_copy(lm, cfg.null_model, seed=cfg.discover.seed)
     d = dataclasses.replace(cfg.discover, R=None)  # the copy's own calibrated R
     log(f"null-model control: {d.method} on a copy with {cfg.null_model}d block weights")
-    vs = discover(null, train, d)
+    rank = None
+    if cfg.keep_by == "completions":  # the same rule as the real run, judged by the copy itself
+        from ..judging.keep import completion_ranker
+
+        rank = completion_ranker(null, train, d.resolve_layers(null.n_layers)[0], chat=chat, max_new_tokens=cfg.max_new_tokens)
+    vs = discover(null, train, d, rank=rank)
     comps = generate(null, prompts, vectors=vs, include_unsteered=True, max_new_tokens=cfg.max_new_tokens, chat=chat)
     del null
     real = _summary(lm, [c for c in real_completions if c.vector_id is not None],

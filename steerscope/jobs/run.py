@@ -64,6 +64,11 @@ class RunConfig(Config):
     discover: DiscoverConfig = field(default_factory=lambda: DiscoverConfig.of("kl", n_vectors=8))
     """the discovery method and its settings (default: output-KL discovery, R calibrated + Goldilocks check;
     it recovers a planted behaviour where exponential DCT does not, benchmarks/bench_planted.py)"""
+    keep_by: str = field(default="completions", metadata={"choices": ("completions", "method")})
+    """how a method that trains more candidates than it keeps (kl) chooses: completions (those whose
+    completions on the training prompts move furthest from the unsteered ones while staying natural
+    to the model, judging/keep.py; kept 18 of 21 planted candidates in 11 draws where the method's
+    own entropy rule kept 8) or method (its own rule)"""
     goldilocks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     """when R is calibrated: multiples of the calibrated R to try, keeping the largest where learned
     vectors move clearly more completions than random ones of the same norm, which mostly do not
@@ -175,8 +180,13 @@ def _discover(ctx: _RunContext) -> VectorSet:
     d = dataclasses.replace(ctx.cfg.discover, R=ctx.artifacts["calibrate"]["chosen"])
     _log(f"discovering {d.n_vectors} vectors with {d.method} on {len(ctx.train)} prompts at R = {d.R:.3g}")
     partial = ctx.folder.path("vectors/learned.partial")
-    vs = discover(ctx.lm, ctx.train, d, checkpoint_dir=partial, layer_range=ctx.layer_range)
-    return vs
+    rank = None
+    if ctx.cfg.keep_by == "completions":
+        from ..judging.keep import completion_ranker
+
+        rank = completion_ranker(ctx.lm, ctx.train, ctx.layer_range.source, chat=d.chat,
+                                 max_new_tokens=ctx.cfg.max_new_tokens)
+    return discover(ctx.lm, ctx.train, d, checkpoint_dir=partial, layer_range=ctx.layer_range, rank=rank)
 
 
 def _save_vectors(vs: VectorSet, path: Path) -> None:
@@ -261,7 +271,7 @@ def _measure(ctx: _RunContext) -> dict:
             "findings": findings, "clusters": clusters, "labels": clustering.labels, "map": clustering.xy,
             "discovery": {k: h.get(k) for k in ("method", "source", "target", "R", "target_tokens", "calibration",
                                                  "final_objective", "singular_values", "steps_run", "iterations", "reads",
-                                                 "candidates")},
+                                                 "candidates", "kept_by")},
             "goldilocks": ctx.artifacts["calibrate"],
             "model": {"dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
             "seconds": round(time.perf_counter() - ctx.t0, 1)}

@@ -57,7 +57,7 @@ def test_organism_and_default_split_across_a_device_map(tmp_path):
 
 def test_output_kl_discovery_recovers_the_planted_french():
     """Issue 11's core check on the french organism, without the trigger: 8 output-KL vectors
-    (kept from 24 candidates by steered entropy, the default) at the calibrated R (what `run` keeps for this organism) on the run's 2 training prompts; several
+    (kept from 24 candidates by their completions, as `run` keeps them) at the calibrated R (what `run` keeps for this organism) on the run's 2 training prompts; several
     make the organism reply in French on those and 2 held-out prompts, none of 8 random vectors of
     the same norm does, and neither does the unsteered organism."""
     from steerscope.directions.discovery import DiscoverConfig, discover, random_control
@@ -65,7 +65,12 @@ def test_output_kl_discovery_recovers_the_planted_french():
     org = ORGANISMS["french"]
     lm = load_model("organism:french")
     prompts = load_prompts("neutral")[:4]
-    vs = discover(lm, prompts[:2], DiscoverConfig.of("kl", n_vectors=8), progress=False)
+    from steerscope.judging.keep import completion_ranker
+
+    cfg = DiscoverConfig.of("kl", n_vectors=8)
+    rank = completion_ranker(lm, prompts[:2], cfg.resolve_layers(lm.n_layers)[0])
+    vs = discover(lm, prompts[:2], cfg, progress=False, rank=rank)
+    assert vs.config.hyperparams["kept_by"] == "completions"
     ctrl = random_control(lm, vs)
     comps = generate(lm, prompts, vectors=list(vs) + list(ctrl), include_unsteered=True, max_new_tokens=32)
     det = parse_metric(org.detector, lm).fn

@@ -91,11 +91,14 @@ class DiscoverConfig(Config):
 
 
 def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, checkpoint_dir: str | Path | None = None,
-             progress: bool | None = None, layer_range: LayerRange | None = None, force: bool = False) -> VectorSet:
+             progress: bool | None = None, layer_range: LayerRange | None = None, force: bool = False,
+             rank=None) -> VectorSet:
     """Run a discovery method; the result records R, layers, the config and method diagnostics
     (MELBO training curves, Jacobian singular values) in its hyper-parameters and extras.
 
-    `layer_range`: reuse one built on the same prompts and layers (a run builds it once)."""
+    `layer_range`: reuse one built on the same prompts and layers (a run builds it once).
+    `rank`: scores (n, d) candidate vectors, higher kept, for a method that trains more than it
+    keeps (kl); e.g. `judging.keep.completion_ranker`. None: the method's own rule."""
     cfg = config or DiscoverConfig()
     method = DISCOVERY.get(cfg.method)
     if not prompts:
@@ -113,7 +116,7 @@ def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, ch
     ckpt = Checkpoint(checkpoint_dir, config_key(lm.fingerprint, list(prompts), key_cfg), "discovery run", force=force) \
         if checkpoint_dir else None
     show = sys.stderr.isatty() if progress is None else progress
-    ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, show)
+    ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, show, rank)
     res: Discovered = method.fn(ctx, cfg.method_config)
     hyper = {**key_cfg, "n_prompts": len(prompts), "prompts": list(prompts)[:50], "calibration": calibration, **res.info}
     return VectorSet.create(lm, res.vectors, s, cfg.method, ids=[f"{cfg.method}-{i}" for i in range(len(res.vectors))],

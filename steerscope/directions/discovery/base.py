@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +23,10 @@ class DiscoveryContext:
     R: float  # the norm every vector gets (given or calibrated)
     checkpoint: Checkpoint | None = None  # where a long method saves its state; None: no checkpoints
     progress: bool = False  # show a progress bar
+    # Scores candidate vectors (n, d) -> (n,), higher is better, for a method that trains more
+    # vectors than it keeps (kl's `candidates`). The caller supplies it: the run ranks by the
+    # completions each candidate produces (judging.keep), which this layer cannot generate.
+    rank: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def bar(self, total: int, desc: str):
         from tqdm.auto import tqdm

@@ -21,18 +21,21 @@ the end of the prompt rewards vectors that keep changing the reply (a language o
 over vectors that only swap its first word. In one ad hoc comparison (32 vectors, bfloat16, the
 calibrated R, 4 other prompts) 4 of 32 vectors replied in French with it against 2 of 32 with the
 KL at the prompt's last 3 tokens only; on the caps organism 2 of 32 either way, and no random vector
-in any. Training is MELBO's: projected Adam on the sphere,
+in any. The reply's first token (predicted at the prompt's last position) still gets half of each
+prompt's weight (`first_share`): that is where the kind of reply is decided, and a refusal changes
+little after it. In paired draws of 24 candidates (seeds 0 and 2 on refuse, 0 on caps and french)
+the candidates showing the planted behaviour on 2 of 4 prompts went 1 -> 2, 1 -> 1, 2 -> 3 and
+4 -> 4 against the plain mean. Training is MELBO's: projected Adam on the sphere,
 vectors kept orthogonal, the plateau rule, checkpoints (`train_melbo` with this objective).
 
-Which local maximum a start lands in is luck: on the organisms 4-25 % of starts land in the planted
+Which local maximum a start lands in is luck: on the organisms 0-17 % of starts land in the planted
 mode, the rest in other high-KL modes, many of them degenerate (a loop of one word, "a Shelf of the
-Shelf"). Those collapse the steered next-token distribution (mean entropy along the reply often
-0.1-0.7 nats), while a planted behaviour keeps a language's own uncertainty (French 0.9-2.0 nats,
-capitals 1.0-1.2). So the method trains `candidates` x K vectors and keeps the K with the most
-entropy. In six ad hoc draws (24-32 candidates, bfloat16, both organisms, seeds 0-2, 1 and
-1.5 x R) the 8 with the most entropy held 13 of the 20 candidates that showed the planted behaviour
-(3, 3, 3, 1, 3 and 0 per draw; 8 picked blindly would hold 6.1 on average, the 8 with the highest
-KL held 8).
+Shelf"), many mild rewordings of the unsteered reply. So the method trains `candidates` x K vectors
+and keeps K. Which K is the caller's ranking when it gives one: `steerscope run` ranks candidates
+by their completions (judging/keep.py: far from the unsteered reply yet natural to the model),
+which kept 18 of the 21 planted candidates in 11 draws. Without one, the K whose steered
+next-token distributions keep the most entropy (degenerate loops collapse it); that kept 8 of the
+same 21, because a refusal or a capitals reply is as confident as a loop.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ class KLConfig(Config):
     reply_tokens: int = field(default=8, metadata={"min": 0})
     """read the KL along this many tokens of the unsteered greedy reply, plus the prompt's last
     token (0: the prompt's target tokens only, --target-tokens)"""
+    first_share: float | None = field(default=0.5, metadata={"min": 0, "max": 1, "none": "mean"})
+    """weight of the reply's first token (read at the prompt's last position) in each prompt's KL,
+    the rest spread over the reply tokens; mean: every position the same. The first token decides
+    what kind of reply follows (an answer or a refusal, which language); the plain mean over 9
+    positions let vectors that only change that decision score low"""
     steps: int = field(default=30, metadata={"min": 1})
     """most Adam steps (training stops earlier on a plateau)"""
     plateau: float = field(default=0.01, metadata={"min": 0})
@@ -69,10 +77,11 @@ class KLConfig(Config):
     orthogonal: bool = True
     """keep the vectors mutually orthogonal"""
     candidates: int = field(default=3, metadata={"min": 1})
-    """train this many candidates per vector asked for and keep those whose steered next-token
-    distributions along the reply keep the most entropy (1: keep every vector trained); degenerate
-    directions collapse the distribution onto a loop of one word, planted behaviours keep a
-    language's own uncertainty"""
+    """train this many candidates per vector asked for and keep the best (1: keep every vector
+    trained): by the caller's ranking when it gives one (`steerscope run` and `discover`: the
+    candidates whose completions move furthest from the unsteered ones while staying natural to
+    the model, judging.keep), else those whose steered next-token distributions along the reply
+    keep the most entropy"""
     vectors_per_batch: int | None = field(default=None, metadata={"min": 1})
     """train this many vectors at once (auto: all in one batch)"""
     checkpoint_every: int = field(default=10, metadata={"min": 1})
@@ -111,17 +120,34 @@ def reply_mask(lr: LayerRange, n_prompt: list[int]) -> torch.Tensor:
     return lr.valid & (pos >= start.clamp(max=n))
 
 
+def position_weights(mask: torch.Tensor, first_share: float | None) -> torch.Tensor:
+    """(M,) float32 weights of the M read positions of `mask` (P, T), in its row-major order,
+    summing to 1. None: every position the same (the plain mean). Else every row weighs the
+    same; within a row its first read position gets `first_share` of the row and the others
+    share the rest (a row of one position gets all of it)."""
+    m = mask.bool()
+    if first_share is None:
+        return torch.full((int(m.sum()),), 1.0 / max(1, int(m.sum())), device=m.device)
+    per_row = m.sum(-1, keepdim=True).float()  # (P, 1)
+    first = m & (m.long().cumsum(-1) == 1)  # (P, T) each row's first read position
+    rest = (1.0 - first_share) / (per_row - 1).clamp_min(1)
+    w = torch.where(first, torch.where(per_row > 1, first_share, 1.0), rest.expand_as(m).float())
+    w = w[m]
+    return (w / w.sum().clamp_min(1e-12)).float()
+
+
 class OutputKL:
     """theta (K, d) -> (K,) mean KL(steered || unsteered) of the next-token distributions at
     `mask`, through the blocks after the source, the final norm and the unembedding."""
 
-    def __init__(self, lm, lr: LayerRange, mask: torch.Tensor):
+    def __init__(self, lm, lr: LayerRange, mask: torch.Tensor, first_share: float | None = None):
         self.lm, self.lr, self.mask = lm, lr, mask  # mask (P, T)
         self.head = lm.model.get_output_embeddings()
         # Gemma-2 style models cap their logits in the head's caller; do the same.
         self.cap = getattr(getattr(lm.model.config, "get_text_config", lambda: lm.model.config)(),
                            "final_logit_softcapping", None)
         self.n = mask.sum().clamp_min(1)
+        self.weights = position_weights(mask, first_share)  # (M,), sums to 1
         with torch.no_grad():
             self.base = self._logp(lr.z_target, 1)  # (M, vocab), M = masked positions
 
@@ -140,7 +166,7 @@ class OutputKL:
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         lp = self._steered(theta)  # (K, M, vocab)
         kl = (lp.exp() * (lp - self.base)).sum(-1)  # (K, M); the base broadcasts, never copied K times
-        return kl.sum(-1) / self.n  # (K,)
+        return kl.float() @ self.weights  # (K,)
 
     @torch.no_grad()
     def entropy(self, theta: torch.Tensor) -> torch.Tensor:
@@ -154,20 +180,24 @@ class OutputKL:
 _BUILT: "weakref.WeakKeyDictionary[LayerRange, dict]" = weakref.WeakKeyDictionary()
 
 
-def output_kl_objective(lm, layer_range: LayerRange, reply_tokens: int, target_tokens: str) -> OutputKL:
+def output_kl_objective(lm, layer_range: LayerRange, reply_tokens: int, target_tokens: str,
+                        first_share: float | None = None) -> OutputKL:
     """The objective on `layer_range`'s prompts, from its source layer to the model's output
-    (built once per range and settings)."""
-    key = (reply_tokens, target_tokens if reply_tokens <= 0 else None)
+    (built once per range and settings). `first_share`: the weight of the reply's first token
+    (read at the prompt's last position) in each prompt's KL; None or reply_tokens = 0: every
+    read position the same."""
+    first_share = first_share if reply_tokens > 0 else None
+    key = (reply_tokens, target_tokens if reply_tokens <= 0 else None, first_share)
     built = _BUILT.setdefault(layer_range, {})
     if key in built:
         return built[key]
-    obj = _build(lm, layer_range, reply_tokens, target_tokens)
+    obj = _build(lm, layer_range, reply_tokens, target_tokens, first_share)
     if obj.lr is not layer_range:  # a value holding its own weak key would keep it alive forever
         built[key] = obj
     return obj
 
 
-def _build(lm, lr0: LayerRange, reply_tokens: int, target_tokens: str) -> OutputKL:
+def _build(lm, lr0: LayerRange, reply_tokens: int, target_tokens: str, first_share: float | None) -> OutputKL:
     last = lm.n_layers - 1
     if reply_tokens > 0:
         heads, texts = greedy_replies(lm, lr0.prompts, reply_tokens, chat=lr0.chat, formatted=lr0.formatted)
@@ -178,14 +208,14 @@ def _build(lm, lr0: LayerRange, reply_tokens: int, target_tokens: str) -> Output
         lr = lr0 if lr0.target == last else LayerRange(lm, lr0.prompts, lr0.source, last, chat=lr0.chat,
                                                        formatted=lr0.formatted)
         mask = lr.target_mask(target_tokens)
-    return OutputKL(lm, lr, mask)
+    return OutputKL(lm, lr, mask, first_share)
 
 
 @DISCOVERY.register("kl", KLConfig)
 def kl(ctx: DiscoveryContext, cfg: KLConfig) -> Discovered:
     """Output-KL discovery: vectors that most change the next-token distribution along the reply."""
     s, lm = ctx.settings, ctx.lm
-    objective = output_kl_objective(lm, ctx.layer_range, cfg.reply_tokens, s.target_tokens)
+    objective = output_kl_objective(lm, ctx.layer_range, cfg.reply_tokens, s.target_tokens, cfg.first_share)
     n = s.n_vectors * cfg.candidates
     chunks = -(-n // (cfg.vectors_per_batch or n))
     lr = cfg.lr if cfg.lr is not None else 0.15 * ctx.R / math.sqrt(lm.d_model)
@@ -194,10 +224,17 @@ def kl(ctx: DiscoveryContext, cfg: KLConfig) -> Discovered:
                           chunk=cfg.vectors_per_batch, seed=s.seed, checkpoint=ctx.checkpoint,
                           checkpoint_every=cfg.checkpoint_every, progress=bar, plateau=cfg.plateau,
                           window=cfg.plateau_window, objective=objective)
-    # train_melbo returns vectors and curves on the CPU; the entropies come back there too.
-    ent = torch.cat([objective.entropy(c) for c in res.vectors.split(cfg.vectors_per_batch or n)]).float().cpu()  # (n,)
-    keep = ent.argsort(descending=True)[:s.n_vectors].sort().values  # in training order
+    # train_melbo returns vectors and curves on the CPU; the scores come back there too.
+    info: dict = {}
+    if n > s.n_vectors and ctx.rank is not None:
+        score, by = ctx.rank(res.vectors).float().cpu(), "completions"  # (n,)
+    else:
+        score = torch.cat([objective.entropy(c) for c in res.vectors.split(cfg.vectors_per_batch or n)]).float().cpu()
+        by = "entropy"
+    keep = score.argsort(descending=True, stable=True)[:s.n_vectors].sort().values  # in training order
+    if n > s.n_vectors:
+        info = {"candidates": n, "kept": keep.tolist(), "kept_by": by, "candidate_score": [round(float(e), 4) for e in score]}
     return Discovered(res.vectors[keep], {"curves": res.curves[keep]},
                       {"final_objective": final_values(res.curves)[keep].tolist(), "steps_run": res.steps_run,
-                       "objective": "mean KL(steered || unsteered), nats", "reads": "output",  # target layer: R only
-                       "candidates": n, "kept": keep.tolist(), "candidate_entropy": [round(float(e), 4) for e in ent]})
+                       "objective": "KL(steered || unsteered) along the reply, nats", "reads": "output",  # target: R only
+                       **info})
