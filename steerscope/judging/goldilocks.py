@@ -29,6 +29,7 @@ from ..directions.discovery import DiscoverConfig, calibrate_R, discover
 from ..directions.discovery.baselines import random_directions
 from ..directions.vectors import VectorSet
 from ..generation import generate
+from .embed import embed
 
 
 @dataclass
@@ -66,8 +67,6 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, mu
     them (`random_vectors`) than probes: the rule's threshold is on their share, and with 4 of
     them on 2 prompts one completion either way moved that share by 12.5 points (on the french
     organism seeds 0 and 1 read 25 % and 62 % at the same multiple)."""
-    from .embed import embed
-
     R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
     if not multiples:
         return GoldilocksResult(R0, R0, [], "calibrated R (no Goldilocks check)")
@@ -112,8 +111,6 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, mu
 def _moved(lm, prompts, base, vectors, control_ids, cfg, max_new_tokens, threshold) -> dict[str, float]:
     """`moved_share` of completions under `vectors`, against `base`: the unsteered completions and
     their embeddings (computed once for every multiple)."""
-    from .embed import embed
-
     steered = generate(lm, prompts, vectors=vectors, include_unsteered=False, max_new_tokens=max_new_tokens,
                        chat=cfg.chat, progress=False)
     emb = torch.cat([base[1], embed([c.text for c in steered])])

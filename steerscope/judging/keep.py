@@ -22,7 +22,7 @@ Measured offline on 11 draws of 24 kl candidates (3 organisms, seeds 0-2, bfloat
 calibrated R): of the 21 candidates that showed the planted behaviour on at least 2 of 4 prompts,
 the 8 kept per draw by this score held 18 (weights 0.1-0.3 held 17-18; change alone 14; the
 8 with the most steered entropy, the previous rule, 8). It costs one batched greedy generation of
-every candidate on the training prompts (about 5 s for 24 candidates and 2 prompts on 2 CPU cores).
+every candidate on the training prompts (8.4 s for 24 candidates and 2 prompts, bfloat16, 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ NATURALNESS_WEIGHT = 0.2  # per nat of surprise; 0.1-0.3 kept the same planted c
 
 class CompletionRanker:
     """Callable (n, d) vectors -> (n,) scores, higher kept; `last` holds the per-candidate
-    change, surprise and completions of the latest call (for the run's record)."""
+    change, surprise and completions of the latest call, to inspect why a candidate was kept."""
 
     def __init__(self, lm, prompts: list[str], layer: int, *, chat: bool | None = None, max_new_tokens: int = 32,
                  naturalness_weight: float = NATURALNESS_WEIGHT):

@@ -164,8 +164,8 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
     d = metrics.get("discovery", {})
     sweeps = "".join(_sweep_plot(v, r) for v, r in metrics.get("sweep", {}).items()) or "<p>no sweep</p>"
     n_learned = sum(v == 'learned' for v in sets.values())
-    by = {"completions": "for changed, natural completions", None: "by entropy"}.get(d.get("kept_by"), f"by {d.get('kept_by')}")
-    kept = f" (kept from {d['candidates']} candidates {escape(by)})" if (d.get("candidates") or 0) > n_learned else ""
+    by = "for changed, natural completions" if d.get("kept_by") == "completions" else "by entropy"  # kl's two rules
+    kept = f" (kept from {d['candidates']} candidates {by})" if (d.get("candidates") or 0) > n_learned else ""
     title = (f"{escape(str(d.get('method')))}: {n_learned} vectors{kept}, layer "
              f"{d.get('source')} → {escape(str(d.get('reads') or d.get('target')))}, R = {_fmt(d.get('R'))}")
     found = metrics.get("findings")

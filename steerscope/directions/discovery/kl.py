@@ -133,7 +133,7 @@ def position_weights(mask: torch.Tensor, first_share: float | None) -> torch.Ten
     rest = (1.0 - first_share) / (per_row - 1).clamp_min(1)
     w = torch.where(first, torch.where(per_row > 1, first_share, 1.0), rest.expand_as(m).float())
     w = w[m]
-    return (w / w.sum().clamp_min(1e-12)).float()
+    return w / w.sum().clamp_min(1e-12)
 
 
 class OutputKL:
