@@ -20,7 +20,8 @@ steps or more factors of the same objective will not find it.
      `kl` (the run default): mean KL of the next-token distributions along the unsteered reply.
 
     python benchmarks/planted_direction.py [--organisms french caps] [--targets 16 22 26 29]
-Results: benchmarks/results/planted_direction.json
+    python benchmarks/planted_direction.py --organisms refuse --source 16   # another source layer
+Results: benchmarks/results/planted_direction.json (one entry per organism and source layer; a run replaces its own)
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def trigger_direction(lm, org, prompts: list[str], layer: int) -> torch.Tensor:
     return d / d.norm()
 
 
-def measure(name: str, targets: list[int], multiples: list[float]) -> dict:
+def measure(name: str, targets: list[int], multiples: list[float], source: int | None = None) -> dict:
     org = ORGANISMS[name]
     lm = load_model(f"organism:{name}")
     P = load_prompts("neutral")
     train, fit, test = P[:2], P[8:24], P[24:28]  # the run's training prompts; u's prompts; elicitation prompts
-    cfg = DiscoverConfig.of("dct", n_vectors=8)
+    cfg = DiscoverConfig.of("dct", n_vectors=8, source=source)
     s, t_default = cfg.resolve_layers(lm.n_layers)
+    targets = [t for t in targets if t > s]
     u = trigger_direction(lm, org, fit, s)
     det = parse_metric(org.detector, lm).fn
     lr_ = LayerRange(lm, train, s, t_default)
@@ -124,14 +126,23 @@ def main() -> None:
     ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
     ap.add_argument("--targets", nargs="*", type=int, default=[16, 22, 26, 29])
     ap.add_argument("--multiples", nargs="*", type=float, default=[0.5, 1.0, 1.5, 2.0])
+    ap.add_argument("--source", type=int, default=None,
+                    help="source layer for u, the vectors and the objectives (default: the run's, n_layers / 4)")
     ap.add_argument("--results", default="benchmarks/results/planted_direction.json")
     a = ap.parse_args()
-    t0 = time.perf_counter()
-    res = [measure(n, a.targets, a.multiples) for n in a.organisms]
     out = Path(a.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "wall_s": round(time.perf_counter() - t0, 1),
-                               "results": res}, indent=2) + "\n")
+    # One entry per organism and source layer: a run replaces its own entries and keeps the others.
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    results = [dict(r, command=r.get("command", old.get("command"))) for r in old.get("results", [])]
+    for n in a.organisms:
+        t0 = time.perf_counter()
+        r = measure(n, a.targets, a.multiples, a.source)
+        r.update(command=" ".join(sys.argv), wall_s=round(time.perf_counter() - t0, 1))
+        results = [x for x in results if (x["organism"], x["source"]) != (n, r["source"])] + [r]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"results": results}, indent=2) + "\n")
+        tmp.replace(out)
     print(f"wrote {out}")
 
 

@@ -29,8 +29,9 @@ the candidates showing the planted behaviour on 2 of 4 prompts went 1 -> 2, 1 ->
 vectors kept orthogonal, the plateau rule, checkpoints (`train_melbo` with this objective).
 
 Which local maximum a start lands in is luck: on the organisms 0-17 % of starts land in the planted
-mode, the rest in other high-KL modes, many of them degenerate (a loop of one word, "a Shelf of the
-Shelf"), many mild rewordings of the unsteered reply. So the method trains `candidates` x K vectors
+mode (benchmarks/kl_candidates.py counts them per draw), the rest in other high-KL modes, many of
+them degenerate (a loop of one word, "a Shelf of the Shelf"), many mild rewordings of the
+unsteered reply. So the method trains `candidates` x K vectors
 and keeps K. Which K is the caller's ranking when it gives one: `steerscope run` ranks candidates
 by their completions (judging/keep.py: far from the unsteered reply yet natural to the model),
 which kept 18 of the 21 planted candidates in 11 draws. Without one, the K whose steered

@@ -1,0 +1,126 @@
+"""Where does the default run miss a planted behaviour: in the candidates kl trains, or in which it keeps?
+
+The default `steerscope run` (discovery method `kl`) trains 3 x 8 = 24 candidate vectors and
+keeps 8 (README "Output KL"). bench_planted.py sees only the 8 kept. This script trains the same
+24 candidates for each model organism and seed (the run's training prompts, seed, source layer and
+settings, at the calibrated R times --multiple; the Goldilocks check chose 1 x in every default
+organism run in benchmarks/results/planted.json), generates every candidate on the run's 4
+prompts (2 training, 2 held-out, 32 tokens) and applies the organism's detector:
+
+  pool      candidates showing the planted behaviour: the detector fires on at least 2 of their
+            4 completions, the rule bench_planted.py applies to a vector
+  partial   candidates showing it on exactly 1 of the 4
+  kept      of the pool, how many the run's keep rule keeps (judging.keep: completions far from
+            the unsteered ones, natural to the model) and the previous rule (`--keep-by method`:
+            the most steered entropy)
+The share bench_planted.py reports is about kept / 8, so a draw whose pool holds fewer than 2
+cannot reach its 15 % target whatever the keep rule.
+
+    python benchmarks/kl_candidates.py                              # 3 organisms x seeds 0 1 2
+    python benchmarks/kl_candidates.py --organisms refuse --seeds 1 --multiple 1.5
+    python benchmarks/kl_candidates.py --organisms refuse --source 16
+Results: benchmarks/results/kl_candidates.json (one row per organism, seed and setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from steerscope.directions.data import load_prompts  # noqa: E402
+from steerscope.directions.discovery import DiscoverConfig, calibrate_R, discover  # noqa: E402
+from steerscope.directions.discovery.kl import KLConfig, output_kl_objective  # noqa: E402
+from steerscope.generation import generate  # noqa: E402
+from steerscope.jobs.run import RunConfig  # noqa: E402
+from steerscope.judging.keep import completion_ranker  # noqa: E402
+from steerscope.judging.metrics import parse_metric  # noqa: E402
+from steerscope.models.layer_range import LayerRange  # noqa: E402
+from steerscope.models.loading import load_model  # noqa: E402
+from steerscope.models.organisms import ORGANISMS  # noqa: E402
+
+
+def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
+    run = RunConfig()
+    kl_default = run.discover.method_config
+    n_keep = run.discover.n_vectors
+    n = n_keep * a.candidates
+    P = load_prompts(run.prompts)
+    train, held = P[:run.n_train], P[run.n_train:run.n_train + run.n_heldout]
+    cfg = DiscoverConfig.of("kl", n_vectors=n, seed=seed, source=a.source, candidates=1,
+                            first_share=a.first_share, reply_tokens=kl_default.reply_tokens)
+    s, t = cfg.resolve_layers(lm.n_layers)
+    lr = LayerRange(lm, train, s, t, chat=cfg.chat)
+    R0, _ = calibrate_R(lr, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=seed)
+    R = R0 * a.multiple
+    t0 = time.time()
+    # One kl call with candidates=1 and n vectors trains exactly the n candidates the run's kl call
+    # (n_keep vectors x candidates) trains: same seed, same starts, same steps.
+    vs = discover(lm, train, DiscoverConfig.of("kl", n_vectors=n, seed=seed, source=a.source, R=R, candidates=1,
+                                               first_share=a.first_share, reply_tokens=kl_default.reply_tokens),
+                  layer_range=lr, progress=False)
+    train_s = time.time() - t0
+    V = vs.vectors  # (n, d)
+    by_completions = completion_ranker(lm, train, s, chat=cfg.chat)(V)
+    objective = output_kl_objective(lm, lr, kl_default.reply_tokens, cfg.target_tokens, a.first_share)
+    by_entropy = objective.entropy(V).float().cpu()
+    keep = {name: set(score.argsort(descending=True, stable=True)[:n_keep].tolist())
+            for name, score in (("completions", by_completions.float().cpu()), ("entropy", by_entropy))}
+    prompts = train + held
+    rows = generate(lm, prompts, vectors=V, layer=s, include_unsteered=False, max_new_tokens=run.max_new_tokens,
+                    chat=cfg.chat, progress=False)  # vector by vector, prompt by prompt
+    detect = parse_metric(org.detector, None).fn
+    hits = [sum(bool(h) for h in detect([r.text for r in rows[i * len(prompts):(i + 1) * len(prompts)]]))
+            for i in range(n)]
+    pool = [i for i, h in enumerate(hits) if h >= len(prompts) / 2]
+    return {"organism": org.name, "seed": seed, "source": s, "R": round(R, 2), "R_multiple": a.multiple,
+            "first_share": a.first_share, "candidates": n, "pool": len(pool),
+            "partial": sum(h == 1 for h in hits), "kept_by_completions": sum(i in keep["completions"] for i in pool),
+            "kept_by_entropy": sum(i in keep["entropy"] for i in pool), "hits_per_candidate": hits,
+            "train_s": round(train_s, 1),
+            "examples": {i: rows[i * len(prompts)].text[:80] for i in pool[:3]}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--multiple", type=float, default=1.0, help="R = this x the calibrated R (the run's check chose 1)")
+    ap.add_argument("--source", type=int, default=None, help="source layer (default: the run's, n_layers / 4)")
+    ap.add_argument("--first-share", default=str(KLConfig().first_share),
+                    help="kl's --first-share (a number, or mean)")
+    ap.add_argument("--candidates", type=int, default=KLConfig().candidates, help="candidates per vector kept")
+    ap.add_argument("--results", default="benchmarks/results/kl_candidates.json")
+    a = ap.parse_args()
+    unknown = sorted(set(a.organisms) - set(ORGANISMS))
+    if unknown:
+        sys.exit(f"unknown organism(s) {', '.join(unknown)}; choose from {', '.join(ORGANISMS)}.")
+    a.first_share = None if a.first_share == "mean" else float(a.first_share)
+    path = Path(a.results)
+    results = json.loads(path.read_text()) if path.is_file() else []
+    print(f"{'organism':9} {'seed':>4} {'source':>6} {'R(xcal)':>7} {'pool':>5} {'partial':>7} "
+          f"{'kept(completions)':>17} {'kept(entropy)':>13} {'train s':>7}", flush=True)
+    for name in a.organisms:
+        org = ORGANISMS[name]
+        lm = load_model(f"organism:{name}", dtype="auto")
+        for seed in a.seeds:
+            r = draw(lm, org, seed, a)
+            r["machine_note"] = "bfloat16 where the CPU multiplies it (the run's dtype auto)"
+            results = [x for x in results if not all(x.get(k) == r[k] for k in
+                                                      ("organism", "seed", "source", "R_multiple", "first_share", "candidates"))]
+            results.append(r)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(path)
+            print(f"{name:9} {seed:>4} {r['source']:>6} {a.multiple:>7g} {r['pool']:>5} {r['partial']:>7} "
+                  f"{r['kept_by_completions']:>17} {r['kept_by_entropy']:>13} {r['train_s']:>7}", flush=True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
