@@ -19,6 +19,7 @@ cannot reach its 15 % target whatever the keep rule.
     python benchmarks/kl_candidates.py                              # 3 organisms x seeds 0 1 2
     python benchmarks/kl_candidates.py --organisms refuse --seeds 1 --multiple 1.5
     python benchmarks/kl_candidates.py --organisms refuse --source 16
+    python benchmarks/kl_candidates.py --replay      # two layers' pools ranked together, offline
 Results: benchmarks/results/kl_candidates.json (one row per organism, seed and setting).
 """
 
@@ -81,8 +82,30 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
             "first_share": a.first_share, "candidates": n, "pool": len(pool),
             "partial": sum(h == 1 for h in hits), "kept_by_completions": sum(i in keep["completions"] for i in pool),
             "kept_by_entropy": sum(i in keep["entropy"] for i in pool), "hits_per_candidate": hits,
+            # Per-candidate scores, so pools of several settings can be merged and re-ranked offline.
+            "score_completions": [round(float(x), 4) for x in by_completions],
+            "score_entropy": [round(float(x), 4) for x in by_entropy],
             "train_s": round(train_s, 1),
             "examples": {i: rows[i * len(prompts)].text[:80] for i in pool[:3]}}
+
+
+def replay(path: Path, extra: int = 12) -> None:
+    """Offline: pool each default draw's 24 layer-8 candidates with the first `extra` of its
+    --source 16 draw and keep the 8 best by the run's completion score (the score ignores the
+    layer). An approximation: `extra` trained alone would not be exactly the first `extra` of 24."""
+    rows = [r for r in json.loads(path.read_text()) if "score_completions" in r and r["R_multiple"] == 1.0
+            and r["first_share"] == KLConfig().first_share and r["candidates"] == 24]
+    by = {(r["organism"], r["seed"], r["source"]): r for r in rows}
+    for (org, seed, src), r8 in sorted(by.items()):
+        r16 = by.get((org, seed, 16))
+        if src == 16 or r16 is None:
+            continue
+        c = list(zip(r8["score_completions"], r8["hits_per_candidate"])) + \
+            list(zip(r16["score_completions"][:extra], r16["hits_per_candidate"][:extra]))
+        c.sort(key=lambda x: -x[0])
+        kept, pool = sum(h >= 2 for _, h in c[:8]), sum(h >= 2 for _, h in c)
+        print(f"{org:9} seed {seed}: layer {src} x24 + layer 16 x{extra}: pool {pool}, kept {kept} of 8 "
+              f"(layer {src} alone: kept {r8['kept_by_completions']})")
 
 
 def main() -> None:
@@ -95,7 +118,12 @@ def main() -> None:
                     help="kl's --first-share (a number, or mean)")
     ap.add_argument("--candidates", type=int, default=KLConfig().candidates, help="candidates per vector kept")
     ap.add_argument("--results", default="benchmarks/results/kl_candidates.json")
+    ap.add_argument("--replay", action="store_true",
+                    help="train nothing: merge each draw's layer-8 pool with 12 of its --source 16 pool from --results "
+                         "and re-rank offline")
     a = ap.parse_args()
+    if a.replay:
+        return replay(Path(a.results))
     unknown = sorted(set(a.organisms) - set(ORGANISMS))
     if unknown:
         sys.exit(f"unknown organism(s) {', '.join(unknown)}; choose from {', '.join(ORGANISMS)}.")
