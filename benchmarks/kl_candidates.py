@@ -26,6 +26,7 @@ Results: benchmarks/results/kl_candidates.json (one row per organism, seed and s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from steerscope._io import write_json_atomic  # noqa: E402
 from steerscope.directions.data import load_prompts  # noqa: E402
 from steerscope.directions.discovery import DiscoverConfig, calibrate_R, discover  # noqa: E402
 from steerscope.directions.discovery.kl import KLConfig, output_kl_objective  # noqa: E402
@@ -61,9 +63,7 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
     t0 = time.time()
     # One kl call with candidates=1 and n vectors trains exactly the n candidates the run's kl call
     # (n_keep vectors x candidates) trains: same seed, same starts, same steps.
-    vs = discover(lm, train, DiscoverConfig.of("kl", n_vectors=n, seed=seed, source=a.source, R=R, candidates=1,
-                                               first_share=a.first_share, reply_tokens=kl_default.reply_tokens),
-                  layer_range=lr, progress=False)
+    vs = discover(lm, train, dataclasses.replace(cfg, R=R), layer_range=lr, progress=False)
     train_s = time.time() - t0
     V = vs.vectors  # (n, d)
     by_completions = completion_ranker(lm, train, s, chat=cfg.chat)(V)
@@ -141,10 +141,7 @@ def main() -> None:
             results = [x for x in results if not all(x.get(k) == r[k] for k in
                                                       ("organism", "seed", "source", "R_multiple", "first_share", "candidates"))]
             results.append(r)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1))
-            tmp.replace(path)
+            write_json_atomic(path, results)
             print(f"{name:9} {seed:>4} {r['source']:>6} {a.multiple:>7g} {r['pool']:>5} {r['partial']:>7} "
                   f"{r['kept_by_completions']:>17} {r['kept_by_entropy']:>13} {r['train_s']:>7}", flush=True)
     print(f"wrote {path}")

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from steerscope._io import write_json_atomic  # noqa: E402
 from steerscope.directions.data import load_prompts  # noqa: E402
 from steerscope.directions.discovery import DiscoverConfig, calibrate_R, discover  # noqa: E402
 from steerscope.directions.discovery.baselines import random_directions  # noqa: E402
@@ -139,10 +140,7 @@ def main() -> None:
         r = measure(n, a.targets, a.multiples, a.source)
         r.update(command=" ".join(sys.argv), wall_s=round(time.perf_counter() - t0, 1))
         results = [x for x in results if (x["organism"], x["source"]) != (n, r["source"])] + [r]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"results": results}, indent=2) + "\n")
-        tmp.replace(out)
+        write_json_atomic(out, {"results": results})
     print(f"wrote {out}")
 
 
