@@ -20,6 +20,11 @@ cannot reach its 15 % target whatever the keep rule.
     python benchmarks/kl_candidates.py --organisms refuse --seeds 1 --multiple 1.5
     python benchmarks/kl_candidates.py --organisms refuse --source 16
     python benchmarks/kl_candidates.py --replay      # two layers' pools ranked together, offline
+    python benchmarks/kl_candidates.py --replay melbo --extra 8   # kl's 24 + 8 of MELBO's, offline
+    python benchmarks/kl_candidates.py --organisms refuse --method melbo      # MELBO's 24 instead
+With --method melbo it trains 24 MELBO vectors instead (`steerscope run --method melbo`'s
+settings: target layer n_layers - 8, 300 steps at most, the plateau rule; --steps and --lr-scale
+change them), ranked by the same keep rules, to compare the two objectives' pools.
 Results: benchmarks/results/kl_candidates.json (one row per organism, seed and setting).
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steerscope._io import write_json_atomic  # noqa: E402
 from steerscope.directions.data import load_prompts  # noqa: E402
-from steerscope.directions.discovery import DiscoverConfig, calibrate_R, discover  # noqa: E402
+from steerscope.directions.discovery import DiscoverConfig, MelboConfig, calibrate_R, discover  # noqa: E402
 from steerscope.directions.discovery.kl import KLConfig, output_kl_objective  # noqa: E402
 from steerscope.generation import generate  # noqa: E402
 from steerscope.jobs.run import RunConfig  # noqa: E402
@@ -54,12 +60,19 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
     n = n_keep * a.candidates
     P = load_prompts(run.prompts)
     train, held = P[:run.n_train], P[run.n_train:run.n_train + run.n_heldout]
-    cfg = DiscoverConfig.of("kl", n_vectors=n, seed=seed, source=a.source, candidates=1,
-                            first_share=a.first_share, reply_tokens=kl_default.reply_tokens)
+    if a.method == "kl":
+        cfg = DiscoverConfig.of("kl", n_vectors=n, seed=seed, source=a.source, candidates=1,
+                                first_share=a.first_share, reply_tokens=kl_default.reply_tokens,
+                                **({"steps": a.steps} if a.steps else {}))
+    else:  # MELBO trains every vector it keeps; its 24 here are what a pool of its candidates would hold
+        cfg = DiscoverConfig.of("melbo", n_vectors=n, seed=seed, source=a.source, **({"steps": a.steps} if a.steps else {}))
     s, t = cfg.resolve_layers(lm.n_layers)
     lr = LayerRange(lm, train, s, t, chat=cfg.chat)
     R0, _ = calibrate_R(lr, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=seed)
     R = R0 * a.multiple
+    if a.lr_scale is not None:  # the methods' auto lr is c * R / sqrt(d_model)
+        cfg = dataclasses.replace(cfg, method_config=dataclasses.replace(
+            cfg.method_config, lr=a.lr_scale * R / math.sqrt(lm.d_model)))
     t0 = time.time()
     # One kl call with candidates=1 and n vectors trains exactly the n candidates the run's kl call
     # (n_keep vectors x candidates) trains: same seed, same starts, same steps.
@@ -78,7 +91,8 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
     hits = [sum(bool(h) for h in detect([r.text for r in rows[i * len(prompts):(i + 1) * len(prompts)]]))
             for i in range(n)]
     pool = [i for i, h in enumerate(hits) if h >= len(prompts) / 2]
-    return {"organism": org.name, "seed": seed, "source": s, "R": round(R, 2), "R_multiple": a.multiple,
+    return {"organism": org.name, "seed": seed, "method": a.method, "steps": cfg.method_config.steps,
+            "lr_scale": a.lr_scale, "source": s, "target": t, "R": round(R, 2), "R_multiple": a.multiple,
             "first_share": a.first_share, "candidates": n, "pool": len(pool),
             "partial": sum(h == 1 for h in hits), "kept_by_completions": sum(i in keep["completions"] for i in pool),
             "kept_by_entropy": sum(i in keep["entropy"] for i in pool), "hits_per_candidate": hits,
@@ -89,23 +103,32 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
             "examples": {i: rows[i * len(prompts)].text[:80] for i in pool[:3]}}
 
 
-def replay(path: Path, extra: int = 12) -> None:
-    """Offline: pool each default draw's 24 layer-8 candidates with the first `extra` of its
-    --source 16 draw and keep the 8 best by the run's completion score (the score ignores the
-    layer). An approximation: `extra` trained alone would not be exactly the first `extra` of 24."""
+def _merge(org: str, seed: int, a: dict, b: dict, extra: int, what: str) -> None:
+    """Keep the 8 best of a's 24 and b's first `extra` by the run's completion score (the score
+    looks at neither the layer nor the objective) and print how many planted candidates survive."""
+    c = list(zip(a["score_completions"], a["hits_per_candidate"])) + \
+        list(zip(b["score_completions"][:extra], b["hits_per_candidate"][:extra]))
+    c.sort(key=lambda x: -x[0])
+    kept, pool = sum(h >= 2 for _, h in c[:8]), sum(h >= 2 for _, h in c)
+    print(f"{org:9} seed {seed}: kl layer {a['source']} x24 + {what} x{extra}: pool {pool}, kept {kept} of 8 "
+          f"(kl alone: kept {a['kept_by_completions']})")
+
+
+def replay(path: Path, other: str = "source16", extra: int = 12) -> None:
+    """Offline: pool each default draw's 24 kl candidates with the first `extra` of another draw of
+    the same organism and seed (`source16`: kl at source layer 16; `melbo`: MELBO's default 300
+    steps at the run's layer) and keep the 8 best. An approximation: `extra` trained alone would
+    not be exactly the first `extra` of 24 (training keeps them orthogonal to each other)."""
     rows = [r for r in json.loads(path.read_text()) if "score_completions" in r and r["R_multiple"] == 1.0
-            and r["first_share"] == KLConfig().first_share and r["candidates"] == 24]
-    by = {(r["organism"], r["seed"], r["source"]): r for r in rows}
-    for (org, seed, src), r8 in sorted(by.items()):
-        r16 = by.get((org, seed, 16))
-        if src == 16 or r16 is None:
-            continue
-        c = list(zip(r8["score_completions"], r8["hits_per_candidate"])) + \
-            list(zip(r16["score_completions"][:extra], r16["hits_per_candidate"][:extra]))
-        c.sort(key=lambda x: -x[0])
-        kept, pool = sum(h >= 2 for _, h in c[:8]), sum(h >= 2 for _, h in c)
-        print(f"{org:9} seed {seed}: layer {src} x24 + layer 16 x{extra}: pool {pool}, kept {kept} of 8 "
-              f"(layer {src} alone: kept {r8['kept_by_completions']})")
+            and r["candidates"] == 24 and r.get("lr_scale") is None]
+    kl = {(r["organism"], r["seed"], r["source"]): r for r in rows if r.get("method", "kl") == "kl"
+          and r.get("steps", KLConfig().steps) == KLConfig().steps and r["first_share"] == KLConfig().first_share}
+    melbo = {(r["organism"], r["seed"], r["source"]): r for r in rows
+             if r.get("method") == "melbo" and r["steps"] == MelboConfig().steps}
+    for (org, seed, src), a in sorted(kl.items()):
+        b = kl.get((org, seed, 16)) if other == "source16" else melbo.get((org, seed, src))
+        if b is not None and b is not a:
+            _merge(org, seed, a, b, extra, "kl layer 16" if other == "source16" else f"melbo layer {src}")
 
 
 def main() -> None:
@@ -117,20 +140,25 @@ def main() -> None:
     ap.add_argument("--first-share", default=str(KLConfig().first_share),
                     help="kl's --first-share (a number, or mean)")
     ap.add_argument("--candidates", type=int, default=KLConfig().candidates, help="candidates per vector kept")
+    ap.add_argument("--method", default="kl", choices=("kl", "melbo"), help="which objective trains the 24")
+    ap.add_argument("--steps", type=int, default=None, help="most training steps (default: the method's)")
+    ap.add_argument("--lr-scale", type=float, default=None,
+                    help="learning rate as c in c * R / sqrt(d_model) (default: the method's, 0.15 kl, 0.01 melbo)")
     ap.add_argument("--results", default="benchmarks/results/kl_candidates.json")
-    ap.add_argument("--replay", action="store_true",
-                    help="train nothing: merge each draw's layer-8 pool with 12 of its --source 16 pool from --results "
-                         "and re-rank offline")
+    ap.add_argument("--replay", nargs="?", const="source16", choices=("source16", "melbo"),
+                    help="train nothing: merge each default draw's pool with 12 (--extra) of its --source 16 draw "
+                         "(or of its --method melbo draw) from --results and re-rank offline")
+    ap.add_argument("--extra", type=int, default=12, help="with --replay: candidates taken from the other draw")
     a = ap.parse_args()
     if a.replay:
-        return replay(Path(a.results))
+        return replay(Path(a.results), a.replay, a.extra)
     unknown = sorted(set(a.organisms) - set(ORGANISMS))
     if unknown:
         sys.exit(f"unknown organism(s) {', '.join(unknown)}; choose from {', '.join(ORGANISMS)}.")
     a.first_share = None if a.first_share == "mean" else float(a.first_share)
     path = Path(a.results)
     results = json.loads(path.read_text()) if path.is_file() else []
-    print(f"{'organism':9} {'seed':>4} {'source':>6} {'R(xcal)':>7} {'pool':>5} {'partial':>7} "
+    print(f"{'organism':9} {'seed':>4} {'method':>6} {'steps':>5} {'source':>6} {'R(xcal)':>7} {'pool':>5} {'partial':>7} "
           f"{'kept(completions)':>17} {'kept(entropy)':>13} {'train s':>7}", flush=True)
     for name in a.organisms:
         org = ORGANISMS[name]
@@ -139,10 +167,12 @@ def main() -> None:
             r = draw(lm, org, seed, a)
             r["machine_note"] = "bfloat16 where the CPU multiplies it (the run's dtype auto)"
             results = [x for x in results if not all(x.get(k) == r[k] for k in
-                                                      ("organism", "seed", "source", "R_multiple", "first_share", "candidates"))]
+                                                      ("organism", "seed", "source", "R_multiple", "first_share", "candidates"))
+                       or x.get("method", "kl") != r["method"] or x.get("steps", KLConfig().steps) != r["steps"]
+                       or x.get("lr_scale") != r["lr_scale"]]
             results.append(r)
             write_json_atomic(path, results)
-            print(f"{name:9} {seed:>4} {r['source']:>6} {a.multiple:>7g} {r['pool']:>5} {r['partial']:>7} "
+            print(f"{name:9} {seed:>4} {a.method:>6} {r['steps']:>5} {r['source']:>6} {a.multiple:>7g} {r['pool']:>5} {r['partial']:>7} "
                   f"{r['kept_by_completions']:>17} {r['kept_by_entropy']:>13} {r['train_s']:>7}", flush=True)
     print(f"wrote {path}")
 
