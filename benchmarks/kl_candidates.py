@@ -60,12 +60,11 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
     n = n_keep * a.candidates
     P = load_prompts(run.prompts)
     train, held = P[:run.n_train], P[run.n_train:run.n_train + run.n_heldout]
+    own = {"steps": a.steps} if a.steps else {}
     if a.method == "kl":
-        cfg = DiscoverConfig.of("kl", n_vectors=n, seed=seed, source=a.source, candidates=1,
-                                first_share=a.first_share, reply_tokens=kl_default.reply_tokens,
-                                **({"steps": a.steps} if a.steps else {}))
-    else:  # MELBO trains every vector it keeps; its 24 here are what a pool of its candidates would hold
-        cfg = DiscoverConfig.of("melbo", n_vectors=n, seed=seed, source=a.source, **({"steps": a.steps} if a.steps else {}))
+        own.update(candidates=1, first_share=a.first_share, reply_tokens=kl_default.reply_tokens)
+    # (MELBO trains every vector it keeps; its 24 here are what a pool of its candidates would hold.)
+    cfg = DiscoverConfig.of(a.method, n_vectors=n, seed=seed, source=a.source, **own)
     s, t = cfg.resolve_layers(lm.n_layers)
     lr = LayerRange(lm, train, s, t, chat=cfg.chat)
     R0, _ = calibrate_R(lr, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=seed)
@@ -103,6 +102,13 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
             "examples": {i: rows[i * len(prompts)].text[:80] for i in pool[:3]}}
 
 
+def _setting(r: dict) -> tuple:
+    """What makes two result rows the same measurement (rows from before --method read as kl at
+    its default steps)."""
+    return (r["organism"], r["seed"], r["source"], r["R_multiple"], r["first_share"], r["candidates"],
+            r.get("method", "kl"), r.get("steps", KLConfig().steps), r.get("lr_scale"))
+
+
 def _merge(org: str, seed: int, a: dict, b: dict, extra: int, what: str) -> None:
     """Keep the 8 best of a's 24 and b's first `extra` by the run's completion score (the score
     looks at neither the layer nor the objective) and print how many planted candidates survive."""
@@ -121,10 +127,9 @@ def replay(path: Path, other: str = "source16", extra: int = 12) -> None:
     not be exactly the first `extra` of 24 (training keeps them orthogonal to each other)."""
     rows = [r for r in json.loads(path.read_text()) if "score_completions" in r and r["R_multiple"] == 1.0
             and r["candidates"] == 24 and r.get("lr_scale") is None]
-    kl = {(r["organism"], r["seed"], r["source"]): r for r in rows if r.get("method", "kl") == "kl"
-          and r.get("steps", KLConfig().steps) == KLConfig().steps and r["first_share"] == KLConfig().first_share}
-    melbo = {(r["organism"], r["seed"], r["source"]): r for r in rows
-             if r.get("method") == "melbo" and r["steps"] == MelboConfig().steps}
+    kl = {(r["organism"], r["seed"], r["source"]): r for r in rows
+          if _setting(r)[6:8] == ("kl", KLConfig().steps) and r["first_share"] == KLConfig().first_share}
+    melbo = {(r["organism"], r["seed"], r["source"]): r for r in rows if _setting(r)[6:8] == ("melbo", MelboConfig().steps)}
     for (org, seed, src), a in sorted(kl.items()):
         b = kl.get((org, seed, 16)) if other == "source16" else melbo.get((org, seed, src))
         if b is not None and b is not a:
@@ -166,10 +171,7 @@ def main() -> None:
         for seed in a.seeds:
             r = draw(lm, org, seed, a)
             r["machine_note"] = "bfloat16 where the CPU multiplies it (the run's dtype auto)"
-            results = [x for x in results if not all(x.get(k) == r[k] for k in
-                                                      ("organism", "seed", "source", "R_multiple", "first_share", "candidates"))
-                       or x.get("method", "kl") != r["method"] or x.get("steps", KLConfig().steps) != r["steps"]
-                       or x.get("lr_scale") != r["lr_scale"]]
+            results = [x for x in results if _setting(x) != _setting(r)]
             results.append(r)
             write_json_atomic(path, results)
             print(f"{name:9} {seed:>4} {a.method:>6} {r['steps']:>5} {r['source']:>6} {a.multiple:>7g} {r['pool']:>5} {r['partial']:>7} "
