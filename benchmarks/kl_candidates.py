@@ -124,7 +124,8 @@ def replay(path: Path, other: str = "source16", extra: int = 12) -> None:
     """Offline: pool each kl draw's 24 candidates (at every source layer measured) with the first
     `extra` of another draw of the same organism and seed (`source16`: kl at source layer 16;
     `melbo`: MELBO's default 300 steps at the same layer) and keep the 8 best. An approximation:
-    `extra` trained alone would not be exactly the first `extra` of 24 (training keeps them orthogonal to each other)."""
+    `extra` trained alone would not be exactly the first `extra` of 24 (training keeps them
+    orthogonal to each other)."""
     rows = [r for r in json.loads(path.read_text()) if "score_completions" in r and r["R_multiple"] == 1.0
             and r["candidates"] == 24 and r.get("lr_scale") is None]
     kl = {(r["organism"], r["seed"], r["source"]): r for r in rows
