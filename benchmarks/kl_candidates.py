@@ -142,7 +142,8 @@ def main() -> None:
     ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--multiple", type=float, default=1.0, help="R = this x the calibrated R (the run's check chose 1)")
-    ap.add_argument("--source", type=int, default=None, help="source layer (default: the run's, n_layers / 4)")
+    ap.add_argument("--source", type=int, default=None, help="source layer (default: the method's auto layer: kl round(0.4 x n_layers), "
+                    "the run's; melbo round(n_layers / 4))")
     ap.add_argument("--first-share", default=str(KLConfig().first_share),
                     help="kl's --first-share (a number, or mean)")
     ap.add_argument("--candidates", type=int, default=KLConfig().candidates, help="candidates per vector kept")

@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="*", type=int, default=[16, 22, 26, 29])
     ap.add_argument("--multiples", nargs="*", type=float, default=[0.5, 1.0, 1.5, 2.0])
     ap.add_argument("--source", type=int, default=None,
-                    help="source layer for u, the vectors and the objectives (default: the run's, n_layers / 4)")
+                    help="source layer for u, the vectors and the objectives (default: round(n_layers / 4), dct's)")
     ap.add_argument("--results", default="benchmarks/results/planted_direction.json")
     a = ap.parse_args()
     out = Path(a.results)

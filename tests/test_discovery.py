@@ -457,3 +457,15 @@ def test_kl_discovery_keeps_the_candidates_the_callers_ranking_prefers():
     assert len(seen) == 1 and seen[0].shape == (6, lm.d_model)
     assert torch.allclose(vs.vectors.float(), seen[0][[1, 4]].float())
     assert torch.allclose(seen[0].norm(dim=-1), torch.full((6,), 3.0), atol=1e-3)
+
+
+def test_auto_source_layer_is_the_methods_own_and_an_explicit_one_wins():
+    """kl puts its vectors at round(0.4 x n_layers) (layer 12 of SmolLM2's 30), the other methods
+    at round(n_layers / 4); `--source N` overrides either; a target layer always follows."""
+    for method in DISCOVERY.names():
+        s, t = DiscoverConfig.of(method).resolve_layers(30)
+        assert (s, t) == ((12, 22) if method == "kl" else (8, 22)), method
+        assert DiscoverConfig.of(method, source=5).resolve_layers(30) == (5, 22)
+        for n in (2, 3, 4):  # tiny models: the source stays below the last layer
+            s, t = DiscoverConfig.of(method).resolve_layers(n)
+            assert 0 <= s < t < n, (method, n, s, t)

@@ -249,6 +249,14 @@ def test_goldilocks_tries_the_largest_multiple_first_and_trains_probes_only_wher
     trained.clear()
     res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=(0.5, 1.0, 2.0, 4.0), random_vectors=4)
     assert trained == [1.0, 0.5] and res.chosen == 5.0 and "no multiple" in res.reason
+    # caps seed 1 at kl's layer 12 (README "Planted behaviours"): random vectors moved 53 % at 1x,
+    # just over the 50 % allowed. With 0.5x on the list the check went down to it (and the run lost
+    # the capitals it finds at 1x); the run's default multiples stop at the calibrated R.
+    script.update({0.5: (0.75, 0.22), 1.0: (1.0, 0.53), 2.0: (1.0, 0.78)})
+    assert g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=(0.5, 1.0, 2.0), random_vectors=4).chosen == 5.0
+    trained.clear()
+    res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=RunConfig().goldilocks, random_vectors=4)
+    assert min(RunConfig().goldilocks) == 1.0 and res.chosen == 10.0 and trained == []
 
 
 def test_run_without_R_calibrates_and_checks_multiples(lm, cfg, tmp_path):

@@ -69,10 +69,15 @@ class RunConfig(Config):
     completions on the training prompts move furthest from the unsteered ones while staying natural
     to the model, judging/keep.py; kept 18 of 21 planted candidates in 11 draws where the method's
     own entropy rule kept 8) or method (its own rule)"""
-    goldilocks: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    goldilocks: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """when R is calibrated: multiples of the calibrated R to try, keeping the largest where learned
     vectors move clearly more completions than random ones of the same norm, which mostly do not
-    (tried largest first; the first that qualifies ends the check; empty: the calibrated R as it is)"""
+    (tried largest first; the first that qualifies ends the check; empty: the calibrated R as it is).
+    Not below 1 by default: a planted behaviour needs at least the calibrated R (its own trigger
+    direction elicits it only from 1-1.5x, benchmarks/planted_direction.py), and where 0.5x was on
+    the list it won only when random vectors moved 53-59 % of completions at 1x, within one
+    standard error (about 9 points on 32 completions) of the 50 % the rule allows, and each time
+    the run lost the planted behaviour it found at 1x (README "Planted behaviours")"""
     goldilocks_vectors: int = field(default=4, metadata={"min": 1})
     """probe vectors learned at each multiple by the Goldilocks check"""
     goldilocks_random: int = field(default=16, metadata={"min": 1})

@@ -40,7 +40,8 @@ class DiscoverConfig(Config):
     method: str = field(default="melbo", metadata={"choices": DISCOVERY})
     """discovery method"""
     source: int | None = field(default=None, metadata={"min": 0})
-    """layer the vectors are added at (auto: round(n_layers / 4))"""
+    """layer the vectors are added at (auto: round(n_layers / 4); kl: round(0.4 x n_layers), where
+    its pools held the planted behaviours more often, KLConfig.source_fraction)"""
     target: int | None = field(default=None, metadata={"min": 1})
     """layer whose change is measured (auto: n_layers - 8, at least source + 1)"""
     n_vectors: int = field(default=16, metadata={"min": 1})
@@ -85,7 +86,10 @@ class DiscoverConfig(Config):
         return cls(method=method, method_config=mc, **{k: v for k, v in settings.items() if k in shared and k not in own})
 
     def resolve_layers(self, n_layers: int) -> tuple[int, int]:
-        s = self.source if self.source is not None else round(n_layers / 4)
+        # A method may place its vectors elsewhere by default (a class attribute of its config, not a
+        # flag); capped so that a later target layer exists.
+        auto = min(round(n_layers * getattr(self.method_config, "source_fraction", 0.25)), max(0, n_layers - 2))
+        s = self.source if self.source is not None else auto
         t = self.target if self.target is not None else max(s + 1, n_layers - 8)
         return s, t
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -56,6 +57,15 @@ from .melbo import final_values, train_melbo
 @dataclass(frozen=True)
 class KLConfig(Config):
     """Output-KL discovery's own settings."""
+
+    # Where `--source auto` puts kl's vectors: round(0.4 x n_layers), layer 12 of SmolLM2's 30,
+    # later than the other methods' n_layers / 4. Not a flag (`--source N` overrides it). Measured
+    # on the three model organisms, seeds 0-2 (benchmarks/kl_candidates.py --source L): of the 8
+    # candidates the run keeps, those showing the planted behaviour numbered 2 or more in 8 of 9
+    # draws at layer 12, 6 of 9 at layer 8, fewer at 10 and 16; refusal, planted least additively,
+    # gained most (2 / 2 / 2 against 2 / 0 / 1). The objective runs from the source to the output,
+    # so a later source also trains faster (42-57 s for 24 candidates against 56-68 s).
+    source_fraction: ClassVar[float] = 0.4
 
     reply_tokens: int = field(default=8, metadata={"min": 0})
     """read the KL along this many tokens of the unsteered greedy reply, plus the prompt's last
