@@ -462,9 +462,11 @@ def test_kl_discovery_keeps_the_candidates_the_callers_ranking_prefers():
 def test_auto_source_layer_is_the_methods_own_and_an_explicit_one_wins():
     """kl puts its vectors at round(0.4 x n_layers) (layer 12 of SmolLM2's 30), the other methods
     at round(n_layers / 4); `--source N` overrides either; a target layer always follows."""
+    assert DiscoverConfig.of("kl").resolve_layers(30) == (12, 22)
+    assert DiscoverConfig.of("melbo").resolve_layers(30) == (8, 22)
     for method in DISCOVERY.names():
-        s, t = DiscoverConfig.of(method).resolve_layers(30)
-        assert (s, t) == ((12, 22) if method == "kl" else (8, 22)), method
+        own = getattr(DISCOVERY.get(method).config, "source_fraction", 0.25)
+        assert DiscoverConfig.of(method).resolve_layers(30) == (round(30 * own), 22), method
         assert DiscoverConfig.of(method, source=5).resolve_layers(30) == (5, 22)
         for n in (2, 3, 4):  # tiny models: the source stays below the last layer
             s, t = DiscoverConfig.of(method).resolve_layers(n)

@@ -63,8 +63,10 @@ class KLConfig(Config):
     # on the three model organisms, seeds 0-2 (benchmarks/kl_candidates.py --source L): of the 8
     # candidates the run keeps, those showing the planted behaviour numbered 2 or more in 8 of 9
     # draws at layer 12, 6 of 9 at layer 8, fewer at 10 and 16; refusal, planted least additively,
-    # gained most (2 / 2 / 2 against 2 / 0 / 1). The objective runs from the source to the output,
-    # so a later source also trains faster (42-57 s for 24 candidates against 56-68 s).
+    # gained most (2 / 2 / 2 against 2 / 0 / 1). End to end (bench_planted.py, with the R check at
+    # 1 and 2x) the runs met the 15 % share in 8 of 9, and 5 of 6 at seeds 3-4 chosen afterwards
+    # (layer 8: 6 of 9, 3 of 6). The objective runs from the source to the output, so a later
+    # source also trains faster (42-57 s for 24 candidates against 56-68 s).
     source_fraction: ClassVar[float] = 0.4
 
     reply_tokens: int = field(default=8, metadata={"min": 0})
