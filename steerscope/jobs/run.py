@@ -39,6 +39,7 @@ from ..directions.discovery import DiscoverConfig, discover, random_control
 from ..directions.vectors import VectorSet
 from ..errors import SteerscopeError
 from ..generation import Completion, generate
+from ..judging.goldilocks import MULTIPLES, goldilocks_R
 from ..models.loading import ModelConfig
 from .stages import Stage, run_stages
 
@@ -69,15 +70,12 @@ class RunConfig(Config):
     completions on the training prompts move furthest from the unsteered ones while staying natural
     to the model, judging/keep.py; kept 18 of 21 planted candidates in 11 draws where the method's
     own entropy rule kept 8) or method (its own rule)"""
-    goldilocks: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    goldilocks: list[float] = field(default_factory=lambda: list(MULTIPLES))
     """when R is calibrated: multiples of the calibrated R to try, keeping the largest where learned
     vectors move clearly more completions than random ones of the same norm, which mostly do not
     (tried largest first; the first that qualifies ends the check; empty: the calibrated R as it is).
-    Not below 1 by default: a planted behaviour needs at least the calibrated R (its own trigger
-    direction elicits it only from 1-1.5x, benchmarks/planted_direction.py), and where 0.5x was on
-    the list it won only when random vectors moved 53-59 % of completions at 1x, within one
-    standard error (about 9 points on 32 completions) of the 50 % the rule allows, and each time
-    the run lost the planted behaviour it found at 1x (README "Planted behaviours")"""
+    Not below 1 by default: a planted behaviour needs at least the calibrated R, and 0.5x won only
+    within noise of the rule's threshold, losing what 1x found (judging/goldilocks.py)"""
     goldilocks_vectors: int = field(default=4, metadata={"min": 1})
     """probe vectors learned at each multiple by the Goldilocks check"""
     goldilocks_random: int = field(default=16, metadata={"min": 1})
@@ -169,7 +167,6 @@ def _choose_R(ctx: _RunContext) -> dict:
     d = ctx.cfg.discover
     if d.R is not None:
         return {"chosen": d.R, "given": True}
-    from ..judging.goldilocks import goldilocks_R
 
     if ctx.cfg.goldilocks:
         _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in sorted(ctx.cfg.goldilocks, reverse=True))} "

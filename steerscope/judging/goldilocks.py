@@ -17,7 +17,7 @@ own direction elicits it only from ~1-1.5x the calibrated R (benchmarks/planted_
 while a strong objective (output KL) already moves every completion at 0.5x, where the gap alone
 would pick the smallest R. With no such multiple: the largest gap, ties to the smaller R.
 
-The run tries 1x and 2x by default, nothing below the calibrated R: with kl at layer 12 of the
+`MULTIPLES`, the run's default, goes no lower than the calibrated R: with kl at layer 12 of the
 organisms, 0.5x was chosen in 3 of 9 runs, each time because random vectors moved 53-59 % of the
 completions at 1x (one standard error, about 9 points on 32 completions, above the 50 % allowed),
 and each of those runs lost the planted behaviour its 1x run found (benchmarks/bench_planted.py).
@@ -35,6 +35,8 @@ from ..directions.discovery.baselines import random_directions
 from ..directions.vectors import VectorSet
 from ..generation import generate
 from .embed import embed
+
+MULTIPLES = (1.0, 2.0)  # the multiples of the calibrated R tried by default (module docstring)
 
 
 @dataclass
@@ -64,7 +66,7 @@ def moved_share(completions, emb, threshold: float, control_ids) -> dict[str, fl
     return {k: sum(v) / len(v) if v else 0.0 for k, v in out.items()}
 
 
-def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, multiples=(1.0, 2.0),
+def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, multiples=MULTIPLES,
                  probe_vectors: int = 4, random_vectors: int = 16, max_new_tokens: int = 24, threshold: float = 0.35,
                  max_random: float = 0.5, min_gap: float = 0.25, log=None) -> GoldilocksResult:
     """Calibrate R, then pick among `multiples` of it as the module docstring says (no
