@@ -22,6 +22,13 @@ cannot reach its 15 % target whatever the keep rule.
     python benchmarks/kl_candidates.py --replay      # two layers' pools ranked together, offline
     python benchmarks/kl_candidates.py --replay melbo --extra 8   # kl's 24 + 8 of MELBO's, offline
     python benchmarks/kl_candidates.py --organisms refuse --method melbo      # MELBO's 24 instead
+    python benchmarks/kl_candidates.py --organisms caps --seeds 2 --no-orthogonal --candidates 6 --texts
+    python benchmarks/kl_candidates.py --organisms caps --seeds 2 --extra-train 2   # train on 4 prompts
+    python benchmarks/kl_candidates.py --replay keep   # other keep rules on the rows with texts, offline
+--no-orthogonal trains every candidate from its own start, not kept orthogonal to the others (a
+candidate then depends only on its start, so the first 24 of 48 are exactly a draw of 24);
+--extra-train N adds N training prompts after the 2 held-out ones (the 4 judged stay the same);
+--texts stores every candidate's completions, to try other keep rules offline.
 With --method melbo it trains 24 MELBO vectors instead (`steerscope run --method melbo`'s
 settings: target layer n_layers - 8, 300 steps at most, the plateau rule; --steps and --lr-scale
 change them), ranked by the same keep rules, to compare the two objectives' pools.
@@ -36,7 +43,11 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -60,13 +71,17 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
     n = n_keep * a.candidates
     P = load_prompts(run.prompts)
     train, held = P[:run.n_train], P[run.n_train:run.n_train + run.n_heldout]
+    # --extra-train: more training prompts, taken after the held-out ones (the 4 judged stay the same)
+    fit = train + P[run.n_train + run.n_heldout:run.n_train + run.n_heldout + a.extra_train]
     own = {"steps": a.steps} if a.steps else {}
     if a.method == "kl":
         own.update(candidates=1, first_share=a.first_share, reply_tokens=kl_default.reply_tokens)
+    if a.no_orthogonal:
+        own["orthogonal"] = False
     # (MELBO trains every vector it keeps; its 24 here are what a pool of its candidates would hold.)
     cfg = DiscoverConfig.of(a.method, n_vectors=n, seed=seed, source=a.source, **own)
     s, t = cfg.resolve_layers(lm.n_layers)
-    lr = LayerRange(lm, train, s, t, chat=cfg.chat)
+    lr = LayerRange(lm, fit, s, t, chat=cfg.chat)
     R0, _ = calibrate_R(lr, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=seed)
     R = R0 * a.multiple
     if a.lr_scale is not None:  # the methods' auto lr is c * R / sqrt(d_model)
@@ -75,10 +90,11 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
     t0 = time.time()
     # One kl call with candidates=1 and n vectors trains exactly the n candidates the run's kl call
     # (n_keep vectors x candidates) trains: same seed, same starts, same steps.
-    vs = discover(lm, train, dataclasses.replace(cfg, R=R), layer_range=lr, progress=False)
+    vs = discover(lm, fit, dataclasses.replace(cfg, R=R), layer_range=lr, progress=False)
     train_s = time.time() - t0
     V = vs.vectors  # (n, d)
-    by_completions = completion_ranker(lm, train, s, chat=cfg.chat)(V)
+    ranker = completion_ranker(lm, fit, s, chat=cfg.chat)
+    by_completions = ranker(V)
     objective = output_kl_objective(lm, lr, kl_default.reply_tokens, cfg.target_tokens, a.first_share)
     by_entropy = objective.entropy(V).float().cpu()
     keep = {name: set(score.argsort(descending=True, stable=True)[:n_keep].tolist())
@@ -90,6 +106,8 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
     hits = [sum(bool(h) for h in detect([r.text for r in rows[i * len(prompts):(i + 1) * len(prompts)]]))
             for i in range(n)]
     pool = [i for i, h in enumerate(hits) if h >= len(prompts) / 2]
+    U = torch.nn.functional.normalize(V.float(), dim=-1)
+    cos = (U @ U.T).fill_diagonal_(0)  # (n, n)
     return {"organism": org.name, "seed": seed, "method": a.method, "steps": cfg.method_config.steps,
             "lr_scale": a.lr_scale, "source": s, "target": t, "R": round(R, 2), "R_multiple": a.multiple,
             "first_share": a.first_share, "candidates": n, "pool": len(pool),
@@ -98,7 +116,14 @@ def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
             # Per-candidate scores, so pools of several settings can be merged and re-ranked offline.
             "score_completions": [round(float(x), 4) for x in by_completions],
             "score_entropy": [round(float(x), 4) for x in by_entropy],
-            "train_s": round(train_s, 1),
+            "change": [round(x, 4) for x in ranker.last["change"]],
+            "surprise": [round(x, 4) for x in ranker.last["surprise"]],
+            "texts": [[r.text for r in rows[i * len(prompts):(i + 1) * len(prompts)]] for i in range(n)] if a.texts else None,
+            "unsteered": [r.text for r in generate(lm, prompts, max_new_tokens=run.max_new_tokens, chat=cfg.chat,
+                                                   progress=False)] if a.texts else None,
+            "train_s": round(train_s, 1), "extra_train": a.extra_train, "orthogonal": not a.no_orthogonal,
+            "max_cos": round(float(cos.abs().max()), 3),
+            "pool_max_cos": round(float(cos[pool][:, pool].abs().max()), 3) if len(pool) > 1 else None,
             "examples": {i: rows[i * len(prompts)].text[:80] for i in pool[:3]}}
 
 
@@ -106,7 +131,7 @@ def _setting(r: dict) -> tuple:
     """What makes two result rows the same measurement (rows from before --method read as kl at
     its default steps)."""
     return (r["organism"], r["seed"], r["source"], r["R_multiple"], r["first_share"], r["candidates"],
-            r.get("method", "kl"), r.get("steps", KLConfig().steps), r.get("lr_scale"))
+            r.get("method", "kl"), r.get("steps", KLConfig().steps), r.get("lr_scale"), r.get("orthogonal", True), r.get("extra_train", 0))
 
 
 def _merge(org: str, seed: int, a: dict, b: dict, extra: int, what: str) -> None:
@@ -127,7 +152,7 @@ def replay(path: Path, other: str = "source16", extra: int = 12) -> None:
     `extra` trained alone would not be exactly the first `extra` of 24 (training keeps them
     orthogonal to each other)."""
     rows = [r for r in json.loads(path.read_text()) if "score_completions" in r and r["R_multiple"] == 1.0
-            and r["candidates"] == 24 and r.get("lr_scale") is None]
+            and r["candidates"] == 24 and r.get("lr_scale") is None and _setting(r)[9:] == (True, 0)]
     kl = {(r["organism"], r["seed"], r["source"]): r for r in rows
           if _setting(r)[6:8] == ("kl", KLConfig().steps) and r["first_share"] == KLConfig().first_share}
     melbo = {(r["organism"], r["seed"], r["source"]): r for r in rows if _setting(r)[6:8] == ("melbo", MelboConfig().steps)}
@@ -135,6 +160,53 @@ def replay(path: Path, other: str = "source16", extra: int = 12) -> None:
         b = kl.get((org, seed, 16)) if other == "source16" else melbo.get((org, seed, src))
         if b is not None and b is not a:
             _merge(org, seed, a, b, extra, "kl layer 16" if other == "source16" else f"melbo layer {src}")
+
+
+def _keep(score: np.ndarray, k: int, group: list | None = None, cap: int = 0) -> list[int]:
+    """The k best by score; with `group` and `cap`, at most `cap` per group first, then the best
+    of the rest to fill k."""
+    order = np.argsort(-score, kind="stable").tolist()
+    if group is None:
+        return order[:k]
+    kept, per = [], Counter()
+    for i in order:
+        if len(kept) < k and per[group[i]] < cap:
+            kept.append(i)
+            per[group[i]] += 1
+    return kept + [i for i in order if i not in kept][:k - len(kept)]
+
+
+def replay_keep(path: Path, n_train: int = 2, k: int = 8) -> None:
+    """Offline, on the rows stored with --texts: how many planted candidates other keep rules
+    keep, at 24, 32 and all of the row's candidates (with --no-orthogonal the first N of a draw
+    are exactly a draw of N). Rules: the run's (judging.keep: embedding change - 0.2 x surprise,
+    as stored); `surface`: the same, but a training completion whose surface group (judging.surface:
+    capitals, another language) differs from the unsteered one's counts as changed by 1 (the
+    uncased embedder cannot see capitals); `capM`: the run's score, at most M kept per behaviour
+    cluster (judging.cluster on the candidates' first training completions)."""
+    from steerscope.judging.cluster import cluster_texts
+    from steerscope.judging.embed import embed
+    from steerscope.judging.keep import NATURALNESS_WEIGHT
+    from steerscope.judging.surface import surface_group
+
+    for r in json.loads(path.read_text()):
+        if not r.get("texts") or not r.get("unsteered"):
+            continue
+        hits, texts, base = np.array(r["hits_per_candidate"]), r["texts"], r["unsteered"][:n_train]
+        T = [t for row in texts for t in row[:n_train]]
+        e, eb = embed(T).view(len(texts), n_train, -1), embed(base)  # (n, P, 384), (P, 384)
+        dist = (1 - (e * eb[None]).sum(-1)).numpy()  # (n, P)
+        moved = np.array([[surface_group(t) != surface_group(b) for t, b in zip(row[:n_train], base)] for row in texts])
+        surprise = np.array(r["surprise"])
+        rules = {"run": np.array(r["score_completions"]),
+                 "surface": np.where(moved, 1.0, dist).mean(1) - NATURALNESS_WEIGHT * surprise}
+        out = []
+        for n in sorted({24, 32, len(texts)}):
+            labels = cluster_texts([row[0] for row in texts[:n]]).labels
+            got = {name: sum(hits[i] >= 2 for i in _keep(sc[:n], k)) for name, sc in rules.items()}
+            got.update({f"cap{m}": sum(hits[i] >= 2 for i in _keep(rules["run"][:n], k, labels, m)) for m in (1, 2, 3)})
+            out.append(f"{n}: pool {int((hits[:n] >= 2).sum())}, kept " + " ".join(f"{a} {b}" for a, b in got.items()))
+        print(f"{r['organism']:7} seed {r['seed']} layer {r['source']}: " + " | ".join(out))
 
 
 def main() -> None:
@@ -151,12 +223,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="most training steps (default: the method's)")
     ap.add_argument("--lr-scale", type=float, default=None,
                     help="learning rate as c in c * R / sqrt(d_model) (default: the method's, 0.15 kl, 0.01 melbo)")
+    ap.add_argument("--no-orthogonal", action="store_true", help="train the candidates from independent starts, "
+                    "not kept orthogonal to each other")
+    ap.add_argument("--extra-train", type=int, default=0, help="train (and rank) on this many more prompts than the "
+                    "run's 2, taken after the 2 held-out ones")
+    ap.add_argument("--texts", action="store_true", help="store every candidate's completions in the row")
     ap.add_argument("--results", default="benchmarks/results/kl_candidates.json")
-    ap.add_argument("--replay", nargs="?", const="source16", choices=("source16", "melbo"),
+    ap.add_argument("--replay", nargs="?", const="source16", choices=("source16", "melbo", "keep"),
                     help="train nothing: merge each default draw's pool with 12 (--extra) of its --source 16 draw "
-                         "(or of its --method melbo draw) from --results and re-rank offline")
+                         "(or of its --method melbo draw) from --results and re-rank offline; keep: other keep rules "
+                         "on the rows stored with --texts")
     ap.add_argument("--extra", type=int, default=12, help="with --replay: candidates taken from the other draw")
     a = ap.parse_args()
+    if a.replay == "keep":
+        return replay_keep(Path(a.results))
     if a.replay:
         return replay(Path(a.results), a.replay, a.extra)
     unknown = sorted(set(a.organisms) - set(ORGANISMS))
