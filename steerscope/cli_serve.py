@@ -24,7 +24,7 @@ def cmd_serve(cfg: ServeConfig) -> int:
 
     key = cfg.check()  # before loading anything
     lm = cfg.model.load()
-    store = VectorStore(lm, check_model=not cfg.allow_other_model)
+    store = VectorStore(lm, check_model=not cfg.allow_other_model, max_steer_ratio=cfg.max_steer_ratio)
     for path in cfg.vectors:
         name = store.load_path(path)
         say(f"loaded vectors {name!r} from {path}")

@@ -20,6 +20,7 @@ from ._tensors import as_rows
 from .interventions.ops import Ablate, Add
 from .interventions.positions import ALL, Positions
 from .interventions.steer import steer
+from .models.compat import accepts, with_cache
 
 
 @dataclass
@@ -147,10 +148,8 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
 def _last_logits(lm, enc) -> torch.Tensor:
     """(B, vocab) float32 logits at the last position only: the unembedding is not run at the
     other positions (`logits_to_keep`, ~20 % of a small model's forward and B x T x vocab floats)."""
-    try:
-        return lm.forward(**enc, logits_to_keep=1).logits[:, -1].float()
-    except TypeError:  # a model class without logits_to_keep
-        return lm.forward(**enc).logits[:, -1].float()
+    kw = {"logits_to_keep": 1} if accepts(lm.model, "logits_to_keep") else {}  # decided by signature, not by retrying a TypeError
+    return lm.forward(**enc, **kw).logits[:, -1].float()
 
 
 def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None,
@@ -307,6 +306,8 @@ class _SharedPrefix:
     def logits(self, chunk, ivs) -> torch.Tensor:
         try:
             out = self._shared(chunk, ivs)
+        except SteerscopeError:
+            raise  # a transformers internal steerscope cannot read: never hidden behind the plain path
         except Exception:  # an architecture whose blocks cannot continue a prefix cache
             self.ok = False
             return self._plain(chunk, ivs)
@@ -332,14 +333,13 @@ class _SharedPrefix:
         cache = DynamicCache()
         pre = self.prefix.to(lm.device)[None].expand(len(heads), C)
         with steer(lm, *ivs(heads)):
-            lm.forward(pre, torch.ones_like(pre), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _last_logits(lm, {"input_ids": pre, "attention_mask": torch.ones_like(pre), **with_cache(lm.model, cache)})
         order = list(firsts)
         cache.batch_select_indices(torch.tensor([order.index(vi) for vi, _ in chunk], device=lm.device))
         suf, smask = _left_pad([self.suffix[pi] for _, pi in chunk], lm.tokenizer.pad_token_id, lm.device)
         full_mask = torch.cat([torch.ones(len(chunk), C, dtype=smask.dtype, device=lm.device), smask], dim=1)
         with steer(lm, *ivs(chunk)):
-            return _last_logits(lm, {"input_ids": suf, "attention_mask": full_mask, "past_key_values": cache,
-                                     "use_cache": True})
+            return _last_logits(lm, {"input_ids": suf, "attention_mask": full_mask, **with_cache(lm.model, cache)})
 
 
 def _left_pad(seqs: list[torch.Tensor], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ def test_shared_prefix_replay_equals_hook_steering(arch):
     lm = tiny_lm(arch)
     lr = LayerRange(lm, SHARED, 0, 2, chat=False)
     plain = LayerRange(lm, SHARED, 0, 2, chat=False, share_prefix=False)
-    assert lr.shared_prefix == len("Once upon a time, ") and plain.shared_prefix == 0
+    assert lr.shared_prefix == len("Once upon a time, ") and plain.shared_prefix == 0, lr.prefix_skipped
     theta = torch.stack([rand_vec(lm, seed=i, scale=5) for i in range(2)])
     z = lr.run(theta)
     for k in range(2):

@@ -3,7 +3,8 @@
 A forward call may be a full pass over a (left-padded) batch, the prefill of `generate`, or one
 cached decoding step that sees a single new token per row. `StepState` is updated by an observer
 hook on the decoder stack before every call: from the 2-D attention mask over past + current
-tokens and the cache length it derives, for every token of the call,
+tokens and the cache length (`models.compat.past_length`, which raises rather than guess), for
+every token of the call,
 
     abs_pos[b, t]  index of the token in row b's unpadded sequence (0 = first real token)
     valid[b, t]    False on padding, which is never steered
@@ -22,6 +23,7 @@ import torch
 
 from ..config import parse_last
 from ..errors import SteerscopeError
+from ..models.compat import check_positions, past_length
 
 PositionKind = Literal["all", "prompt", "generated", "range", "prompt_tail"]
 
@@ -157,28 +159,22 @@ class StepState:
             raise SteerscopeError("steerscope needs input_ids or inputs_embeds to track positions.")
         B, T = int(ref.shape[0]), int(ref.shape[1])
         device = ref.device
-        cache = kwargs.get("past_key_values")
-        cache_pos = kwargs.get("cache_position")
-        if cache_pos is not None:
-            past = int(cache_pos.reshape(-1)[0])
-        elif cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
-        else:
-            past = 0
         am = kwargs.get("attention_mask")
         if isinstance(am, dict) or (am is not None and am.dim() != 2):
             raise SteerscopeError("steerscope needs a 2-D (batch, seq) attention mask to know which tokens are padding.")
+        # Never assume an empty cache: past_length raises, naming the transformers version, when
+        # this call's cached-token count cannot be read (a cached step read as past = 0 steers
+        # the wrong tokens of every left-padded row).
+        past = past_length(args, kwargs, T, None if am is None else int(am.shape[1]))
         if am is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=device)
             abs_pos = torch.arange(past, past + T, device=device).expand(B, T)
         else:
-            am = am.to(device).bool()
-            if am.shape[1] >= past + T:
-                full = am[:, : past + T]  # (B, past + T): a static cache may pass a wider mask
-                abs_pos = (full.long().cumsum(-1) - 1)[:, -T:]
-                valid = full[:, -T:]
-            else:
-                raise SteerscopeError(f"attention mask of width {am.shape[1]} does not cover {past} cached + {T} new tokens.")
+            full = am.to(device).bool()[:, : past + T]  # (B, past + T): a static cache may pass a wider mask
+            abs_pos = (full.long().cumsum(-1) - 1)[:, -T:]
+            valid = full[:, -T:]
+        if past > 0:
+            check_positions(kwargs, abs_pos, valid)
         self.abs_pos, self.valid = abs_pos, valid
         self.all_valid = bool(valid.all())
         self._masks = {}

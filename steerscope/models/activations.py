@@ -95,3 +95,24 @@ def read_layer(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor, site: str 
     except StopForward:
         pass
     return store["x"]
+
+
+NEUTRAL_TEXTS = ("The weather today is mild and the streets are quiet.",
+                 "Please summarise the main points of the meeting.",
+                 "A recipe needs flour, water, salt and time.",
+                 "Explain how a bicycle stays upright.")
+
+
+@torch.no_grad()
+def residual_norms(lm, texts: Sequence[str] = NEUTRAL_TEXTS) -> torch.Tensor:
+    """(n_layers,) float32 median L2 norm of the residual stream (resid_post) per layer over the
+    real tokens of `texts`, the first token of each left out (the attention sink: its norm is
+    often 10-1000x the rest). The scale against which a steering vector's size means something."""
+    layers = list(range(lm.n_layers))
+    enc = lm.encode(list(texts), chat=False)
+    keep = enc["attention_mask"].bool().clone()  # (B, T)
+    first = keep.long().argmax(-1)  # each row's first real token
+    keep[torch.arange(keep.shape[0]), first] = False
+    with record(lm, layers) as acts:
+        lm.forward(**enc)
+    return torch.stack([acts[l].float().norm(dim=-1)[keep.to(acts[l].device)].median().cpu() for l in layers])

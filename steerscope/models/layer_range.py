@@ -27,6 +27,7 @@ import torch
 
 from ..config import parse_last
 from ..errors import SteerscopeError
+from .compat import with_cache
 from .hooks import StopForward, hooks
 
 
@@ -104,7 +105,9 @@ class _PrefixKV:
         self.P, self.C, self.mode = P, C, "prefix"
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, key, value, layer_idx, cache_kwargs=None):  # (B, heads, T, head_dim)
+    # The trailing arguments are named `cache_kwargs` before transformers 5.25 and `kwargs` from
+    # it on; they carry nothing this class needs.
+    def update(self, key, value, layer_idx, *_args, **_kwargs):  # (B, heads, T, head_dim)
         if self.mode == "prefix":
             self.kv[layer_idx] = (key, value)
             return key, value
@@ -160,6 +163,7 @@ class LayerRange:
         C = common_prefix(self.enc["input_ids"], self.enc["attention_mask"]) if share_prefix and self.P > 1 else 0
         self._want_prefix = C if C >= min_prefix else 0
         self.shared_prefix = 0  # tokens actually shared (0 = plain rows), set by capture()
+        self.prefix_skipped: str | None = None  # why a wanted shared prefix fell back to plain rows
         self.capture()
 
     @torch.no_grad()
@@ -218,11 +222,14 @@ class LayerRange:
         cache = DynamicCache()
         try:
             h_pre, _, calls_pre = self._record(input_ids=pre_ids, attention_mask=torch.ones_like(pre_ids),
-                                               past_key_values=cache, use_cache=True)
+                                               **with_cache(self.lm.model, cache))
             full_mask = torch.cat([torch.ones(P, C, dtype=mask.dtype, device=mask.device), suf_mask], dim=1)  # cached prefix + suffix
-            h_suf, _, calls_suf = self._record(input_ids=suf_ids, attention_mask=full_mask, past_key_values=cache,
-                                               use_cache=True)
-        except Exception:  # an architecture whose blocks cannot take a prefix cache: plain rows
+            h_suf, _, calls_suf = self._record(input_ids=suf_ids, attention_mask=full_mask,
+                                               **with_cache(self.lm.model, cache))
+        except SteerscopeError:
+            raise  # a transformers internal steerscope cannot read: never hidden behind plain rows
+        except Exception as e:  # an architecture whose blocks cannot take a prefix cache: plain rows
+            self.prefix_skipped = f"{type(e).__name__}: {e}"  # slower, still exact; tests read why
             return
         # original position j of row p <- position in [prefix | left-padded suffix] layout
         j = torch.arange(T, device=ids.device)[None, :]
@@ -235,8 +242,8 @@ class LayerRange:
         self.shared_prefix = C
         try:
             z = self.run(torch.zeros(1, self.lm.d_model, dtype=self.h_source.dtype, device=self.h_source.device))
-        except Exception:
-            self.shared_prefix = 0
+        except Exception as e:  # noqa: BLE001 - a replay that cannot run falls back to plain rows
+            self.shared_prefix, self.prefix_skipped = 0, f"{type(e).__name__}: {e}"
             return
         # Per-token relative error: a few tokens (the attention sink) have norms 10^3-10^4 times
         # the rest, so a tolerance on the largest value would hide errors on ordinary tokens.
@@ -246,7 +253,7 @@ class LayerRange:
         rel = ((z.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6))[self.valid].max()
         tol = 1e-4 if self.z_target.dtype in (torch.float32, torch.float64) else 0.1
         if not bool(rel <= tol):
-            self.shared_prefix = 0
+            self.shared_prefix, self.prefix_skipped = 0, f"replay differs from the plain forward (relative error {float(rel):.2g})"
 
     def run(self, theta: torch.Tensor) -> torch.Tensor:
         """Z_t for each vector: theta (K, d) added at every real token of layer `source`.

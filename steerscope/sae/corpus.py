@@ -24,6 +24,7 @@ from .._io import write_text_atomic
 from ..checkpoint import Checkpoint, config_key
 from ..config import Config, config_to_dict
 from ..errors import SteerscopeError
+from ..models.compat import with_cache
 
 TOPICS = (
     "volcanoes", "bread baking", "the Roman empire", "honeybees", "chess openings", "black holes", "tax forms",
@@ -76,7 +77,7 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
     eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tok.eos_token_id])
     eos_ids = set(eos.tolist())
     cache = DynamicCache()
-    out = lm.forward(ids, mask, past_key_values=cache, use_cache=True)
+    out = lm.forward(ids, mask, **with_cache(lm.model, cache))
     done = torch.zeros(len(texts), dtype=torch.bool)
     new = []
     for _ in range(max_new_tokens):
@@ -89,7 +90,7 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
         if bool(done.all()):
             break
         mask = torch.cat([mask, (~done).long().unsqueeze(-1).to(mask.device)], dim=-1)
-        out = lm.forward(nxt.unsqueeze(-1).to(lm.device), mask, past_key_values=cache, use_cache=True)
+        out = lm.forward(nxt.unsqueeze(-1).to(lm.device), mask, **with_cache(lm.model, cache))
     gen = torch.stack(new, dim=1)  # (B, new)
     res = []
     for row in gen.tolist():

@@ -23,8 +23,8 @@ request reaches it, and the engine's hooks live only inside one forward pass.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import secrets
 import time
 import uuid
 from importlib import resources
@@ -36,10 +36,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ..errors import SteerscopeError
 from .config import ServeConfig
 from .engine import DoneEvent, Engine, GenRequest, QueueFull, TokenEvent
+from .guard import Guard
+from .schema import ChatBody, CompletionBody, UploadBody, parse_body
 from .store import RequestError, VectorStore, parse_steering
 
 def _err(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
             429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
 
@@ -51,17 +53,9 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
     names = {lm.model_id, "steerscope", "default"}
     app.state.engine, app.state.store, app.state.lm = engine, store, lm
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            ok = hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())  # constant time
-            if not ok:
-                return _err("missing or wrong API key: send `Authorization: Bearer KEY`.", 401)
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limit):
-            return _err(f"the request body is larger than {cfg.max_body_kb} KiB (--max-body-kb).", 413)
-        return await call_next(request)
+    # A pure ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect
+    # from the handlers, so a non-streamed request kept decoding after its client left.
+    app.add_middleware(Guard, api_key=api_key, max_body=limit, max_body_kb=cfg.max_body_kb, error=_err)
 
     async def body_of(request: Request) -> dict[str, Any]:
         chunks, n = [], 0
@@ -90,6 +84,13 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
     async def playground():
         return HTMLResponse(resources.files(__package__).joinpath("playground.html").read_text(encoding="utf-8"))
 
+    @app.get("/health")
+    async def health():
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped", "model": lm.model_id,
+                             "running_rows": engine.busy_rows, "waiting": engine.inbox.qsize()},
+                            status_code=200 if ok else 503)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": lm.model_id, "object": "model", "created": 0, "owned_by": "steerscope",
@@ -101,7 +102,7 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
 
     @app.post("/v1/vectors")
     async def upload(request: Request):
-        body = await body_of(request)
+        body = parse_body(UploadBody, await body_of(request))
         name = await asyncio.to_thread(store.upload, body)
         return JSONResponse({"object": "vector_set", "name": name,
                              "data": [d for d in store.describe() if d["name"] == name]}, status_code=201)
@@ -111,37 +112,45 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
         store.remove(name)
         return {"object": "vector_set.deleted", "name": name, "deleted": True}
 
-    def gen_request(body: dict, prompt_ids: list[int], sink) -> GenRequest:
-        """Every sampling field checked; steering resolved against the store."""
-        if body.get("model") is not None and body["model"] not in names:
-            raise RequestError(f"model {body['model']!r} is not served here; use {lm.model_id!r} (GET /v1/models).", 404, "model")
-        if body.get("n", 1) != 1:
+    def gen_request(body, prompt_ids: list[int], sink) -> GenRequest:
+        """A validated body (`schema`) checked against the model and the server's limits."""
+        if body.model is not None and body.model not in names:
+            raise RequestError(f"model {body.model!r} is not served here; use {lm.model_id!r} (GET /v1/models).", 404, "model")
+        if body.n not in (None, 1):
             raise RequestError("only n=1 is supported; send several requests (they are batched together).", param="n")
-        mt = body.get("max_completion_tokens", body.get("max_tokens"))
+        mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         mt = cfg.default_max_tokens if mt is None else mt
-        if isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= cfg.max_tokens_limit:
+        if not 1 <= mt <= cfg.max_tokens_limit:
             raise RequestError(f"max_tokens must be an integer in 1..{cfg.max_tokens_limit} (--max-tokens-limit), got {mt!r}.",
                                param="max_tokens")
-        temperature = _number(body, "temperature", 0.0, 0.0, 100.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-        seed = body.get("seed", 0)
-        if seed is None:
-            seed = 0
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RequestError(f"seed must be an integer, got {seed!r}.", param="seed")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        context = _context_length(lm)
+        if context is not None and len(prompt_ids) + mt > context:
+            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({mt}) exceeds the model's context "
+                               f"of {context} tokens; shorten the prompt or lower max_tokens.", param="max_tokens")
+        temperature = 0.0 if body.temperature is None else body.temperature
+        top_p = 1.0 if body.top_p is None else body.top_p
+        # Sampling with no seed draws one (returned in the response, so the text can be reproduced).
+        seed = body.seed if body.seed is not None else (secrets.randbits(31) if temperature > 0 else 0)
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if len(stop) > 4 or not all(stop):
             raise RequestError("stop must be a non-empty string or a list of at most 4.", param="stop")
-        ignore_eos = body.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise RequestError("ignore_eos must be true or false.", param="ignore_eos")
-        steering = parse_steering(store, lm, body.get("steering"), body.get("projection"), cfg.max_vectors_per_request)
-        return GenRequest(prompt_ids, steering, mt, sink, temperature, top_p, seed, tuple(stop), ignore_eos)
+        logprobs = None
+        if isinstance(body, ChatBody):
+            if body.top_logprobs is not None and not body.logprobs:
+                raise RequestError("top_logprobs needs \"logprobs\": true.", param="top_logprobs")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        elif body.logprobs is not None:
+            logprobs = body.logprobs
+        steering = parse_steering(store, lm, body.steering, body.projection, cfg.max_vectors_per_request)
+        return GenRequest(prompt_ids, steering, mt, sink, temperature, top_p, seed, tuple(stop), body.ignore_eos,
+                          body.presence_penalty, body.frequency_penalty, logprobs)
 
     async def run(request: Request, chat: bool):
-        body = await body_of(request)
-        prompt_ids = await asyncio.to_thread(_prompt_ids, lm, body, chat)
+        body = parse_body(ChatBody if chat else CompletionBody, await body_of(request))
+        prompt_ids = await asyncio.to_thread(_prompt_ids, lm, body, chat, engine.tokenizer_lock)
+        if len(prompt_ids) > cfg.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most {cfg.max_prompt_tokens} "
+                               "(--max-prompt-tokens).", param="messages" if chat else "prompt")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req = gen_request(body, prompt_ids, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
@@ -151,29 +160,43 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
             raise RequestError(str(e), 429) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         meta = {"id": rid, "created": int(time.time()), "model": lm.model_id}
-        if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(events, req, meta, chat, usage), media_type="text/event-stream",
+        lp = _LogprobFormat(lm, engine.tokenizer_lock, chat) if req.logprobs is not None else None
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(events, req, meta, chat, usage, lp), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, tokens, projections = [], [], []
+        text, tokens, projections, token_events = [], [], [], []
+        checked = time.monotonic()
         try:
             while True:
-                e = await events.get()
+                try:
+                    e = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    e = None
+                if time.monotonic() - checked >= 0.25:  # also while tokens keep coming
+                    checked = time.monotonic()
+                    if await request.is_disconnected():  # the client left: free its row now
+                        req.cancelled.set()
+                        return JSONResponse({}, status_code=499)
                 if isinstance(e, TokenEvent):
                     text.append(e.text)
                     if e.token_id is not None:
                         tokens.append(e.token_id)
                         projections.append(e.projection)
+                        token_events.append(e)
                 elif isinstance(e, DoneEvent):
                     break
         finally:
             req.cancelled.set()  # no-op when finished; stops the row when this handler is cancelled
         if e.finish_reason == "error":
             return _err(f"generation failed: {e.error}", 500)
-        extra = {"token_ids": tokens, "projections": projections if req.steering.probe is not None else None}
+        extra = {"token_ids": tokens, "projections": projections if req.steering.probe is not None else None,
+                 "seed": req.seed}
         content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": e.finish_reason}
-                  if chat else {"index": 0, "text": content, "finish_reason": e.finish_reason, "logprobs": None})
+        logprobs = lp.whole(token_events) if lp is not None else None
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": e.finish_reason,
+                   "logprobs": logprobs}
+                  if chat else {"index": 0, "text": content, "finish_reason": e.finish_reason, "logprobs": logprobs})
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                 "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens,
                           "total_tokens": e.prompt_tokens + e.completion_tokens}, "steerscope": extra}
@@ -189,57 +212,78 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
     return app
 
 
-def _number(body: dict, key: str, default: float, lo: float, hi: float, low_open: bool = False) -> float:
-    import math
+def _context_length(lm) -> int | None:
+    """The model's context in tokens (None when its config names none)."""
+    cfg = lm.model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi or (low_open and v <= lo):
-        raise RequestError(f"{key} must be a number in {'(' if low_open else '['}{lo:g}, {hi:g}], got {v!r}.", param=key)
-    return float(v)
 
-
-def _prompt_ids(lm, body: dict, chat: bool) -> list[int]:
+def _prompt_ids(lm, body, chat: bool, tok_lock) -> list[int]:
     """Token ids exactly as `generate` encodes them (chat template with the generation prompt,
-    or the raw prompt)."""
+    or the raw prompt); the tokenizer is shared with the engine thread, hence the lock."""
     if chat:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise RequestError("messages must be a non-empty list of {\"role\", \"content\"}.", param="messages")
-        clean = []
-        for k, m in enumerate(msgs):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text") or None
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise RequestError(f"messages[{k}] must be {{\"role\": system|user|assistant, \"content\": text}}.", param="messages")
-            clean.append({"role": m["role"], "content": content})
         if not lm.has_chat_template:
             raise RequestError(f"{lm.model_id} has no chat template; use /v1/completions.", param="messages")
-        text = lm.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-        enc = lm.encode([text], formatted=True)
+        clean = [{"role": m.role, "content": m.text()} for m in body.messages]
+        with tok_lock:
+            text = lm.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            enc = lm.encode([text], formatted=True)
     else:
-        prompt = body.get("prompt")
+        prompt = body.prompt
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("prompt must be one non-empty string (send several requests for several prompts).", param="prompt")
-        enc = lm.encode([prompt], chat=False)
+        with tok_lock:
+            enc = lm.encode([prompt], chat=False)
     return enc["input_ids"][0].tolist()
 
 
-async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, usage: bool):
+class _LogprobFormat:
+    """OpenAI's logprobs objects from TokenEvents: chat's {"content": [{token, logprob, bytes,
+    top_logprobs}]} or completions' {tokens, token_logprobs, top_logprobs, text_offset}."""
+
+    def __init__(self, lm, tok_lock, chat: bool):
+        self.tok, self.lock, self.chat, self.offset = lm.tokenizer, tok_lock, chat, 0
+
+    def _text(self, token_id: int) -> str:
+        with self.lock:
+            return self.tok.decode([token_id])
+
+    def entry(self, e: TokenEvent) -> dict:
+        s = self._text(e.token_id)
+        if self.chat:
+            top = [{"token": (t := self._text(i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in e.top_logprobs or ()]
+            return {"token": s, "logprob": e.logprob, "bytes": list(s.encode()), "top_logprobs": top}
+        top = {self._text(i): lp for i, lp in e.top_logprobs or ()}
+        out = {"token": s, "token_logprob": e.logprob, "top_logprobs": top, "text_offset": self.offset}
+        self.offset += len(s)
+        return out
+
+    def whole(self, events: list[TokenEvent]) -> dict:
+        rows = [self.entry(e) for e in events]
+        if self.chat:
+            return {"content": rows}
+        return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["token_logprob"] for r in rows],
+                "top_logprobs": [r["top_logprobs"] for r in rows], "text_offset": [r["text_offset"] for r in rows]}
+
+
+async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, usage: bool, lp: _LogprobFormat | None):
     """Server-sent events in OpenAI's chunk format, then `data: [DONE]`. A client that leaves
     cancels the generator here, which cancels the row at the engine's next step."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, extra: dict | None = None, role: bool = False) -> str:
+    def chunk(text: str | None, finish: str | None, extra: dict | None = None, role: bool = False,
+              logprobs: dict | None = None) -> str:
         if chat:
             delta = ({"role": "assistant", "content": ""} if role else {"content": text}) if text is not None or role else {}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         out = {**meta, "object": obj, "choices": [choice]}
         if extra is not None:
             out["steerscope"] = extra
@@ -251,7 +295,9 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
         while True:
             e = await events.get()
             if isinstance(e, TokenEvent):
-                yield chunk(e.text, None, {"token_id": e.token_id, "projection": e.projection})
+                logprobs = lp.whole([e]) if lp is not None and e.token_id is not None else None
+                yield chunk(e.text, None, {"token_id": e.token_id, "projection": e.projection, "seed": req.seed},
+                            logprobs=logprobs)
             else:
                 break
         if e.finish_reason == "error":
@@ -278,7 +324,7 @@ class Server:
         import uvicorn
 
         self.lm, self.cfg = lm, cfg
-        self.store = store or VectorStore(lm, check_model=not cfg.allow_other_model)
+        self.store = store or VectorStore(lm, check_model=not cfg.allow_other_model, max_steer_ratio=cfg.max_steer_ratio)
         self.engine = Engine(lm, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue,
                              use_cache=cfg.kv_cache)
         self.app = create_app(lm, self.store, self.engine, cfg, api_key)

@@ -37,6 +37,10 @@ class ServeConfig(Config):
     """max_tokens when a request gives none"""
     max_vectors_per_request: int = field(default=8, metadata={"min": 1})
     """most steering vectors (additions + ablations) in one request"""
+    max_prompt_tokens: int = field(default=4096, metadata={"min": 1})
+    """longest prompt in tokens (prompt + max_tokens must also fit the model's context)"""
+    max_steer_ratio: float = field(default=100.0, metadata={"min": 0})
+    """largest steering vector a request or upload may use, |coef x vector|, as a multiple of the model's median residual norm at the vector's layer"""
     max_body_kb: int = field(default=8192, metadata={"min": 1})
     """largest request body in KiB (vector uploads are base64 in JSON)"""
     kv_cache: bool = True

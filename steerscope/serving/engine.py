@@ -37,6 +37,7 @@ from ..generation import row_generator, sample_rows
 from ..interventions.ops import Ablate, Add, Intervention
 from ..interventions.positions import Positions
 from ..interventions.steer import steer
+from ..models.compat import accepts, cache_layers, with_cache
 from ..models.registry import Site
 
 
@@ -72,6 +73,8 @@ class TokenEvent:
     token_id: int | None  # None: text held back earlier, handed out at the end (no new token)
     text: str  # new text (may be "" while a multi-byte character or a stop string is pending)
     projection: float | None
+    logprob: float | None = None  # log p(token) under the steered model (after penalties, before temperature)
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # the most likely (token id, log p), best first
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class GenRequest:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep decoding past EOS (fixed-length runs, as vLLM's ignore_eos)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of a generated token
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -105,25 +111,31 @@ class QueueFull(SteerscopeError):
 
 # ---- one row of the running batch ------------------------------------------------------------------
 class _Row:
-    def __init__(self, req: GenRequest, tokenizer, eos: set[int]):
-        self.req, self.tok, self.eos = req, tokenizer, eos
+    def __init__(self, req: GenRequest, tokenizer, eos: set[int], tok_lock: threading.Lock):
+        self.req, self.tok, self.eos, self.tok_lock = req, tokenizer, eos, tok_lock
         self.ids: list[int] = []
         self.sent = ""  # text already handed out
         self.last: int | None = None
         self.gen = row_generator(req.seed) if req.temperature > 0 else None
         self.done = False
+        self._lp: tuple | None = None  # (logprob, top) of the latest token, when the request asks
 
     @property
     def prompt_len(self) -> int:
         return len(self.req.prompt_ids)
 
-    def push(self, token: int, projection: float | None) -> None:
+    def decode(self) -> str:
+        with self.tok_lock:  # a fast tokenizer is not safe to use from two threads at once
+            return self.tok.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int, projection: float | None, lp: tuple | None = None) -> None:
         """Record a sampled token, hand out the new text, finish on EOS / stop / length."""
         if token in self.eos and not self.req.ignore_eos:
             return self.finish("stop")
         self.ids.append(token)
         self.last = token
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self._lp = lp
+        text = self.decode()
         hits = [i for i in (text.find(s, max(0, len(self.sent) - len(s))) for s in self.req.stop) if i >= 0]
         if hits:
             self._emit(token, text[:min(hits)], projection)
@@ -142,7 +154,8 @@ class _Row:
     def _emit(self, token: int | None, upto: str, projection: float | None) -> None:
         new = upto[len(self.sent):] if upto.startswith(self.sent) else ""
         self.sent += new
-        self._send(TokenEvent(token, new, projection))
+        lp = self._lp if token is not None else None
+        self._send(TokenEvent(token, new, projection, *(lp or (None, None))))
 
     def _send(self, event) -> None:
         try:
@@ -157,7 +170,7 @@ class _Row:
         if flush and reason in ("stop", "length"):
             # text held back (a tail that looked like the start of a stop string, or a
             # character that never completed) is handed out as a text-only event
-            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            text = self.decode()
             if len(text) > len(self.sent) and text.startswith(self.sent):
                 self._emit(None, text, None)
         self._send(DoneEvent(reason, self.prompt_len, len(self.ids), error))
@@ -221,6 +234,29 @@ def _interventions(lm, rows: list[_Row], probes: dict) -> list:
     return out
 
 
+def _penalised(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over each row's generated tokens (a new
+    tensor; rows without penalties unchanged)."""
+    out = None
+    for i, r in enumerate(rows):
+        pp, fp = r.req.presence_penalty, r.req.frequency_penalty
+        if (pp or fp) and r.ids:
+            if out is None:
+                out = logits.clone()
+            counts = torch.bincount(torch.tensor(r.ids), minlength=logits.shape[-1])[: logits.shape[-1]]
+            counts = counts.to(logits.device, logits.dtype)
+            out[i] -= fp * counts + pp * (counts > 0).to(logits.dtype)
+    return logits if out is None else out
+
+
+def _logprobs(row_logits: torch.Tensor, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """(log p(token), the k most likely (token id, log p)) from one row's (vocab,) logits."""
+    lsm = torch.log_softmax(row_logits.float(), dim=-1)
+    top = torch.topk(lsm, k) if k > 0 else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+    return float(lsm[token]), pairs
+
+
 def _lpad(t: torch.Tensor, T: int, dim: int) -> torch.Tensor:
     """Left-pad `t` with zeros along `dim` to length T."""
     n = T - t.shape[dim]
@@ -248,6 +284,8 @@ class Engine:
         self.mask: torch.Tensor | None = None  # (B, T) attention mask over the cache
         self.joinable = True  # set False on the first cache that cannot be padded and joined
         self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "errors": 0}
+        # Held around every use of the tokenizer, here and by the server's request threads.
+        self.tokenizer_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -264,12 +302,16 @@ class Engine:
         for r in self.rows:
             r.finish("cancelled")
         while not self.inbox.empty():
-            _Row(self.inbox.get_nowait(), self.lm.tokenizer, self.eos).finish("cancelled")
+            _Row(self.inbox.get_nowait(), self.lm.tokenizer, self.eos, self.tokenizer_lock).finish("cancelled")
 
     def submit(self, req: GenRequest) -> None:
         if self.inbox.qsize() >= self.max_queue:
             raise QueueFull(f"the server has {self.max_queue} requests waiting; retry later.")
         self.inbox.put(req)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     @property
     def busy_rows(self) -> int:
@@ -301,44 +343,70 @@ class Engine:
         live = []
         for r in new:
             if r.cancelled.is_set():  # the client left while waiting
-                _Row(r, self.lm.tokenizer, self.eos).finish("cancelled")
+                _Row(r, self.lm.tokenizer, self.eos, self.tokenizer_lock).finish("cancelled")
             else:
                 live.append(r)
         return live
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            new = [_Row(r, self.lm.tokenizer, self.eos) for r in self._take()]
-            involved = self.rows + new
-            try:
-                if new:
-                    self._admit(new)
-                if self.rows:
+            new = [_Row(r, self.lm.tokenizer, self.eos, self.tokenizer_lock) for r in self._take()]
+            if new:
+                self._admit_isolated(new)
+            if self.rows:
+                try:
                     self._step()
-            except Exception as e:  # a failing forward fails the rows in it; the server goes on
-                self.stats["errors"] += 1
-                traceback.print_exc(file=sys.stderr)
-                for r in involved:
-                    r.finish("error", f"{type(e).__name__}: {e}")
-                self.rows, self.cache, self.mask = [], None, None
-            new = involved = None  # drop finished rows now, not when the next request arrives
+                except Exception as e:  # one decode forward serves every running row: all fail, the server goes on
+                    self._fail(self.rows, e)
+                    self.rows, self.cache, self.mask = [], None, None
+            new = None  # drop finished rows now, not when the next request arrives
+
+    def _fail(self, rows: list[_Row], e: Exception) -> None:
+        self.stats["errors"] += 1
+        traceback.print_exc(file=sys.stderr)
+        for r in rows:
+            r.finish("error", f"{type(e).__name__}: {e}")
+
+    def _admit_isolated(self, new: list[_Row]) -> None:
+        """Admit new rows together; if their shared prefill fails, admit each alone, so only the
+        request that caused the failure gets the error (the running rows are untouched)."""
+        try:
+            return self._admit(new)
+        except Exception as e:
+            if len(new) == 1:
+                return self._fail(new, e)
+        for r in new:
+            if r.done:
+                continue
+            if r.ids:  # the failure came after its first token was handed out: it cannot be redone
+                self._fail([r], RuntimeError("its batch failed after the prefill"))
+                continue
+            try:
+                self._admit([r])
+            except Exception as e:
+                self._fail([r], e)
 
     @torch.no_grad()
     def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """(B, vocab) float32 last-position logits with each row's steering; records probes."""
         probes: dict = {}
         plen = torch.tensor([r.prompt_len for r in rows])
-        kw = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        model = self.lm.model
+        kw = with_cache(model, cache) if cache is not None else {"use_cache": False}
+        if accepts(model, "logits_to_keep"):
+            kw["logits_to_keep"] = 1
         with steer(self.lm, *_interventions(self.lm, rows, probes), prompt_len=plen):
-            try:
-                logits = self.lm.forward(ids, mask, logits_to_keep=1, **kw).logits[:, -1].float()
-            except TypeError:
-                logits = self.lm.forward(ids, mask, **kw).logits[:, -1].float()
+            logits = self.lm.forward(ids, mask, **kw).logits[:, -1].float()
         self._probes = probes
         return logits
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each live row's next token (greedy, or its own random stream) and push it."""
+        logits = _penalised(rows, logits)
+        # Rows are independent in the forward pass: a row whose steering overflowed fails alone.
+        for i in (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist():
+            rows[i].finish("error", "the steered forward pass gave non-finite logits: the steering is too strong "
+                                    "for this model; lower `coef`.")
         tokens = logits.argmax(-1).tolist()  # greedy rows (what transformers' greedy decoding picks)
         hot = [i for i, r in enumerate(rows) if r.gen is not None and not r.done]
         if hot:
@@ -351,7 +419,7 @@ class Engine:
                 continue
             p = r.req.steering.probe
             proj = float(self._probes[p[1]][i]) if p is not None and p[1] in self._probes else None
-            r.push(int(t), proj)
+            r.push(int(t), proj, _logprobs(logits[i], int(t), r.req.logprobs) if r.req.logprobs is not None else None)
 
     def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         T = max(len(s) for s in seqs)
@@ -372,7 +440,7 @@ class Engine:
         ids, mask = self._padded([r.req.prompt_ids for r in new])
         cache = DynamicCache() if self.use_cache else None
         logits = self._forward(new, ids, mask, cache)
-        if cache is not None and not all(type(l) is DynamicLayer for l in cache.layers):
+        if cache is not None and not all(type(l) is DynamicLayer for l in cache_layers(cache)):
             self.joinable = False  # e.g. sliding-window layers: batches per window from now on
         self._sample(new, logits)
         keep = [i for i, r in enumerate(new) if not r.done]
@@ -394,7 +462,7 @@ class Engine:
     def _join(self, new: list[_Row], cache, mask: torch.Tensor) -> None:
         """Left-pad the two caches (and masks) to one length and stack their rows."""
         T = max(self.mask.shape[1], mask.shape[1])
-        for a, b in zip(self.cache.layers, cache.layers):  # keys/values (B, heads, T, head_dim)
+        for a, b in zip(cache_layers(self.cache), cache_layers(cache)):  # keys/values (B, heads, T, head_dim)
             a.keys = torch.cat([_lpad(a.keys, T, 2), _lpad(b.keys, T, 2)])
             a.values = torch.cat([_lpad(a.values, T, 2), _lpad(b.values, T, 2)])
         self.mask = torch.cat([_lpad(self.mask, T, 1), _lpad(mask, T, 1)])
@@ -431,7 +499,7 @@ class Engine:
             mask = self.mask[keep]
             first = int(mask.any(0).long().argmax())  # columns before this are padding in every row
             if first > 0:
-                for l in self.cache.layers:
+                for l in cache_layers(self.cache):
                     l.keys, l.values = l.keys[:, :, first:], l.values[:, :, first:]
                 mask = mask[:, first:]
             self.mask = mask

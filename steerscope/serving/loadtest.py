@@ -56,10 +56,12 @@ def bad_bodies(good: dict) -> list[tuple[bytes | dict, int]]:
 async def _one(client, path: str, kind: str, body, expect: int, res: LoadResult, headers: dict) -> None:
     import json
 
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    # raw bytes (malformed JSON, bare NaN) still declare JSON: the server refuses other types (415)
+    kw = {"content": body, "headers": {**headers, "content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body, "headers": headers}
     try:
         if kind == "good":
-            r = await client.post(path, headers=headers, **kw)
+            r = await client.post(path, **kw)
             ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
             res.outcomes["good" if ok else f"failed:{r.status_code}"] += 1
             res.server_errors += r.status_code >= 500
@@ -83,7 +85,7 @@ async def _one(client, path: str, kind: str, body, expect: int, res: LoadResult,
                             break  # leave mid-stream: closing the response drops the connection
             res.outcomes[kind] += 1
         else:
-            r = await client.post(path, headers=headers, **kw)
+            r = await client.post(path, **kw)
             res.outcomes[f"bad:{r.status_code}"] += 1
             res.server_errors += r.status_code >= 500
             if r.status_code != expect or "error" not in r.json():

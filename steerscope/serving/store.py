@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from ..directions.vectors import CONFIG_FILE, TENSORS_FILE, SteeringVector, VectorSet
 from ..errors import SteerscopeError
@@ -48,10 +49,53 @@ class _Entry:
 class VectorStore:
     """Thread-safe name -> VectorSet map for one loaded model."""
 
-    def __init__(self, lm, *, check_model: bool = True, max_sets: int = 256):
-        self.lm, self.check_model, self.max_sets = lm, check_model, max_sets
+    def __init__(self, lm, *, check_model: bool = True, max_sets: int = 256, max_steer_ratio: float = 100.0):
+        from ..models.activations import residual_norms
+
+        self.lm, self.check_model, self.max_sets, self.max_steer_ratio = lm, check_model, max_sets, max_steer_ratio
         self._sets: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        # (n_layers,) the model's typical residual norm per layer: a vector (times its coefficient)
+        # far above it overflows the forward pass or only writes noise; such input is refused.
+        self.resid_norms = residual_norms(lm)
+
+    def check_size(self, norm: float, layer: int, param: str, what: str) -> None:
+        """Refuse a steering vector whose norm (times its coefficient) is not finite or over
+        `max_steer_ratio` x the model's residual norm at its layer."""
+        limit = self.max_steer_ratio * float(self.resid_norms[layer])
+        if not math.isfinite(norm) or norm > limit:
+            raise RequestError(f"`{param}`: {what} = {norm:.3g}, over {self.max_steer_ratio:g} x the model's residual "
+                               f"norm at layer {layer} ({float(self.resid_norms[layer]):.3g}); lower it "
+                               "(the server's limit: --max-steer-ratio).", param=param)
+
+    def vectors(self, ref: Any, param: str, need_layer: bool = True) -> list[SteeringVector]:
+        """The vectors a request names: a stored name (`resolve`) or an inline vector."""
+        if isinstance(ref, str):
+            return self.resolve(ref, param)
+        return [self.inline(ref, param, need_layer)]
+
+    def inline(self, iv, param: str, need_layer: bool) -> SteeringVector:
+        """A vector carried in a request ({"data": base64 float32, "layer"}), checked like an
+        upload (shape, finite values, size against the model) and never stored."""
+        import numpy as np
+
+        raw = _b64(iv.data, f"{param}.data")
+        d = self.lm.d_model
+        if len(raw) != 4 * d:
+            raise RequestError(f"`{param}.data` holds {len(raw)} bytes; this model needs {d} float32 values "
+                               f"({4 * d} bytes, little-endian).", param=f"{param}.data")
+        v = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
+        if not bool(torch.isfinite(v).all()):
+            raise RequestError(f"`{param}.data` has NaN or infinite values.", param=f"{param}.data")
+        layer = iv.layer
+        if layer is None and need_layer:
+            raise RequestError(f"`{param}.layer` is required for an inline vector.", param=f"{param}.layer")
+        if layer is not None and not 0 <= layer < self.lm.n_layers:
+            raise RequestError(f"`{param}.layer` must be an integer in 0..{self.lm.n_layers - 1}, got {layer!r}.",
+                               param=f"{param}.layer")
+        if layer is not None:
+            self.check_size(float(v.double().norm()), layer, f"{param}.data", "the inline vector's norm")
+        return SteeringVector(v, 0 if layer is None else layer, "inline")
 
     # ---- adding ----------------------------------------------------------------------------------
     def add(self, name: str, vs: VectorSet, replace: bool = False) -> str:
@@ -75,39 +119,41 @@ class VectorStore:
             raise SteerscopeError(f"{p} is neither a vector-set folder nor a .gguf control vector.")
         return self._put(name, _Entry(vs, str(p), control), replace)
 
-    def upload(self, body: dict[str, Any]) -> str:
-        """Add an uploaded set: {"name", "config": {...config.json...}, "safetensors": base64}
-        or {"name", "gguf": base64}; "replace": true overwrites a set of the same name."""
-        name = body.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
+    def upload(self, body) -> str:
+        """Add an uploaded set (a validated `schema.UploadBody`): {"name", "config": {...config.json...},
+        "safetensors": base64} or {"name", "gguf": base64}; "replace": true overwrites a set of the same name."""
+        name = body.name
+        if not NAME.match(name):
             raise RequestError("`name` must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit.", param="name")
-        replace = bool(body.get("replace", False))
+        replace = body.replace
         if name in self._sets and not replace:
             raise RequestError(f"a vector set named {name!r} exists; DELETE it first or send \"replace\": true.", 409, "name")
         with tempfile.TemporaryDirectory(prefix="steerscope-upload-") as tmp:
-            if "gguf" in body:
+            if body.gguf is not None:
                 f = Path(tmp) / f"{name}.gguf"
-                f.write_bytes(_b64(body["gguf"], "gguf"))
+                f.write_bytes(_b64(body.gguf, "gguf"))
                 try:
                     return self.load_path(f, name, replace)
                 except RequestError:
                     raise
                 except SteerscopeError as e:
-                    raise RequestError(f"the uploaded control vector was rejected: {e}", param="gguf") from None
-            if "safetensors" not in body or not isinstance(body.get("config"), dict):
+                    raise RequestError(f"the uploaded control vector was rejected: {_hide(e, tmp)}", param="gguf") from None
+            if body.safetensors is None or body.config is None:
                 raise RequestError("send {\"name\", \"config\": <config.json object>, \"safetensors\": <base64>} "
                                    "or {\"name\", \"gguf\": <base64>}.")
             folder = Path(tmp) / name
             folder.mkdir()
-            (folder / CONFIG_FILE).write_text(json.dumps(body["config"]))
-            (folder / TENSORS_FILE).write_bytes(_b64(body["safetensors"], "safetensors"))
+            (folder / CONFIG_FILE).write_text(json.dumps(body.config))
+            (folder / TENSORS_FILE).write_bytes(_b64(body.safetensors, "safetensors"))
             try:
                 vs = VectorSet.load(folder, self.lm, check_model=self.check_model)
             except SteerscopeError as e:
-                raise RequestError(f"the uploaded vector set was rejected: {e}", param="safetensors") from None
+                raise RequestError(f"the uploaded vector set was rejected: {_hide(e, tmp)}", param="safetensors") from None
             return self._put(name, _Entry(vs, "upload", False), replace)
 
     def _put(self, name: str, entry: _Entry, replace: bool) -> str:
+        for sv in entry.vs:  # a stored vector must be usable at coef 1 (and its norm listable)
+            self.check_size(float(sv.vector.double().norm()), sv.layer, "vectors", f"the norm of vector {sv.id!r}")
         with self._lock:
             if name in self._sets and not replace:
                 raise RequestError(f"a vector set named {name!r} exists; DELETE it first or send \"replace\": true.", 409, "name")
@@ -153,6 +199,11 @@ class VectorStore:
                            f"(ids: {', '.join(vs.ids[:8])}{' ...' if len(vs) > 8 else ''}).", param=param)
 
 
+def _hide(e: Exception, tmp: str) -> str:
+    """The error's message with the server's temporary folder left out (clients see it)."""
+    return str(e).replace(tmp + "/", "").replace(tmp, "upload")
+
+
 def _b64(value: Any, field: str) -> bytes:
     if not isinstance(value, str):
         raise RequestError(f"`{field}` must be a base64 string.", param=field)
@@ -162,57 +213,48 @@ def _b64(value: Any, field: str) -> bytes:
         raise RequestError(f"`{field}` is not valid base64.", param=field) from None
 
 
-def parse_steering(store: VectorStore, lm, steering: Any, projection: Any, max_vectors: int) -> RowSteering:
-    """A request's `steering` list and `projection` reference -> RowSteering, every field checked.
+def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: int) -> RowSteering:
+    """A request's validated `steering` items and `projection` (`schema.SteeringItem`,
+    `schema.Projection`, a name or an inline vector) -> RowSteering, checked against the model.
 
     steering: [{"vector": REF, "coef": x, "layer"?: L, "positions"?: P}, {"ablate": REF, "positions"?: P}]
+    REF: a stored vector's name, or {"data": base64 float32, "layer": L} (never stored).
     positions: all | prompt | generated | A:B | last:K (as `steerscope generate --positions`).
     """
-    if steering is None:
-        steering = []
-    if not isinstance(steering, list):
-        raise RequestError("`steering` must be a list of {\"vector\", \"coef\", \"layer\"?, \"positions\"?} "
-                           "or {\"ablate\"} objects.", param="steering")
     adds, ablations = [], []
-    for k, item in enumerate(steering):
+    for k, item in enumerate(steering or []):
         where = f"steering[{k}]"
-        if not isinstance(item, dict):
-            raise RequestError(f"`{where}` must be an object such as {{\"vector\": \"SET/ID\", \"coef\": 4}}.", param=where)
-        unknown = set(item) - {"vector", "coef", "layer", "positions", "ablate"}
-        if unknown:
-            raise RequestError(f"`{where}` has unknown keys {sorted(unknown)}; use vector, coef, layer, positions or ablate.", param=where)
-        positions = _positions(item.get("positions", "all"), where)
-        if "ablate" in item:
-            if "vector" in item or "coef" in item or "layer" in item:
+        positions = _positions(item.positions, where)
+        if item.ablate is not None:
+            if item.vector is not None or item.layer is not None or "coef" in item.model_fields_set:
                 raise RequestError(f"`{where}`: an ablation takes only \"ablate\" (and \"positions\").", param=where)
-            for sv in store.resolve(item["ablate"], f"{where}.ablate"):
+            for sv in store.vectors(item.ablate, f"{where}.ablate", need_layer=False):
                 if float(sv.vector.norm()) == 0.0:
                     raise RequestError(f"`{where}.ablate`: vector {sv.id!r} is zero and has no direction.", param=where)
                 ablations.append(AblateSpec(sv.vector, positions))
             continue
-        if "vector" not in item:
+        if item.vector is None:
             raise RequestError(f"`{where}` needs \"vector\" (or \"ablate\").", param=where)
-        coef = item.get("coef", 1.0)
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
-            raise RequestError(f"`{where}.coef` must be a finite number, got {coef!r}.", param=f"{where}.coef")
-        layer = item.get("layer")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < lm.n_layers):
+        layer = item.layer
+        if layer is not None and not 0 <= layer < lm.n_layers:
             raise RequestError(f"`{where}.layer` must be an integer in 0..{lm.n_layers - 1}, got {layer!r}.", param=f"{where}.layer")
-        for sv in store.resolve(item["vector"], f"{where}.vector"):
-            adds.append(AddSpec(sv.vector, sv.layer if layer is None else layer, float(coef), positions))
+        for sv in store.vectors(item.vector, f"{where}.vector", need_layer=layer is None):
+            L = sv.layer if layer is None else layer
+            store.check_size(float(sv.vector.double().norm()) * abs(item.coef), L, f"{where}.coef",
+                             f"coef x |vector {sv.id!r}|")
+            adds.append(AddSpec(sv.vector, L, float(item.coef), positions))
     if len(adds) + len(ablations) > max_vectors:
         raise RequestError(f"the request uses {len(adds) + len(ablations)} vectors; this server allows {max_vectors} "
                            "per request (--max-vectors-per-request).", param="steering")
     probe = None
     if projection is not None:
-        ref, layer = (projection.get("vector"), projection.get("layer")) if isinstance(projection, dict) else (projection, None)
-        svs = store.resolve(ref, "projection")
-        sv = svs[0]
+        ref, layer = (projection.vector, projection.layer) if hasattr(projection, "vector") else (projection, None)
+        sv = store.vectors(ref, "projection", need_layer=layer is None)[0]
         n = float(sv.vector.norm())
         if n == 0.0:
             raise RequestError("`projection`: that vector is zero.", param="projection")
         L = sv.layer if layer is None else layer
-        if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < lm.n_layers:
+        if not 0 <= L < lm.n_layers:
             raise RequestError(f"`projection.layer` must be an integer in 0..{lm.n_layers - 1}.", param="projection")
         probe = (sv.vector.float() / n, L)
     return RowSteering(tuple(adds), tuple(ablations), probe)
