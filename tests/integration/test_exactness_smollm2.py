@@ -43,9 +43,10 @@ def _cli(capsys, *args) -> list[dict]:
 @pytest.mark.parametrize("positions", ["all", "generated"])
 def test_cli_short_prompt_is_unchanged_by_a_longer_neighbour(capsys, happy_dir, positions):
     args = ["--vector", str(happy_dir), "--coef", "-12", "--positions", positions]
-    alone = [r for r in _cli(capsys, *args, "--prompt", "Hi") if r["vector_id"] is not None]
+    rows = _cli(capsys, *args, "--prompt", "Hi")
+    alone = [r for r in rows if r["vector_id"] is not None]
+    plain = [r for r in rows if r["vector_id"] is None]  # generate prints the unsteered row too
     both = [r for r in _cli(capsys, *args, "--prompt", "Hi", "--prompt", LONG) if r["vector_id"] is not None]
-    plain = [r for r in _cli(capsys, "--prompt", "Hi")]
     assert both[0]["prompt"] == "Hi" and both[0]["token_ids"] == alone[0]["token_ids"]
     assert alone[0]["token_ids"] != plain[0]["token_ids"], "the vector changed nothing (a vacuous match)"
 
