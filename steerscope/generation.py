@@ -20,7 +20,7 @@ from ._tensors import as_rows
 from .interventions.ops import Ablate, Add
 from .interventions.positions import ALL, Positions
 from .interventions.steer import steer
-from .models.compat import accepts, with_cache
+from .models.compat import IncompatibleTransformers, accepts, with_cache
 
 
 @dataclass
@@ -134,7 +134,7 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
         else:
             enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
             with steer(lm, *ivs(chunk)):
-                logits = _last_logits(lm, enc)  # (B, vocab)
+                logits = last_position_logits(lm, enc)  # (B, vocab)
         if reduce is not None:
             logits = reduce(logits, torch.tensor([pi for _, pi in chunk], device=logits.device)).float().cpu()
         out.append(logits)
@@ -145,7 +145,7 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
     return torch.cat(out).reshape(len(variants), len(prompts), -1)
 
 
-def _last_logits(lm, enc) -> torch.Tensor:
+def last_position_logits(lm, enc) -> torch.Tensor:
     """(B, vocab) float32 logits at the last position only: the unembedding is not run at the
     other positions (`logits_to_keep`, ~20 % of a small model's forward and B x T x vocab floats)."""
     kw = {"logits_to_keep": 1} if accepts(lm.model, "logits_to_keep") else {}  # decided by signature, not by retrying a TypeError
@@ -299,14 +299,14 @@ class _SharedPrefix:
 
     def _plain(self, chunk, ivs) -> torch.Tensor:
         seqs = [self.full[pi] for _, pi in chunk]
-        ids, mask = _left_pad(seqs, self.lm.tokenizer.pad_token_id, self.lm.device)
+        ids, mask = left_pad(seqs, self.lm.tokenizer.pad_token_id, self.lm.device)
         with steer(self.lm, *ivs(chunk)):
-            return _last_logits(self.lm, {"input_ids": ids, "attention_mask": mask})
+            return last_position_logits(self.lm, {"input_ids": ids, "attention_mask": mask})
 
     def logits(self, chunk, ivs) -> torch.Tensor:
         try:
             out = self._shared(chunk, ivs)
-        except SteerscopeError:
+        except IncompatibleTransformers:
             raise  # a transformers internal steerscope cannot read: never hidden behind the plain path
         except Exception:  # an architecture whose blocks cannot continue a prefix cache
             self.ok = False
@@ -333,16 +333,16 @@ class _SharedPrefix:
         cache = DynamicCache()
         pre = self.prefix.to(lm.device)[None].expand(len(heads), C)
         with steer(lm, *ivs(heads)):
-            _last_logits(lm, {"input_ids": pre, "attention_mask": torch.ones_like(pre), **with_cache(lm.model, cache)})
+            last_position_logits(lm, {"input_ids": pre, "attention_mask": torch.ones_like(pre), **with_cache(lm.model, cache)})
         order = list(firsts)
         cache.batch_select_indices(torch.tensor([order.index(vi) for vi, _ in chunk], device=lm.device))
-        suf, smask = _left_pad([self.suffix[pi] for _, pi in chunk], lm.tokenizer.pad_token_id, lm.device)
+        suf, smask = left_pad([self.suffix[pi] for _, pi in chunk], lm.tokenizer.pad_token_id, lm.device)
         full_mask = torch.cat([torch.ones(len(chunk), C, dtype=smask.dtype, device=lm.device), smask], dim=1)
         with steer(lm, *ivs(chunk)):
-            return _last_logits(lm, {"input_ids": suf, "attention_mask": full_mask, **with_cache(lm.model, cache)})
+            return last_position_logits(lm, {"input_ids": suf, "attention_mask": full_mask, **with_cache(lm.model, cache)})
 
 
-def _left_pad(seqs: list[torch.Tensor], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[torch.Tensor], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) left-padded ids and mask from 1-D id tensors."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad, dtype=torch.long, device=device)

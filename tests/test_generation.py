@@ -138,10 +138,10 @@ def test_last_token_scores_do_not_keep_whole_logit_tensors_alive():
     """steerscope 0.1 kept `logits[:, -1].float()` per batch: a view (float() of fp32 is a no-op)
     holding each batch's whole (B, T, vocab) tensor, so `select` grew by ~300 MB per batch on
     SmolLM2. Each kept result must own only its own numbers."""
-    from steerscope.generation import _last_logits, last_token_logits
+    from steerscope.generation import last_position_logits, last_token_logits
 
     lm = tiny_lm("llama")
-    lg = _last_logits(lm, lm.encode(PROMPTS))
+    lg = last_position_logits(lm, lm.encode(PROMPTS))
     assert lg.untyped_storage().nbytes() == lg.numel() * lg.element_size()
     kept = []
     vs = ss.VectorSet.create(lm, torch.randn(4, lm.d_model), layers=[1] * 4, method="x")

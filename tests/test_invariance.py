@@ -119,7 +119,7 @@ def test_joined_rows_equal_alone(arch, use_cache):
     for k, (i, name) in enumerate(cases):
         assert got[k] == refs[k], f"{arch} cache={use_cache} {name} row {i}: joined tokens differ from alone"
     assert eng.stats["errors"] == 0
-    assert eng.stats["max_rows"] > 3 or not use_cache, "no request joined a running batch"
+    assert eng.stats["max_rows"] > 3, "no request joined a running batch"
 
 
 # ---- the past length is read, never assumed -------------------------------------------------------
@@ -161,6 +161,20 @@ def test_a_cache_under_any_keyword_is_found_and_checked_against_position_ids():
                         "position_ids": torch.tensor([[0], [0]])})
 
 
+def test_a_call_that_continues_an_unseen_cache_raises():
+    """No cache and a mask over just the new tokens looks like a first call; position ids that
+    do not start at 0 say otherwise (a cache passed where steerscope does not look)."""
+    st = StepState()
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(compat.IncompatibleTransformers, match="do not start at 0"):
+        st.observe((), {"input_ids": ids, "attention_mask": torch.ones(2, 3, dtype=torch.long),
+                        "position_ids": torch.tensor([[7, 8, 9], [7, 8, 9]])})
+    # left padding with transformers' pad positions (1) and restarts inside a row (packing) are fine
+    st.observe((), {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                    "position_ids": torch.tensor([[1, 0, 1], [0, 1, 0]])})
+    assert st.prompt_len.tolist() == [2, 3]
+
+
 def test_a_broken_cache_length_fails_generate_loudly(monkeypatch):
     """The regression itself, simulated: the cache reports no past on a cached step. Steering
     must raise, not decode with the wrong positions."""
@@ -173,13 +187,36 @@ def test_a_broken_cache_length_fails_generate_loudly(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_cache_is_passed_under_the_current_name(arch):
-    """No deprecated keyword: a release that removes `past_key_values` must not break a path
-    that still passes it (transformers 5.25 warns that it goes in 5.40)."""
-    from steerscope.generation import generate
+def test_every_cached_path_passes_the_cache_under_the_current_name(arch):
+    """steerscope's own cached calls (the shared-prefix scorer, LayerRange's prefix capture, SAE
+    corpus sampling, the server's engine) use the keyword the model's signature names: no
+    deprecated `past_key_values` (transformers 5.25 warns that it goes in 5.40), so a release
+    that removes it breaks none of them."""
+    from conftest import make_tiny_lm
+    from steerscope.generation import _SharedPrefix, last_token_logits
+    from steerscope.models.layer_range import LayerRange
+    from steerscope.sae.corpus import sample_batch
 
-    lm = tiny_lm(arch)
-    assert compat.cache_kwarg(lm.model) in compat.CACHE_KWARGS
+    lm = make_tiny_lm(arch, chat=True)
+    prompts = ["Once upon a time, a cat", "Once upon a time, a much longer story"]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*past_key_values.*deprecated")
-        generate(lm, PROMPTS, vectors=_vectors(lm)[:2], layer=LAYER, max_new_tokens=3, chat=False)
+        assert _SharedPrefix(lm, prompts, True, None).ok
+        last_token_logits(lm, prompts, vectors=_vectors(lm)[:2], layer=LAYER, chat=True)
+        lr = LayerRange(lm, prompts, 0, 2, chat=False)
+        assert lr.shared_prefix > 0, lr.prefix_skipped
+        sample_batch(lm, prompts, 3, 1.0, torch.Generator().manual_seed(0))
+        eng = Engine(lm, max_batch=2, window_s=0.0).start()
+        try:
+            done, events = threading.Event(), []
+
+            def sink(e):
+                events.append(e)
+                if isinstance(e, DoneEvent):
+                    done.set()
+
+            eng.submit(GenRequest(lm.encode(prompts[:1])["input_ids"][0].tolist(), RowSteering(), 4, sink))
+            assert done.wait(30)
+        finally:
+            eng.stop()
+    assert events[-1].finish_reason in ("stop", "length"), events[-1]

@@ -328,3 +328,20 @@ def test_inline_vectors_equal_stored_ones_and_are_not_stored(server, vs):
 def test_health(server):
     r = httpx.get(server.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_openai_nulls_are_accepted_and_errors_name_the_field_meant(server, vs):
+    ok = _post(server, _chat(stream=None, logprobs=None, presence_penalty=None, frequency_penalty=None, ignore_eos=None,
+                             n=None, seed=None, temperature=None, top_p=None))
+    assert ok.status_code == 200, ok.text
+    bad_layer = {"vector": {"data": _b64(vs.vectors[1]), "layer": "3"}}
+    _error(_post(server, _chat(steering=[bad_layer])), 400, "`steering[0].vector.layer`")
+    _error(_post(server, _chat(Foo=1)), 400, "`Foo` is not supported")
+    _error(_post(server, _chat(temperature="0.5")), 400, "`temperature`")
+
+
+def test_malformed_origins_and_hosts_are_refused_not_crashed(server):
+    _error(_post(server, _chat(), headers={"Origin": "http://[::1"}), 403, "cross-origin")
+    _error(httpx.get(server.url + "/v1/models", headers={"Host": "[::1]evil.example"}), 403, "loopback")
+    _error(httpx.get(server.url + "/v1/models", headers={"Host": "localhost:80x"}), 403, "loopback")
+    assert httpx.get(server.url + "/v1/models", headers={"Host": "localhost:1234"}).status_code == 200

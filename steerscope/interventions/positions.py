@@ -173,8 +173,7 @@ class StepState:
             full = am.to(device).bool()[:, : past + T]  # (B, past + T): a static cache may pass a wider mask
             abs_pos = (full.long().cumsum(-1) - 1)[:, -T:]
             valid = full[:, -T:]
-        if past > 0:
-            check_positions(kwargs, abs_pos, valid)
+        check_positions(kwargs, abs_pos, valid, past)
         self.abs_pos, self.valid = abs_pos, valid
         self.all_valid = bool(valid.all())
         self._masks = {}

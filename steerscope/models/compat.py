@@ -25,9 +25,14 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def incompatible(what: str) -> SteerscopeError:
+class IncompatibleTransformers(SteerscopeError):
+    """A transformers internal is not where steerscope expects it (the message names the version).
+    Fallback paths (plain rows instead of a shared prefix) never swallow this one."""
+
+
+def incompatible(what: str) -> IncompatibleTransformers:
     """The error for a transformers internal that is not where steerscope expects it."""
-    return SteerscopeError(
+    return IncompatibleTransformers(
         f"{what} (transformers {transformers_version()}). steerscope cannot steer exactly with this "
         "release; install the tested versions (`pip install -r requirements.lock`) or a transformers "
         "version inside the range in pyproject.toml, and report this message.")
@@ -102,13 +107,22 @@ def past_length(args: tuple, kwargs: dict, n_new: int, mask_width: int | None) -
     return past
 
 
-def check_positions(kwargs: dict, abs_pos: torch.Tensor, valid: torch.Tensor) -> None:
-    """On a cached step, the model's own `position_ids` must equal the positions steerscope
-    derived for the real tokens: an independent check that the past length was read right."""
+def check_positions(kwargs: dict, abs_pos: torch.Tensor, valid: torch.Tensor, past: int) -> None:
+    """The model's own `position_ids` against the positions steerscope derived: on a cached step
+    they must be equal at every real token (an independent check that the past length was read
+    right); on a first call each row's first real token must be at position 0 (a later start
+    means a cache steerscope did not see). Only the start is checked there, so packed sequences
+    whose positions restart inside a row still run."""
     pid = kwargs.get("position_ids")
     if not isinstance(pid, torch.Tensor) or pid.dim() != 2 or pid.shape[-1] != abs_pos.shape[-1]:
         return  # absent, or a layout with extra axes (multimodal RoPE): the mask checks stand alone
     pid = pid.to(abs_pos.device).expand_as(abs_pos)
+    if past == 0:
+        first = valid.long().argmax(-1, keepdim=True)  # (B, 1) each row's first real token
+        if bool((pid.gather(-1, first) != 0)[valid.any(-1, keepdim=True)].any()):
+            raise incompatible("a forward call with no readable KV cache has position_ids that do not start at 0 "
+                               f"(first row: {pid[0].tolist()[:8]}): it continues a cache steerscope cannot see")
+        return
     if bool((pid != abs_pos)[valid].any()):
         raise incompatible("the model's position_ids disagree with the token positions derived from the cache "
                            f"and attention mask (first row: {pid[0].tolist()[:8]} vs {abs_pos[0].tolist()[:8]})")
@@ -117,6 +131,16 @@ def check_positions(kwargs: dict, abs_pos: torch.Tensor, valid: torch.Tensor) ->
 def cache_layers(cache) -> list:
     """The per-layer key/value holders of a DynamicCache, which the server pads and joins."""
     layers = getattr(cache, "layers", None)
-    if layers is None or not all(hasattr(l, "keys") and hasattr(l, "values") for l in layers):
-        raise incompatible(f"{type(cache).__name__} has no .layers with .keys/.values")
+    if layers is None or not all(isinstance(getattr(l, "keys", None), torch.Tensor)
+                                 and isinstance(getattr(l, "values", None), torch.Tensor) for l in layers):
+        raise incompatible(f"{type(cache).__name__} has no .layers whose .keys/.values are tensors")
     return list(layers)
+
+
+def joinable(cache) -> bool:
+    """Whether every layer of `cache` is a plain dynamic layer (keys/values that grow by
+    concatenation), so rows of two such caches can be left-padded and stacked. Sliding-window
+    and other layer kinds cannot (the server then runs a batch per window)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(l) is DynamicLayer for l in cache_layers(cache))

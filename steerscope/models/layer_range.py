@@ -27,7 +27,7 @@ import torch
 
 from ..config import parse_last
 from ..errors import SteerscopeError
-from .compat import with_cache
+from .compat import IncompatibleTransformers, with_cache
 from .hooks import StopForward, hooks
 
 
@@ -226,7 +226,7 @@ class LayerRange:
             full_mask = torch.cat([torch.ones(P, C, dtype=mask.dtype, device=mask.device), suf_mask], dim=1)  # cached prefix + suffix
             h_suf, _, calls_suf = self._record(input_ids=suf_ids, attention_mask=full_mask,
                                                **with_cache(self.lm.model, cache))
-        except SteerscopeError:
+        except IncompatibleTransformers:
             raise  # a transformers internal steerscope cannot read: never hidden behind plain rows
         except Exception as e:  # an architecture whose blocks cannot take a prefix cache: plain rows
             self.prefix_skipped = f"{type(e).__name__}: {e}"  # slower, still exact; tests read why

@@ -142,8 +142,8 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
         elif body.logprobs is not None:
             logprobs = body.logprobs
         steering = parse_steering(store, lm, body.steering, body.projection, cfg.max_vectors_per_request)
-        return GenRequest(prompt_ids, steering, mt, sink, temperature, top_p, seed, tuple(stop), body.ignore_eos,
-                          body.presence_penalty, body.frequency_penalty, logprobs)
+        return GenRequest(prompt_ids, steering, mt, sink, temperature, top_p, seed, tuple(stop), bool(body.ignore_eos),
+                          body.presence_penalty or 0.0, body.frequency_penalty or 0.0, logprobs)
 
     async def run(request: Request, chat: bool):
         body = parse_body(ChatBody if chat else CompletionBody, await body_of(request))
@@ -160,7 +160,7 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
             raise RequestError(str(e), 429) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         meta = {"id": rid, "created": int(time.time()), "model": lm.model_id}
-        lp = _LogprobFormat(lm, engine.tokenizer_lock, chat) if req.logprobs is not None else None
+        lp = _LogprobFormat(chat) if req.logprobs is not None else None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(events, req, meta, chat, usage, lp), media_type="text/event-stream",
@@ -245,22 +245,18 @@ def _prompt_ids(lm, body, chat: bool, tok_lock) -> list[int]:
 
 class _LogprobFormat:
     """OpenAI's logprobs objects from TokenEvents: chat's {"content": [{token, logprob, bytes,
-    top_logprobs}]} or completions' {tokens, token_logprobs, top_logprobs, text_offset}."""
+    top_logprobs}]} or completions' {tokens, token_logprobs, top_logprobs, text_offset}. A token
+    that is only part of a multi-byte character decodes (alone) to U+FFFD, and so do its bytes."""
 
-    def __init__(self, lm, tok_lock, chat: bool):
-        self.tok, self.lock, self.chat, self.offset = lm.tokenizer, tok_lock, chat, 0
-
-    def _text(self, token_id: int) -> str:
-        with self.lock:
-            return self.tok.decode([token_id])
+    def __init__(self, chat: bool):
+        self.chat, self.offset = chat, 0
 
     def entry(self, e: TokenEvent) -> dict:
-        s = self._text(e.token_id)
+        s = e.token_text or ""
         if self.chat:
-            top = [{"token": (t := self._text(i)), "logprob": lp, "bytes": list(t.encode())} for i, lp in e.top_logprobs or ()]
+            top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in e.top_logprobs or ()]
             return {"token": s, "logprob": e.logprob, "bytes": list(s.encode()), "top_logprobs": top}
-        top = {self._text(i): lp for i, lp in e.top_logprobs or ()}
-        out = {"token": s, "token_logprob": e.logprob, "top_logprobs": top, "text_offset": self.offset}
+        out = {"token": s, "token_logprob": e.logprob, "top_logprobs": dict(e.top_logprobs or ()), "text_offset": self.offset}
         self.offset += len(s)
         return out
 

@@ -33,11 +33,11 @@ from typing import Callable
 import torch
 
 from ..errors import SteerscopeError
-from ..generation import row_generator, sample_rows
+from ..generation import last_position_logits, left_pad, row_generator, sample_rows
 from ..interventions.ops import Ablate, Add, Intervention
 from ..interventions.positions import Positions
 from ..interventions.steer import steer
-from ..models.compat import accepts, cache_layers, with_cache
+from ..models.compat import cache_layers, joinable, with_cache
 from ..models.registry import Site
 
 
@@ -74,7 +74,8 @@ class TokenEvent:
     text: str  # new text (may be "" while a multi-byte character or a stop string is pending)
     projection: float | None
     logprob: float | None = None  # log p(token) under the steered model (after penalties, before temperature)
-    top_logprobs: tuple[tuple[int, float], ...] | None = None  # the most likely (token id, log p), best first
+    top_logprobs: tuple[tuple[str, float], ...] | None = None  # the most likely (token text, log p), best first
+    token_text: str | None = None  # the token decoded alone (set with logprob)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,9 @@ class _Row:
             return self.finish("stop")
         self.ids.append(token)
         self.last = token
+        if lp is not None:  # token strings decoded here, on the engine thread, under the tokenizer lock
+            with self.tok_lock:
+                lp = (lp[0], tuple((self.tok.decode([i]), v) for i, v in lp[1]), self.tok.decode([token]))
         self._lp = lp
         text = self.decode()
         hits = [i for i in (text.find(s, max(0, len(self.sent) - len(s))) for s in self.req.stop) if i >= 0]
@@ -155,7 +159,7 @@ class _Row:
         new = upto[len(self.sent):] if upto.startswith(self.sent) else ""
         self.sent += new
         lp = self._lp if token is not None else None
-        self._send(TokenEvent(token, new, projection, *(lp or (None, None))))
+        self._send(TokenEvent(token, new, projection, *(lp or (None, None, None))))
 
     def _send(self, event) -> None:
         try:
@@ -391,12 +395,9 @@ class Engine:
         """(B, vocab) float32 last-position logits with each row's steering; records probes."""
         probes: dict = {}
         plen = torch.tensor([r.prompt_len for r in rows])
-        model = self.lm.model
-        kw = with_cache(model, cache) if cache is not None else {"use_cache": False}
-        if accepts(model, "logits_to_keep"):
-            kw["logits_to_keep"] = 1
+        kw = with_cache(self.lm.model, cache) if cache is not None else {"use_cache": False}
         with steer(self.lm, *_interventions(self.lm, rows, probes), prompt_len=plen):
-            logits = self.lm.forward(ids, mask, **kw).logits[:, -1].float()
+            logits = last_position_logits(self.lm, {"input_ids": ids, "attention_mask": mask, **kw})
         self._probes = probes
         return logits
 
@@ -422,25 +423,17 @@ class Engine:
             r.push(int(t), proj, _logprobs(logits[i], int(t), r.req.logprobs) if r.req.logprobs is not None else None)
 
     def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = max(len(s) for s in seqs)
-        dev = self.lm.device
-        ids = torch.full((len(seqs), T), self.lm.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, T - len(s):] = 1
-        return ids.to(dev), mask.to(dev)
+        return left_pad([torch.tensor(s, dtype=torch.long) for s in seqs], self.lm.tokenizer.pad_token_id, self.lm.device)
 
     def _admit(self, new: list[_Row]) -> None:
         """Prefill new rows together, hand out their first token, join them to the batch."""
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         self.stats["prefills"] += 1
         ids, mask = self._padded([r.req.prompt_ids for r in new])
         cache = DynamicCache() if self.use_cache else None
         logits = self._forward(new, ids, mask, cache)
-        if cache is not None and not all(type(l) is DynamicLayer for l in cache_layers(cache)):
+        if cache is not None and not joinable(cache):
             self.joinable = False  # e.g. sliding-window layers: batches per window from now on
         self._sample(new, logits)
         keep = [i for i, r in enumerate(new) if not r.done]
@@ -448,6 +441,7 @@ class Engine:
             return
         if not self.use_cache:
             self.rows += [new[i] for i in keep]
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(self.rows))
             return
         if len(keep) < len(new):
             cache.batch_select_indices(torch.tensor(keep, device=self.lm.device))
@@ -462,10 +456,15 @@ class Engine:
     def _join(self, new: list[_Row], cache, mask: torch.Tensor) -> None:
         """Left-pad the two caches (and masks) to one length and stack their rows."""
         T = max(self.mask.shape[1], mask.shape[1])
-        for a, b in zip(cache_layers(self.cache), cache_layers(cache)):  # keys/values (B, heads, T, head_dim)
-            a.keys = torch.cat([_lpad(a.keys, T, 2), _lpad(b.keys, T, 2)])
-            a.values = torch.cat([_lpad(a.values, T, 2), _lpad(b.values, T, 2)])
-        self.mask = torch.cat([_lpad(self.mask, T, 1), _lpad(mask, T, 1)])
+        mine, theirs = cache_layers(self.cache), cache_layers(cache)
+        # Every new tensor is built before any is assigned: a failure half-way (out of memory)
+        # leaves the running batch as it was, and only the joining rows fail.
+        kv = [(torch.cat([_lpad(a.keys, T, 2), _lpad(b.keys, T, 2)]), torch.cat([_lpad(a.values, T, 2), _lpad(b.values, T, 2)]))
+              for a, b in zip(mine, theirs)]  # keys/values (B, heads, T, head_dim)
+        joined_mask = torch.cat([_lpad(self.mask, T, 1), _lpad(mask, T, 1)])
+        for a, (k, v) in zip(mine, kv):
+            a.keys, a.values = k, v
+        self.mask = joined_mask
         self.rows = self.rows + new
 
     def _step(self) -> None:

@@ -19,16 +19,27 @@ from .config import LOOPBACK
 
 
 def _host_only(value: str) -> str:
-    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:80' -> '::1', 'localhost' -> 'localhost'."""
+    """'127.0.0.1:8000' -> '127.0.0.1', '[::1]:80' -> '::1', 'localhost' -> 'localhost'; anything
+    else after a bracketed address or the port ('[::1]evil.com', 'localhost:80x') -> ''."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+        end = value.find("]")
+        rest = value[end + 1:] if end > 0 else "?"
+        return value[1:end] if rest == "" or (rest[0] == ":" and rest[1:].isdigit()) else ""
+    if value.count(":") == 1:
+        host, port = value.split(":")
+        return host if port.isdigit() else ""
+    return value
 
 
 def is_loopback_origin(origin: str) -> bool:
-    parts = urlsplit(origin)
-    return parts.scheme in ("http", "https") and (parts.hostname or "") in LOOPBACK
+    try:
+        parts = urlsplit(origin)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:  # a malformed origin is refused, not a 500
+        return False
+    return parts.scheme in ("http", "https") and host in LOOPBACK
 
 
 class Guard:

@@ -63,12 +63,13 @@ class _Common(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    # OpenAI allows null for the optional fields and some clients send it for unset ones.
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    ignore_eos: bool = False
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    ignore_eos: bool | None = None
     user: str | None = None  # OpenAI's end-user id: metadata, not used
     steering: list[SteeringItem] | None = None
     projection: VectorRef | Projection | None = None
@@ -92,7 +93,7 @@ class Message(BaseModel):
 
 class ChatBody(_Common):
     messages: Annotated[list[Message], Field(min_length=1)]
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
@@ -117,7 +118,10 @@ def parse_body(model: type[BaseModel], body: dict) -> BaseModel:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        # A value that fits no member of a union gets one error per member; the deepest one is
+        # the member it was meant as ({"vector": {"layer": "3"}} -> `.layer`, not "a string").
+        errors = e.errors(include_url=False)
+        err = max(errors, key=lambda x: len([p for p in x["loc"] if not _is_tag(p)]))
         loc = _loc(err["loc"])
         kind, got = err["type"], err.get("input")
         if kind == "extra_forbidden":
@@ -131,11 +135,19 @@ def parse_body(model: type[BaseModel], body: dict) -> BaseModel:
         raise RequestError(msg, param=loc) from None
 
 
+# pydantic names a union member in an error's location by its type: these are not fields.
+_TAGS = {"str", "int", "float", "bool", "dict[any,any]", "InlineVector", "Projection", "TextPart", "SteeringItem",
+         "StreamOptions", "list[str]", "list[TextPart]", "function-after", "constrained-float"}
+
+
+def _is_tag(p) -> bool:
+    return isinstance(p, str) and (p in _TAGS or p.startswith(("list[", "function-", "constrained-")))
+
+
 def _loc(parts) -> str:
     out = ""
     for p in parts:
-        # pydantic names union members by their type ("str", "InlineVector", "list[...]"): not fields
-        if isinstance(p, str) and (p[:1].isupper() or p in ("str", "int", "float", "bool") or "[" in p):
+        if _is_tag(p):
             continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
     return out or "body"

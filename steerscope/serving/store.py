@@ -183,8 +183,9 @@ class VectorStore:
         name, _, which = ref.partition("/")
         with self._lock:
             e = self._sets.get(name)
+            names = sorted(self._sets)  # read under the lock: an upload may change the dict meanwhile
         if e is None:
-            known = ", ".join(sorted(self._sets)[:10]) or "none loaded"
+            known = ", ".join(names[:10]) or "none loaded"
             raise RequestError(f"unknown vector {ref!r} in `{param}`; known sets: {known} (GET /v1/vectors).", param=param)
         vs = e.vs
         if which:
