@@ -98,6 +98,7 @@ def test_a_row_that_overflows_fails_alone(lm, vs, coef, words):
     finally:
         eng.stop()
     assert bad[-1].finish_reason == "error" and words in bad[-1].error
+    assert bad[-1].status == (422 if words == "non-finite" else 500)  # the request's own doing: a 4xx
     assert good[-1].finish_reason in ("stop", "length")
     assert [e.token_id for e in good if isinstance(e, TokenEvent) and e.token_id is not None] == ref
 

@@ -189,7 +189,7 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
         finally:
             req.cancelled.set()  # no-op when finished; stops the row when this handler is cancelled
         if e.finish_reason == "error":
-            return _err(f"generation failed: {e.error}", 500)
+            return _err(f"generation failed: {e.error}", e.status)
         extra = {"token_ids": tokens, "projections": projections if req.steering.probe is not None else None,
                  "seed": req.seed}
         content = "".join(text)
@@ -297,7 +297,8 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
             else:
                 break
         if e.finish_reason == "error":
-            yield f"data: {json.dumps({'error': {'message': f'generation failed: {e.error}', 'type': 'server_error', 'code': 500}})}\n\n"
+            kind = "server_error" if e.status >= 500 else "invalid_request_error"
+            yield f"data: {json.dumps({'error': {'message': f'generation failed: {e.error}', 'type': kind, 'code': e.status}})}\n\n"
         else:
             yield chunk(None, e.finish_reason)
             if usage:

@@ -84,6 +84,7 @@ class DoneEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    status: int = 500  # HTTP status of an error: 422 when the request's own steering caused it
 
 
 @dataclass
@@ -167,7 +168,7 @@ class _Row:
         except Exception:  # the receiver is gone (e.g. its event loop closed): stop this row only
             self.req.cancelled.set()
 
-    def finish(self, reason: str, error: str | None = None, flush: bool = True) -> None:
+    def finish(self, reason: str, error: str | None = None, flush: bool = True, status: int = 500) -> None:
         if self.done:
             return
         self.done = True
@@ -177,7 +178,7 @@ class _Row:
             text = self.decode()
             if len(text) > len(self.sent) and text.startswith(self.sent):
                 self._emit(None, text, None)
-        self._send(DoneEvent(reason, self.prompt_len, len(self.ids), error))
+        self._send(DoneEvent(reason, self.prompt_len, len(self.ids), error, status))
 
 
 class _Probe(Intervention):
@@ -407,7 +408,7 @@ class Engine:
         # Rows are independent in the forward pass: a row whose steering overflowed fails alone.
         for i in (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist():
             rows[i].finish("error", "the steered forward pass gave non-finite logits: the steering is too strong "
-                                    "for this model; lower `coef`.")
+                                    "for this model; lower `coef`.", status=422)
         tokens = logits.argmax(-1).tolist()  # greedy rows (what transformers' greedy decoding picks)
         hot = [i for i, r in enumerate(rows) if r.gen is not None and not r.done]
         if hot:
