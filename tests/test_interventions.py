@@ -161,6 +161,8 @@ def _reference_logits(lm, seqs, attn, vec, layer, select):
     """Full, uncached forward with a hand-written hook that adds `vec` where `select` (B, T) is
     True. Independent of steerscope's position tracking."""
     def hook(_m, _a, out):
+        if isinstance(out, tuple):  # transformers < 5.2x: blocks return (hidden, ...)
+            return (out[0] + select[..., None].to(out[0].dtype) * vec, *out[1:])
         return out + select[..., None].to(out.dtype) * vec
 
     h = lm.arch.blocks[layer].register_forward_hook(hook)

@@ -181,6 +181,8 @@ def test_a_broken_cache_length_fails_generate_loudly(monkeypatch):
     from transformers import DynamicCache
 
     lm = tiny_lm("llama")
+    if compat.accepts(lm.arch.base, "cache_position"):  # transformers < 5.25: read from there first
+        pytest.skip("this transformers passes cache_position, which steerscope reads before the cache")
     monkeypatch.setattr(DynamicCache, "get_seq_length", lambda self, layer_idx=0: 0)
     with pytest.raises(SteerscopeError, match=r"transformers \d"):
         _greedy(lm, PROMPTS[:2], _vectors(lm)[:2], Positions.generated(), use_cache=True)
