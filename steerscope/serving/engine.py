@@ -39,6 +39,7 @@ from ..interventions.positions import Positions
 from ..interventions.steer import steer
 from ..models.compat import cache_layers, joinable, with_cache
 from ..models.registry import Site
+from .logits import logprobs_of, penalised
 
 
 # ---- what a request asks for -----------------------------------------------------------------------
@@ -239,29 +240,6 @@ def _interventions(lm, rows: list[_Row], probes: dict) -> list:
     return out
 
 
-def _penalised(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-    """OpenAI's presence and frequency penalties over each row's generated tokens (a new
-    tensor; rows without penalties unchanged)."""
-    out = None
-    for i, r in enumerate(rows):
-        pp, fp = r.req.presence_penalty, r.req.frequency_penalty
-        if (pp or fp) and r.ids:
-            if out is None:
-                out = logits.clone()
-            counts = torch.bincount(torch.tensor(r.ids), minlength=logits.shape[-1])[: logits.shape[-1]]
-            counts = counts.to(logits.device, logits.dtype)
-            out[i] -= fp * counts + pp * (counts > 0).to(logits.dtype)
-    return logits if out is None else out
-
-
-def _logprobs(row_logits: torch.Tensor, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """(log p(token), the k most likely (token id, log p)) from one row's (vocab,) logits."""
-    lsm = torch.log_softmax(row_logits.float(), dim=-1)
-    top = torch.topk(lsm, k) if k > 0 else None
-    pairs = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-    return float(lsm[token]), pairs
-
-
 def _lpad(t: torch.Tensor, T: int, dim: int) -> torch.Tensor:
     """Left-pad `t` with zeros along `dim` to length T."""
     n = T - t.shape[dim]
@@ -307,12 +285,15 @@ class Engine:
         for r in self.rows:
             r.finish("cancelled")
         while not self.inbox.empty():
-            _Row(self.inbox.get_nowait(), self.lm.tokenizer, self.eos, self.tokenizer_lock).finish("cancelled")
+            self._row(self.inbox.get_nowait()).finish("cancelled")
 
     def submit(self, req: GenRequest) -> None:
         if self.inbox.qsize() >= self.max_queue:
             raise QueueFull(f"the server has {self.max_queue} requests waiting; retry later.")
         self.inbox.put(req)
+
+    def _row(self, req: GenRequest) -> _Row:
+        return _Row(req, self.lm.tokenizer, self.eos, self.tokenizer_lock)
 
     @property
     def alive(self) -> bool:
@@ -348,14 +329,14 @@ class Engine:
         live = []
         for r in new:
             if r.cancelled.is_set():  # the client left while waiting
-                _Row(r, self.lm.tokenizer, self.eos, self.tokenizer_lock).finish("cancelled")
+                self._row(r).finish("cancelled")
             else:
                 live.append(r)
         return live
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            new = [_Row(r, self.lm.tokenizer, self.eos, self.tokenizer_lock) for r in self._take()]
+            new = [self._row(r) for r in self._take()]
             if new:
                 self._admit_isolated(new)
             if self.rows:
@@ -404,7 +385,7 @@ class Engine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each live row's next token (greedy, or its own random stream) and push it."""
-        logits = _penalised(rows, logits)
+        logits = penalised(logits, [(r.ids, r.req.presence_penalty, r.req.frequency_penalty) for r in rows])
         # Rows are independent in the forward pass: a row whose steering overflowed fails alone.
         for i in (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist():
             rows[i].finish("error", "the steered forward pass gave non-finite logits: the steering is too strong "
@@ -421,7 +402,7 @@ class Engine:
                 continue
             p = r.req.steering.probe
             proj = float(self._probes[p[1]][i]) if p is not None and p[1] in self._probes else None
-            r.push(int(t), proj, _logprobs(logits[i], int(t), r.req.logprobs) if r.req.logprobs is not None else None)
+            r.push(int(t), proj, logprobs_of(logits[i], int(t), r.req.logprobs) if r.req.logprobs is not None else None)
 
     def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return left_pad([torch.tensor(s, dtype=torch.long) for s in seqs], self.lm.tokenizer.pad_token_id, self.lm.device)
