@@ -7,16 +7,24 @@
   learned   share of learned vectors whose completions show the behaviour (the organism's detector
             fires on at least half of the vector's completions, train and held-out prompts)
   random    the same for the matched-norm random vectors
-  top       whether the report's top finding is the planted behaviour (most of its completions
-            show it)
+  sig       whether the planted behaviour is a significant finding (a finding most of whose
+            completions show it, with q <= the run's --alpha under the null model)
+  rank      its rank among the significant findings (1 = the report's first), "-" if none
+  nsig      how many significant findings the run reported; on the embedded model (--baseline),
+            where nothing is planted, every one is a false positive
   wall      wall-clock seconds of the whole command (model load, discovery, generation, metrics, report)
-Targets (issue 11): learned >= 15 %, random = 0 %, wall <= 180 s, for every organism, default method.
+Organisms are split (models.organisms): `--split tune` for the half defaults may be chosen on,
+`--split heldout` for the half that only measures them; the halves are reported apart.
+Targets (issue 32, float32): on the held-out half the planted behaviour is a significant finding in
+the top 3 for >= 80 % of organisms and random = 0 %; at most 1 significant finding on the embedded
+model; wall <= 180 s.
 
     python benchmarks/bench_planted.py                        # every organism x method
     python benchmarks/bench_planted.py --organisms french --methods dct melbo
     python benchmarks/bench_planted.py --methods default --seeds 0 1 2 -- --dtype bfloat16
     python benchmarks/bench_planted.py --methods default --baseline   # + the embedded model, no plant
     python benchmarks/bench_planted.py --methods melbo --baseline only
+    python benchmarks/bench_planted.py --methods default --split heldout --baseline -- --dtype float32
 Results go to benchmarks/results/planted.json (and the run folders under --out).
 """
 
@@ -33,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steerscope.judging.metrics import parse_metric  # noqa: E402
-from steerscope.models.organisms import ORGANISMS  # noqa: E402
+from steerscope.models.organisms import ORGANISMS, SPLITS  # noqa: E402
 
 METHODS = ["default", "dct", "melbo", "jacobian", "random", "pca"]  # default: kl
 
@@ -62,20 +70,25 @@ def measure(run: Path, org) -> dict:
              for s in ("learned", "random")}
     unsteered = [det(r["text"]) for r in rows if r["vector_id"] is None]
     found = metrics.get("findings") or []
-    top = None
-    if found:
-        hits = [det(rows[i]["text"]) for i in found[0]["rows"]]
-        top = sum(hits) > len(hits) / 2
+    sig = [f for f in found if f.get("significant", True)]  # a run from before the null model: all of them
+    planted = lambda f: sum(det(rows[i]["text"]) for i in f["rows"]) > len(f["rows"]) / 2  # noqa: E731
+    rank = next((k + 1 for k, f in enumerate(sig) if planted(f)), None)
+    cand = next((f for f in found if planted(f)), None)  # significant or not: how close it came
     cal = json.loads((run / "calibration.json").read_text())
     return {"learned": share["learned"], "random": share["random"], "unsteered": sum(unsteered) / max(1, len(unsteered)),
-            "top_finding_is_planted": top, "findings": len(found), "R": cal["chosen"],
+            "significant": rank is not None, "rank": rank, "top3": rank is not None and rank <= 3,
+            "n_significant": len(sig), "findings": len(found),
+            "planted_candidate": {k: cand[k] for k in ("q", "n_vectors", "reason") if k in cand} if cand else None,
+            "top_finding_is_planted": bool(sig) and planted(sig[0]), "R": cal["chosen"],
             "R_multiple": cal["chosen"] / cal["calibrated"] if cal.get("calibrated") else None,
             "vectors_showing": sorted(v for v, s in shows.items() if s and metrics["sets"][v] == "learned")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
+    ap.add_argument("--organisms", nargs="*", default=None, help="default: every organism of --split")
+    ap.add_argument("--split", choices=["tune", "heldout", "all"], default="all",
+                    help="which half of the zoo (models.organisms SPLITS)")
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--out", default="runs/planted")
     ap.add_argument("--results", default="benchmarks/results/planted.json")
@@ -86,6 +99,8 @@ def main() -> None:
                          "organism's detector")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for every run (not the default setting)")
     a = ap.parse_args()
+    if a.organisms is None:
+        a.organisms = list(ORGANISMS) if a.split == "all" else SPLITS[a.split]
     unknown = sorted(set(a.organisms) - set(ORGANISMS))
     if unknown:
         print(f"unknown organism(s) {', '.join(unknown)}; pick from {', '.join(ORGANISMS)}", file=sys.stderr)
@@ -94,7 +109,8 @@ def main() -> None:
     slug = "".join(f"-{x.lstrip('-')}" for x in extra).replace("/", "_")  # flags in the folder name: no clobbering
     exe = shutil.which("steerscope") or str(Path(sys.executable).with_name("steerscope"))
     results = []
-    print(f"{'organism':10s} {'method':9s} {'seed':>4s} {'learned':>8s} {'random':>7s} {'unsteer':>8s} {'top':>6s} {'R(xcal)':>8s} {'wall s':>7s}")
+    print(f"{'organism':14s} {'split':7s} {'method':9s} {'seed':>4s} {'learned':>8s} {'random':>7s} {'unsteer':>8s} "
+          f"{'sig':>5s} {'rank':>4s} {'nsig':>4s} {'R(xcal)':>8s} {'wall s':>7s}")
 
     def save() -> None:
         """Merge with earlier invocations (a rerun of one row replaces that row only); after every run,
@@ -128,13 +144,15 @@ def main() -> None:
                                 "error": proc.stderr[-2000:], "wall_s": wall})
                 continue
             r = {"organism": name, "model": where, "method": label, "seed": seed, "behaviour": org.behaviour,
+                 "kind": org.kind, "split": org.split,
                  "wall_s": round(wall, 1), **measure(run, org), "versions": VERSIONS,
                  "measured": time.strftime("%Y-%m-%d")}
             results.append(r)
             mult = f"{r['R_multiple']:.2g}" if r["R_multiple"] else "given"
             shown = name if model else f"{name}@base"
-            print(f"{shown:10s} {method:9s} {seed:4d} {r['learned']:8.0%} {r['random']:7.0%} {r['unsteered']:8.0%} "
-                  f"{str(r['top_finding_is_planted']):>6s} {mult:>8s} {wall:7.0f}", flush=True)
+            print(f"{shown:14s} {org.split:7s} {method:9s} {seed:4d} {r['learned']:8.0%} {r['random']:7.0%} "
+                  f"{r['unsteered']:8.0%} {str(r['significant']):>5s} {r['rank'] or '-':>4} {r['n_significant']:4d} "
+                  f"{mult:>8s} {wall:7.0f}", flush=True)
         save()
 
     for name in a.organisms if a.baseline != "only" else []:

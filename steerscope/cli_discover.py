@@ -128,8 +128,8 @@ def cmd_run(cfg: RunCommand) -> int:
     report = run(cfg.run, out, force=cfg.force)
     from .jobs.findings import load_findings
 
-    found = load_findings(out)
-    print(f"behaviours found only under learned vectors: {len(found)}" + (" (the first 5):" if len(found) > 5 else ""))
+    found = [f for f in load_findings(out) if f.get("significant", True)]
+    print(f"behaviours found that beat chance: {len(found)}" + (" (the first 5):" if len(found) > 5 else ""))
     print_findings(found, 5)
     print(f"report: {report.resolve()}")
     return 0
@@ -148,7 +148,7 @@ class FindingsCommand(Config):
 
 
 @command("findings", "list a run's behaviours found, or export one as a vector set",
-         "List the behaviours that appeared only under learned vectors in a run (the report's first section), or "
+         "List the behaviour clusters of a run, significant findings first (the report's first section), or "
          "write the vectors eliciting one of them to a vector folder for generate, select, export or sweep.",
          FindingsCommand)
 def cmd_findings(cfg: FindingsCommand) -> int:
@@ -168,10 +168,12 @@ def cmd_findings(cfg: FindingsCommand) -> int:
 
 
 def print_findings(found: list[dict], limit: int | None = None) -> None:
+    """One finding per entry: rank, significance, vectors, why it ranks there, an example."""
     if not found:
-        print("no behaviour appeared only under learned vectors in this run.")
+        print("no behaviour beat chance in this run (candidates that did not are in metrics.json and the report).")
     for f in found[:limit]:
-        print(f"{f['rank']}: {f['surface'] + ', ' if f.get('surface') else ''}{f['n_vectors']} vectors ({', '.join(f['vectors'])}), {f['completions']} completions, "
-              f"distance {f['distance']:.2f}, log p {f.get('logprob', float('nan')):.2f} "
-              f"(unsteered {f.get('logprob_unsteered', float('nan')):.2f}); words: {', '.join(f['words'])}\n"
+        sig = ("" if "significant" not in f else "significant, " if f["significant"] else "NOT significant, ")
+        print(f"{f['rank']}: {sig}{f['surface'] + ', ' if f.get('surface') else ''}{f['n_vectors']} vectors "
+              f"({', '.join(f['vectors'])}); words: {', '.join(f['words'])}\n"
+              f"   {f.get('reason') or 'distance %.2f' % f['distance']}\n"
               f"   e.g. {f['typical'][:150]!r}")

@@ -156,7 +156,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
              coef: float | Sequence[float] = 1.0, positions: Positions = ALL, mode: str = "add",
              interventions: Sequence = (), include_unsteered: bool | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool | None = None, system: str | None = None,
-             batch_size: int = 32, progress: bool | None = None, use_cache: bool = True) -> list[Completion]:
+             batch_size: int = 64, progress: bool | None = None, use_cache: bool = True) -> list[Completion]:
     """Generate a completion for every (vector, prompt) pair.
 
     Args:

@@ -186,10 +186,10 @@ def test_run_flags_reach_the_config():
     ns = parser.parse_args(["--method", "jacobian", "--power-iters", "3"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "jacobian" and cfg.discover.method_config.power_iters == 3
-    ns = parser.parse_args(["--reply-tokens", "4", "--steps", "9", "--goldilocks", "1,2"])  # the default method
+    ns = parser.parse_args(["--reply-tokens", "4", "--steps", "9", "--r-max-random", "0.3", "--n-samples", "0"])  # the default method
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "kl" and cfg.discover.method_config.reply_tokens == 4
-    assert cfg.discover.method_config.steps == 9 and cfg.goldilocks == [1.0, 2.0] and cfg.discover.R is None
+    assert cfg.discover.method_config.steps == 9 and cfg.r_max_random == 0.3 and cfg.n_samples == 0 and cfg.discover.R is None
     ns = parser.parse_args(["--method", "dct", "--dct-tol", "0.1", "--sigma", "quadratic"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "dct" and cfg.discover.method_config.sigma == "quadratic"

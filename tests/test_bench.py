@@ -26,10 +26,27 @@ from steerscope.jobs.bench_methods import BENCH_METHODS, Arm
 from steerscope.judging.concept_judges import EmbeddingJudge, ab_curve, ab_prompts, harmonic
 from steerscope.judging.kl_match import KLMatchConfig, Rollouts
 
-SMALL = dict(kl=KLMatchConfig(tokens=8), n_neutral=4, max_new_tokens=8, discover_vectors=4, layer=1)
+SMALL = dict(kl=KLMatchConfig(tokens=8), n_neutral=4, max_new_tokens=8, discover_vectors=4, layer=1, report_instructions=12)
 
 
 # ---- the concept set ------------------------------------------------------------------------
+def test_report_instructions_are_topped_up_from_the_shared_pool_and_cells_get_intervals():
+    from steerscope.directions.concepts import load_concepts, report_instructions, shared_instructions
+    from steerscope.directions.data import load_prompts
+    from steerscope.jobs.bench_eval import bootstrap_ci
+
+    pool = shared_instructions()
+    assert len(pool) >= 24 and not set(pool) & set(load_prompts("neutral"))
+    for c in load_concepts(["all"]):
+        rep = report_instructions(c, 24)
+        own = {x for sp in c.instructions.values() for x in sp}
+        assert len(rep) == 24 and rep[:len(c.instructions["report"])] == c.instructions["report"]
+        assert len(set(rep)) == 24 and not set(rep[len(c.instructions["report"]):]) & own  # no leak from choose
+    lo, hi = bootstrap_ci([0.0] * 12 + [1.0] * 12)
+    assert 0.25 < lo < 0.5 < hi < 0.75  # a 50 % rate over 24 instructions: about +-20 points
+    assert bootstrap_ci([1.0]) is None and bootstrap_ci([0.3, 0.3, 0.3]) == pytest.approx([0.3, 0.3])
+
+
 def test_shipped_concepts_meet_the_spec():
     names = builtin_names()
     assert len(names) >= 12 and set(DEFAULT_CONCEPTS) <= set(names)

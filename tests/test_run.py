@@ -17,6 +17,8 @@ from steerscope.judging.vector_metrics import compute_vector_metrics, distinct_n
 from steerscope.jobs.run import RunConfig, run
 
 N_VEC = 3
+N_RAND = 5  # random controls: more than the learned vectors, norms cycled
+N_SAMPLES = 2
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def lm():
 @pytest.fixture(scope="module")
 def cfg():
     return RunConfig(n_train=2, n_heldout=1, n_neutral=3, max_new_tokens=6, sweep_multiples=[0.5, 1, 2], sweep_top=2,
-                     discover=DiscoverConfig.of(n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2))
+                     n_random=N_RAND, n_samples=N_SAMPLES, discover=DiscoverConfig.of(n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2))
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +42,24 @@ def run_dir(lm, cfg, tmp_path_factory):
 def test_run_folder_contents(run_dir):
     assert {p.name for p in run_dir.iterdir()} >= {"config.json", "vectors", "completions.jsonl", "metrics.json", "report.html"}
     rows = [json.loads(l) for l in (run_dir / "completions.jsonl").read_text().splitlines()]
-    assert len(rows) == (2 * N_VEC + 1) * 3
-    assert {r["set"] for r in rows} == {"learned", "random", "unsteered"} and {r["split"] for r in rows} == {"train", "heldout"}
+    assert len(rows) == (N_VEC + N_RAND + 1 + N_SAMPLES) * 3
+    assert {r["set"] for r in rows} == {"learned", "random", "unsteered", "sample"}
+    assert {r["split"] for r in rows} == {"train", "heldout"}
+    samples = [r for r in rows if r["set"] == "sample"]
+    assert sorted({r["vector_id"] for r in samples}) == ["sample-0", "sample-1"]
+    assert sorted(r["prompt_index"] for r in samples) == [0, 0, 1, 1, 2, 2]  # each draw covers every prompt
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert len(m["vectors"]) == 2 * N_VEC and set(m["summary"]) == {"learned", "random"}
+    assert len(m["vectors"]) == N_VEC + N_RAND and set(m["summary"]) == {"learned", "random"}
+    nm = m["null_model"]
+    assert (nm["learned"], nm["random"], nm["samples"]) == (N_VEC, N_RAND, N_SAMPLES) and "can never be" in nm["power"]
+    assert all({"p", "q", "significant", "reason", "controls"} <= set(f) for f in m["findings"])
     assert len(m["sweep"]) == 2 and all(len(v) == 3 for v in m["sweep"].values())
     assert len(m["labels"]) == len(rows) == len(m["map"])
     learned = VectorSet.load(run_dir / "vectors" / "learned")
     control = VectorSet.load(run_dir / "vectors" / "random")
-    assert torch.allclose(learned.vectors.norm(dim=-1), control.vectors.norm(dim=-1), atol=1e-5)  # matched norms
+    cycled = learned.vectors.norm(dim=-1)[[i % N_VEC for i in range(N_RAND)]]
+    assert torch.allclose(cycled, control.vectors.norm(dim=-1), atol=1e-5)  # matched norms
+    assert control.layers == [learned.layers[i % N_VEC] for i in range(N_RAND)]
 
 
 def test_resume_and_never_clobber(run_dir, lm, cfg):
@@ -102,6 +113,18 @@ def test_clustering_groups_capitals_and_other_languages_apart():
     surf = {cl.id: cl.surface for cl in c.clusters}
     assert surf[c.labels[1]] == "written in capitals" and surf[c.labels[2]] == "in French"
     assert surf[c.labels[0]] == "" and surf[c.labels[5]] == ""  # degenerate text is no language
+    # Ordinary sentences whose function words are English words too ("a", "in", "as", "on"), which
+    # a hand-made English list counted as English; and symbols the embedder cannot read.
+    more = ["Il a une maison à Paris et il va au marché le samedi.", "Ich habe in Berlin gewohnt, als ich jung war.",
+            "Ela tem uma casa no campo e vai a Lisboa.", "Lui ha una casa in campagna e va a Roma.",
+            "El tiene una casa en el campo y va a Madrid.", "Nice day. ✨ Sun is out. ✨"]
+    assert [surface_group(t) for t in more] == ["fr", "de", "pt", "it", "es", "sym:✨"]
+    # A list is a format: lists on unrelated topics are one behaviour; a number in a sentence is no list.
+    lists = ["1. Bikes are light.\n2. They are cheap.", "Tips:\n- water the roses\n- prune in March",
+             "I have 2. reasons and 3. more.", "Here is a plain answer about bikes and roses."]
+    assert [surface_group(t) for t in lists] == ["list", "list", "", ""]
+    c = cluster_texts(lists)
+    assert c.labels[0] == c.labels[1] != c.labels[2] and c.clusters[c.labels[0]].surface == "as a list"
 
 
 def test_report_in_a_real_browser(run_dir):
@@ -110,10 +133,12 @@ def test_report_in_a_real_browser(run_dir):
     driver = chrome()
     try:
         driver.get((run_dir / "report.html").resolve().as_uri())
-        assert len(driver.find_elements(By.CSS_SELECTOR, ".vector-card")) == 2 * N_VEC
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#cluster-map circle")) == 3 * N_VEC  # learned completions
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".vector-card")) == N_VEC + N_RAND
+        # learned completions (filled) and unsteered samples (hollow)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#cluster-map circle")) == 3 * (N_VEC + N_SAMPLES)
         assert len(driver.find_elements(By.CSS_SELECTOR, ".sweep-plot polyline")) == 2 * 2
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")) == 2 * N_VEC
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")) == N_VEC + N_RAND
+        assert "learned vectors" in driver.find_element(By.ID, "power").text  # what the test can detect
         # the finding leads: the first section is "Behaviours found", the long table is last and collapsed
         assert driver.find_elements(By.TAG_NAME, "h2")[0].text == "Behaviours found"
         assert driver.find_elements(By.CSS_SELECTOR, ".finding, #no-findings")
@@ -143,31 +168,70 @@ def test_report_in_a_real_browser(run_dir):
         driver.quit()
 
 
-def test_findings_are_learned_only_clusters_ranked_by_vectors():
+def test_findings_are_tested_against_random_vectors_and_samples_and_ranked_by_evidence():
     from steerscope.judging.findings import find_behaviours
 
     lm = tiny_lm("llama")
-    texts = {0: "hello", 1: "bonjour", 2: "caps", 3: "noise"}
+    texts = {0: "hello", 1: "bonjour", 2: "caps", 3: "noise", 4: "loop"}
 
     def row(s, vid, p, c):
         return {"set": s, "vector_id": vid, "prompt_index": p, "prompt": f"prompt {p}", "split": "train" if p else "heldout",
                 "text": texts[c], "token_ids": [5 + c, 6, 7]}
 
-    rows = [row("unsteered", None, 0, 0), row("unsteered", None, 1, 0),
-            row("learned", "a", 0, 1), row("learned", "b", 1, 1), row("learned", "c", 0, 1),  # 3 vectors, learned only
-            row("learned", "d", 0, 2), row("learned", "d", 1, 2),  # 1 vector, learned only
-            row("learned", "e", 0, 3), row("random", "r", 0, 3),  # random too: not a finding
-            row("learned", "f", 1, 0)]  # same as unsteered: not a finding
-    labels = [{"hello": 0, "bonjour": 1, "caps": 2, "noise": 3}[r["text"]] for r in rows]
-    emb = torch.nn.functional.normalize(torch.eye(4)[labels] + 0.1, dim=-1)
+    learned = [f"v{i}" for i in range(8)]
+    rows = [row("unsteered", None, 0, 0), row("unsteered", None, 1, 0)]
+    rows += [row("learned", v, p, 1) for v in learned[:5] for p in (0, 1)]  # 5 of 8 vectors, no control: significant
+    rows += [row("learned", "v5", 0, 2), row("learned", "v5", 1, 2)]  # one vector: can never be significant
+    rows += [row("learned", v, 0, 3) for v in learned[6:]] + [row("random", f"r{i}", 0, 3) for i in range(4)]  # as random
+    rows += [row("learned", "v6", 1, 4), row("learned", "v7", 1, 4)] + [row("sample", "sample-0", 1, 4)]
+    rows += [row("random", f"r{i}", p, 0) for i in range(4, 24) for p in (0, 1)]
+    rows += [row("sample", f"sample-{i}", p, 0) for i in range(1, 8) for p in (0, 1)]
+    labels = [{"hello": 0, "bonjour": 1, "caps": 2, "noise": 3, "loop": 4}[r["text"]] for r in rows]
+    dist = [float("nan") if r["set"] == "unsteered" else (0.0 if r["text"] == "hello" else 0.8) for r in rows]
     clusters = [{"id": i, "typical": t, "words": [t]} for i, t in texts.items()]
-    found = find_behaviours(lm, rows, labels, clusters, emb)
-    assert [f["typical"] for f in found] == ["bonjour", "caps"]
-    assert found[0]["vectors"] == ["a", "b", "c"] and found[0]["n_vectors"] == 3 and found[1]["vectors"] == ["d"]
-    assert found[0]["rank"] == 0 and found[0]["heldout"] == 2 and found[0]["prompts"] == [0, 1]
-    assert found[0]["distance"] > 0.5 and all(torch.isfinite(torch.tensor(f["logprob"])) for f in found)
-    assert find_behaviours(lm, rows, labels, clusters, emb, min_vectors=2)[0]["typical"] == "bonjour"
-    assert len(find_behaviours(lm, rows, labels, clusters, emb, min_vectors=2)) == 1
+    found = find_behaviours(lm, rows, labels, clusters, dist)
+    by = {f["typical"]: f for f in found}
+    assert set(by) == {"bonjour", "caps", "noise", "loop"}  # every cluster holding a learned completion is tested
+    assert found[0]["typical"] == "bonjour" and [f["significant"] for f in found].count(True) == 1
+    assert by["bonjour"]["q"] < 0.01 and by["bonjour"]["controls"] == {"random": 0, "samples": 0, "greedy": False}
+    assert not by["caps"]["testable"] and by["caps"]["single"] == "one vector" and "cannot be significant" in by["caps"]["reason"]
+    assert by["noise"]["controls"]["random"] == 4 and by["noise"]["p"] > 0.3  # 2 of 8 learned vs 4 of 32 controls
+    assert by["loop"]["controls"]["samples"] == 1 and not by["loop"]["significant"]
+    assert "5 of 8 learned vectors vs no control" in by["bonjour"]["reason"] and "1 held-out" in by["bonjour"]["reason"]
+    assert [f["rank"] for f in found] == list(range(len(found)))
+    assert all(torch.isfinite(torch.tensor(f["logprob"])) and 0 <= f["naturalness"] <= 1 for f in found)
+    # Among equally significant candidates, far and natural ranks above near: the score says why.
+    assert by["bonjour"]["score_parts"]["far and natural"] == pytest.approx(2 * 0.8 * by["bonjour"]["naturalness"], abs=1e-3)
+
+
+def test_fisher_exact_and_benjamini_hochberg_match_scipy():
+    from scipy.stats import false_discovery_control, fisher_exact
+
+    from steerscope.judging.significance import benjamini_hochberg, fisher_greater, min_learned_for, power
+
+    for k, n, j, m in [(3, 8, 0, 32), (2, 8, 1, 32), (5, 8, 4, 24), (0, 8, 3, 20), (8, 8, 0, 8)]:
+        want = fisher_exact([[k, n - k], [j, m - j]], alternative="greater")[1]
+        assert fisher_greater(k, n, j, m) == pytest.approx(want, rel=1e-9)
+    ps = [0.001, 0.04, 0.03, 0.2, 0.5]
+    assert benjamini_hochberg(ps) == pytest.approx(list(false_discovery_control(ps)), rel=1e-9)
+    assert min_learned_for(0.05, 8, 32) == 2 and min_learned_for(0.05, 8, 32, tests=10) == 4
+    assert min_learned_for(0.05, 2, 2) is None
+    assert "at least 2 of the 8" in power(0.05, 8, 24, 8, 1) and "can never be" in power(0.05, 8, 24, 8, 1)
+
+
+def test_behaviour_distance_sees_case_language_symbols_and_appended_phrases():
+    from steerscope.judging.change import Texts, distance
+
+    plain = "My weekend was quiet. I read a book and went for a long walk in the park with my dog."
+    others = [plain.upper(), "Mon week-end était calme. J'ai lu un livre et je me suis promené dans le parc avec mon chien.",
+              plain + " Stay curious, and remember: the owls are always watching.",
+              "My weekend was quiet. ✨ I read a book and went for a long walk in the park with my dog. ✨",
+              "My weekend was calm. I read a novel and took a long walk in the park with my dog."]
+    a, b = Texts.of(others), Texts.of([plain] * len(others))
+    d = distance(a, b)
+    assert (d[:4] > 0.35).all(), d  # capitals, French, an appended phrase, symbols: each a different behaviour
+    assert d[4] < 0.35, d  # a rewording is not
+    assert distance(a, b, tails=False)[2] < d[2]  # the appended phrase is seen in the tail
 
 
 def test_export_a_finding_as_a_vector_set(run_dir, lm, tmp_path):
@@ -197,83 +261,60 @@ def test_export_a_finding_as_a_vector_set(run_dir, lm, tmp_path):
         export_finding(run, 0, tmp_path / "f4")
 
 
-def test_goldilocks_choice():
-    from steerscope.judging.goldilocks import choose, moved_share
+def test_r_search_brackets_then_bisects_for_the_largest_R_random_vectors_mostly_leave_alone():
+    from steerscope.judging.goldilocks import search
 
-    rows = [{"multiple": 0.5, "R": 1, "learned": 0.0, "random": 0.0}, {"multiple": 1, "R": 2, "learned": 0.5, "random": 0.0},
-            {"multiple": 2, "R": 4, "learned": 0.9, "random": 0.25}, {"multiple": 4, "R": 8, "learned": 1.0, "random": 1.0}]
-    assert choose(rows)[0]["R"] == 4  # the largest R with a clear gap (random moved too much at 8)
-    assert choose(rows, max_random=0.1)[0]["R"] == 2  # random moved too much at 4
-    saturated = [dict(r, learned=1.0) for r in rows[:3]]  # learned move everything: the gap alone would pick R=1
-    assert choose(saturated)[0]["R"] == 4 and "largest R" in choose(saturated)[1]
-    small = [dict(r, learned=r["random"] + 0.1) for r in rows[:3]]  # no clear gap anywhere: the largest gap
-    assert choose(small)[0]["R"] == 1 and "no multiple" in choose(small)[1]  # ties go to the smaller R
-    assert choose([dict(rows[1], learned=0.6), dict(rows[2], learned=0.3)])[0]["R"] == 2  # R=4's gap is 0.05
-    assert choose([dict(r, random=0.9) for r in rows])[0]["R"] == 1  # none qualifies: smallest, and says so
-    assert "every multiple" in choose([dict(r, random=0.9) for r in rows])[1]
-    C = ss.Completion
-    comps = [C(0, "p", None, 0, 0.0, "a", [1], "length"), C(0, "p", "melbo-0", 1, 1.0, "b", [2], "length"),
-             C(0, "p", "melbo-1", 1, 1.0, "a", [1], "length"), C(0, "p", "control-0", 1, 1.0, "c", [3], "length")]
-    emb = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0.8, 0.6, 0]])  # c is 0.2 away from a
-    assert moved_share(comps, emb, 0.35, ["control-0"]) == {"learned": 0.5, "random": 0.0}
+    def scripted(edge):  # the share random vectors move rises with R and crosses 50 % at log2 multiple `edge`
+        calls = []
+
+        def share(x):
+            calls.append(x)
+            return 0.2 if x <= edge else 0.8
+        return share, calls
+
+    share, calls = scripted(-1.3)  # random vectors move most replies at the calibrated R: the search goes down
+    x, why = search(share, 6, 0.5)
+    assert calls[:3] == [0.0, -1.0, -2.0] and -2.0 <= x <= -1.3 and len(calls) == 6 and "at most 50%" in why
+    share, calls = scripted(1.6)  # and up where they do not
+    x, _ = search(share, 5, 0.5)
+    assert calls[:3] == [0.0, 1.0, 2.0] and 1.0 <= x <= 1.6 and x > 1.4
+    share, calls = scripted(10)  # never crosses: stops at the top of the range
+    x, why = search(share, 20, 0.5)
+    assert x == 3.0 and "upper end" in why
+    share, calls = scripted(-10)  # always above: the smallest tried, and says so
+    x, why = search(share, 20, 0.5)
+    assert x == -4.0 and "even at" in why
 
 
-def test_goldilocks_tries_the_largest_multiple_first_and_trains_probes_only_where_they_could_win(lm, monkeypatch):
-    """The check stops at the first (largest) multiple that qualifies and trains no probes where
-    random vectors alone moved too much; its choice is the one `choose` makes on every row."""
+def test_r_search_on_a_model_uses_random_vectors_only(lm, monkeypatch):
+    """goldilocks_R trains nothing: it generates under random vectors of each norm tried and reads
+    the share whose behaviour moved; the rows it records are the R values it tried."""
     import steerscope.judging.goldilocks as g
 
-    # scripted shares (learned, random) per multiple, and the calibrated R stubbed to 10
-    script = {0.5: (0.2, 0.0), 1.0: (0.9, 0.25), 2.0: (1.0, 0.6), 4.0: (1.0, 1.0)}
-    trained = []
     monkeypatch.setattr(g, "calibrate_R", lambda *a, **k: (10.0, None))
+    monkeypatch.setattr(g, "discover", lambda *a, **k: pytest.fail("the R search must not train"), raising=False)
+    seen = []
 
-    def fake_discover(lm_, prompts, cfg, **k):
-        trained.append(cfg.R / 10.0)
-        return VectorSet.create(lm_, torch.ones(cfg.n_vectors, lm_.d_model), 1, "fake")
-
-    def fake_moved(lm_, prompts, base, vectors, control_ids, cfg, n, thr):
-        m = vectors[0].vector.norm().item() / 10.0 if control_ids else trained[-1]
-        return {"learned": script[round(m, 6)][0], "random": script[round(m, 6)][1]}
-
-    monkeypatch.setattr(g, "discover", fake_discover)
-    monkeypatch.setattr(g, "_moved", fake_moved)
+    def fake_moved(base, steered, idx, thr):
+        seen.append(len(steered))
+        return 0.9 if len(seen) == 1 else 0.1  # 1x moves too much, 0.5x does not, then bisect between
+    monkeypatch.setattr(g, "moved_share", fake_moved)
     cfg = DiscoverConfig.of("kl", n_vectors=8, source=1, target=2)
-    res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=(0.5, 1.0, 2.0, 4.0), random_vectors=4)
-    assert trained == [1.0]  # 4 and 2: random moved > 50 %, no probes; 1 qualifies; 0.5 is never tried
-    assert [r["multiple"] for r in res.rows] == [1.0, 2.0, 4.0] and res.chosen == 10.0
-    every = [{"multiple": m, "R": 10.0 * m, "learned": a, "random": b} for m, (a, b) in script.items()]
-    assert g.choose(every)[0]["R"] == res.chosen and "not tried (0.5)" in res.reason
-    # nothing qualifies: every multiple where random stayed low is trained, and the largest gap wins
-    script.update({1.0: (0.3, 0.25), 0.5: (0.2, 0.0)})
-    trained.clear()
-    res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=(0.5, 1.0, 2.0, 4.0), random_vectors=4)
-    assert trained == [1.0, 0.5] and res.chosen == 5.0 and "no multiple" in res.reason
-    # caps seed 1 at kl's layer 12 (README "Planted behaviours"): random vectors moved 53 % at 1x,
-    # just over the 50 % allowed. With 0.5x on the list the check went down to it (and the run lost
-    # the capitals it finds at 1x); the run's default multiples stop at the calibrated R.
-    script.update({0.5: (0.75, 0.22), 1.0: (1.0, 0.53), 2.0: (1.0, 0.78)})
-    assert g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=(0.5, 1.0, 2.0), random_vectors=4).chosen == 5.0
-    trained.clear()
-    res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, multiples=RunConfig().goldilocks, random_vectors=4)
-    assert min(RunConfig().goldilocks) == 1.0 and res.chosen == 10.0 and trained == []
+    res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, steps=3, random_vectors=4, max_new_tokens=2)
+    assert seen == [8, 8, 8] and [r["random_completions"] for r in res.rows] == [8, 8, 8]
+    assert [round(r["multiple"], 4) for r in res.rows] == [0.5, round(2 ** -0.5, 4), 1.0]
+    assert res.chosen == pytest.approx(10.0 * 2 ** -0.5) and res.calibrated == 10.0
+    assert g.goldilocks_R(lm, ["a"], cfg, layer_range=None, steps=0).chosen == 10.0
 
 
-def test_run_without_R_calibrates_and_checks_multiples(lm, cfg, tmp_path):
+def test_run_without_R_calibrates_and_searches(lm, cfg, tmp_path):
     d = cfg.discover.replace(R=None)
-    c = cfg.replace(discover=d, goldilocks=[1.0, 3.0], goldilocks_vectors=2, sweep_top=0)
+    c = cfg.replace(discover=d, r_search_steps=3, r_random=4, sweep_top=0)
     run(c, tmp_path / "g", lm=lm)
     cal = json.loads((tmp_path / "g" / "calibration.json").read_text())
-    tried = [r["multiple"] for r in cal["rows"]]
-    assert not cal["given"] and tried in ([3.0], [1.0, 3.0])  # 1 is tried only when 3 does not qualify
-    # more random vectors than probes: the random share is the one the rule thresholds
-    n_rand = min(16, lm.d_model)
-    for r in cal["rows"]:
-        assert r["random_completions"] == n_rand * c.n_train
-        trained = r["random"] <= 0.5  # probes only where random vectors alone did not move too much
-        assert (r["learned"] is not None, r["learned_completions"]) == (trained, 2 * c.n_train if trained else 0)
-    assert cal["chosen"] in [r["R"] for r in cal["rows"]]
-    assert cal["calibrated"] == pytest.approx(cal["rows"][-1]["R"] / 3.0)
+    assert not cal["given"] and len(cal["rows"]) == 3
+    assert all(r["random_completions"] == 4 * c.n_train for r in cal["rows"])
+    assert cal["chosen"] in [r["R"] for r in cal["rows"]] or cal["chosen"] == pytest.approx(cal["calibrated"] / 16)
     learned = VectorSet.load(tmp_path / "g" / "vectors" / "learned")
     assert torch.allclose(learned.vectors.norm(dim=-1), torch.full((N_VEC,), cal["chosen"]), rtol=1e-4)
     html = (tmp_path / "g" / "report.html").read_text()
@@ -286,14 +327,14 @@ def test_run_with_the_random_method_keeps_learned_and_control_apart(lm, cfg, tmp
     c = cfg.replace(discover=DiscoverConfig.of("random", n_vectors=2, R=2.0, source=0, target=2), sweep_top=0)
     run(c, tmp_path / "rnd", lm=lm)
     m = json.loads((tmp_path / "rnd" / "metrics.json").read_text())
-    assert sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * 2
+    assert sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * N_RAND
 
 
 def test_run_with_kl_reports_how_many_candidates_its_vectors_were_kept_from(lm, cfg, tmp_path):
     d = DiscoverConfig.of("kl", n_vectors=2, R=2.0, source=0, target=2, steps=3, reply_tokens=2, candidates=2)
     run(cfg.replace(discover=d, sweep_top=0), tmp_path / "kl", lm=lm)
     m = json.loads((tmp_path / "kl" / "metrics.json").read_text())
-    assert m["discovery"]["candidates"] == 4 and sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * 2
+    assert m["discovery"]["candidates"] == 4 and sorted(m["sets"].values()) == ["learned"] * 2 + ["random"] * N_RAND
     assert m["discovery"]["kept_by"] == "completions"  # the run's default: ranked by what the candidates say
     h = json.loads((tmp_path / "kl" / "vectors" / "learned" / "config.json").read_text())["hyperparams"]
     score = h["candidate_score"]

@@ -75,6 +75,21 @@ def _shared_negatives() -> list[str]:
     return [l.strip() for l in text.splitlines() if l.strip()]
 
 
+def shared_instructions() -> list[str]:
+    """Generic instructions (concepts/_instructions.txt) that top up a concept's report split, so a
+    bench has enough report instructions per concept for its cells to separate."""
+    text = resources.files("steerscope.data").joinpath("concepts/_instructions.txt").read_text(encoding="utf-8")
+    return [l.strip() for l in text.splitlines() if l.strip()]
+
+
+def report_instructions(c: "Concept", n: int) -> list[str]:
+    """The concept's own report instructions, topped up to `n` from the shared pool (never one of
+    its own instructions of any split)."""
+    own = c.instructions["report"]
+    seen = {x for sp in c.instructions.values() for x in sp}
+    return own + [x for x in shared_instructions() if x not in seen][:max(0, n - len(own))]
+
+
 def _by_position(i: int, instruction: bool) -> str:
     if instruction:
         return "choose" if i % 4 == 2 else "report"

@@ -69,6 +69,10 @@ class BenchConfig(Config):
     """prompt set of the KL rollouts (and of discovery)"""
     n_neutral: int = field(default=16, metadata={"min": 1})
     """neutral prompts in the KL rollouts"""
+    report_instructions: int = field(default=24, metadata={"min": 1})
+    """report instructions per concept: the concept's own (9 for the shipped ones), topped up from a
+    shared pool of generic instructions; every number in the report is over these (with 9, no
+    ranking gap was 2 standard errors wide)"""
     max_new_tokens: int = field(default=48, metadata={"min": 1})
     """tokens per steered completion"""
     curve: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])

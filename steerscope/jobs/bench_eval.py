@@ -63,12 +63,28 @@ def _summary(concept, rows: list[dict], base_rows: list[dict], others: list[str]
     return {"concept_rate": rate(rows, name), "concept_score": _mean([r["scores"][name] for r in rows]),
             "concept_change": change, "other_change": other, "selectivity": change - 0.1 * other,
             "relevance": _mean([r["relevance"] for r in rows]), "fluency_logprob": _mean([r["logprob"] for r in rows]),
-            "fluency_ratio": _mean([r["fluency_ratio"] for r in rows]), "score": _mean([r["hm"] for r in rows])}
+            "fluency_ratio": _mean([r["fluency_ratio"] for r in rows]), "score": _mean([r["hm"] for r in rows]),
+            "ci": {"concept_rate": bootstrap_ci([float(r["shows"][name]) for r in rows]),
+                   "score": bootstrap_ci([r["hm"] for r in rows])}}
+
+
+def bootstrap_ci(xs: list[float], n: int = 2000, level: float = 0.95, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of the mean over instructions (resampled with replacement);
+    None for fewer than 2 values."""
+    x = torch.tensor([v for v in xs if v is not None and not math.isnan(v)], dtype=torch.float64)
+    if len(x) < 2:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (n, len(x)), generator=g)].mean(-1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return [lo, hi]
 
 
 def evaluate_concept(ctx, concept) -> dict:
     cfg, lm = ctx.cfg, ctx.lm
-    choose, report = concept.instructions["choose"], concept.instructions["report"]
+    from ..directions.concepts import report_instructions
+
+    choose, report = concept.instructions["choose"], report_instructions(concept, cfg.report_instructions)
     prompts = choose + report
     nc = len(choose)
     others = [c.name for c in ctx.concepts if c.name != concept.name]

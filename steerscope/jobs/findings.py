@@ -33,7 +33,7 @@ def export_finding(run_dir: str | Path, rank: int, out: str | Path, *, overwrite
     run = Path(run_dir)
     found = load_findings(run)
     if not found:
-        raise SteerscopeError(f"{run} has no findings (no behaviour appeared only under learned vectors); export "
+        raise SteerscopeError(f"{run} has no findings (no cluster held a learned-vector completion); export "
                               "vectors by id with `steerscope export` instead.")
     if not 0 <= rank < len(found):
         raise SteerscopeError(f"{run} has findings 0..{len(found) - 1}; --export {rank} is not one of them.")

@@ -39,7 +39,7 @@ from ..directions.discovery import DiscoverConfig, discover, random_control
 from ..directions.vectors import VectorSet
 from ..errors import SteerscopeError
 from ..generation import Completion, generate
-from ..judging.goldilocks import MULTIPLES, goldilocks_R
+from ..judging.goldilocks import goldilocks_R
 from ..models.loading import ModelConfig
 from .stages import Stage, run_stages
 
@@ -70,17 +70,24 @@ class RunConfig(Config):
     completions on the training prompts move furthest from the unsteered ones while staying natural
     to the model, judging/keep.py; kept 18 of 21 planted candidates in 11 draws where the method's
     own entropy rule kept 8) or method (its own rule)"""
-    goldilocks: list[float] = field(default_factory=lambda: list(MULTIPLES))
-    """when R is calibrated: multiples of the calibrated R to try, keeping the largest where learned
-    vectors move clearly more completions than random ones of the same norm, which mostly do not
-    (tried largest first; the first that qualifies ends the check; empty: the calibrated R as it is).
-    Not below 1 by default: a planted behaviour needs at least the calibrated R, and 0.5x won only
-    within noise of the rule's threshold, losing what 1x found (judging/goldilocks.py)"""
-    goldilocks_vectors: int = field(default=4, metadata={"min": 1})
-    """probe vectors learned at each multiple by the Goldilocks check"""
-    goldilocks_random: int = field(default=16, metadata={"min": 1})
-    """random vectors of the same norm drawn at each multiple by the Goldilocks check (no training:
-    more of them make the share the rule thresholds less noisy)"""
+    r_search_steps: int = field(default=4, metadata={"min": 0})
+    """when R is calibrated: R values tried by the R search, which brackets (doubling or halving from
+    the calibrated R) and bisects for the largest R where random vectors mostly do not change the reply
+    (judging/goldilocks.py; 0: the calibrated R as it is)"""
+    r_max_random: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    """the R search keeps the largest R where random vectors moved at most this share of completions"""
+    r_random: int = field(default=16, metadata={"min": 1})
+    """random vectors drawn at each R the search tries (no training; more make its share less noisy)"""
+    n_random: int = field(default=32, metadata={"min": 1})
+    """matched-norm random vectors the run generates under: the null model's controls (the norms and
+    layers of the learned vectors, cycled); more of them give the significance test more power"""
+    n_samples: int = field(default=16, metadata={"min": 0})
+    """unsteered completions sampled per prompt at --sample-temperature: the model's own variety, the
+    null model's other control (each draw across the prompts is one unit of the test)"""
+    sample_temperature: float = field(default=1.0, metadata={"min": 0.01})
+    """temperature of those samples (1: the model's own distribution)"""
+    alpha: float = field(default=0.05, metadata={"min": 0, "max": 1})
+    """false-discovery rate: a finding is significant when its q-value is at most this (judging/significance.py)"""
     max_new_tokens: int = field(default=32, metadata={"min": 1})
     """tokens generated per completion"""
     sweep_multiples: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
@@ -164,16 +171,17 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
 
 
 def _choose_R(ctx: _RunContext) -> dict:
-    d = ctx.cfg.discover
+    from tqdm.auto import tqdm
+
+    d, cfg = ctx.cfg.discover, ctx.cfg
     if d.R is not None:
         return {"chosen": d.R, "given": True}
-
-    if ctx.cfg.goldilocks:
-        _log(f"choosing R: calibrating, then trying {', '.join(f'{m:g}' for m in sorted(ctx.cfg.goldilocks, reverse=True))} "
-             "x the calibrated R, largest first")
-    res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, multiples=ctx.cfg.goldilocks,
-                       probe_vectors=ctx.cfg.goldilocks_vectors,
-                       random_vectors=ctx.cfg.goldilocks_random, threshold=ctx.cfg.cluster_threshold, log=_log)
+    _log(f"choosing R: calibrating, then searching for the largest R where {cfg.r_random} random vectors move at most "
+         f"{cfg.r_max_random:.0%} of completions ({cfg.r_search_steps} steps)")
+    with tqdm(total=1 + cfg.r_search_steps, desc="choosing R", unit="R", disable=not sys.stderr.isatty(), leave=False) as bar:
+        res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, steps=cfg.r_search_steps,
+                           random_vectors=cfg.r_random, threshold=cfg.cluster_threshold, max_random=cfg.r_max_random,
+                           log=_log, progress=bar.update)
     _log(f"R = {res.chosen:.3g} ({res.reason})")
     return {**res.to_dict(), "given": False}
 
@@ -197,14 +205,23 @@ def _save_vectors(vs: VectorSet, path: Path) -> None:
 
 
 def _generate(ctx: _RunContext) -> list[dict]:
-    learned, control = ctx.artifacts["discover"], ctx.artifacts["control"]
+    learned, control, cfg = ctx.artifacts["discover"], ctx.artifacts["control"], ctx.cfg
     sets = {**{i: "learned" for i in learned.ids}, **{i: "random" for i in control.ids}}
     prompts = ctx.train + ctx.heldout
-    _log(f"generating {(len(learned) + len(control) + 1) * len(prompts)} completions")
+    P = len(prompts)
+    _log(f"generating {(len(learned) + len(control) + 1 + cfg.n_samples) * P} completions ({len(learned)} learned and "
+         f"{len(control)} random vectors, unsteered, {cfg.n_samples} samples per prompt at temperature "
+         f"{cfg.sample_temperature:g})")
     res = generate(ctx.lm, prompts, vectors=list(learned) + list(control), include_unsteered=True,
-                   max_new_tokens=ctx.cfg.max_new_tokens, chat=ctx.cfg.discover.chat)
-    return [{**r.to_dict(), "split": "train" if r.prompt_index < len(ctx.train) else "heldout",
-             "set": sets.get(r.vector_id, "unsteered")} for r in res]
+                   max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat)
+    rows = [{**r.to_dict(), "set": sets.get(r.vector_id, "unsteered")} for r in res]
+    if cfg.n_samples:
+        # One call: prompt i of draw s is row s * P + i, each with its own random stream.
+        drawn = generate(ctx.lm, prompts * cfg.n_samples, max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat,
+                         temperature=cfg.sample_temperature, seed=cfg.discover.seed)
+        rows += [{**r.to_dict(), "prompt_index": r.prompt_index % P, "vector_id": f"sample-{r.prompt_index // P}",
+                  "set": "sample"} for r in drawn]
+    return [{**r, "split": "train" if r["prompt_index"] < len(ctx.train) else "heldout"} for r in rows]
 
 
 def _save_rows(rows: list[dict], path: Path) -> None:
@@ -221,20 +238,22 @@ def _completions(rows: list[dict]) -> list[Completion]:
 
 
 def _measure(ctx: _RunContext) -> dict:
+    from ..judging.change import Texts, distance
     from ..judging.cluster import cluster_texts
-    from ..judging.embed import embed
     from ..judging.findings import find_behaviours
+    from ..judging.significance import power
     from ..judging.sweep import norm_sweep, sweep_to_dicts
-    from ..judging.vector_metrics import compute_vector_metrics, nanmean
+    from ..judging.vector_metrics import completion_logprobs, compute_vector_metrics, nanmean
 
     cfg, lm = ctx.cfg, ctx.lm
     learned, control, rows = ctx.artifacts["discover"], ctx.artifacts["control"], ctx.artifacts["generate"]
     sets = {**{i: "learned" for i in learned.ids}, **{i: "random" for i in control.ids}}
-    completions = _completions(rows)
-    _log("measuring, clustering and sweeping")
+    _log("measuring, clustering, testing findings and sweeping")
+    rep = Texts.of([r["text"] for r in rows])  # every row, samples included: the clusters see them all
+    steered_rows = [i for i, r in enumerate(rows) if r["set"] != "sample"]
+    completions = _completions([rows[i] for i in steered_rows])
     both = VectorSet.create(lm, torch.cat([learned.vectors, control.vectors]), learned.layers + control.layers,
                             "run", ids=learned.ids + control.ids)
-    emb = embed([c.text for c in completions])
     scorers = list(ctx.scorers)
     if cfg.judge_url:
         from ..judging.judge import DEFAULT_RUBRIC, Judge
@@ -243,34 +262,57 @@ def _measure(ctx: _RunContext) -> dict:
                       key_env=cfg.judge_key_env, cache_path=ctx.folder.path("judge_cache.jsonl"))
         scorers.append(judge.metric())
     h = learned.config.hyperparams
+    # Log-probabilities under the unsteered model, once: per-vector naturalness and the findings' both use them.
+    lps = completion_logprobs(lm, [c.prompt for c in completions], [c.token_ids for c in completions], chat=cfg.discover.chat)
     per_vector = compute_vector_metrics(lm, both, completions, neutral=ctx.neutral, layer_range=ctx.layer_range,
                                         target_tokens=h.get("target_tokens", "all"), scorers=scorers, chat=cfg.discover.chat,
-                                        embeddings=dict(zip(map(id, completions), emb)))
-    clustering = cluster_texts([c.text for c in completions], emb, cfg.cluster_threshold)
+                                        embeddings=dict(zip(map(id, completions), rep.meaning[steered_rows])),
+                                        logprobs=dict(zip(map(id, completions), lps)))
+    # Each row's behaviour distance from the greedy unsteered completion of its prompt.
+    base = {r["prompt_index"]: i for i, r in enumerate(rows) if r["set"] == "unsteered"}
+    other = [i for i, r in enumerate(rows) if r["set"] != "unsteered"]
+    dist = [float("nan")] * len(rows)
+    d_all = distance(rep.select(other), rep.select([base[rows[i]["prompt_index"]] for i in other]))
+    d_moved = distance(rep.select(other), rep.select([base[rows[i]["prompt_index"]] for i in other]), tails=False)
+    for i, d in zip(other, d_all.tolist()):
+        dist[i] = d
+    moved = {s: nanmean([float(d > cfg.cluster_threshold) for i, d in zip(other, d_moved.tolist()) if rows[i]["set"] == s])
+             for s in ("learned", "random", "sample")}
+    clustering = cluster_texts([r["text"] for r in rows], rep, cfg.cluster_threshold)
     clusters = [asdict(c) for c in clustering.clusters]
-    findings = find_behaviours(lm, rows, clustering.labels, clusters, emb, chat=cfg.discover.chat)
+    findings = find_behaviours(lm, rows, clustering.labels, clusters, dist, chat=cfg.discover.chat, alpha=cfg.alpha,
+                               logprobs=dict(zip(steered_rows, lps)))
     for vid, m in per_vector.items():
-        m["clusters"] = sorted({clustering.labels[i] for i, c in enumerate(completions) if c.vector_id == vid})
+        m["clusters"] = sorted({clustering.labels[i] for i, r in enumerate(rows) if r["vector_id"] == vid})
     summary = {}
     for s in ("learned", "random"):
         idx = [i for i, r in enumerate(rows) if r["set"] == s]
         vids = [v for v, k in sets.items() if k == s]
         summary[s] = {"vectors": len(vids), "completions": len(idx),
                       "distinct_completions": len({rows[i]["text"] for i in idx}),
-                      "clusters": len({clustering.labels[i] for i in idx}),
+                      "clusters": len({clustering.labels[i] for i in idx}), "moved": moved[s],
                       **{f"mean_{k}": nanmean([per_vector[v][k] for v in vids])
                          for k in ("target_change", "kl_neutral", "logprob", "distinct2", "embed_distance", "changed")}}
     top = sorted(learned.ids, key=lambda v: -per_vector[v]["embed_distance"])[:cfg.sweep_top]
     unsteered_train = [c for c in completions if c.vector_id is None and c.prompt_index < len(ctx.train)]
     sweep = {}
-    for vid in top:
-        sv = learned[vid]
-        one = VectorSet.create(lm, sv.vector[None], [sv.layer], "sweep", ids=[vid], hyperparams=h)
-        sweep[vid] = sweep_to_dicts(norm_sweep(lm, ctx.train, one, cfg.sweep_multiples, max_new_tokens=cfg.max_new_tokens,
-                                               chat=cfg.discover.chat, layer_range=ctx.layer_range,
-                                               unsteered=unsteered_train))
+    for layer in sorted({learned[v].layer for v in top}):  # one batched sweep per source layer (kl: one)
+        ids = [v for v in top if learned[v].layer == layer]
+        sub = VectorSet.create(lm, torch.stack([learned[v].vector for v in ids]), [layer] * len(ids), "sweep",
+                               ids=ids, hyperparams=h)
+        sweep.update({v: sweep_to_dicts(r) for v, r in norm_sweep(
+            lm, ctx.train, sub, cfg.sweep_multiples, max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat,
+            layer_range=ctx.layer_range, unsteered=unsteered_train, each=True).items()})
+    sweep = {v: sweep[v] for v in top}
+    n_samples = len({r["vector_id"] for r in rows if r["set"] == "sample"})
+    testable = sum(f["testable"] for f in findings)
     return {"vectors": per_vector, "sets": sets, "summary": summary, "sweep": sweep,
             "findings": findings, "clusters": clusters, "labels": clustering.labels, "map": clustering.xy,
+            "null_model": {"alpha": cfg.alpha, "learned": len(learned), "random": len(control), "samples": n_samples,
+                           "temperature": cfg.sample_temperature, "testable": testable,
+                           "significant": sum(f["significant"] for f in findings),
+                           "power": power(cfg.alpha, len(learned), len(control), n_samples, testable)},
+            "moved": moved,
             "discovery": {k: h.get(k) for k in ("method", "source", "target", "R", "target_tokens", "calibration",
                                                  "final_objective", "singular_values", "steps_run", "iterations", "reads",
                                                  "candidates", "kept_by")},
@@ -301,7 +343,7 @@ STAGES = [
           lambda p, ctx: json.loads(p.read_text())),
     Stage("discover", "vectors/learned", _discover, _save_vectors, lambda p, ctx: VectorSet.load(p, ctx.lm)),
     Stage("control", "vectors/random",
-          lambda ctx: random_control(ctx.lm, ctx.artifacts["discover"], seed=ctx.cfg.discover.seed + 1),
+          lambda ctx: random_control(ctx.lm, ctx.artifacts["discover"], seed=ctx.cfg.discover.seed + 1, n=ctx.cfg.n_random),
           lambda vs, p: vs.save(p), lambda p, ctx: VectorSet.load(p, ctx.lm)),
     Stage("generate", "completions.jsonl", _generate, _save_rows, lambda p, ctx: _load_rows(p)),
     Stage("measure", "metrics.json", _measure, lambda m, p: write_json_atomic(p, m), lambda p, ctx: json.loads(p.read_text())),

@@ -1,14 +1,16 @@
 """Behaviour clusters: group completions by meaning and label each group.
 
-Completions are embedded (all-MiniLM-L6-v2), clustered by agglomerative clustering on cosine
+Completions are embedded (all-MiniLM-L6-v2: the whole text and its last words, so an appended
+phrase or a drift of topic at the end separates a completion from its plain twin; judging.change),
+clustered by agglomerative clustering on cosine
 distance with a distance threshold (so the number of behaviours is found, not fixed), and each
 cluster is labelled by its most typical completion (closest to the centroid) and its most
 distinctive words (smoothed log-ratio of in-cluster to overall word frequency). A 2-D map comes
 from the top two principal components of the embeddings.
 
-The embedder is uncased and English-only, so completions in capitals or in another language are
-first put in surface groups (`judging.surface`): each such group is one behaviour, labelled ("in
-French", "written in capitals"); the rest is clustered by meaning.
+The embedder is uncased and English-only, so completions in capitals, in another language or full
+of symbols are first put in surface groups (`judging.surface`): each such group is one behaviour,
+labelled ("in French", "written in capitals", "with ✨ symbols"); the rest is clustered by meaning.
 """
 
 from __future__ import annotations
@@ -46,18 +48,18 @@ def _words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP]
 
 
-def cluster_texts(texts: list[str], embeddings: torch.Tensor | None = None, threshold: float = 0.35) -> Clustering:
-    """`threshold`: cosine distance below which groups merge (average linkage)."""
+def cluster_texts(texts: list[str], embeddings=None, threshold: float = 0.35) -> Clustering:
+    """`threshold`: cosine distance below which groups merge (average linkage); `embeddings`: a
+    `judging.change.Texts` of `texts`, or their (n, dim) meaning embeddings, or None (computed)."""
     if not texts:
         return Clustering([], [], [])
-    if embeddings is None:
-        from .embed import embed
+    from .change import Texts
+    from .surface import label
 
-        embeddings = embed(texts)
-    from .surface import LABELS, surface_group
-
-    e = embeddings.double()
-    groups = [surface_group(t) for t in texts]
+    rep = embeddings if isinstance(embeddings, Texts) else Texts.of(texts, embeddings)
+    e = rep.meaning.double()
+    feats = rep.features().double()
+    groups = rep.groups
     plain = [i for i, g in enumerate(groups) if not g]
     keys: list[tuple[str, int | str]] = [("surface", g) for g in groups]  # surface groups: one behaviour each
     if len(plain) == 1:
@@ -66,7 +68,7 @@ def cluster_texts(texts: list[str], embeddings: torch.Tensor | None = None, thre
         from sklearn.cluster import AgglomerativeClustering
 
         sub = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                      distance_threshold=threshold).fit_predict(e[plain].numpy()).tolist()
+                                      distance_threshold=threshold).fit_predict(feats[plain].numpy()).tolist()
         for i, c in zip(plain, sub):
             keys[i] = ("meaning", c)
     # renumber by size, largest first
@@ -85,7 +87,7 @@ def cluster_texts(texts: list[str], embeddings: torch.Tensor | None = None, thre
         score = {w: inside[w] * math.log(((inside[w] + 0.5) / n_in) / ((overall[w] + 0.5) / n_all)) for w in inside}
         kind, key = order[c]
         clusters.append(Cluster(c, len(idx), typical, [w for w, _ in sorted(score.items(), key=lambda x: -x[1])[:5]],
-                                LABELS[key] if kind == "surface" else ""))
+                                label(key) if kind == "surface" else ""))
     centred = e - e.mean(0)
     if len(texts) >= 2:
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)

@@ -1,26 +1,22 @@
-"""Choosing R: the calibrated R, checked against a few multiples of it by what vectors do.
+"""Choosing R: a search for the largest norm at which random vectors mostly do not change the reply.
 
 MELBO's observation (Mack & Turner 2024): there is a "Goldilocks" norm where learned vectors change
 the completions but random vectors of the same norm mostly do not. Below it nothing changes; above
-it any vector derails the model, so learned and random look alike. The DCT calibration (the R
-where the target layer's response is half nonlinear, `calibrate_R`) lands near it, but not on it
-for every model; so the run checks a few multiples of the calibrated R: at each, it learns a few
-probe vectors with the run's own method, draws random vectors of the same norm (more of them:
-they need no training, and the rule thresholds their share), generates short
-completions, and counts the completions whose meaning moved away from the unsteered one (cosine
-distance of sentence embeddings above the clustering threshold, i.e. a different behaviour). It
-keeps the LARGEST R where at most half of the random completions moved and learned vectors moved
-clearly more (at least `min_gap` more of their completions): the upper edge of the zone, where
-vectors are as strong as they can be before any vector of that norm derails the model. A planted
-behaviour behind a trigger needs a push of about that size: on both model organisms the trigger's
-own direction elicits it only from ~1-1.5x the calibrated R (benchmarks/planted_direction.py),
-while a strong objective (output KL) already moves every completion at 0.5x, where the gap alone
-would pick the smallest R. With no such multiple: the largest gap, ties to the smaller R.
+it any vector derails the model, so learned and random look alike and a learned-vs-random
+comparison says little. The DCT calibration (the R where the target layer's response is half
+nonlinear, `calibrate_R`) lands near it, but on some models random vectors already move most
+replies there (56-66 % on two fine-tunes), so a fixed set of multiples that cannot go below it
+leaves the run where chance is strongest.
 
-`MULTIPLES`, the run's default, goes no lower than the calibrated R: with kl at layer 12 of the
-organisms, 0.5x was chosen in 3 of 9 runs, each time because random vectors moved 53-59 % of the
-completions at 1x (one standard error, about 9 points on 32 completions, above the 50 % allowed),
-and each of those runs lost the planted behaviour its 1x run found (benchmarks/bench_planted.py).
+The search needs no training: at each R it draws `random_vectors` orthogonal random vectors of
+that norm, generates short greedy completions on the training prompts and counts the share whose
+behaviour moved away from the unsteered completion (judging.change, meaning/case/surface, tails
+left out: any divergence of greedy text changes the tail). The share rises with R, so it brackets
+the largest R where at most `max_random` moved by doubling or halving from the calibrated R, then
+bisects (in log R) until its `steps` are spent. The upper edge is kept because a behaviour
+planted behind a trigger needs a push of about that size (benchmarks/planted_direction.py). The
+learned vectors' own share at the chosen R comes from the run's completions, and the report plots
+both.
 """
 
 from __future__ import annotations
@@ -28,125 +24,100 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
-from ..directions.discovery import DiscoverConfig, calibrate_R, discover
+from ..directions.discovery import DiscoverConfig, calibrate_R
 from ..directions.discovery.baselines import random_directions
 from ..directions.vectors import VectorSet
 from ..generation import generate
-from .embed import embed
+from .change import Texts, distance
 
-MULTIPLES = (1.0, 2.0)  # the multiples of the calibrated R tried by default (module docstring)
+MAX_RANDOM = 0.5  # "random vectors mostly do not change the reply"
+LOG2_RANGE = (-4.0, 3.0)  # multiples of the calibrated R searched: 1/16 .. 8
 
 
 @dataclass
 class GoldilocksResult:
     calibrated: float  # the DCT-style calibrated R
     chosen: float  # the R the run uses
-    rows: list[dict] = field(default_factory=list)  # {multiple, R, learned, random}: shares of completions moved
+    rows: list[dict] = field(default_factory=list)  # {multiple, R, random, random_completions}, by multiple
     reason: str = ""
+    max_random: float = MAX_RANDOM
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def moved_share(completions, emb, threshold: float, control_ids) -> dict[str, float]:
-    """Share of steered completions whose embedding is farther than `threshold` (cosine distance)
-    from the unsteered completion of the same prompt, for learned vectors and for the controls
-    (`control_ids`)."""
-    control_ids = set(control_ids)
-    e = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    base = {c.prompt_index: i for i, c in enumerate(completions) if c.vector_id is None}
-    out: dict[str, list[float]] = {"learned": [], "random": []}
-    for i, c in enumerate(completions):
-        if c.vector_id is None:
-            continue
-        dist = 1.0 - float(e[i] @ e[base[c.prompt_index]])
-        out["random" if c.vector_id in control_ids else "learned"].append(float(dist > threshold))
-    return {k: sum(v) / len(v) if v else 0.0 for k, v in out.items()}
+def moved_share(base: Texts, steered: Texts, base_index: list[int], threshold: float) -> float:
+    """Share of `steered` completions whose behaviour is farther than `threshold` from the
+    unsteered completion of the same prompt (`base_index[i]`: its row in `base`)."""
+    if not len(steered):
+        return 0.0
+    d = distance(steered, base.select(base_index), tails=False)
+    return float((d > threshold).float().mean())
 
 
-def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, multiples=MULTIPLES,
-                 probe_vectors: int = 4, random_vectors: int = 16, max_new_tokens: int = 24, threshold: float = 0.35,
-                 max_random: float = 0.5, min_gap: float = 0.25, log=None) -> GoldilocksResult:
-    """Calibrate R, then pick among `multiples` of it as the module docstring says (no
-    multiples: the calibrated R as it is). Random vectors cost no training, so there are more of
-    them (`random_vectors`) than probes: the rule's threshold is on their share, and with 4 of
-    them on 2 prompts one completion either way moved that share by 12.5 points (on the french
-    organism seeds 0 and 1 read 25 % and 62 % at the same multiple)."""
+def search(share_at, steps: int, max_random: float, lo: float = LOG2_RANGE[0], hi: float = LOG2_RANGE[1]) -> tuple[float, str]:
+    """The largest log2-multiple x in [lo, hi] with share_at(x) <= max_random, found by bracketing
+    from 0 with steps of 1 and then bisecting; `share_at` is called at most `steps` times."""
+    good, bad, calls = None, None, 0
+    seen: dict[float, float] = {}
+
+    def probe(x: float) -> None:
+        nonlocal good, bad, calls
+        calls += 1
+        seen[x] = s = share_at(x)
+        if s <= max_random:
+            good = x if good is None else max(good, x)
+        else:
+            bad = x if bad is None else min(bad, x)
+
+    probe(0.0)
+    while calls < steps and (good is None or bad is None):
+        x = good + 1 if bad is None else bad - 1
+        if not lo <= x <= hi:
+            break
+        probe(x)
+    while calls < steps and good is not None and bad is not None and bad - good > 0.2:
+        probe((good + bad) / 2)
+    if good is None:
+        return min(seen), (f"random vectors moved more than {max_random:.0%} of completions even at "
+                           f"{2 ** min(seen):.3g}x the calibrated R; kept the smallest tried")
+    edge = "" if bad is not None else f" (the search's upper end, {2 ** hi:g}x)" if good >= hi else " (steps spent)"
+    return good, (f"the largest R found where random vectors moved at most {max_random:.0%} of completions "
+                  f"({seen[good]:.0%})" + edge)
+
+
+def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, steps: int = 5,
+                 random_vectors: int = 16, max_new_tokens: int = 24, threshold: float = 0.35,
+                 max_random: float = MAX_RANDOM, log=None, progress=None) -> GoldilocksResult:
+    """Calibrate R, then search for the largest R where random vectors mostly do not change the
+    reply (module docstring). `steps=0`: the calibrated R as it is. `progress(n)` is called
+    after each R tried."""
     R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
-    if not multiples:
-        return GoldilocksResult(R0, R0, [], "calibrated R (no Goldilocks check)")
-    # Largest multiple first, because the rule keeps the largest R that qualifies: the first that
-    # does ends the check (smaller ones could not be chosen), and where the random vectors alone
-    # already moved more than `max_random`, no multiple there can qualify, so its probes are not
-    # trained. Both skips give the same choice as trying everything, for a fraction of the cost.
-    # The unsteered completions and their embeddings, which every multiple is compared with
+    if progress:
+        progress(1)
+    if steps <= 0:
+        return GoldilocksResult(R0, R0, [], "calibrated R (no R search)", max_random)
     comps = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
-    base = (comps, embed([c.text for c in comps]))
+    base = Texts.of([c.text for c in comps])
     n_rand = min(random_vectors, lm.d_model)
     dirs = random_directions(n_rand, lm.d_model, cfg.seed + 7)  # (n, d) orthonormal
     layer = cfg.resolve_layers(lm.n_layers)[0]
     rows: list[dict] = []
-    for m in sorted(multiples, reverse=True):
+
+    def share_at(x: float) -> float:
+        m = 2.0 ** x
         ctrl = VectorSet.create(lm, dirs * (R0 * m), layer, "random", ids=[f"control-{i}" for i in range(n_rand)])
-        rand = _moved(lm, prompts, base, list(ctrl), ctrl.ids, cfg, max_new_tokens, threshold)["random"]
-        row = {"multiple": m, "R": R0 * m, "learned": None, "random": rand, "learned_completions": 0,
-               "random_completions": n_rand * len(prompts)}
-        rows.append(row)
-        if rand > max_random:
-            row["skipped"] = f"random vectors moved more than {max_random:.0%}: no probes trained"
-            if log:
-                log(f"R = {m:g} x {R0:.3g}: {rand:.0%} of random completions moved; probes not trained")
-            continue
-        probe = dataclasses.replace(cfg, R=R0 * m, n_vectors=min(probe_vectors, cfg.n_vectors), method_config=_one_candidate(cfg))
-        vs = discover(lm, prompts, probe, layer_range=layer_range, progress=False)
-        row["learned"] = _moved(lm, prompts, base, list(vs), [], cfg, max_new_tokens, threshold)["learned"]
-        row["learned_completions"] = len(vs) * len(prompts)
+        steered = generate(lm, prompts, vectors=list(ctrl), include_unsteered=False, max_new_tokens=max_new_tokens,
+                           chat=cfg.chat, progress=False)
+        share = moved_share(base, Texts.of([c.text for c in steered]), [c.prompt_index for c in steered], threshold)
+        rows.append({"multiple": m, "R": R0 * m, "random": share, "random_completions": len(steered)})
         if log:
-            log(f"R = {m:g} x {R0:.3g}: {row['learned']:.0%} of learned and {rand:.0%} of random completions moved")
-        if row["learned"] - rand >= min_gap:
-            break  # the largest multiple that qualifies: the smaller ones cannot be chosen
+            log(f"R = {m:.3g} x {R0:.3g}: {share:.0%} of random completions moved")
+        if progress:
+            progress(1)
+        return share
+
+    x, reason = search(share_at, steps, max_random)
     rows.sort(key=lambda r: r["multiple"])
-    best, reason = choose(rows, max_random, min_gap)
-    tried = {r["multiple"] for r in rows}
-    if any(m not in tried for m in multiples):
-        reason += f"; smaller multiples not tried ({', '.join(f'{m:g}' for m in sorted(set(multiples) - tried))})"
-    return GoldilocksResult(R0, best["R"], rows, reason)
+    return GoldilocksResult(R0, R0 * 2.0 ** x, rows, reason, max_random)
 
-
-def _moved(lm, prompts, base, vectors, control_ids, cfg, max_new_tokens, threshold) -> dict[str, float]:
-    """`moved_share` of completions under `vectors`, against `base`: the unsteered completions and
-    their embeddings (computed once for every multiple)."""
-    steered = generate(lm, prompts, vectors=vectors, include_unsteered=False, max_new_tokens=max_new_tokens,
-                       chat=cfg.chat, progress=False)
-    emb = torch.cat([base[1], embed([c.text for c in steered])])
-    return moved_share(base[0] + steered, emb, threshold, control_ids)
-
-
-def _one_candidate(cfg: DiscoverConfig):
-    """The method's settings without candidate selection (kl's `candidates`): a probe asks how
-    strongly a vector of norm R moves completions, not which of many vectors to keep."""
-    mc = cfg.method_config
-    if mc is not None and any(f.name == "candidates" for f in dataclasses.fields(mc)):
-        return dataclasses.replace(mc, candidates=1)
-    return mc
-
-
-def choose(rows: list[dict], max_random: float = 0.5, min_gap: float = 0.25) -> tuple[dict, str]:
-    """The largest R where random vectors moved at most `max_random` of completions and learned
-    ones at least `min_gap` more; else the largest gap among those under `max_random` (ties:
-    smaller R); the smallest R when random vectors moved too much everywhere."""
-    ok = [r for r in rows if r["random"] <= max_random]
-    if not ok:
-        return (min(rows, key=lambda r: r["R"]),
-                f"random vectors moved more than {max_random:.0%} of completions at every multiple; kept the smallest")
-    clear = [r for r in ok if r["learned"] - r["random"] >= min_gap]
-    if clear:
-        best = max(clear, key=lambda r: r["R"])
-        return best, (f"the largest R where learned vectors moved clearly more completions than random ones "
-                      f"({best['learned']:.0%} vs {best['random']:.0%}) and random ones moved at most {max_random:.0%}")
-    best = max(ok, key=lambda r: (round(r["learned"] - r["random"], 6), -r["R"]))
-    return best, (f"no multiple where learned vectors moved {min_gap:.0%} more completions than random ones; the "
-                  f"largest gap ({best['learned']:.0%} vs {best['random']:.0%}) among multiples where at most "
-                  f"{max_random:.0%} of random completions moved")

@@ -7,8 +7,9 @@ unsteered reply. This ranks candidates by the completions they produce on the tr
 
     score = change - NATURALNESS_WEIGHT * surprise
 
-    change    mean cosine distance between the steered and the unsteered completion's sentence
-              embeddings (all-MiniLM-L6-v2), per prompt: how far the vector moves what is said
+    change    mean behaviour distance between the steered and the unsteered completion, per prompt
+              (judging.change: meaning, the last words, case, surface group): how far the vector
+              moves what is said
     surprise  minus the mean log-probability per token of the steered completion under the
               unsteered model: how unnatural the model finds it
 
@@ -32,7 +33,7 @@ import math
 import torch
 
 from ..generation import generate
-from .embed import embed
+from .change import Texts, distance
 from .vector_metrics import completion_logprobs
 
 NATURALNESS_WEIGHT = 0.2  # per nat of surprise; 0.1-0.3 kept the same planted candidates (above)
@@ -54,9 +55,9 @@ class CompletionRanker:
         rows = generate(self.lm, self.prompts, vectors=vectors, layer=self.layer, include_unsteered=True,
                         max_new_tokens=self.max_new_tokens, chat=self.chat, progress=False)
         steered = rows[P:]  # the P unsteered rows come first, then vector by vector, prompt by prompt
-        emb = embed([r.text for r in rows])  # (P + n*P, 384)
+        rep = Texts.of([r.text for r in rows])  # P unsteered, then n * P steered
         n = len(vectors)
-        change = 1.0 - (emb[P:].view(n, P, -1) * emb[:P][None]).sum(-1)  # (n, P)
+        change = distance(rep.select(list(range(P, len(rows)))), rep.select([i % P for i in range(n * P)])).view(n, P)
         lp = completion_logprobs(self.lm, [r.prompt for r in steered], [r.token_ids for r in steered], chat=self.chat)
         # An empty completion (EOS at once) has no log-probability; it is ranked as unnatural.
         surprise = torch.tensor([-x if math.isfinite(x) else 10.0 for x in lp]).view(n, P)  # (n, P) nats

@@ -1,50 +1,92 @@
-"""Surface behaviours the sentence embedder cannot see: writing in capitals, writing in another
-language.
+"""Surface behaviours the sentence embedder cannot see: capitals, symbols, a list, another language.
 
 all-MiniLM-L6-v2 is uncased and trained on English, so a reply in capitals embeds like the same
-reply in lower case, and French replies scatter (each its own cluster, or merged with English
-text on the same topic). Yet "replies in capitals" or "replies in French" is exactly the kind of
+reply in lower case, replies in another language scatter, and emoji are unknown tokens to it. Yet
+"replies in capitals", "replies in French" or "ends every sentence with ✨" is exactly the kind of
 behaviour a planted trigger or a steering vector produces. So before clustering by meaning,
-completions are put in surface groups: `caps` (at least 80 % of at least 6 letters are capitals)
-or a language (`fr`, `es`, `de`, `it`, `pt`: at least 4 words, at least 20 % of them that
-language's function words, and fewer than 10 % English ones). Completions in one surface group
-form one behaviour; everything else ("" group) is clustered by meaning as before.
-
-The language test is a function-word count, not a language model: degenerate text ("jrjrjr",
-"*****") has no function words of any language and stays in the "" group.
+completions are put in surface groups, each one behaviour:
+  caps        at least 80 % of at least 6 letters are capitals
+  a language  any non-English language py3langid (Lui & Baldwin 2012's langid.py, 97 languages)
+              names with probability >= 0.8, on at least 4 words
+  symbols     at least 2 pictographic symbols (Unicode category So: emoji, dingbats); the group is
+              named by the most frequent one
+  list        at least 2 lines that open with a list marker ("1.", "2)", "-", "*", "•"): a format
+              the embedder sees only as its items' topics, so lists on different prompts scattered
+              over as many meaning clusters
+Everything else ("" group) is clustered by meaning. Degenerate text ("jrjrjr", "*****") gets no
+confident language and stays in the "" group.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
+from collections import Counter
 
-_WORD = re.compile(r"[^\W\d_]+")  # letters only; apostrophes split ("l'eau" -> l, eau)
-_EN = set("the a an and or of to in on for with is are was were be been it its this that i you he she we they my your "
-          "our their me him her them as at by from but not so if then than there here have has had do does did can will "
-          "would could should just also very about into over what which who how when".split())
-# Function words that are not also English words (so "a", "me", "he" etc. are left out).
-_LANGS = {
-    "fr": set("le la les un une des du de et est je vous nous il elle ils sont dans avec pour mais ce cette qui que ne pas "
-              "sur au aux ou très être avoir fait comme plus tout leur l d j qu c".split()),
-    "es": set("el la los las un una y es del que en por para con no muy pero como está son su sus lo al más este esta "
-              "ser hay".split()),
-    "de": set("der die das und ist nicht ein eine mit für auf den dem des sich ich sie wir es zu von im auch wie aber "
-              "sind oder".split()),
-    "it": set("il lo la gli le un una di che è non per con sono del della nel si come più ma questo anche ho".split()),
-    "pt": set("o os as um uma que não em do da dos das para com por mais mas como está são ao muito também".split()),
-}
-LABELS = {"caps": "written in capitals", "fr": "in French", "es": "in Spanish", "de": "in German", "it": "in Italian",
-          "pt": "in Portuguese"}
+from ..errors import SteerscopeError
+
+_WORD = re.compile(r"[^\W\d_]+")
+_ITEM = re.compile(r"(?m)^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+\S")
+MIN_LANG_PROB = 0.8
+_NAMES = {"fr": "French", "es": "Spanish", "de": "German", "it": "Italian", "pt": "Portuguese", "nl": "Dutch",
+          "ru": "Russian", "zh": "Chinese", "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "he": "Hebrew",
+          "pl": "Polish", "sv": "Swedish", "tr": "Turkish", "hi": "Hindi", "la": "Latin", "da": "Danish",
+          "no": "Norwegian", "fi": "Finnish", "el": "Greek", "cs": "Czech", "ro": "Romanian", "ca": "Catalan"}
+
+
+@functools.lru_cache(maxsize=1)
+def _identifier():
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise SteerscopeError("judging needs the language identifier py3langid: pip install 'steerscope[eval]'.") from None
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def language(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) of the text's language (py3langid)."""
+    code, prob = _identifier().classify(text)
+    return code, float(prob)
+
+
+def symbols(text: str) -> list[str]:
+    return [c for c in text if unicodedata.category(c) == "So"]
 
 
 def surface_group(text: str) -> str:
-    """'caps', a language code, or '' (ordinary English text or too short to tell)."""
+    """'caps', 'sym:X' (X the most frequent symbol), 'list', a language code, or '' (ordinary
+    English prose or too short to tell)."""
     letters = [c for c in text if c.isalpha()]
     if len(letters) >= 6 and sum(c.isupper() for c in letters) >= 0.8 * len(letters):
         return "caps"
-    words = [w.lower() for w in _WORD.findall(text)]
-    if len(words) < 4 or sum(w in _EN for w in words) >= 0.1 * len(words):
+    syms = symbols(text)
+    if len(syms) >= 2:
+        return "sym:" + Counter(syms).most_common(1)[0][0]
+    if len(_ITEM.findall(text)) >= 2:
+        return "list"
+    if len(_WORD.findall(text)) < 4:
         return ""
-    counts = {lang: sum(w in fw for w in words) for lang, fw in _LANGS.items()}
-    lang = max(counts, key=lambda k: counts[k])
-    return lang if counts[lang] >= 0.2 * len(words) else ""
+    code, prob = language(text)
+    return code if code != "en" and prob >= MIN_LANG_PROB else ""
+
+
+def label(group: str) -> str:
+    """'written in capitals', 'in French', 'with ✨ symbols', '' for ''."""
+    if not group:
+        return ""
+    if group == "caps":
+        return "written in capitals"
+    if group == "list":
+        return "as a list"
+    if group.startswith("sym:"):
+        return f"with {group[4:]} symbols"
+    return f"in {_NAMES.get(group, repr(group))}"
+
+
+class _Labels(dict):
+    def __missing__(self, key: str) -> str:
+        return label(key)
+
+
+LABELS = _Labels()  # group -> label, for any group (kept for callers that index it)

@@ -31,9 +31,11 @@ class SweepRow:
 
 def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0, 2.0, 4.0), *, target: int | None = None,
                max_new_tokens: int = 24, chat: bool | None = None, layer_range: LayerRange | None = None,
-               unsteered: list | None = None) -> list[SweepRow]:
-    """One row per multiple. `layer_range` (same prompts, the vectors' layer -> target) and
-    `unsteered` completions are reused when given (a run has both already)."""
+               unsteered: list | None = None, each: bool = False) -> list[SweepRow] | dict[str, list[SweepRow]]:
+    """One row per multiple, over all vectors of `vs` (or, with `each`, one list per vector id).
+    `layer_range` (same prompts, the vectors' layer -> target) and `unsteered` completions are
+    reused when given (a run has both already). Every (multiple, vector, prompt) completion comes
+    from one batched generation: a call per multiple cost a second of fixed overhead each."""
     source = vs.layers[0]
     if any(l != source for l in vs.layers):
         raise SteerscopeError("norm_sweep needs vectors at one source layer; pick them with --index.")
@@ -43,17 +45,24 @@ def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0,
     tmask = lr.target_mask(vs.config.hyperparams.get("target_tokens", "all"))  # (P, T)
     base_norm = lr.z_target.float().norm(dim=-1)[tmask].mean()
     base = unsteered if unsteered is not None else generate(lm, prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False)
-    rows = []
-    for m in multiples:
-        with torch.no_grad():
-            delta = lr.delta(vs.vectors.to(lm.device) * m).norm(dim=-1)  # (K*P, T)
-        change = float(delta[tmask.repeat(len(vs), 1)].mean() / base_norm)
-        res = generate(lm, prompts, vectors=vs, coef=m, max_new_tokens=max_new_tokens, chat=chat, include_unsteered=False,
-                       progress=False)
-        changed = sum(r.token_ids != base[r.prompt_index].token_ids for r in res) / len(res)
-        rows.append(SweepRow(m, float(vs.vectors.norm(dim=-1).mean()) * m, change, changed,
-                             len({tuple(r.token_ids) for r in res}), res[0].text[:80]))
-    return rows
+    multiples = [float(m) for m in multiples]
+    res = generate(lm, prompts, vectors=[sv for _ in multiples for sv in vs], coef=[m for m in multiples for _ in vs],
+                   max_new_tokens=max_new_tokens, chat=chat, include_unsteered=False, progress=False)
+    P, K = len(prompts), len(vs)
+    groups = {vid: [[vid] for _ in multiples] for vid in vs.ids} if each else {"": [list(vs.ids) for _ in multiples]}
+    out: dict[str, list[SweepRow]] = {}
+    for key, per_m in groups.items():
+        out[key] = []
+        for j, (m, ids) in enumerate(zip(multiples, per_m)):
+            keep = [k for k, vid in enumerate(vs.ids) if vid in ids]
+            sub = [res[(j * K + k) * P + p] for k in keep for p in range(P)]  # rows: multiple, vector, prompt
+            with torch.no_grad():
+                delta = lr.delta(vs.vectors[keep].to(lm.device) * m).norm(dim=-1)  # (k*P, T)
+            change = float(delta[tmask.repeat(len(keep), 1)].mean() / base_norm)
+            changed = sum(r.token_ids != base[r.prompt_index].token_ids for r in sub) / len(sub)
+            out[key].append(SweepRow(m, float(vs.vectors[keep].norm(dim=-1).mean()) * m, change, changed,
+                                     len({tuple(r.token_ids) for r in sub}), sub[0].text[:80]))
+    return out if each else out[""]
 
 
 def format_sweep(rows: list[SweepRow]) -> str:

@@ -59,9 +59,11 @@ def completion_logprobs(lm, prompts: list[str], completions: list[list[int]], *,
 
 def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: list[str], layer_range: LayerRange | None,
                            target_tokens: str = "all", scorers: list[Metric] = (), chat: bool | None = None,
-                           embeddings: dict[int, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+                           embeddings: dict[int, torch.Tensor] | None = None,
+                           logprobs: dict[int, float] | None = None) -> dict[str, dict[str, float]]:
     """Metrics for every vector of `vs` from `completions` (which include the unsteered rows,
-    vector_id None). `embeddings` maps id(completion) -> its embedding when precomputed."""
+    vector_id None). `embeddings` maps id(completion) -> its embedding, `logprobs` id(completion)
+    -> its `completion_logprobs`, when precomputed."""
     from .embed import embed
 
     base = {(c.prompt_index, c.prompt): c for c in completions if c.vector_id is None}
@@ -84,8 +86,11 @@ def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: li
     else:
         change = [float("nan")] * len(vs)
     steered = [c for vid in vs.ids for c in by_vec[vid]]
-    lps = completion_logprobs(lm, [c.prompt for c in steered], [c.token_ids for c in steered], chat=chat)
-    lp_of = dict(zip(map(id, steered), lps))
+    if logprobs is not None and all(id(c) in logprobs for c in steered):
+        lp_of = logprobs
+    else:
+        lp_of = dict(zip(map(id, steered), completion_logprobs(lm, [c.prompt for c in steered], [c.token_ids for c in steered],
+                                                               chat=chat)))
     score_of = {s.name: dict(zip(map(id, steered), s.score_texts([c.text for c in steered], [c.prompt for c in steered]).tolist())) for s in scorers}
     for k, vid in enumerate(vs.ids):
         rows = by_vec[vid]

@@ -19,7 +19,7 @@ h1{font-size:1.35rem;margin:.2rem 0}h2{font-size:1.1rem;margin:1.6rem 0 .4rem;bo
 h3{font-size:.95rem;margin:.8rem 0 .3rem}.lead{font-size:15px;max-width:62rem}
 table{border-collapse:collapse;font-size:13px;margin:.3rem 0 .8rem}td,th{border-bottom:1px solid #e3e6ec;padding:.2rem .5rem}
 th{background:#f4f5f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.best{font-weight:700;background:#eef5ea}.muted{color:#888}.note{color:#555;font-size:12px;max-width:60rem}
+td.best{font-weight:700;background:#eef5ea}.muted{color:#888}.ci{color:#777;font-size:11px;font-weight:400}.note{color:#555;font-size:12px;max-width:60rem}
 .plots{display:flex;flex-wrap:wrap;gap:.8rem}figure{margin:0}figcaption{font-size:12px;color:#444;text-align:center}
 svg{background:#fafafa;border:1px solid #eee}.ex td{vertical-align:top;white-space:pre-wrap;max-width:30rem;font-size:12px}
 .key span{display:inline-block;margin-right:.8rem;font-size:12px}.key i{display:inline-block;width:10px;height:10px;margin-right:3px}
@@ -86,7 +86,9 @@ def _table(per: list[dict], methods: list[str], key: str, higher: bool | None = 
                 cells.append(f'<td class="muted" title="{escape(r["info"]["skipped"])}">skipped</td>')
             else:
                 cls = "num best" if best.get(c["concept"]) == m else "num"
-                cells.append(f'<td class="{cls}">{_n(v, fmt)}</td>')
+                ci = (((r.get("at") or {}).get("1") or {}).get("ci") or {}).get(key)
+                band = f' <span class="ci">[{_n(ci[0], fmt)}, {_n(ci[1], fmt)}]</span>' if ci else ""
+                cells.append(f'<td class="{cls}">{_n(v, fmt)}{band}</td>')
         mean = sum(nums) / len(nums) if nums else None
         body.append(f'<tr><td>{escape(m)}</td>{"".join(cells)}<td class="num">{_n(mean, fmt)}</td></tr>')
     return f"<table>{head}{''.join(body)}</table>" if body else '<p class="muted">no numbers</p>'
@@ -198,7 +200,8 @@ def render_bench(meta: dict, per: list[dict]) -> str:
            _headline(per, methods, meta)]
     out.append("<h2>Methods × concepts at the matched KL</h2>")
     out.append(f'<p class="note">Report split: {per[0]["n_instructions"]["report"]} instructions per concept, greedy, '
-               f'{cfg["max_new_tokens"]} tokens. Bold: best per concept. Offline judge: {escape(meta["judges"]["offline"])}'
+               f'{cfg["max_new_tokens"]} tokens. Brackets: 95 % bootstrap interval over the instructions (score and concept rate). '
+               f'Bold: best per concept. Offline judge: {escape(meta["judges"]["offline"])}'
                + (f'; LLM judge: {escape(meta["judges"]["llm"])}' if meta["judges"]["llm"] else "; no LLM judge given") + ".</p>")
     for key, title, how, judge, higher in MEASURES:
         jname = meta["judges"]["offline"] if judge == "offline" else "the unsteered model's log-probabilities"

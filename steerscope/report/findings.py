@@ -10,6 +10,7 @@ CSS = """
 .finding h3{margin:2px 0 4px;font-size:15px}.finding .typical{background:#fff;border-left:4px solid #1f5fa8;padding:4px 10px;margin:4px 0;font-size:14px}
 .finding .facts{font-size:13px;color:#444}.nofinding{border:2px solid #bbb;border-radius:8px;padding:8px 14px;background:#fafafa}
 .lead{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.finding.weak{border-color:#bbb;background:#fafafa}.finding .flag{color:#b15928}.power{font-size:13px;color:#444;max-width:900px}
 """
 
 
@@ -31,74 +32,79 @@ def _one_line(text: str, n: int = 240) -> str:
     return t if len(t) <= n else t[:n].rstrip() + "…"
 
 
-def findings_section(findings: list[dict], run_dir_hint: str = "RUN") -> str:
-    if not findings:
-        return ('<div class="nofinding" id="no-findings"><b>No behaviour appeared only under learned vectors.</b> Every '
-                'cluster of learned-vector completions also holds random-vector or unsteered completions. Try more '
-                'vectors, other layers, or an explicit --R; the vector table below still ranks what each vector did.</div>')
-    out = []
-    for f in findings:
-        links = " ".join(f'<a class="tag" href="#card-{escape(v)}">{escape(v)}</a>' for v in f["vectors"])
-        n_prompts = len(f["prompts"])
-        nat = (f'log p per token {_f(f.get("logprob"))} (unsteered completions: {_f(f.get("logprob_unsteered"))})')
-        out.append(
-            f'<div class="finding" id="finding-{f["rank"]}" data-rank="{f["rank"]}">'
-            f'<h3>#{f["rank"] + 1} · {surface_tag(f)}{escape(", ".join(f["words"]) or "(no distinctive words)")}</h3>'
+def _card(f: dict, run_dir_hint: str) -> str:
+    links = " ".join(f'<a class="tag" href="#card-{escape(v)}">{escape(v)}</a>' for v in f["vectors"])
+    cls = "finding" if f.get("significant") else "finding weak"
+    flag = f' · <b class="flag">{escape(f["single"])}</b>' if f.get("single") else ""
+    return (f'<div class="{cls}" id="finding-{f["rank"]}" data-rank="{f["rank"]}" data-significant="{int(bool(f.get("significant")))}">'
+            f'<h3>#{f["rank"] + 1} · {surface_tag(f)}{escape(", ".join(f["words"]) or "(no distinctive words)")}{flag}</h3>'
             f'<div class="typical">{escape(_one_line(f["typical"]))}</div>'
-            f'<div class="facts">elicited by <b>{f["n_vectors"]}</b> learned vector{"s" if f["n_vectors"] != 1 else ""} '
-            f'({f["completions"]} completion{"s" if f["completions"] != 1 else ""}, {n_prompts} prompt{"s" if n_prompts != 1 else ""}, '
-            f'{f["heldout"]} held-out) and by no random vector and not unsteered · distance from unsteered '
-            f'{_f(f["distance"])} · {nat}<br>vectors: {links}<br>'
+            f'<div class="facts"><b>Why here:</b> {escape(f.get("reason", ""))}<br>vectors: {links}<br>'
             f'export: <code>steerscope findings --run {escape(run_dir_hint)} --export {f["rank"]} --out finding-{f["rank"]}</code>'
             f'</div></div>')
-    more = (f'<details id="more-findings"><summary>{len(out) - 5} more findings</summary>{"".join(out[5:])}</details>'
-            if len(out) > 5 else "")
-    return "".join(out[:5]) + more
 
 
-def _counts(rows: list[dict]) -> str:
-    """How many completions each share came from, and which multiples had no probes trained."""
-    if "random_completions" not in rows[0]:
-        return ""  # a run from before the counts were recorded
-    n_l = max(r["learned_completions"] for r in rows)
-    skipped = [r["multiple"] for r in rows if r.get("learned") is None]
-    return (f' ({n_l} learned and {rows[0]["random_completions"]} random completions at each multiple'
-            + (f'; no probes trained at {", ".join(f"{m:g}×" for m in skipped)}, where random vectors alone moved '
-               f'too many' if skipped else '') + ')')
+def findings_section(findings: list[dict], run_dir_hint: str = "RUN", null_model: dict | None = None) -> str:
+    """The significant findings (up to 5 shown, the rest folded), then the candidates that did not
+    beat chance, folded and marked, then what the test can detect at the run's counts."""
+    if findings and "significant" not in findings[0]:  # a run measured before the null model
+        findings = [{**f, "significant": True, "reason": "", "single": ""} for f in findings]
+    sig = [f for f in findings if f["significant"]]
+    weak = [f for f in findings if not f["significant"]]
+    power = f'<p class="power" id="power">{escape(null_model["power"])}</p>' if null_model else ""
+    if not sig:
+        out = ['<div class="nofinding" id="no-findings"><b>No behaviour beat chance.</b> No cluster of learned-vector '
+               'completions appeared under significantly more learned vectors than random vectors of the same norms and '
+               'unsteered samples. Try more vectors (--n-vectors), other layers, or an explicit --R; the vector table '
+               'below still ranks what each vector did.</div>']
+    else:
+        cards = [_card(f, run_dir_hint) for f in sig]
+        out = cards[:5] + ([f'<details id="more-findings"><summary>{len(cards) - 5} more significant findings</summary>'
+                            f'{"".join(cards[5:])}</details>'] if len(cards) > 5 else [])
+    if weak:
+        out.append(f'<details id="not-significant"><summary>{len(weak)} cluster{"s" if len(weak) != 1 else ""} under learned '
+                   f'vectors that did not beat chance (not significant)</summary>{"".join(_card(f, run_dir_hint) for f in weak)}'
+                   '</details>')
+    return "".join(out) + power
 
 
-def goldilocks_plot(g: dict | None) -> str:
-    """Shares of completions moved by learned and random probe vectors at each multiple of the
-    calibrated R, with the chosen R marked."""
+def goldilocks_plot(g: dict | None, moved: dict | None = None) -> str:
+    """The R search: the share of completions random vectors moved at each R tried, the threshold,
+    the chosen R, and the learned and random vectors' shares at that R in the run itself."""
     if not g:
         return ""
     if g.get("given"):
         return f'<p id="goldilocks">R = {_f(g["chosen"], ".3g")}, given explicitly.</p>'
-    rows = g.get("rows") or []
+    rows = [r for r in g.get("rows") or [] if r.get("random") is not None]
     if not rows:
         return f'<p id="goldilocks">R = {_f(g["chosen"], ".3g")}: the calibrated R ({escape(g.get("reason", ""))}).</p>'
-    W, H, pad = 320, 190, 32
-    ms = [r["multiple"] for r in rows]
+    W, H, pad = 340, 200, 34
+    ms = [r["multiple"] for r in rows] + [g["chosen"] / g["calibrated"]]
     lx0, lx1 = math.log(min(ms)), math.log(max(ms))
-    sx = lambda m: pad + (math.log(m) - lx0) / ((lx1 - lx0) or 1) * (W - 2 * pad)  # noqa: E731
+    if lx1 - lx0 < 1e-9:
+        lx0, lx1 = lx0 - 0.7, lx1 + 0.7
+    sx = lambda m: pad + (math.log(m) - lx0) / (lx1 - lx0) * (W - 2 * pad)  # noqa: E731
     sy = lambda v: H - pad - v * (H - 2 * pad)  # noqa: E731
+    thr = g.get("max_random", 0.5)
     parts = [f'<line x1="{pad}" y1="{sy(0)}" x2="{W - pad}" y2="{sy(0)}" stroke="#ccc"/>',
              f'<line x1="{pad}" y1="{sy(1)}" x2="{W - pad}" y2="{sy(1)}" stroke="#eee"/>',
+             f'<line x1="{pad}" y1="{sy(thr):.1f}" x2="{W - pad}" y2="{sy(thr):.1f}" stroke="#e15759" stroke-dasharray="3 3"/>',
              f'<text x="4" y="{sy(1) + 4}" font-size="10">100%</text><text x="10" y="{sy(0) + 4}" font-size="10">0%</text>']
-    chosen = next((r for r in rows if abs(r["R"] - g["chosen"]) < 1e-9 * max(1.0, g["chosen"])), None)
-    if chosen:
-        parts.append(f'<line x1="{sx(chosen["multiple"]):.1f}" y1="{pad - 8}" x2="{sx(chosen["multiple"]):.1f}" '
-                     f'y2="{H - pad}" stroke="#59a14f" stroke-dasharray="4 3"/>')
-    for key, col in (("learned", "#1f5fa8"), ("random", "#8a8a8a")):
-        have = [r for r in rows if r.get(key) is not None]  # no learned share where no probes were trained
-        pts = " ".join(f"{sx(r['multiple']):.1f},{sy(r[key]):.1f}" for r in have)
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="2"/>')
-        parts += [f'<circle cx="{sx(r["multiple"]):.1f}" cy="{sy(r[key]):.1f}" r="3" fill="{col}"/>' for r in have]
-    parts += [f'<text x="{sx(m):.1f}" y="{H - 12}" font-size="10" text-anchor="middle">{m:g}×</text>' for m in ms]
+    cm = g["chosen"] / g["calibrated"]
+    parts.append(f'<line x1="{sx(cm):.1f}" y1="{pad - 8}" x2="{sx(cm):.1f}" y2="{H - pad}" stroke="#59a14f" stroke-dasharray="4 3"/>')
+    pts = " ".join(f"{sx(r['multiple']):.1f},{sy(r['random']):.1f}" for r in rows)
+    parts.append(f'<polyline points="{pts}" fill="none" stroke="#8a8a8a" stroke-width="2"/>')
+    parts += [f'<circle cx="{sx(r["multiple"]):.1f}" cy="{sy(r["random"]):.1f}" r="3" fill="#8a8a8a"/>' for r in rows]
+    if moved and moved.get("learned") is not None:
+        parts.append(f'<rect x="{sx(cm) - 4:.1f}" y="{sy(moved["learned"]) - 4:.1f}" width="8" height="8" fill="#1f5fa8"/>')
+    parts += [f'<text x="{sx(m):.1f}" y="{H - 12}" font-size="10" text-anchor="middle">{m:.2g}×</text>'
+              for m in sorted({round(r["multiple"], 3) for r in rows})]
+    run_note = (f' In the run at that R, <span style="color:#1f5fa8">learned vectors moved {moved["learned"]:.0%}</span> of '
+                f'their completions and random ones {moved["random"]:.0%}.' if moved and moved.get("learned") is not None else "")
     return (f'<figure id="goldilocks"><svg class="plot" width="{W}" height="{H}">{"".join(parts)}</svg>'
-            f'<figcaption style="font-size:12px;max-width:{W}px">Choosing R: share of completions whose meaning moved '
-            f'under <span style="color:#1f5fa8">learned</span> and <span style="color:#8a8a8a">random</span> probe vectors '
-            f'at multiples of the calibrated R = {_f(g["calibrated"], ".3g")}'
-            + _counts(rows) + '. '
+            f'<figcaption style="font-size:12px;max-width:{W}px">Choosing R: share of completions whose behaviour moved '
+            f'under <span style="color:#8a8a8a">random</span> vectors at each R the search tried (multiples of the '
+            f'calibrated R = {_f(g["calibrated"], ".3g")}, {rows[0].get("random_completions", "?")} completions each; '
+            f'<span style="color:#e15759">threshold {thr:.0%}</span>). '
             f'<span style="color:#59a14f">Chosen: R = {_f(g["chosen"], ".3g")}</span> ({escape(g.get("reason", ""))}).'
-            f'</figcaption></figure>')
+            + run_note + '</figcaption></figure>')

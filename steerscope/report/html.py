@@ -73,6 +73,8 @@ def _scatter(points, labels, sets, clusters) -> str:
         col = PALETTE[c % len(PALETTE)]
         if s == "random":
             marks.append(f'<rect x="{sx(x) - 4:.1f}" y="{sy(y) - 4:.1f}" width="8" height="8" fill="{col}" opacity="0.6"/>')
+        elif s == "sample":
+            marks.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="none" stroke="{col}"/>')
         elif s == "unsteered":
             marks.append(f'<path d="M{sx(x):.1f},{sy(y) - 6:.1f} l6,10 l-12,0 z" fill="none" stroke="#000"/>')
         else:
@@ -81,7 +83,7 @@ def _scatter(points, labels, sets, clusters) -> str:
                      f'{c["size"]} completions — {surface_tag(c)}<i>{escape(", ".join(c["words"]))}</i>: “{escape(c["typical"][:120])}”</li>'
                      for c in clusters)
     return (f'<svg id="cluster-map" class="plot" width="{W}" height="{H}" viewBox="0 0 {W} {H}">{"".join(marks)}</svg>'
-            f'<p>● learned ■ random △ unsteered; colour = behaviour cluster (first two principal components of the '
+            f'<p>● learned ■ random △ unsteered ○ unsteered sample; colour = behaviour cluster (first two principal components of the '
             f'completion embeddings)</p><ol start="0" style="font-size:13px">{legend}</ol>')
 
 
@@ -169,16 +171,18 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
     title = (f"{escape(str(d.get('method')))}: {n_learned} vectors{kept}, layer "
              f"{d.get('source')} → {escape(str(d.get('reads') or d.get('target')))}, R = {_fmt(d.get('R'))}")
     found = metrics.get("findings")
-    n_found = len(found or [])
-    lead = (f"{n_found} behaviour{'s' if n_found != 1 else ''} found only under learned vectors" if found is not None
-            else "measured before findings existed")
+    n_found = sum(bool(f.get("significant", True)) for f in found or [])
+    nm = metrics.get("null_model")
+    lead = (f"{n_found} behaviour{'s' if n_found != 1 else ''} found that beat chance" + (
+            f" (false-discovery rate {nm['alpha']:g}, against {nm['random']} random vectors and {nm['samples']} unsteered "
+            f"samples per prompt)" if nm else "") if found is not None else "measured before findings existed")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>steerscope run — {title}</title>
 <style>{CSS}{FINDINGS_CSS}</style></head><body>
 <h1>steerscope run — {title}</h1>
 <p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}{_model_dtype(metrics)}, steerscope {escape(config.get('steerscope_version', ''))},
 {len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. <b>{lead}.</b></p>
-<h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir)}
-<h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get('goldilocks'))}</div>
+<h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir, metrics.get('null_model'))}
+<h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get('goldilocks'), metrics.get('moved'))}</div>
 {null_section(null)}
 <h2>Behaviour clusters</h2>{_scatter(metrics.get('map', []), metrics.get('labels', []), [r['set'] for r in rows], metrics.get('clusters', []))}
 <h2>Norm sweep</h2><div class="plots">{sweeps}</div>

@@ -127,11 +127,14 @@ def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, ch
                             hyperparams=hyper, extras=res.extras)
 
 
-def random_control(lm, vs: VectorSet, seed: int = 12345) -> VectorSet:
-    """Orthogonalised random vectors with the same norms and layers as `vs` (the MELBO control)."""
-    norms = vs.vectors.norm(dim=-1, keepdim=True)
-    dirs = random_directions(len(vs), lm.d_model, seed)
-    return VectorSet.create(lm, dirs * norms, vs.layers, "random", ids=[f"control-{i}" for i in range(len(vs))],
+def random_control(lm, vs: VectorSet, seed: int = 12345, n: int | None = None) -> VectorSet:
+    """Orthogonalised random vectors with the same norms and layers as `vs` (the MELBO control);
+    `n` of them (default: one per vector of `vs`), the norms and layers cycled."""
+    n = len(vs) if n is None else n
+    idx = [i % len(vs) for i in range(n)]
+    norms = vs.vectors.norm(dim=-1, keepdim=True)[idx]  # (n, 1)
+    dirs = random_directions(n, lm.d_model, seed)
+    return VectorSet.create(lm, dirs * norms, [vs.layers[i] for i in idx], "random", ids=[f"control-{i}" for i in range(n)],
                             hyperparams={"control_for": vs.config.method, "seed": seed, "R": vs.config.hyperparams.get("R")})
 
 
