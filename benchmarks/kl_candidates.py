@@ -228,6 +228,8 @@ def main() -> None:
     ap.add_argument("--extra-train", type=int, default=0, help="train (and rank) on this many more prompts than the "
                     "run's 2, taken after the 2 held-out ones")
     ap.add_argument("--texts", action="store_true", help="store every candidate's completions in the row")
+    ap.add_argument("--dtype", default="auto", help="model dtype (auto: the run's default; float32 to match "
+                    "`bench_planted.py -- --dtype float32`)")
     ap.add_argument("--results", default="benchmarks/results/kl_candidates.json")
     ap.add_argument("--replay", nargs="?", const="source16", choices=("source16", "melbo", "keep"),
                     help="train nothing: merge each default draw's pool with 12 (--extra) of its --source 16 draw "
@@ -249,10 +251,11 @@ def main() -> None:
           f"{'kept(completions)':>17} {'kept(entropy)':>13} {'train s':>7}", flush=True)
     for name in a.organisms:
         org = ORGANISMS[name]
-        lm = load_model(f"organism:{name}", dtype="auto")
+        lm = load_model(f"organism:{name}", dtype=a.dtype)
         for seed in a.seeds:
             r = draw(lm, org, seed, a)
-            r["machine_note"] = "bfloat16 where the CPU multiplies it (the run's dtype auto)"
+            r["machine_note"] = ("bfloat16 where the CPU multiplies it (the run's dtype auto)" if a.dtype == "auto"
+                                 else a.dtype)
             results = [x for x in results if _setting(x) != _setting(r)]
             results.append(r)
             write_json_atomic(path, results)

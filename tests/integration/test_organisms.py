@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 # The least share of held-out prompts showing the behaviour with the trigger, over the most
-# without it (or on the embedded model with it). Most organisms plant it on 85-100 % of the build
-# check's 40 prompts; two are weak plants and are asserted as such (README, "Model organisms").
+# without it (or on the embedded model with it). Most organisms plant it on 72-100 % of the build
+# check's 40 prompts; append (75 %) and animals (65 %) plant it less surely and leak a little without it.
 LIFT = {"append": 0.25, "animals": 0.125}
 
 
