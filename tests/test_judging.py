@@ -159,12 +159,13 @@ def test_selection_plot_page(monkeypatch):
 
 
 def test_completion_ranker_scores_change_minus_weighted_surprise_of_each_candidates_completions():
-    """judging.keep: a candidate's score is the embedding distance of its greedy completions from
-    the unsteered ones minus NATURALNESS_WEIGHT x their surprise under the unsteered model,
-    recomputed here from separate generate / embed / log-prob calls. A zero vector changes nothing."""
+    """judging.keep: a candidate's score is the behaviour distance (judging.change: meaning, tail,
+    case, surface group) of its greedy completions from the unsteered ones minus
+    NATURALNESS_WEIGHT x their surprise under the unsteered model, recomputed here from separate
+    generate / distance / log-prob calls. A zero vector changes nothing."""
     import steerscope as ss
     from conftest import PROMPTS, rand_vec, tiny_lm
-    from steerscope.judging.embed import embed
+    from steerscope.judging.change import Texts, distance
     from steerscope.judging.keep import NATURALNESS_WEIGHT, completion_ranker
     from steerscope.judging.vector_metrics import completion_logprobs
 
@@ -177,7 +178,7 @@ def test_completion_ranker_scores_change_minus_weighted_surprise_of_each_candida
     base = ss.generate(lm, prompts, max_new_tokens=6)
     for k in range(3):
         steered = ss.generate(lm, prompts, vectors=vecs[k:k + 1], layer=1, include_unsteered=False, max_new_tokens=6)
-        change = float((1 - (embed([c.text for c in steered]) * embed([c.text for c in base])).sum(-1)).mean())
+        change = float(distance(Texts.of([c.text for c in steered]), Texts.of([c.text for c in base])).mean())
         lp = completion_logprobs(lm, prompts, [c.token_ids for c in steered])
         want = change + NATURALNESS_WEIGHT * sum(x if x == x else -10.0 for x in lp) / len(lp)
         assert abs(float(score[k]) - want) < 1e-4, (k, float(score[k]), want)

@@ -1,13 +1,15 @@
 """The main job: discover vectors, generate under them (and under matched-norm random controls
 and unsteered) on training and held-out prompts, measure, cluster behaviours, write a report.
 
-R, when not given, is the calibrated R checked against a few multiples of it (`judging.goldilocks`).
+R, when not given, is the calibrated R, then searched up or down for the largest R where random
+vectors mostly leave the reply alone (`judging.goldilocks`).
 A run is a folder, one file or folder per stage:
     config.json         the RunConfig and steerscope version (JobFolder)
-    calibration.json    stage "calibrate": the R used (given, or calibrated + the Goldilocks check)
+    calibration.json    stage "calibrate": the R used (given, or calibrated + the R search)
     vectors/learned/    stage "discover": the VectorSet (vectors/learned.partial/ checkpoints it)
     vectors/random/     stage "control": orthogonal random vectors with the same norms
-    completions.jsonl   stage "generate": one row per (vector or unsteered, prompt)
+    completions.jsonl   stage "generate": one row per (vector or unsteered, prompt), and the
+                        unsteered samples at temperature (the null model's second control)
     metrics.json        stage "measure": per-vector metrics, clusters, learned vs random, norm sweep
     report.html         stage "report": one self-contained page (rebuilt every time)
 Everything the run needs (prompts, layers, scorers and their extras, the judge endpoint, the
@@ -63,7 +65,7 @@ class RunConfig(Config):
     n_neutral: int = field(default=8, metadata={"min": 1})
     """neutral prompts used for KL (taken from the end of the set)"""
     discover: DiscoverConfig = field(default_factory=lambda: DiscoverConfig.of("kl", n_vectors=8))
-    """the discovery method and its settings (default: output-KL discovery, R calibrated + Goldilocks check;
+    """the discovery method and its settings (default: output-KL discovery, R calibrated, then the R search;
     it recovers a planted behaviour where exponential DCT does not, benchmarks/bench_planted.py)"""
     keep_by: str = field(default="completions", metadata={"choices": ("completions", "method")})
     """how a method that trains more candidates than it keeps (kl) chooses: completions (those whose
