@@ -91,8 +91,8 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatc
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda ok=ok: ok)
         assert auto_dtype("cuda:0") == want
     assert auto_dtype("meta") == torch.float32
-    # the main job defaults to it; every other command keeps float32 unless told
-    assert RunConfig().model.dtype == "auto" and ss.ModelConfig().dtype == "float32"
+    # every command, the main job too, keeps float32 unless told (README "Planted behaviours")
+    assert RunConfig().model.dtype == "float32" and ss.ModelConfig().dtype == "float32"
 
 
 def test_cache_validity_check(tmp_path):

@@ -50,10 +50,11 @@ from .stages import Stage, run_stages
 class RunConfig(Config):
     """Everything `steerscope run` does; every field is a flag of the command."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="auto"))
-    """the model (dtype auto by default: bfloat16 where the device multiplies it in hardware, about
-    2x faster end to end on a 2-core AVX512-BF16 CPU; over 3 seeds on 2 organisms the planted
-    benchmark finds the behaviour as often as in float32, README "Planted behaviours")"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the model (float32 by default, the precision every default was chosen and measured in;
+    `--dtype auto` is bfloat16 where the device multiplies it in hardware, about 1.7x faster on a
+    2-core AMX CPU, but there the french organism's French was no significant finding (float32: #1)
+    and the embedded model got 2 significant findings (float32: 0): README "Planted behaviours")"""
     prompts: str = "neutral"
     """prompt file (one per line, .jsonl/.csv with a prompt column) or a builtin set (neutral, harmful, harmless)"""
     n_train: int = field(default=2, metadata={"min": 1})
