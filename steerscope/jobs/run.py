@@ -275,8 +275,8 @@ def _measure(ctx: _RunContext) -> dict:
     base = {r["prompt_index"]: i for i, r in enumerate(rows) if r["set"] == "unsteered"}
     other = [i for i, r in enumerate(rows) if r["set"] != "unsteered"]
     dist = [float("nan")] * len(rows)
-    d_all = distance(rep.select(other), rep.select([base[rows[i]["prompt_index"]] for i in other]))
-    d_moved = distance(rep.select(other), rep.select([base[rows[i]["prompt_index"]] for i in other]), tails=False)
+    steered, unsteered = rep.select(other), rep.select([base[rows[i]["prompt_index"]] for i in other])
+    d_all, d_moved = distance(steered, unsteered), distance(steered, unsteered, tails=False)
     for i, d in zip(other, d_all.tolist()):
         dist[i] = d
     moved = {s: nanmean([float(d > cfg.cluster_threshold) for i, d in zip(other, d_moved.tolist()) if rows[i]["set"] == s])

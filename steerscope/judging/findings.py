@@ -75,10 +75,11 @@ def find_behaviours(lm, rows: list[dict], labels: list[int], clusters: list[dict
                       else "one vector" if len(vecs) == 1 else ""})
     # Naturalness: one batched pass over the candidates' completions and the unsteered ones.
     pick = sorted({i for f in found for i in f["rows"]} | set(base.values()))
-    todo = [i for i in pick if logprobs is None or i not in logprobs]
-    lps = {**(logprobs or {}), **dict(zip(todo, completion_logprobs(lm, [rows[i]["prompt"] for i in todo],
-                                                                   [rows[i]["token_ids"] for i in todo], chat=chat)))} \
-        if todo else dict(logprobs or {})
+    lps = dict(logprobs or {})
+    todo = [i for i in pick if i not in lps]
+    if todo:
+        lps.update(zip(todo, completion_logprobs(lm, [rows[i]["prompt"] for i in todo], [rows[i]["token_ids"] for i in todo],
+                                                 chat=chat)))
     unsteered = nanmean([lps[i] for i in base.values()])
     total_w = sum(weight.values()) or 1
     for f in found:

@@ -82,11 +82,3 @@ def label(group: str) -> str:
     if group.startswith("sym:"):
         return f"with {group[4:]} symbols"
     return f"in {_NAMES.get(group, repr(group))}"
-
-
-class _Labels(dict):
-    def __missing__(self, key: str) -> str:
-        return label(key)
-
-
-LABELS = _Labels()  # group -> label, for any group (kept for callers that index it)
