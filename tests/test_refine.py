@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm, rand_vec
+from steerscope.directions.refine import REFINE_METHODS, Start, k90, on_sphere, schedule, sparsity
 from steerscope.directions.vectors import VectorSet
 from steerscope.jobs import refine as R
-from steerscope.jobs.refine import REFINE_METHODS, RefineConfig, k90, on_sphere, schedule, sparsity
+from steerscope.jobs.refine import RefineConfig
 from steerscope.jobs.refine_job import refine
 from steerscope.judging.metrics import Metric
 
@@ -107,12 +108,43 @@ def test_helpers():
 
 def test_span_methods_refuse_one_seed(tiny, seeds):
     from steerscope.errors import SteerscopeError
-    from steerscope.jobs.refine import Start
 
     start = Start(torch.randn(1, tiny.d_model), ["a"], [0.0], 1, 1.0)
     for m in ("cma", "cem"):
         with pytest.raises(SteerscopeError, match="at least 2"):
             REFINE_METHODS[m](None, start, RefineConfig(vectors="x"))
+
+
+@pytest.mark.parametrize("method", REFINE_METHODS.names())
+def test_methods_search_with_any_fitness_callable(method):
+    """The methods need no model: given a plain callable as the fitness (here the cosine to a
+    hidden direction in the seeds' span), each one climbs it, keeps every candidate at the
+    scheduled radius, and repeats itself exactly under the same seed."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.randn(3, 16, generator=g)  # (k, d)
+    target = seeds.T @ torch.tensor([0.2, 1.0, -0.7])  # (d,) in the span, away from every seed
+    target = target / target.norm()
+    start = Start(seeds[[0, 1, 2]] * 2.0, ["a", "b", "c"], [0.0] * 3, 1, float((seeds[0] * 2.0).norm()))
+    settings = SimpleNamespace(generations=12, population=8, sigma=0.3, anneal=[1.0, 1.5, 1.0], seed=0)
+
+    def run():
+        seen = []
+
+        def fitness(cands: torch.Tensor, mult: float) -> torch.Tensor:
+            assert torch.allclose(cands.norm(dim=-1), torch.full((len(cands),), start.R * mult), rtol=1e-4)
+            f = cands @ target / cands.norm(dim=-1)  # (P,) cosine to the hidden direction
+            seen.append((mult, f))
+            return f
+        REFINE_METHODS[method](fitness, start, settings)
+        return seen
+
+    seen = run()
+    assert [m for m, _ in seen] == schedule(settings.anneal, settings.generations)
+    first = float(torch.nn.functional.cosine_similarity(start.vectors[0], target, 0))
+    assert max(float(f.max()) for _, f in seen) > first + 0.1
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen, run()))
 
 
 def test_a_judge_can_be_the_fitness(tmp_path):

@@ -1,4 +1,4 @@
-"""The `steerscope refine` job (see `jobs.refine` for the search itself).
+"""The `steerscope refine` job (see `jobs.refine` for the fitness and `directions.refine` for the searches).
 
 A refine folder:
     config.json        the RefineConfig
@@ -23,9 +23,10 @@ from .._io import write_json_atomic, write_text_atomic
 from .._version import __version__
 from ..checkpoint import Checkpoint, JobFolder
 from ..directions.data import load_prompts
+from ..directions.refine import REFINE_METHODS, Start, growth, import_cma, sparsity
 from ..directions.vectors import VectorSet
 from ..errors import SteerscopeError
-from .refine import REFINE_METHODS, Evaluator, import_cma, RefineConfig, Start, _log, growth, search_key, sparsity
+from .refine import Evaluator, RefineConfig, _log, search_key
 from .stages import Stage, run_stages
 
 
@@ -48,12 +49,9 @@ def default_scorer(cfg: RefineConfig, folder: Path | None = None):
     if cfg.scorer and cfg.judge_url:
         raise SteerscopeError("give --scorer or --judge-url (the judge's rating is the fitness), not both.")
     if cfg.judge_url:
-        if not cfg.judge_model:
-            raise SteerscopeError("--judge-url needs --judge-model (the model name the endpoint serves).")
-        from ..judging.judge import DEFAULT_RUBRIC, Judge
+        from ..judging.judge import judge_from
 
-        return Judge(cfg.judge_url, cfg.judge_model, rubric=cfg.judge_rubric or DEFAULT_RUBRIC, key_env=cfg.judge_key_env,
-                     cache_path=folder / "judge_cache.jsonl" if folder is not None else None).metric()
+        return judge_from(cfg, folder / "judge_cache.jsonl" if folder is not None else None).metric()
     if cfg.scorer:
         return cfg.scorer
     from ..models.organisms import get_organism, organism_name
