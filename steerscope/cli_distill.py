@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .cli import WithModel, command, pick_index, say
 from .errors import SteerscopeError
-from .jobs.distill import DistillConfig
+from .adapters.distill import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def cmd_distill(cfg: DistillCommand) -> int:
 
     from ._io import refuse_existing
     from .directions.vectors import VectorSet
-    from .jobs.distill import distill, merge_adapter
+    from .adapters.distill import distill, merge_adapter
 
     refuse_existing(Path(cfg.out), cfg.force)
     if cfg.merged:

@@ -131,7 +131,7 @@ def test_prompted_and_model_kl():
 
 def test_adapter_in_place_restores_the_model(tmp_path):
     pytest.importorskip("peft")
-    from steerscope.jobs.distill import DistillConfig, adapter_in_place, distill
+    from steerscope.adapters.distill import DistillConfig, adapter_in_place, distill
 
     lm = make_tiny_lm("llama")
     enc = lm.encode(["hello there"], chat=False)

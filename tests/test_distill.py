@@ -13,7 +13,7 @@ from conftest import make_tiny_lm, rand_vec
 from steerscope import load_model
 from steerscope.cli import main
 from steerscope.directions.vectors import VectorSet
-from steerscope.jobs.distill import DistillConfig, distill, merge_adapter
+from steerscope.adapters.distill import DistillConfig, distill, merge_adapter
 from steerscope.models.hooks import count_hooks
 
 peft = pytest.importorskip("peft")

@@ -184,7 +184,7 @@ def evaluate_concept(ctx, concept) -> dict:
 
 def _distill(ctx, concept, out: dict, tensors: dict, prompts: list[str], judged) -> dict:
     """LoRA adapter trained on the steered generations of the best vector (choose split)."""
-    from .distill import DistillConfig, adapter_in_place, distill
+    from ..adapters.distill import DistillConfig, adapter_in_place, distill
 
     cands = [(r["at"]["1"]["choose_rate"], r["at"]["1"]["concept_score"], m) for m, r in out["methods"].items()
              if r.get("kind") == "vector"]

@@ -14,7 +14,7 @@ cannot run for a concept returns `Arm.skip(reason)`, which the report shows inst
                  diffmean direction (cosine, either sign)
     prompting    a system prompt asking for the concept (no strength to match; its KL is reported)
     distill      a LoRA adapter trained on the steered generations of the concept's best vector
-                 (highest choose-split concept rate at the matched KL), `jobs.distill`
+                 (highest choose-split concept rate at the matched KL), `adapters.distill`
 """
 
 from __future__ import annotations
