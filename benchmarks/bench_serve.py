@@ -42,7 +42,7 @@ from steerscope.directions.vectors import VectorSet  # noqa: E402
 from steerscope.models.hooks import count_hooks  # noqa: E402
 from steerscope.serving.app import Server  # noqa: E402
 from steerscope.serving.config import ServeConfig  # noqa: E402
-from steerscope.serving.loadtest import mixed_load  # noqa: E402
+from serve_loadtest import mixed_load  # noqa: E402  (beside this file)
 
 PROMPTS = ["Tell me about your weekend.", "What is a good name for a cat?", "Explain why the sky is blue.",
            "Write one sentence about the sea.", "Give me a tip for cooking rice.", "What should I read next?",

@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import gc
 import json
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +26,9 @@ from steerscope.interventions.ops import Add
 from steerscope.models.hooks import count_hooks
 from steerscope.serving.app import Server
 from steerscope.serving.config import ServeConfig
-from steerscope.serving.loadtest import bad_bodies, mixed_load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # the load test is a harness, not in the wheel
+from serve_loadtest import bad_bodies, mixed_load  # noqa: E402
 
 PROMPT = "Tell me a story"
 

@@ -3,6 +3,10 @@
 `mixed_load` sends a fixed number of requests with a fixed concurrency and a wall-clock limit:
 good requests (streamed and not), requests whose client leaves mid-stream, and bad requests.
 It refuses any URL that is not loopback: it is for checking our own server, never anyone else's.
+
+A harness, not part of the package (it needs httpx, which the `serve` extra does not bring):
+`benchmarks/bench_serve.py` and `tests/test_serve_http.py` import it from this folder. The
+loopback hosts are the server's own (`steerscope.serving.config.LOOPBACK`).
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from ..errors import SteerscopeError
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+from steerscope.errors import SteerscopeError
+from steerscope.serving.config import LOOPBACK
 
 
 def check_loopback(url: str) -> None:
-    if urlparse(url).hostname not in LOOPBACK_HOSTS:
+    if urlparse(url).hostname not in LOOPBACK:
         raise SteerscopeError(f"load tests target loopback only, not {url}; start the server on 127.0.0.1.")
 
 
