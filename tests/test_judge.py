@@ -110,3 +110,41 @@ def test_judge_scores_appear_in_a_run(server, tmp_path):
     assert all(v["score:judge:tiny-judge"] == 2.0 for v in m["vectors"].values())
     assert Handler.calls[0]["body"]["messages"][0]["content"] == "Score 0-10."
     assert (tmp_path / "r" / "judge_cache.jsonl").is_file()
+
+
+def test_every_job_builds_its_judge_from_the_same_fields(server, tmp_path, monkeypatch):
+    """run, refine and bench name a judge by the same config fields; `judge_from` is the one
+    place they become a Judge: no URL, no judge; a URL needs a model unless the job has a default
+    (run: "judge"); the rubric, key and cache reach the requests."""
+    from steerscope.jobs.bench import BenchConfig
+    from steerscope.jobs.refine import RefineConfig
+    from steerscope.jobs.run import RunConfig
+    from steerscope.judging.concept_judges import RUBRICS, LLMJudge
+    from steerscope.judging.judge import DEFAULT_RUBRIC, judge_from
+
+    assert judge_from(RunConfig()) is None and judge_from(BenchConfig()) is None and judge_from(RefineConfig()) is None
+    for cfg in (RefineConfig(judge_url=server), BenchConfig(judge_url=server)):
+        with pytest.raises(SteerscopeError, match="--judge-model"):
+            judge_from(cfg)
+    assert judge_from(RunConfig(judge_url=server), default_model="judge").model == "judge"
+    with pytest.raises(SteerscopeError, match="http"):
+        judge_from(RunConfig(judge_url="ftp://x", judge_model="m"))
+
+    Handler.mode["value"] = "ok"
+    monkeypatch.setenv("K", "sekret")
+    j = judge_from(RefineConfig(judge_url=server, judge_model="m", judge_rubric="Rate French.", judge_key_env="K"),
+                   tmp_path / "cache.jsonl")
+    assert j.score("p", "a weird reply") == 7.0 and (tmp_path / "cache.jsonl").is_file()
+    sent = Handler.calls[-1]
+    assert sent["body"]["messages"][0]["content"] == "Rate French." and sent["auth"] == "Bearer sekret"
+    assert judge_from(RunConfig(judge_url=server, judge_model="m")).rubric == DEFAULT_RUBRIC  # no --judge-rubric
+
+    # bench's AxBench judge: one copy of the base judge per axis, each with its own rubric, sharing the cache
+    llm = LLMJudge(judge_from(BenchConfig(judge_url=server, judge_model="b", judge_key_env="K"), tmp_path / "b.jsonl"))
+    Handler.calls = []
+    (row,) = llm.rate(type("C", (), {"description": "joy"})(), ["p"], ["normal"])
+    systems = {c["body"]["messages"][0]["content"] for c in Handler.calls}
+    assert systems == {RUBRICS["concept"].format(concept="joy"), RUBRICS["instruction"], RUBRICS["fluency"]}
+    assert {c["body"]["model"] for c in Handler.calls} == {"b"} and {c["auth"] for c in Handler.calls} == {"Bearer sekret"}
+    assert row["score"] is not None and len((tmp_path / "b.jsonl").read_text().splitlines()) == 3
+    assert llm.name == "LLM (b)"

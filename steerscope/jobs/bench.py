@@ -127,11 +127,11 @@ class BenchContext:
 
     @cached_property
     def llm_judge(self):
-        if not self.cfg.judge_url:
-            return None
         from ..judging.concept_judges import LLMJudge
+        from ..judging.judge import judge_from
 
-        return LLMJudge(self.cfg.judge_url, self.cfg.judge_model, self.cfg.judge_key_env, self.folder.path("judge_cache.jsonl"))
+        base = judge_from(self.cfg, self.folder.path("judge_cache.jsonl"))
+        return None if base is None else LLMJudge(base)
 
     @cached_property
     def rollouts(self) -> Rollouts:
@@ -190,8 +190,9 @@ def _validate(cfg: BenchConfig) -> tuple[list[Concept], list[str]]:
         raise SteerscopeError(f"--sae {cfg.sae} is not an SAE folder (no cfg.json); train one with `steerscope sae train`.")
     if cfg.discovered is not None and not (Path(cfg.discovered) / "config.json").is_file():
         raise SteerscopeError(f"--discovered {cfg.discovered} is not a vector-set folder (no config.json).")
-    if cfg.judge_url and not cfg.judge_model:
-        raise SteerscopeError("--judge-url needs --judge-model (the model name the endpoint serves).")
+    from ..judging.judge import judge_from
+
+    judge_from(cfg)  # a URL without --judge-model, or not http(s), is refused here
     if "distill" in cfg.methods:
         try:
             import peft  # noqa: F401

@@ -165,11 +165,9 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
     except ImportError:
         raise SteerscopeError("the run's clustering needs scikit-learn: pip install 'steerscope[eval]'.") from None
     if cfg.judge_url:
-        from ..judging.judge import DEFAULT_RUBRIC, Judge
+        from ..judging.judge import judge_from
 
-        judge = Judge(cfg.judge_url, cfg.judge_model or "judge", rubric=cfg.judge_rubric or DEFAULT_RUBRIC,
-                      key_env=cfg.judge_key_env)
-        judge.check_reachable()
+        judge_from(cfg, default_model="judge").check_reachable()
     return prompts[:cfg.n_train], prompts[cfg.n_train:cfg.n_train + cfg.n_heldout], neutral, scorers
 
 
@@ -259,11 +257,9 @@ def _measure(ctx: _RunContext) -> dict:
                             "run", ids=learned.ids + control.ids)
     scorers = list(ctx.scorers)
     if cfg.judge_url:
-        from ..judging.judge import DEFAULT_RUBRIC, Judge
+        from ..judging.judge import judge_from
 
-        judge = Judge(cfg.judge_url, cfg.judge_model or "judge", rubric=cfg.judge_rubric or DEFAULT_RUBRIC,
-                      key_env=cfg.judge_key_env, cache_path=ctx.folder.path("judge_cache.jsonl"))
-        scorers.append(judge.metric())
+        scorers.append(judge_from(cfg, ctx.folder.path("judge_cache.jsonl"), default_model="judge").metric())
     h = learned.config.hyperparams
     # Log-probabilities under the unsteered model, once: per-vector naturalness and the findings' both use them.
     lps = completion_logprobs(lm, [c.prompt for c in completions], [c.token_ids for c in completions], chat=cfg.discover.chat)

@@ -22,6 +22,7 @@ the slope of the mean and the share of items whose own slope is negative (anti-s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -100,19 +101,19 @@ RUBRICS = {
 
 
 class LLMJudge:
-    """AxBench's three 0-2 ratings per completion from an OpenAI-compatible endpoint, cached
-    in `cache_path` (see `judging.judge.Judge`); `score` is their harmonic mean."""
+    """AxBench's three 0-2 ratings per completion from an OpenAI-compatible endpoint, cached in
+    the base judge's `cache_path` (see `judging.judge.Judge`); `score` is their harmonic mean."""
 
-    def __init__(self, url: str, model: str, key_env: str = "OPENAI_API_KEY", cache_path=None):
-        self.url, self.model, self.key_env, self.cache_path = url, model, key_env, cache_path
-        self.name = f"LLM ({model})"
+    def __init__(self, base: Judge):
+        # base: endpoint, model, key and cache (`judge.judge_from`); each axis rates with a copy under its own rubric
+        self.base = base
+        self.name = f"LLM ({base.model})"
         self._judges: dict[str, Judge] = {}
 
     def _judge(self, axis: str, concept: str) -> Judge:
         key = f"{axis}:{concept if axis == 'concept' else ''}"
         if key not in self._judges:
-            self._judges[key] = Judge(self.url, self.model, RUBRICS[axis].format(concept=concept), self.key_env,
-                                      cache_path=self.cache_path)
+            self._judges[key] = dataclasses.replace(self.base, rubric=RUBRICS[axis].format(concept=concept))
         return self._judges[key]
 
     def check_reachable(self) -> None:

@@ -101,3 +101,21 @@ class Judge:
             socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=min(5.0, self.timeout)).close()
         except OSError as e:
             raise SteerscopeError(f"the judge at {self.url} is unreachable ({e.strerror or e}); start it or fix --judge-url.") from None
+
+
+def judge_from(cfg, cache_path: str | Path | None = None, *, default_model: str | None = None) -> Judge | None:
+    """The judge a config's `judge_*` fields name (`judge_url`, `judge_model`, `judge_key_env` and,
+    where the config has one, `judge_rubric`), or None without a `judge_url`. The one place a job
+    turns those fields into a Judge: run, refine and bench all call it.
+
+    `default_model`: the model name sent when `judge_model` is unset (run sends "judge"); without
+    it a URL without a model is refused, since an endpoint serving several models needs the name."""
+    if not cfg.judge_url:
+        return None
+    model = cfg.judge_model or default_model
+    if not model:
+        raise SteerscopeError("--judge-url needs --judge-model (the model name the endpoint serves).")
+    # bench has no judge_rubric: its LLMJudge sets one rubric per rating axis on copies of this judge
+    rubric = getattr(cfg, "judge_rubric", None) or DEFAULT_RUBRIC
+    return Judge(cfg.judge_url, model, rubric=rubric, key_env=cfg.judge_key_env,
+                 cache_path=Path(cache_path) if cache_path is not None else None)
