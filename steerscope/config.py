@@ -24,6 +24,21 @@ in `config.json`. Field metadata understood here and in `cli_args`:
     family        on a config-typed field: the Family whose config class is chosen by the sibling
                   field named in `by` (e.g. DiscoverConfig.method_config by DiscoverConfig.method)
     cli           False: not exposed on the command line; a string: the flag name to use
+    before        on a field added after configs were first saved: the value that reproduces what
+                  steerscope did before the field existed, when that is not its default
+
+Saved configs, across upgrades (`load_config`, used by `checkpoint.JobFolder`): a saved config
+records the steerscope version and `CONFIG_FORMAT` (`_version.py`) that wrote it. A file of a
+newer format is refused first, with "written by steerscope X, newer than this one (Y): upgrade
+steerscope", before any of it is parsed. Otherwise a field the saved config lacks (added since)
+takes the value an absent field stands for: its `before` metadata, else its default. So a field
+added with a default that keeps the old behaviour (the rule for new fields) needs nothing; one
+whose default changes behaviour declares `before`, and an old run then resumes only where the new
+value is set back to it. The filled fields are named in one warning line. A saved key this
+steerscope has no field for (removed, or added by a newer steerscope of the same format) is named
+in that line too and ignored, never dropped silently. Changing an existing field's default changes
+what saved configs mean no more than adding a field does: they hold every value explicitly, so an
+old run then resumes only with the old value passed as a flag (the refusal names it).
 """
 
 from __future__ import annotations
@@ -33,12 +48,15 @@ import dataclasses
 import functools
 import inspect
 import math
+import re
+import sys
 import textwrap
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from ._version import __version__
 from .errors import SteerscopeError
 
 F = TypeVar("F", bound=Callable)
@@ -207,30 +225,107 @@ def family_config_class(cls: type, f: dataclasses.Field, values: dict) -> type |
 
 
 def config_from_dict(cls: type, data: dict) -> Any:
-    """Rebuild a config (nested configs too) from `config_to_dict` output; unknown keys raise."""
+    """Rebuild a config (nested configs too) from `config_to_dict` output: `load_config`, with
+    filled and unknown fields named in one warning line."""
+    cfg, filled, unknown = load_config(cls, data)
+    upgrade_warning(cls.__name__, "", filled, unknown)
+    return cfg
+
+
+def absent_value(f: dataclasses.Field) -> Any:
+    """What field `f` stands for where a config has no such key (one saved, or a checkpoint key,
+    from before the field existed): its `before` metadata, else its default (MISSING if none)."""
+    if "before" in f.metadata:
+        return f.metadata["before"]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def load_config(cls: type, data: dict, _at: str = "") -> tuple[Any, list[str], list[str]]:
+    """(config, filled, unknown): the config rebuilt from `data` (a saved `config_to_dict`),
+    `filled` naming the fields `data` lacks (given their `absent_value`), `unknown` naming the keys
+    of `data` that `cls` has no field for (ignored); dotted names, nested configs included."""
     if not isinstance(data, dict):
-        raise SteerscopeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}.")
+        raise SteerscopeError(f"{cls.__name__}{' ' + _at.rstrip('.') if _at else ''}: expected a mapping, "
+                              f"got {type(data).__name__}.")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise SteerscopeError(f"{cls.__name__} has no setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+    unknown = [_at + k for k in sorted(set(data) - names)]
+    filled: list[str] = []
     hints = field_types(cls)
     kw = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
+            v = absent_value(f)
+            if v is dataclasses.MISSING:
+                raise SteerscopeError(f"{cls.__name__} needs the setting {_at + f.name}; the saved config has none.")
+            if f.init:
+                filled.append(_at + f.name)
+                if "before" in f.metadata:
+                    kw[f.name] = v
             continue
         v = data[f.name]
         if "family" in f.metadata:
             sub = family_config_class(cls, f, data)
-            kw[f.name] = None if sub is None or v is None else config_from_dict(sub, v)
+            if sub is not None and v is not None:
+                v, fi, un = load_config(sub, v, f"{_at}{f.name}.")
+                filled, unknown = filled + fi, unknown + un
+            kw[f.name] = None if sub is None else v
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            v = config_from_dict(tp, v)
+            v, fi, un = load_config(tp, v, f"{_at}{f.name}.")
+            filled, unknown = filled + fi, unknown + un
         elif typing.get_origin(tp) in (list, tuple) and isinstance(v, list):
             v = list(v)
         kw[f.name] = v
-    return cls(**kw)
+    try:
+        return cls(**kw), filled, unknown
+    except TypeError as e:  # e.g. a field that only a newer steerscope's class accepts
+        raise SteerscopeError(f"{cls.__name__}: {e}") from None
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    """"0.10.2" -> (0, 10, 2); anything unreadable sorts first."""
+    return tuple(int(x) for x in re.findall(r"\d+", str(v))[:3])
+
+
+def check_format(where: str, found: Any, newest: int, written_by: str | None, what: str = "config") -> int:
+    """The saved `found` format as an int (a file without one is format 1). A newer format than
+    `newest` (the newest this steerscope reads) raises the one "upgrade steerscope" error; call it
+    before parsing anything else of the file."""
+    fmt = 1 if found is None else found
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise SteerscopeError(f"{where} is not a valid steerscope {what}: its format version is {found!r}, not a whole number.")
+    if fmt > newest:
+        by = written_by or "?"
+        raise SteerscopeError(f"{where} was written by steerscope {by}, newer than this one ({__version__}): upgrade "
+                              f"steerscope (its {what} format {fmt} is newer than {newest}, the newest this one reads).")
+    return fmt
+
+
+def upgrade_warning(where: str, written_by: str | None, filled: list[str], unknown: list[str]) -> str:
+    """Print (once per process) and return the one warning line for a saved config that is older or
+    newer than this steerscope: the fields filled with their defaults, the keys ignored. Nothing
+    when neither."""
+    if not filled and not unknown:
+        return ""
+    by = f"steerscope {written_by}" if written_by else "an older steerscope"
+    parts = []
+    if filled:
+        parts.append(f"settings it lacks take their defaults: {', '.join(filled)}")
+    if unknown:
+        newer = bool(written_by) and version_tuple(written_by) > version_tuple(__version__)
+        why = "are from a newer steerscope and are ignored" if newer else "no longer exist and are ignored"
+        parts.append(f"settings it has that this steerscope ({__version__}) does not know {why}: {', '.join(unknown)}")
+    msg = f"{where} was written by {by}; " + "; ".join(parts) + "."
+    if msg not in _SAID:  # a job checks its folder twice (before loading the model, then to open it): one line
+        _SAID.add(msg)
+        print(f"steerscope: warning: {msg}", file=sys.stderr, flush=True)
+    return msg
+
+
+_SAID: set[str] = set()
 
 
 # ---- one spelling for "the last K tokens" -------------------------------------------------------

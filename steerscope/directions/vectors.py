@@ -9,13 +9,18 @@ saved as one folder:
 
 No pickle anywhere. Loading against a model checks d_model, layer count and fingerprint and says
 exactly what differs.
+
+Versions: `format_version` is the file's major format. Loading checks it before anything else: a
+newer one is refused with "written by steerscope X, newer than this one (Y): upgrade steerscope".
+A newer steerscope of the same format may add keys (a minor change): they are named in one
+warning line and ignored. Bump FORMAT_VERSION only when an older reader would misread a file.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +28,7 @@ import torch
 
 from .._version import __version__
 from .._io import atomic_dir
+from ..config import check_format, upgrade_warning
 from ..errors import ModelMismatchError, SteerscopeError
 from .._tensors import as_rows
 
@@ -170,11 +176,19 @@ class VectorSet:
             raise SteerscopeError(f"{path} is not a steerscope vector folder (needs {CONFIG_FILE} and {TENSORS_FILE}).")
         try:
             raw = json.loads((path / CONFIG_FILE).read_text())
-            cfg = VectorSetConfig(**raw)
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
             raise SteerscopeError(f"{path / CONFIG_FILE} is not a valid vector config: {e}") from None
-        if cfg.format_version > FORMAT_VERSION:
-            raise SteerscopeError(f"{path} was written by a newer steerscope (format {cfg.format_version}); upgrade steerscope.")
+        if not isinstance(raw, dict):
+            raise SteerscopeError(f"{path / CONFIG_FILE} is not a valid vector config: expected a JSON object.")
+        # The format first: a newer file must say "upgrade", whatever else in it is new.
+        check_format(str(path), raw.get("format_version"), FORMAT_VERSION, raw.get("steerscope_version"), "vector file")
+        known = {f.name for f in fields(VectorSetConfig)}
+        unknown = sorted(set(raw) - known)
+        upgrade_warning(str(path / CONFIG_FILE), raw.get("steerscope_version"), [], unknown)  # a newer minor: its extra keys
+        try:
+            cfg = VectorSetConfig(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as e:
+            raise SteerscopeError(f"{path / CONFIG_FILE} is not a valid vector config: {e}") from None
         try:
             tensors = load_file(str(path / TENSORS_FILE))
         except Exception as e:

@@ -263,7 +263,7 @@ def stages(ctx: BenchContext) -> list[Stage]:
 
 def bench(cfg: BenchConfig, out: str | Path, *, lm=None, force: bool = False) -> Path:
     """Run (or resume) the bench; returns the report's path."""
-    JobFolder.check(out, "bench", cfg.to_dict(), force=force)
+    JobFolder.check(out, "bench", cfg, force=force)
     concepts, neutral = _validate(cfg)
     lm = lm or cfg.model.load()
     if cfg.layer is not None:
@@ -276,7 +276,7 @@ def bench(cfg: BenchConfig, out: str | Path, *, lm=None, force: bool = False) ->
         if sae.cfg.d_in != lm.d_model:
             raise SteerscopeError(f"--sae reads {sae.cfg.d_in}-dim activations but the model's d_model is {lm.d_model}.")
         lm.check_layer(sae.cfg.layer)
-    folder = JobFolder(out, "bench", cfg.to_dict(), force=force, version=__version__)
+    folder = JobFolder(out, "bench", cfg, force=force, version=__version__)
     if folder.resumed:
         _log(f"resuming the bench in {folder.out}")
     ctx = BenchContext(cfg, folder, lm, concepts, neutral, sae)

@@ -183,7 +183,7 @@ def refine(cfg: RefineConfig, out: str | Path, *, lm=None, scorer=None, force: b
     (e.g. your own callable) instead of `cfg.scorer`."""
     from ..judging.metrics import parse_metric
 
-    JobFolder.check(out, "refine", cfg.to_dict(), force=force)
+    JobFolder.check(out, "refine", cfg, force=force)
     train, heldout, neutral = _validate(cfg, scorer is not None)
     lm = lm or cfg.model.load()
     source = VectorSet.load(cfg.vectors, lm)
@@ -199,7 +199,7 @@ def refine(cfg: RefineConfig, out: str | Path, *, lm=None, scorer=None, force: b
         sae = load_saelens(cfg.sae)
         if sae.cfg.d_in != lm.d_model:
             raise SteerscopeError(f"--sae reads {sae.cfg.d_in}-dim activations but the model's d_model is {lm.d_model}.")
-    folder = JobFolder(out, "refine", cfg.to_dict(), force=force, version=__version__)
+    folder = JobFolder(out, "refine", cfg, force=force, version=__version__)
     if folder.resumed:
         _log(f"resuming the refine in {folder.out}")
     ctx = _Ctx(cfg, folder, lm, source, scorer, train, heldout, neutral, sae, {})

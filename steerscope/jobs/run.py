@@ -353,10 +353,10 @@ STAGES = [
 
 def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Path:
     """Run (or resume) the whole job; returns the report's path."""
-    JobFolder.check(out, "run", cfg.to_dict(), force=force)  # refuse another run's folder before any work
+    JobFolder.check(out, "run", cfg, force=force)  # refuse another run's folder before any work
     lm = lm or cfg.model.load()
     train, heldout, neutral, scorers = _validate(cfg, lm)
-    folder = JobFolder(out, "run", cfg.to_dict(), force=force, version=__version__)
+    folder = JobFolder(out, "run", cfg, force=force, version=__version__)
     if folder.resumed:
         _log(f"resuming the run in {folder.out}")
     ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)

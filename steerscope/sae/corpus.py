@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .._io import write_text_atomic
-from ..checkpoint import Checkpoint, config_key
-from ..config import Config, config_to_dict
+from ..checkpoint import Checkpoint, config_key, key_settings
+from ..config import Config
 from ..errors import SteerscopeError
 from ..models.compat import with_cache
 
@@ -128,7 +128,7 @@ def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool =
     cfg = cfg or CorpusConfig()
     n_docs, batch_size, max_new_tokens, temperature, seed = cfg.docs, cfg.batch_size, cfg.max_new_tokens, cfg.temperature, cfg.seed
     path = Path(path)
-    state = Checkpoint(path.with_name(f".{path.name}.state"), config_key(lm.fingerprint, {**config_to_dict(cfg), "docs": None}), "corpus",
+    state = Checkpoint(path.with_name(f".{path.name}.state"), config_key(lm.fingerprint, {**key_settings(cfg), "docs": None}), "corpus",
                        force=force)
     if force:
         path.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import Checkpoint, config_key
-from ..config import Config, config_to_dict
+from ..config import Config
 from ..errors import SteerscopeError
 from ..models.activations import read_layer
 from .model import SAE, SAEConfig
@@ -209,7 +209,7 @@ def load_checkpoint(folder, cfg: SAEConfig, tcfg: TrainConfig) -> dict | None:
 
 
 def _checkpoint(folder, cfg: SAEConfig, tcfg: TrainConfig) -> Checkpoint:
-    return Checkpoint(folder, config_key(config_to_dict(cfg), config_to_dict(tcfg)), "SAE training run")
+    return Checkpoint(folder, config_key(cfg, tcfg), "SAE training run")
 
 
 def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig | None = None,

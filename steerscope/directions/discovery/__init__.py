@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...checkpoint import Checkpoint, config_key
+from ...checkpoint import Checkpoint, config_key, key_settings
 from ...config import Config, config_to_dict, parse_last
 from ...errors import SteerscopeError
 from ...models.layer_range import LayerRange
@@ -117,8 +117,8 @@ def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, ch
         R, trace = calibrate_R(lr_, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
         calibration = {"ratio": cfg.calibrate_ratio, "R": R, "trace": trace[-5:]}
     key_cfg = {**config_to_dict(cfg), "R": R, "source": s, "target": t}
-    ckpt = Checkpoint(checkpoint_dir, config_key(lm.fingerprint, list(prompts), key_cfg), "discovery run", force=force) \
-        if checkpoint_dir else None
+    key = config_key(lm.fingerprint, list(prompts), {**key_settings(cfg), "R": R, "source": s, "target": t})
+    ckpt = Checkpoint(checkpoint_dir, key, "discovery run", force=force) if checkpoint_dir else None
     show = sys.stderr.isatty() if progress is None else progress
     ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, show, rank)
     res: Discovered = method.fn(ctx, cfg.method_config)
