@@ -12,8 +12,10 @@ import json
 import math
 from html import escape
 
-COLORS = {"diffmean": "#1f5fa8", "pca": "#59a14f", "probe": "#f28e2b", "sae": "#b07aa1", "discovered": "#e15759",
-          "prompting": "#555555", "distill": "#76b7b2"}
+from . import svg
+
+COLORS = {"diffmean": svg.BLUE, "pca": svg.GREEN, "probe": svg.ORANGE, "sae": svg.PURPLE, "discovered": svg.RED,
+          "prompting": svg.INK, "distill": svg.TEAL}
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:1.2rem 2rem;color:#1d2330;max-width:1400px}
 h1{font-size:1.35rem;margin:.2rem 0}h2{font-size:1.1rem;margin:1.6rem 0 .4rem;border-bottom:1px solid #ddd}
 h3{font-size:.95rem;margin:.8rem 0 .3rem}.lead{font-size:15px;max-width:62rem}
@@ -21,9 +23,8 @@ table{border-collapse:collapse;font-size:13px;margin:.3rem 0 .8rem}td,th{border-
 th{background:#f4f5f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.best{font-weight:700;background:#eef5ea}.muted{color:#888}.ci{color:#777;font-size:11px;font-weight:400}.note{color:#555;font-size:12px;max-width:60rem}
 .plots{display:flex;flex-wrap:wrap;gap:.8rem}figure{margin:0}figcaption{font-size:12px;color:#444;text-align:center}
-svg{background:#fafafa;border:1px solid #eee}.ex td{vertical-align:top;white-space:pre-wrap;max-width:30rem;font-size:12px}
-.key span{display:inline-block;margin-right:.8rem;font-size:12px}.key i{display:inline-block;width:10px;height:10px;margin-right:3px}
-details{margin:.4rem 0}"""
+.ex td{vertical-align:top;white-space:pre-wrap;max-width:30rem;font-size:12px}
+details{margin:.4rem 0}""" + svg.CSS
 
 # (key, title, how to read it, judge, higher is better)
 MEASURES = [
@@ -94,44 +95,8 @@ def _table(per: list[dict], methods: list[str], key: str, higher: bool | None = 
     return f"<table>{head}{''.join(body)}</table>" if body else '<p class="muted">no numbers</p>'
 
 
-def _svg_lines(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, w: int = 300, h: int = 210,
-               diag: bool = False, vline: float | None = None, ylim: tuple[float, float] | None = None,
-               colors: dict[str, str] | None = None) -> str:
-    pts = [p for s in series.values() for p in s if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
-    if not pts:
-        return '<svg width="300" height="60"><text x="10" y="30" font-size="12">no data</text></svg>'
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = ylim or (min(p[1] for p in pts), max(p[1] for p in pts))
-    if vline is not None:
-        x0, x1 = min(x0, vline), max(x1, vline)
-    x0, x1 = (x0 - 0.5, x1 + 0.5) if x1 == x0 else (x0, x1)
-    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 == y0 else (y0, y1)
-    L, R, T, B = 40, 10, 10, 34
-    sx = lambda x: L + (x - x0) / (x1 - x0) * (w - L - R)  # noqa: E731
-    sy = lambda y: h - B - (y - y0) / (y1 - y0) * (h - T - B)  # noqa: E731
-    parts = [f'<svg width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="{L}" y1="{h - B}" x2="{w - R}" y2="{h - B}" stroke="#999"/><line x1="{L}" y1="{T}" x2="{L}" y2="{h - B}" stroke="#999"/>',
-             f'<text x="{w / 2}" y="{h - 6}" font-size="11" text-anchor="middle">{escape(xlabel)}</text>',
-             f'<text x="10" y="{h / 2}" font-size="11" text-anchor="middle" transform="rotate(-90 10 {h / 2})">{escape(ylabel)}</text>',
-             f'<text x="{L}" y="{h - B + 12}" font-size="10">{x0:.2g}</text><text x="{w - R}" y="{h - B + 12}" font-size="10" text-anchor="end">{x1:.2g}</text>',
-             f'<text x="{L - 3}" y="{h - B}" font-size="10" text-anchor="end">{y0:.2g}</text><text x="{L - 3}" y="{T + 8}" font-size="10" text-anchor="end">{y1:.2g}</text>']
-    if diag:
-        parts.append(f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(1)}" y2="{sy(1)}" stroke="#ccc" stroke-dasharray="3 3"/>')
-    if vline is not None:
-        parts.append(f'<line x1="{sx(vline)}" y1="{T}" x2="{sx(vline)}" y2="{h - B}" stroke="#bbb" stroke-dasharray="4 3"/>')
-    for name, s in series.items():
-        s = [p for p in s if all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
-        col = (colors or COLORS).get(name, "#333")
-        if len(s) > 1:
-            parts.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{" ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)}"/>')
-        for x, y in s if len(s) <= 8 else []:
-            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{col}"><title>{escape(name)}: {x:.3g}, {y:.3g}</title></circle>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 def _key(methods: list[str]) -> str:
-    return '<div class="key">' + "".join(f'<span><i style="background:{COLORS.get(m, "#333")}"></i>{escape(m)}</span>' for m in methods) + "</div>"
+    return svg.key((m, COLORS.get(m, svg.INK)) for m in methods)
 
 
 def _headline(per: list[dict], methods: list[str], meta: dict) -> str:
@@ -235,7 +200,7 @@ def render_bench(meta: dict, per: list[dict]) -> str:
         for c in abc:
             series = {m: list(zip(r["ab"]["multipliers"], r["ab"]["p_behaviour"])) for m, r in c["methods"].items()
                       if "slope" in (r.get("ab") or {})}
-            plots.append(f"<figure>{_svg_lines(series, 'multiplier of the matched coef', 'P(behaviour)', ylim=(0, 1))}"
+            plots.append(f"<figure>{svg.line_chart(series, 'multiplier of the matched coef', 'P(behaviour)', COLORS, ylim=(0, 1))}"
                          f"<figcaption>{escape(c['concept'])} (unsteered {c['ab']['unsteered']:.2f})</figcaption></figure>")
         out.append(_key(methods) + f"<div class='plots'>{''.join(plots)}</div>")
     out.append("<h2>Strength vs effect</h2><p class='note'>Concept rate against the KL reached at "
@@ -249,14 +214,14 @@ def render_bench(meta: dict, per: list[dict]) -> str:
                 series[m] = sorted((r["kl_at"][k], r["at"][f"{float(k):g}"]["concept_rate"]) for k in r["kl_at"])
             elif "at" in r:
                 series[m] = [(r["kl"], r["at"]["1"]["concept_rate"])]
-        plots.append(f"<figure>{_svg_lines(series, 'per-token KL (quantile)', 'concept rate', vline=cfg['kl']['target'], ylim=(0, 1))}"
+        plots.append(f"<figure>{svg.line_chart(series, 'per-token KL (quantile)', 'concept rate', COLORS, vline=cfg['kl']['target'], ylim=(0, 1))}"
                      f"<figcaption>{escape(c['concept'])} (unsteered {c['unsteered']['concept_rate']:.2f})</figcaption></figure>")
     out.append(f"<div class='plots'>{''.join(plots)}</div>")
     out.append("<h2>Detection ROC curves</h2>" + _key(methods))
     plots = []
     for c in per:
         series = {m: [tuple(p) for p in r["detection"]["roc"]] for m, r in c["methods"].items() if "detection" in r}
-        plots.append(f"<figure>{_svg_lines(series, 'false-positive rate', 'true-positive rate', w=220, h=200, diag=True, ylim=(0, 1))}"
+        plots.append(f"<figure>{svg.line_chart(series, 'false-positive rate', 'true-positive rate', COLORS, w=220, h=200, diag=True, ylim=(0, 1))}"
                      f"<figcaption>{escape(c['concept'])}</figcaption></figure>")
     out.append(f"<div class='plots'>{''.join(plots)}</div>")
     out.append("<h2>Examples at the matched KL</h2>")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from html import escape
 
+from . import svg
+
 CSS = """
 .finding{border:2px solid #1f5fa8;border-radius:8px;margin:8px 0;padding:6px 12px;background:#f5f9ff}
 .finding h3{margin:2px 0 4px;font-size:15px}.finding .typical{background:#fff;border-left:4px solid #1f5fa8;padding:4px 10px;margin:4px 0;font-size:14px}
@@ -79,32 +81,29 @@ def goldilocks_plot(g: dict | None, moved: dict | None = None) -> str:
     if not rows:
         return f'<p id="goldilocks">R = {_f(g["chosen"], ".3g")}: the calibrated R ({escape(g.get("reason", ""))}).</p>'
     W, H, pad = 340, 200, 34
-    ms = [r["multiple"] for r in rows] + [g["chosen"] / g["calibrated"]]
-    lx0, lx1 = math.log(min(ms)), math.log(max(ms))
-    if lx1 - lx0 < 1e-9:
-        lx0, lx1 = lx0 - 0.7, lx1 + 0.7
-    sx = lambda m: pad + (math.log(m) - lx0) / (lx1 - lx0) * (W - 2 * pad)  # noqa: E731
-    sy = lambda v: H - pad - v * (H - 2 * pad)  # noqa: E731
+    cm = g["chosen"] / g["calibrated"]  # the chosen R as a multiple of the calibrated one
+    ms = [r["multiple"] for r in rows] + [cm]
+    lo, hi = min(ms), max(ms)
+    if math.log(hi) - math.log(lo) < 1e-9:  # one multiple: half a unit of log scale either side
+        lo, hi = lo / math.exp(0.7), hi * math.exp(0.7)
+    c = svg.Chart(W, H, svg.log(lo, hi, pad, W - pad), svg.linear(0, 1, H - pad, pad), class_="plot")
     thr = g.get("max_random", 0.5)
-    parts = [f'<line x1="{pad}" y1="{sy(0)}" x2="{W - pad}" y2="{sy(0)}" stroke="#ccc"/>',
-             f'<line x1="{pad}" y1="{sy(1)}" x2="{W - pad}" y2="{sy(1)}" stroke="#eee"/>',
-             f'<line x1="{pad}" y1="{sy(thr):.1f}" x2="{W - pad}" y2="{sy(thr):.1f}" stroke="#e15759" stroke-dasharray="3 3"/>',
-             f'<text x="4" y="{sy(1) + 4}" font-size="10">100%</text><text x="10" y="{sy(0) + 4}" font-size="10">0%</text>']
-    cm = g["chosen"] / g["calibrated"]
-    parts.append(f'<line x1="{sx(cm):.1f}" y1="{pad - 8}" x2="{sx(cm):.1f}" y2="{H - pad}" stroke="#59a14f" stroke-dasharray="4 3"/>')
-    pts = " ".join(f"{sx(r['multiple']):.1f},{sy(r['random']):.1f}" for r in rows)
-    parts.append(f'<polyline points="{pts}" fill="none" stroke="#8a8a8a" stroke-width="2"/>')
-    parts += [f'<circle cx="{sx(r["multiple"]):.1f}" cy="{sy(r["random"]):.1f}" r="3" fill="#8a8a8a"/>' for r in rows]
+    c.hline(0, svg.RULE).hline(1, svg.FAINT).hline(thr, svg.RED, "3 3")
+    c.text(4, c.y(1) + 4, "100%").text(10, c.y(0) + 4, "0%")
+    c.vline(cm, svg.GREEN, "4 3", top=pad - 8)
+    pts = [(r["multiple"], r["random"]) for r in rows]
+    c.line(pts, svg.GREY).dots(pts, svg.GREY)
     if moved and moved.get("learned") is not None:
-        parts.append(f'<rect x="{sx(cm) - 4:.1f}" y="{sy(moved["learned"]) - 4:.1f}" width="8" height="8" fill="#1f5fa8"/>')
-    parts += [f'<text x="{sx(m):.1f}" y="{H - 12}" font-size="10" text-anchor="middle">{m:.2g}×</text>'
-              for m in sorted({round(r["multiple"], 3) for r in rows})]
-    run_note = (f' In the run at that R, <span style="color:#1f5fa8">learned vectors moved {moved["learned"]:.0%}</span> of '
-                f'their completions and random ones {moved["random"]:.0%}.' if moved and moved.get("learned") is not None else "")
-    return (f'<figure id="goldilocks"><svg class="plot" width="{W}" height="{H}">{"".join(parts)}</svg>'
+        c.square(cm, moved["learned"], svg.BLUE)
+    c.xticks(sorted({round(r["multiple"], 3) for r in rows}), lambda m: f"{m:.2g}×", dy=pad - 12)
+    run_note = ""
+    if moved and moved.get("learned") is not None:
+        learned = svg.coloured(f"learned vectors moved {moved['learned']:.0%}", svg.BLUE)
+        run_note = f" In the run at that R, {learned} of their completions and random ones {moved['random']:.0%}."
+    chosen = svg.coloured(f"Chosen: R = {_f(g['chosen'], '.3g')}", svg.GREEN)
+    return (f'<figure id="goldilocks">{c.svg()}'
             f'<figcaption style="font-size:12px;max-width:{W}px">Choosing R: share of completions whose behaviour moved '
-            f'under <span style="color:#8a8a8a">random</span> vectors at each R the search tried (multiples of the '
-            f'calibrated R = {_f(g["calibrated"], ".3g")}, {rows[0].get("random_completions", "?")} completions each; '
-            f'<span style="color:#e15759">threshold {thr:.0%}</span>). '
-            f'<span style="color:#59a14f">Chosen: R = {_f(g["chosen"], ".3g")}</span> ({escape(g.get("reason", ""))}).'
+            f'under {svg.coloured("random", svg.GREY)} vectors at each R the search tried (multiples of the '
+            f'calibrated R = {_f(g["calibrated"], ".3g")}, {escape(str(rows[0].get("random_completions", "?")))} completions each; '
+            f'{svg.coloured(f"threshold {thr:.0%}", svg.RED)}). {chosen} ({escape(g.get("reason", ""))}).'
             + run_note + '</figcaption></figure>')

@@ -14,10 +14,10 @@ import math
 from collections import defaultdict
 from html import escape
 
+from . import svg
 from .findings import CSS as FINDINGS_CSS
 from .findings import findings_section, goldilocks_plot, surface_tag
 
-PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 COLUMNS = [("target_change", "target Δ"), ("kl_neutral", "KL neutral"), ("logprob", "log p"), ("distinct2", "distinct-2"),
            ("embed_distance", "embed dist"), ("changed", "changed")]
 
@@ -30,7 +30,7 @@ td.l,th.l{text-align:left}.learned{color:#1f5fa8}.random{color:#8a8a8a}
 .card{border:1px solid #ddd;border-radius:6px;margin:12px 0;padding:8px 12px}
 .card table{width:100%;table-layout:fixed}.card td{text-align:left;vertical-align:top;white-space:pre-wrap}
 .tag{display:inline-block;padding:0 6px;border-radius:8px;background:#eee;margin-right:4px;font-size:12px}
-.plots{display:flex;flex-wrap:wrap;gap:16px}svg{background:#fafafa;border:1px solid #eee}
+.plots{display:flex;flex-wrap:wrap;gap:16px}
 pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
 """
 
@@ -61,49 +61,45 @@ def _fmt(x) -> str:
 
 
 def _scatter(points, labels, sets, clusters) -> str:
+    """Completions on the first two principal components: shape = set, colour = behaviour cluster."""
     W, H, pad = 520, 380, 24
     if not points:
         return "<p>no completions</p>"
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx = lambda x: pad + (x - x0) / ((x1 - x0) or 1) * (W - 2 * pad)  # noqa: E731
-    sy = lambda y: H - pad - (y - y0) / ((y1 - y0) or 1) * (H - 2 * pad)  # noqa: E731
-    marks = []
-    for (x, y), c, s in zip(points, labels, sets):
-        col = PALETTE[c % len(PALETTE)]
+    c = svg.Chart(W, H, svg.linear(min(xs), max(xs), pad, W - pad), svg.linear(min(ys), max(ys), H - pad, pad), id="cluster-map",
+                  class_="plot")
+    for (x, y), label, s in zip(points, labels, sets):
+        col = svg.color(label)
         if s == "random":
-            marks.append(f'<rect x="{sx(x) - 4:.1f}" y="{sy(y) - 4:.1f}" width="8" height="8" fill="{col}" opacity="0.6"/>')
+            c.square(x, y, col, opacity=0.6)
         elif s == "sample":
-            marks.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="none" stroke="{col}"/>')
+            c.dot(x, y, None, stroke=col)
         elif s == "unsteered":
-            marks.append(f'<path d="M{sx(x):.1f},{sy(y) - 6:.1f} l6,10 l-12,0 z" fill="none" stroke="#000"/>')
+            c.triangle(x, y)
         else:
-            marks.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{col}" opacity="0.8"/>')
-    legend = "".join(f'<li><span class="tag" style="background:{PALETTE[c["id"] % len(PALETTE)]};color:#fff">{c["id"]}</span>'
-                     f'{c["size"]} completions — {surface_tag(c)}<i>{escape(", ".join(c["words"]))}</i>: “{escape(c["typical"][:120])}”</li>'
-                     for c in clusters)
-    return (f'<svg id="cluster-map" class="plot" width="{W}" height="{H}" viewBox="0 0 {W} {H}">{"".join(marks)}</svg>'
-            f'<p>● learned ■ random △ unsteered ○ unsteered sample; colour = behaviour cluster (first two principal components of the '
-            f'completion embeddings)</p><ol start="0" style="font-size:13px">{legend}</ol>')
+            c.dot(x, y, col, r=5, opacity=0.8)
+    legend = "".join(f'<li><span class="tag" style="background:{svg.color(k["id"])};color:#fff">{k["id"]}</span>'
+                     f'{k["size"]} completions — {surface_tag(k)}<i>{escape(", ".join(k["words"]))}</i>: “{escape(k["typical"][:120])}”</li>'
+                     for k in clusters)
+    return (c.svg() + '<p>● learned ■ random △ unsteered ○ unsteered sample; colour = behaviour cluster (first two principal '
+            f'components of the completion embeddings)</p><ol start="0" style="font-size:13px">{legend}</ol>')
 
 
 def _sweep_plot(vid: str, rows: list[dict]) -> str:
+    """The norm sweep of one vector: share of completions changed and target-layer change against
+    the multiple of R (log scale), on one y scale from 0 to the larger of 1 and the largest change."""
     W, H, pad = 300, 200, 30
     ms = [r["multiple"] for r in rows]
-    lx0, lx1 = math.log(min(ms)), math.log(max(ms)) if len(ms) > 1 else math.log(min(ms)) + 1
-    sx = lambda m: pad + (math.log(m) - lx0) / ((lx1 - lx0) or 1) * (W - 2 * pad)  # noqa: E731
     ymax = max([r["target_change"] for r in rows] + [1.0])
-    sy = lambda v: H - pad - v / ymax * (H - 2 * pad)  # noqa: E731
-    lines = []
-    for key, col in (("changed", "#e15759"), ("target_change", "#4e79a7")):
-        pts = " ".join(f"{sx(r['multiple']):.1f},{sy(r[key]):.1f}" for r in rows)
-        lines.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="2"/>')
-        lines += [f'<circle cx="{sx(r["multiple"]):.1f}" cy="{sy(r[key]):.1f}" r="3" fill="{col}"/>' for r in rows]
-    ticks = "".join(f'<text x="{sx(m):.1f}" y="{H - 8}" font-size="10" text-anchor="middle">{m:g}×</text>' for m in ms)
-    return (f'<figure><svg class="plot sweep-plot" width="{W}" height="{H}">{"".join(lines)}{ticks}'
-            f'<text x="{pad}" y="14" font-size="11">{escape(vid)}</text></svg>'
-            f'<figcaption style="font-size:12px"><span style="color:#e15759">share of completions changed</span>, '
-            f'<span style="color:#4e79a7">target-layer change</span> vs multiple of R</figcaption></figure>')
+    hi = max(ms) if len(ms) > 1 else min(ms) * math.e  # one multiple: a unit of log scale, the point at the left
+    c = svg.Chart(W, H, svg.log(min(ms), hi, pad, W - pad), svg.linear(0, ymax, H - pad, pad), class_="plot sweep-plot")
+    for key, col in (("changed", svg.RED), ("target_change", svg.BLUE)):
+        pts = [(r["multiple"], r[key]) for r in rows]
+        c.line(pts, col).dots(pts, col)
+    c.xticks(ms, lambda m: f"{m:g}×", dy=H - 8 - (H - pad)).yticks([0, ymax], lambda v: f"{v:.2g}", x=pad - 3)
+    c.text(pad, 14, vid, 11)
+    return (f'<figure>{c.svg()}<figcaption style="font-size:12px">{svg.coloured("share of completions changed", svg.RED)}, '
+            f'{svg.coloured("target-layer change", svg.BLUE)} vs multiple of R</figcaption></figure>')
 
 
 def null_section(null: dict | None) -> str:
@@ -177,7 +173,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
             f" (false-discovery rate {nm['alpha']:g}, against {nm['random']} random vectors and {nm['samples']} unsteered "
             f"samples per prompt)" if nm else "") if found is not None else "measured before findings existed")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>steerscope run — {title}</title>
-<style>{CSS}{FINDINGS_CSS}</style></head><body>
+<style>{CSS}{FINDINGS_CSS}{svg.CSS}</style></head><body>
 <h1>steerscope run — {title}</h1>
 <p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}{_model_dtype(metrics)}, steerscope {escape(config.get('steerscope_version', ''))},
 {len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. <b>{lead}.</b></p>

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 from html import escape
 
-from .bench import CSS, _svg_lines
-
-PALETTE = ["#1f5fa8", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#9c755f", "#edc948", "#555555",
-           "#ff9da7", "#4e79a7", "#bab0ac"]
+from . import svg
+from .bench import CSS
 
 
 def _headline(ev: dict, scorer: str, method: str) -> str:
@@ -39,12 +37,12 @@ def _search_plot(hist: list[dict]) -> str:
     mean = [(g + 1, sum(r["fitness"]) / len(r["fitness"])) for g, r in enumerate(hist)]
     so_far = [(g, max(b for _, b in best[:g])) for g in range(1, len(best) + 1)]
     mult = [(g + 1, r["mult"]) for g, r in enumerate(hist)]
-    cols = {"best": "#1f5fa8", "best so far": "#59a14f", "mean": "#bbbbbb", "R multiple": "#e15759"}
-    key = "".join(f'<span><i style="background:{cols[k]}"></i>{k}</span>' for k in ("best so far", "best", "mean"))
-    return ("<div class='plots'><figure>" + _svg_lines({"mean": mean, "best": best, "best so far": so_far}, "generation", "fitness",
-                                                       w=380, colors=cols)
-            + f"<figcaption>fitness per generation <span class='key'>{key}</span></figcaption></figure><figure>"
-            + _svg_lines({"R multiple": mult}, "generation", "R / R seed", w=300, colors=cols)
+    cols = {"best": svg.BLUE, "best so far": svg.GREEN, "mean": svg.LIGHT, "R multiple": svg.RED}
+    key = svg.key((k, cols[k]) for k in ("best so far", "best", "mean"))
+    return ("<div class='plots'><figure>" + svg.line_chart({"mean": mean, "best": best, "best so far": so_far}, "generation",
+                                                           "fitness", cols, w=380)
+            + f"<figcaption>fitness per generation {key}</figcaption></figure><figure>"
+            + svg.line_chart({"R multiple": mult}, "generation", "R / R seed", cols, w=300)
             + "<figcaption>R annealed up and down</figcaption></figure></div>")
 
 
@@ -52,15 +50,15 @@ def _growth(g: dict) -> str:
     if len(g["mults"]) < 2:
         return "<p class='note'>One R multiple only: no growth to show (give --anneal several values).</p>"
     dims = g["dims"]
-    cols = {f"dim {d}": PALETTE[i % len(PALETTE)] for i, d in enumerate(dims)}
+    cols = {f"dim {d}": svg.color(i) for i, d in enumerate(dims)}
     series = {f"dim {d}": list(zip(g["mults"], [abs(x) for x in g["per_unit_R"][str(d)]])) for d in dims}
     flat = [d for d in dims if max(abs(x) for x in g["per_unit_R"][str(d)]) > 0 and
             min(abs(x) for x in g["per_unit_R"][str(d)]) / max(abs(x) for x in g["per_unit_R"][str(d)]) > 0.7]
-    key = "".join(f'<span><i style="background:{cols[f"dim {d}"]}"></i>dim {d}</span>' for d in dims)
+    key = svg.key((f"dim {d}", cols[f"dim {d}"]) for d in dims)
     cos = ", ".join(f"×{m:g}: {c:.2f}" for m, c in zip(g["mults"], g["cosine_to_refined"]))
-    return (f"<div class='plots'><figure>{_svg_lines(series, 'R multiple', '|v_i| / |v|', w=420, h=240, colors=cols)}"
+    return (f"<div class='plots'><figure>{svg.line_chart(series, 'R multiple', '|v_i| / |v|', cols, w=420, h=240)}"
             "<figcaption>the refined vector's largest coordinates, in the best vector at each R</figcaption></figure></div>"
-            f"<div class='key'>{key}</div><p class='note'>Keep their share of the norm (within 30 %) across R: "
+            f"{key}<p class='note'>Keep their share of the norm (within 30 %) across R: "
             f"{escape(', '.join(f'dim {d}' for d in flat)) or 'none'}. Cosine of each R's best vector to the refined one: {escape(cos)}.</p>")
 
 

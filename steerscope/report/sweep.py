@@ -4,11 +4,11 @@ against each swept field (one line per combination of the other fields). One off
 
 from __future__ import annotations
 
-import math
 from html import escape
 from typing import Any
 
-COLORS = ["#1f5fa8", "#e15759", "#59a14f", "#f28e2b", "#76b7b2", "#b07aa1", "#9c755f", "#edc948"]
+from . import svg
+
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:1.2rem 2rem;color:#1d2330}
 h1{font-size:1.35rem;margin:.2rem 0}h2{font-size:1.1rem;margin:1.4rem 0 .5rem}
 table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #e3e6ec;padding:.25rem .55rem;text-align:left}
@@ -16,7 +16,7 @@ th{background:#f4f5f8}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .status-done{color:#2d7a32}.status-failed{color:#b3261e;font-weight:600}.status-running{color:#1f5fa8}.status-pending{color:#888}
 .progress{display:flex;gap:1.2rem;align-items:center;margin:.4rem 0 1rem}.bar{width:280px;height:12px;background:#eee;border-radius:6px;overflow:hidden;display:flex}
 .bar span{display:block;height:100%}.plots{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0}figcaption{font-size:12px;color:#555}
-.err{color:#b3261e;font-size:12px;max-width:40rem}"""
+.err{color:#b3261e;font-size:12px;max-width:40rem}""" + svg.CSS
 
 
 def _num(x: Any) -> str:
@@ -41,39 +41,31 @@ def _plot(metric: str, field: str, points: dict, fields: list[str]) -> str:
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
     W, H, pad = 340, 210, 40
     if numeric and min(xs) > 0 and max(xs) / min(xs) > 20:  # log scale for R-like sweeps
-        lo, hi = math.log(min(xs)), math.log(max(xs))
-        sx = lambda x: pad + (math.log(x) - lo) / ((hi - lo) or 1) * (W - 2 * pad)  # noqa: E731
+        x = svg.log(min(xs), max(xs), pad, W - pad)
     elif numeric:
-        lo, hi = min(xs), max(xs)
-        sx = lambda x: pad + (x - lo) / ((hi - lo) or 1) * (W - 2 * pad)  # noqa: E731
+        x = svg.linear(min(xs), max(xs), pad, W - pad)
     else:
-        sx = lambda x: pad + xs.index(x) / (len(xs) - 1) * (W - 2 * pad)  # noqa: E731
+        x = svg.categories(xs, pad, W - pad)
     ys = [p["headline"][metric] for p in rows]
     y0, y1 = min(ys), max(ys)
     if y0 == y1:  # a metric the sweep did not move: the table says it
         return ""
-    sy = lambda y: H - pad - (y - y0) / (y1 - y0) * (H - 2 * pad)  # noqa: E731
+    c = svg.Chart(W, H, x, svg.linear(y0, y1, H - pad, pad)).axes(svg.LIGHT, left=False)
+    c.yticks([y1, y0], lambda v: f"{v:.3g}", x=4, anchor=None).xticks(xs)
     others = [f for f in fields if f != field]
     groups: dict[tuple, list] = {}
     for p in rows:
         groups.setdefault(tuple(p["values"][f] for f in others), []).append(p)
-    parts = [f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="#bbb"/>',
-             f'<text x="4" y="{sy(y1) + 4:.1f}" font-size="10">{y1:.3g}</text>',
-             f'<text x="4" y="{sy(y0) + 4:.1f}" font-size="10">{y0:.3g}</text>']
-    parts += [f'<text x="{sx(x):.1f}" y="{H - pad + 14}" font-size="10" text-anchor="middle">{escape(str(x))}</text>' for x in xs]
     legend = []
     for i, (combo, ps) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        col = COLORS[i % len(COLORS)]
+        col = svg.color(i)
         ps = sorted(ps, key=lambda p: xs.index(p["values"][field]))
-        pts = " ".join(f'{sx(p["values"][field]):.1f},{sy(p["headline"][metric]):.1f}' for p in ps)
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="2"/>')
-        parts += [f'<circle cx="{sx(p["values"][field]):.1f}" cy="{sy(p["headline"][metric]):.1f}" r="3" fill="{col}">'
-                  f'<title>{escape(str(p["values"]))}: {p["headline"][metric]:.4g}</title></circle>' for p in ps]
+        pts = [(p["values"][field], p["headline"][metric]) for p in ps]
+        c.line(pts, col).dots(pts, col, titles=[f'{p["values"]}: {p["headline"][metric]:.4g}' for p in ps])
         if others:
-            legend.append(f'<span style="color:{col}">■ {escape(", ".join(f"{f}={v}" for f, v in zip(others, combo)))}</span>')
+            legend.append(svg.coloured("■ " + ", ".join(f"{f}={v}" for f, v in zip(others, combo)), col))
     return (f'<figure class="sweep-plot" data-metric="{escape(metric)}" data-field="{escape(field)}">'
-            f'<svg width="{W}" height="{H}">{"".join(parts)}</svg><figcaption><b>{escape(metric)}</b> vs '
-            f'<b>{escape(field)}</b><br>{" ".join(legend)}</figcaption></figure>')
+            f'{c.svg()}<figcaption><b>{escape(metric)}</b> vs <b>{escape(field)}</b><br>{" ".join(legend)}</figcaption></figure>')
 
 
 def render_sweep(grid: dict, points: dict[str, dict], counts: dict[str, int], eta: float | None, elapsed: float) -> str:

@@ -1,0 +1,269 @@
+"""Render the README's result tables from benchmarks/results/*.json, so they cannot drift.
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table -->` in README.md. This script
+renders every such table from the results files (rows chosen by their recorded command and keys)
+and writes them in; `--check` writes nothing and exits 1 with a diff when the README differs.
+
+    python benchmarks/readme_tables.py            # rewrite the tables in README.md
+    python benchmarks/readme_tables.py --check    # CI: fail when a table is stale
+
+Words that are not in any results file (a note after a q value, the name of a setting) are
+written here, next to the rule that chooses the row they belong to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+
+
+class TableError(Exception):
+    """A results file or marker the tables need is missing or malformed."""
+
+
+# ---- formatting: as the README writes numbers ----------------------------------------------
+def pct(x: float) -> str:
+    return f"{round(100 * x)} %"  # round half to even: 12.5 -> 12, 37.5 -> 38, as the README has them
+
+
+def short(x: float) -> str:
+    """Two decimals, trailing zeros dropped: 1.0 -> 1, 0.8409 -> 0.84."""
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def seconds_range(xs) -> str:
+    lo, hi = round(min(xs)), round(max(xs))
+    return f"{lo} s" if lo == hi else f"{lo}–{hi} s"
+
+
+def bold_runs(xs: list[int], at_least: int = 2) -> str:
+    """'a / b / c' with each run of values >= at_least in bold: [2, 2, 0] -> '**2 / 2** / 0'."""
+    out, run = [], []
+    for x in xs + [None]:
+        if x is not None and x >= at_least:
+            run.append(str(x))
+            continue
+        if run:
+            out.append("**" + " / ".join(run) + "**")
+            run = []
+        if x is not None:
+            out.append(str(x))
+    return " / ".join(out)
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def load(results: Path, name: str):
+    path = results / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TableError(f"cannot read {path} ({e}); run the benchmark that writes it, or restore it from git") from e
+
+
+def one(rows: list[dict], what: str, **keys) -> dict:
+    hit = [r for r in rows if all(r.get(k) == v for k, v in keys.items())]
+    if len(hit) != 1:
+        raise TableError(f"{what}: {len(hit)} rows match {keys} in the results file, expected 1; fix the row rule in "
+                         "benchmarks/readme_tables.py")
+    return hit[0]
+
+
+# ---- serve.json: bench_serve.py --------------------------------------------------------------
+SERVE_KEY = "SmolLM2-135M-Instruct|float32|cpu"
+
+
+def serve(results: Path) -> str:
+    d = load(results, "serve.json")[SERVE_KEY]
+    rows = []
+    for r in d["rows"]:
+        ratio = f"{r['distinct_over_none']:.2f}"
+        if r["clients"] == 32:  # the headline: the target is set at 32 clients
+            ratio = f"**{ratio}** (target ≥ 0.9)"
+        rows.append([str(r["clients"]), f"{r['none']['tok_s']:.1f}", f"{r['shared']['tok_s']:.1f}", f"{r['distinct']['tok_s']:.1f}",
+                     ratio, f"{r['distinct']['p50_s']:.1f} s / {r['distinct']['p95_s']:.1f} s", f"{r['direct_generate_tok_s']:.1f}"])
+    return table(["N clients", "unsteered tok/s", "one shared vector", "N distinct vectors", "distinct / unsteered",
+                  "p50 / p95 latency (distinct)", "`generate()` alone"], rows)
+
+
+# ---- planted.json: bench_planted.py, the frozen split in float32 ----------------------------
+SPLIT_METHOD = "default --dtype float32"
+KIND = {"conditional (subject)": "conditional on a subject"}  # else "format (format trigger)" -> "format, format trigger"
+# What the significance cell says beyond yes/no and the rank ({q}: the planted candidate's q, {n}: its vectors).
+SIG_NOTE = {"french": " (q = {q}, {n} vectors)", "refuse": " (q = {q})", "pirate": " (q = {q})", "lists": ' (q = {q}, "as a list")',
+            "caps": ": one vector writes in capitals, which the test cannot tell from chance",
+            "flatter": " (and #2, #4: the same flattery on other prompts)"}
+PLANTED_HEAD = ["learned", "random", "unsteered", "significant, rank", "nsig", "R (× calibrated)", "wall"]
+
+
+def _planted_row(r: dict) -> list[str]:
+    kind = KIND.get(r["kind"]) or re.sub(r" \((.*)\)$", r", \1", r["kind"])
+    c = r["planted_candidate"] or {}
+    note = SIG_NOTE.get(r["organism"], "").format(q=f"{c.get('q', float('nan')):.3f}", n=c.get("n_vectors"))
+    sig = (f"**yes, #{r['rank']}**" if r["significant"] else "no") + note
+    learned = pct(r["learned"])
+    return [r["organism"], kind, f"**{learned}**" if r["learned"] >= 0.15 else learned,  # the share target, 15 %
+            f"**{pct(r['random'])}**" if r["random"] > 0 else pct(r["random"]),  # the random target, 0 %
+            pct(r["unsteered"]), sig, str(r["n_significant"]), short(r["R_multiple"]), f"{round(r['wall_s'])} s"]
+
+
+def _split(results: Path, split: str) -> list[dict]:
+    rows = [r for r in load(results, "planted.json")["results"] if r.get("split") == split and r["method"] == SPLIT_METHOD]
+    if not rows:
+        raise TableError(f"planted.json has no rows with split {split!r} and method {SPLIT_METHOD!r}")
+    return rows
+
+
+def planted_tune(results: Path) -> str:
+    rows = [r for r in _split(results, "tune") if r["model"] == "organism"]
+    return table(["tune organism", "kind"] + PLANTED_HEAD, [_planted_row(r) for r in rows])
+
+
+def planted_heldout(results: Path) -> str:
+    rows = _split(results, "heldout")
+    out = [_planted_row(r) for r in rows if r["model"] == "organism"]
+    base = [r for r in rows if r["model"] != "organism"]  # --baseline: every detector on the embedded model, one run
+    if base:
+        learned = max(r["learned"] for r in base)
+        out.append(["embedded model (no plant)", "—", "0 % for every detector" if learned == 0 else f"up to {pct(learned)}",
+                    pct(max(r["random"] for r in base)), pct(max(r["unsteered"] for r in base)), "—",
+                    f"**{base[0]['n_significant']}**", short(base[0]["R_multiple"]), f"{round(base[0]['wall_s'])} s"])
+    return table(["held-out organism", "kind"] + PLANTED_HEAD, out)
+
+
+# ---- kl_candidates.json: kl_candidates.py ---------------------------------------------------
+SEEDS = (0, 1, 2)
+
+
+def _draws(rows: list[dict], organism: str, **keys) -> list[dict]:
+    """The seeds 0 / 1 / 2 draws of one setting. `method` None: rows written before the script
+    recorded its method (kl); `orthogonal` None: before it recorded that (orthogonal, the default)."""
+    return [one(rows, f"kl_candidates {organism} seed {s}", organism=organism, seed=s, **keys) for s in SEEDS]
+
+
+KL_DEFAULT = {"source": 12, "R_multiple": 1.0, "method": "kl", "candidates": 24, "orthogonal": None, "extra_train": None}
+KL_LAYER8 = {"source": 8, "R_multiple": 1.0, "method": None, "candidates": 24}
+# (organism, setting as the README names it, which draws, bold the kept runs of 2 or more)
+KL_ROWS = [
+    ("french", "**default: layer 12**", KL_DEFAULT, True), ("caps", "**default: layer 12**", KL_DEFAULT, True),
+    ("refuse", "**default: layer 12**", KL_DEFAULT, True),
+    ("french", "layer 8 (previous default)", KL_LAYER8, False), ("caps", "layer 8", KL_LAYER8, False),
+    ("refuse", "layer 8", KL_LAYER8, False),
+    ("caps", "layer 8, `--multiple 1.5`", {**KL_LAYER8, "R_multiple": 1.5}, False),
+    ("refuse", "layer 8, `--multiple 1.5`", {**KL_LAYER8, "R_multiple": 1.5}, False),
+    ("french", "`--source 16`", {**KL_LAYER8, "source": 16}, False), ("caps", "`--source 16`", {**KL_LAYER8, "source": 16}, True),
+    ("refuse", "`--source 16`", {**KL_LAYER8, "source": 16}, False),
+]
+
+
+def _slash(draws: list[dict], key: str) -> str:
+    return " / ".join(str(d[key]) for d in draws)
+
+
+def kl_candidates(results: Path) -> str:
+    rows = load(results, "kl_candidates.json")
+    out = []
+    for org, setting, keys, bold in KL_ROWS:
+        d = _draws(rows, org, **keys)
+        kept = [r["kept_by_completions"] for r in d]
+        out.append([org, setting, _slash(d, "pool"), _slash(d, "partial"),
+                    bold_runs(kept) if bold else " / ".join(map(str, kept)), _slash(d, "kept_by_entropy")])
+    return table(["organism", "setting", "pool (of 24), seeds 0 / 1 / 2", "partial", "kept by completions (the run)",
+                  "kept by entropy"], out)
+
+
+def kl_melbo(results: Path) -> str:
+    rows = load(results, "kl_candidates.json")
+    out = []
+    for org in ("refuse", "caps", "french"):
+        d = _draws(rows, org, source=8, R_multiple=1.0, method="melbo", candidates=24, steps=300)
+        kl = _draws(rows, org, **KL_LAYER8)  # kl's pool at the same layer and R
+        out.append([org, "300 steps", f"{bold_runs([r['pool'] for r in d])} (kl: {_slash(kl, 'pool')})", _slash(d, "partial"),
+                    _slash(d, "kept_by_completions"), seconds_range([r["train_s"] for r in d])])
+    return table(["organism", "`--method melbo`, 24 vectors", "pool (of 24), seeds 0 / 1 / 2", "partial", "kept by completions",
+                  "training"], out)
+
+
+# ---- planted_direction.json: planted_direction.py -------------------------------------------
+def planted_direction(results: Path) -> str:
+    out = []
+    for r in load(results, "planted_direction.json")["results"]:
+        if r["source"] == 8:
+            name = r["organism"]
+        else:
+            first = not any(f"source layer {r['source']}" in o[0] for o in out)
+            name = f"{r['organism']}, source layer {r['source']}" + (f" (`--source {r['source']}`)" if first else "")
+        at = one(r["objective"], f"planted_direction {name}", target=r["default_target"])
+        kl = r["output_kl"]
+        out.append([name, " / ".join(pct(r["elicits"][m]) for m in sorted(r["elicits"], key=float)),
+                    f"{at['trigger']:.1f} / {at['dct_median']:.1f} / {at['random_median']:.1f}",
+                    f"{kl['trigger']:.3f} / {kl['dct_median']:.3f} / {kl['random_median']:.3f}",
+                    f"{r['dct_max_abs_cosine_with_trigger']:.2f}"])
+    return table(["organism", "behaviour with the trigger direction at 0.5 / 1 / 1.5 / 2 × calibrated R",
+                  "norm of change at layer 22: trigger / DCT median / random median",
+                  "output KL (nats, plain mean along the reply: `--first-share mean`): trigger / DCT median / random median",
+                  "max \\|cos\\| of a DCT vector with it"], out)
+
+
+TABLES = {"serve": serve, "planted-tune": planted_tune, "planted-heldout": planted_heldout, "kl-candidates": kl_candidates,
+          "kl-melbo": kl_melbo, "planted-direction": planted_direction}
+
+
+def render(readme: str, results: Path) -> str:
+    """The README with every marked table rendered from `results`; a marker naming no table, or a
+    table with no marker, is an error."""
+    seen = set()
+
+    def sub(m: re.Match) -> str:
+        name = m["name"]
+        if name not in TABLES:
+            raise TableError(f"README marker table:{name} names no table; known: {', '.join(TABLES)}")
+        seen.add(name)
+        return f"{m[1]}\n{TABLES[name](results)}\n{m[4]}"
+
+    out = MARKER.sub(sub, readme)
+    if missing := set(TABLES) - seen:
+        raise TableError(f"README has no <!-- table:NAME --> ... <!-- /table --> markers for {', '.join(sorted(missing))}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 with a diff when README.md is stale")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    a = ap.parse_args(argv)
+    try:
+        old = a.readme.read_text()
+        new = render(old, a.results)
+    except (OSError, TableError, KeyError) as e:
+        print(f"readme_tables: error: {e}", file=sys.stderr)
+        return 2
+    if a.check:
+        if old == new:
+            return 0
+        sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(a.readme),
+                                                   f"{a.readme} (from {a.results})"))
+        print(f"\n{a.readme} is stale: run python benchmarks/readme_tables.py", file=sys.stderr)
+        return 1
+    if old != new:
+        from steerscope._io import write_text_atomic
+
+        mode = a.readme.stat().st_mode
+        write_text_atomic(a.readme, new)  # a crash never leaves half a README
+        a.readme.chmod(mode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
