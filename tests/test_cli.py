@@ -188,7 +188,7 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\nHow are you today\n")
     argv = ["discover", "--prompts", str(prompts), "--source", "0", "--target", "2", "--n-vectors", "4", "--vectors-per-batch", "2",
-            "--steps", "30", "--R", "2", "--model", str(ckpt)]
+            "--method", "melbo", "--steps", "30", "--R", "2", "--model", str(ckpt)]
     assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
     real = melbo._train
 

@@ -32,9 +32,10 @@ def discover_config() -> type:
     return DiscoverCommand
 
 
-@command("discover", "find steering vectors without naming a behaviour (MELBO, Jacobian, PCA, random)",
-         "Unsupervised discovery: learn or compute K vectors of norm R at a source layer that change the target layer "
-         "most (MELBO, Jacobian singular vectors), or baselines. Method settings apply to their method only.",
+@command("discover", "find steering vectors without naming a behaviour (output KL by default; DCT, MELBO, Jacobian, baselines)",
+         "Unsupervised discovery: learn or compute K vectors of norm R at a source layer that change the model most: "
+         "its next-token distribution along its own reply (kl, the default, as in `run`), the target layer (DCT, MELBO, "
+         "Jacobian singular vectors), or baselines. Method settings apply to their method only.",
          discover_config)
 def cmd_discover(cfg) -> int:
     from ..directions.data import load_prompts
