@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     lm = ss.load_model(dtype=args.dtype)
     prompts = load_prompts("neutral")[:P]
-    s, t = DiscoverConfig().resolve_layers(lm.n_layers)
+    s, t = DiscoverConfig.of("melbo").resolve_layers(lm.n_layers)
     lr = LayerRange(lm, prompts, s, t)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; layers {s} -> {t}, "
           f"{K} vectors x {P} prompts, {lr.enc['input_ids'].shape[1]} tokens per row, of which {lr.shared_prefix} "

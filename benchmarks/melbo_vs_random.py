@@ -38,7 +38,7 @@ def main() -> None:
     prompts = load_prompts("neutral")[: args.prompts]
     s, t = (int(x) for x in args.layers.split(":")) if args.layers else (None, None)
     t0 = time.perf_counter()
-    vs = discover(lm, prompts, DiscoverConfig.of(n_vectors=args.vectors, steps=args.steps, source=s, target=t, seed=args.seed,
+    vs = discover(lm, prompts, DiscoverConfig.of("melbo", n_vectors=args.vectors, steps=args.steps, source=s, target=t, seed=args.seed,
                                                  R=args.R or None, calibrate_ratio=args.ratio))
     train_s = time.perf_counter() - t0
     h = vs.config.hyperparams

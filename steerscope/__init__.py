@@ -9,14 +9,41 @@ Every method family has one registration shape (`config.Family`): DISCOVERY, EXT
 SAE_ARCHS, INTERVENTIONS.
 """
 
-from ._version import __version__  # noqa: E402
+from typing import TYPE_CHECKING
 
-from .errors import LayerError, ModelLoadError, ModelMismatchError, SteerscopeError, UnknownArchitectureError  # noqa: E402
-from .models import LM, ArchSpec, ModelConfig, Site, load_model, register_architecture  # noqa: E402
-from .interventions import INTERVENTIONS, Ablate, Add, Clamp, Positions, steer  # noqa: E402
-from .directions import SteeringVector, VectorSet  # noqa: E402
-from .generation import Completion, generate  # noqa: E402
-from . import sae  # noqa: E402,F401  (registers ClampFeature in INTERVENTIONS)
+from ._version import __version__
+from .errors import LayerError, ModelLoadError, ModelMismatchError, SteerscopeError, UnknownArchitectureError
+
+# The rest imports torch, so it loads on first use (PEP 562): `steerscope --help` stays fast and
+# torch-free (tests/test_cli.py). Name -> the module that defines it.
+_LAZY = {
+    **dict.fromkeys(["LM", "ArchSpec", "ModelConfig", "Site", "load_model", "register_architecture"], "models"),
+    **dict.fromkeys(["INTERVENTIONS", "Ablate", "Add", "Clamp", "Positions", "steer"], "interventions"),
+    **dict.fromkeys(["SteeringVector", "VectorSet"], "directions"),
+    **dict.fromkeys(["Completion", "generate"], "generation"),
+}
+
+if TYPE_CHECKING:
+    from .directions import SteeringVector, VectorSet
+    from .generation import Completion, generate
+    from .interventions import INTERVENTIONS, Ablate, Add, Clamp, Positions, steer
+    from .models import LM, ArchSpec, ModelConfig, Site, load_model, register_architecture
+
+
+def __getattr__(name: str):
+    import importlib
+    import importlib.util
+
+    if name not in _LAZY and (name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(".sae", __name__)  # registers ClampFeature in INTERVENTIONS, as an eager import did
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    else:  # a module after a bare `import steerscope`: `ss.directions.mean_difference(...)`
+        value = importlib.import_module(f".{name}", __name__)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "__version__", "LM", "load_model", "ModelConfig", "ArchSpec", "Site", "register_architecture",

@@ -15,9 +15,9 @@ Families: `DISCOVERY` (directions.discovery), `EXTRACTORS` (directions.extract),
 (judging.metrics), `SAE_ARCHS` (sae.archs), `INTERVENTIONS` (interventions.ops). Tests iterate over
 the families, so a new method passes the shared checks without being listed anywhere else.
 
-Configs are the single source of truth: the CLI is generated from them (`cli_args`), their
+Configs are the single source of truth: the CLI is generated from them (`cli._args`), their
 docstrings are the `--help` text, and `config_to_dict` / `config_from_dict` write and read them
-in `config.json`. Field metadata understood here and in `cli_args`:
+in `config.json`. Field metadata understood here and in `cli._args`:
     min / max     inclusive bounds checked by `validate` (out of range: SteerscopeError)
     choices       allowed values, or a Family whose names are allowed
     none          the CLI word for None (e.g. "calibrate" for R); default "auto"

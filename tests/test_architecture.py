@@ -1,5 +1,5 @@
-"""The package's shape: one-way imports, one registration shape, configs documented field by field,
-and a CLI whose flags and defaults are the library's."""
+"""The package's shape: one-way imports without cycles, one registration shape, configs documented
+field by field, and a CLI whose flags and defaults are the library's."""
 
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ import dataclasses
 import re
 from pathlib import Path
 
+import networkx as nx  # a dependency of torch, so always installed
 import pytest
 
 import steerscope
 import steerscope.sae  # noqa: F401  (registers ClampFeature and the SAE architectures)
-from steerscope.cli import COMMANDS, build_parser, main
-from steerscope.cli_args import _UNSET, config_from_args, walk_flags
+from steerscope.cli import CMD_MODULES, COMMANDS, build_parser, main
+from steerscope.cli._args import _UNSET, config_from_args, walk_flags
 from steerscope.config import Family, field_docs
 
 ROOT = Path(steerscope.__file__).parent
-build_parser()  # imports the CLI modules, so COMMANDS holds every command before the tables below are made
-assert len(COMMANDS) >= 14
+assert len(COMMANDS) >= 14  # importing steerscope.cli registers every command
 
 # models -> interventions -> directions -> generation -> adapters -> sae -> judging -> report -> jobs -> cli
 RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
         "directions": 3, "generation": 4, "adapters": 4.5, "sae": 5, "judging": 6, "report": 7, "jobs": 8, "serving": 8,
-        "cli": 9, "cli_args": 9, "cli_bench": 9, "cli_serve": 9, "cli_sweep": 9, "cli_distill": 9, "cli_refine": 9, "cli_discover": 9, "cli_sae": 9, "cli_supervised": 9, "__init__": 10, "__main__": 10}
+        "cli": 9, "__init__": 10, "__main__": 10}
 
 
 def _unit(module: str) -> str:
@@ -32,53 +32,128 @@ def _unit(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _imports(path: Path) -> list[str]:
-    """Every steerscope module imported anywhere in the file (function bodies included)."""
-    rel = path.relative_to(ROOT.parent).with_suffix("")
-    pkg = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+def _module(path: Path, root: Path = ROOT) -> str:
+    """`ROOT/directions/vectors.py` -> `steerscope.directions.vectors`; a package is its folder's name."""
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, root: Path = ROOT) -> list[str]:
+    """Every steerscope module imported anywhere in the file (function bodies included). A name
+    imported from a package is that submodule when one exists (`from . import sweep`), else the
+    package itself (`from . import main`)."""
+    rel = path.relative_to(root.parent).with_suffix("")
+    pkg = list(rel.parts[:-1])
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg[: len(pkg) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
-                names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
             else:
-                names = [node.module or ""]
-            out += [n for n in names if n.startswith("steerscope")]
+                mod = node.module or ""
+            sub = [f"{mod}.{a.name}" for a in node.names]
+            names = [s if _exists(s, root) else mod for s in sub]
+            out += [n for n in names if n.split(".")[0] == root.name]
         elif isinstance(node, ast.Import):
-            out += [a.name for a in node.names if a.name.startswith("steerscope")]
+            out += [a.name for a in node.names if a.name.split(".")[0] == root.name]
     return out
+
+
+def _exists(module: str, root: Path) -> bool:
+    p = root.parent.joinpath(*module.split("."))
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
 
 
 MODULES = sorted(p for p in ROOT.rglob("*.py"))
 
 
+def _layer_violations(path: Path, root: Path = ROOT) -> list[str]:
+    me = _unit(_module(path, root))
+    if me not in RANK:
+        return [f"{path} is in no layer; add it to RANK and the package docstring"]
+    out = []
+    for mod in _imports(path, root):
+        other = _unit(mod)
+        if RANK.get(other, 99) > RANK[me]:
+            out.append(f"{path.relative_to(root)} ({me}) imports {mod} ({other}), a higher layer")
+    return out
+
+
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_flow_one_way(path):
-    me = _unit("steerscope." + ".".join(path.relative_to(ROOT).with_suffix("").parts))
-    assert me in RANK, f"{path} is in no layer; add it to RANK and the package docstring"
-    for mod in _imports(path):
-        other = _unit(mod)
-        if other in ("steerscope", "__init__") and mod in ("steerscope", "steerscope.__init__"):
-            other = "__init__"
-        assert RANK.get(other, 99) <= RANK[me], f"{path.relative_to(ROOT)} ({me}) imports {mod} ({other}), a higher layer"
+    assert not _layer_violations(path), _layer_violations(path)
+
+
+def _package(tmp: Path, files: dict[str, str]) -> Path:
+    """A throwaway package `steerscope` under `tmp` holding `files` (path -> source)."""
+    root = tmp / "steerscope"
+    for rel, src in {"__init__.py": "", **files}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(src)
+    for d in [p for p in root.rglob("*") if p.is_dir()]:
+        (d / "__init__.py").touch()
+    return root
+
+
+def test_the_layer_checker_sees_a_violation(tmp_path):
+    """The layer checker itself can fail: `models` importing `judging` inside a function, in a
+    package in a temporary folder (never written into the installed one)."""
+    root = _package(tmp_path, {"models/fake.py": "def f():\n    from ..judging import metrics\n",
+                               "judging/metrics.py": ""})
+    found = _layer_violations(root / "models" / "fake.py", root)
+    assert found and "imports steerscope.judging.metrics (judging), a higher layer" in found[0]
+    assert not _layer_violations(root / "judging" / "metrics.py", root)
+
+
+def _import_graph(root: Path = ROOT) -> nx.DiGraph:
+    """Module -> every steerscope module it imports, at module level or inside a function: a lazy
+    import hides a cycle from the interpreter, not from the reader, who must still understand both
+    modules together. Not edges: a package's `__init__` run because a submodule of it is imported
+    (Python finishes the parent first; counting it would make every package with re-exports a cycle)."""
+    g = nx.DiGraph()
+    for path in sorted(root.rglob("*.py")):
+        me = _module(path, root)
+        g.add_node(me)
+        g.add_edges_from((me, m) for m in _imports(path, root) if m != me)
+    return g
+
+
+def _cycles(root: Path = ROOT) -> list[list[str]]:
+    """Every elementary import cycle, each starting at its first module by name."""
+    turned = [c[c.index(min(c)):] + c[:c.index(min(c))] for c in nx.simple_cycles(_import_graph(root))]
+    return sorted(turned, key=lambda c: (len(c), c))
+
+
+def test_no_import_cycles():
+    """No two steerscope modules import each other, directly or through others (at the time of
+    this check's introduction the CLI had 8: cli <-> each cli_*.py)."""
+    cycles = _cycles()
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c + [c[0]]) for c in cycles)
+
+
+def test_the_cycle_checker_sees_a_cycle(tmp_path):
+    """The old CLI's shape: the package imports its command modules and one of them imports the
+    package back inside a function. A cycle; importing a sibling module instead is none."""
+    cycle = {"cli/__init__.py": "from . import sweep\nfrom ._registry import dispatch\n",
+             "cli/_registry.py": "def dispatch(argv):\n    return 0\n",
+             "cli/sweep.py": "def run_point():\n    from . import dispatch\n"}
+    assert _cycles(_package(tmp_path / "a", cycle)) == [["steerscope.cli", "steerscope.cli.sweep"]]
+    fixed = {**cycle, "cli/sweep.py": "def run_point():\n    from ._registry import dispatch\n"}
+    assert _cycles(_package(tmp_path / "b", fixed)) == []
+
+
+def test_every_cli_module_is_listed():
+    """A command module left out of CMD_MODULES would register nothing (`steerscope.cli`)."""
+    listed = {m.__name__.rsplit(".", 1)[1] for m in CMD_MODULES}
+    on_disk = {p.stem for p in (ROOT / "cli").glob("*.py") if not p.stem.startswith("_")}
+    assert listed == on_disk
+    assert {c.handler.__module__.rsplit(".", 1)[1] for c in COMMANDS.values()} == listed
 
 
 def test_vector_files_do_not_import_interventions():
     mods = _imports(ROOT / "directions" / "vectors.py")
     assert not [m for m in mods if ".interventions" in m]
-
-
-def test_the_checker_sees_a_violation(tmp_path):
-    """The import checker itself can fail: a fake module in `models` importing `judging`."""
-    fake = ROOT / "models" / "_fake_for_test.py"
-    fake.write_text("def f():\n    from ..judging import metrics\n")
-    try:
-        with pytest.raises(AssertionError, match="higher layer"):
-            test_imports_flow_one_way(fake)
-    finally:
-        fake.unlink()
 
 
 def _families() -> dict[str, Family]:
@@ -174,7 +249,7 @@ def test_run_exposes_every_discovery_setting():
 
 
 def test_run_flags_reach_the_config():
-    from steerscope.cli_args import config_from_args as cfa
+    from steerscope.cli._args import config_from_args as cfa
 
     parser, _ = _required(COMMANDS["run"])
     ns = parser.parse_args(["--method", "melbo", "--R", "calibrate", "--steps", "7", "--target-tokens", "last:2", "--lr",

@@ -83,7 +83,7 @@ CASES = [
     ("unknown dtype", RUN + ["--dtype", "fp8"], "invalid choice"),
     ("existing output without --force", ["extract", "--pairs", "sentiment", "--out", "{d}/exists", *M], "--force"),
     ("existing non-run folder", RUN + ["--out", "{d}/exists"], "not a steerscope run"),
-    ("corrupt checkpoint", ["discover", "--prompts", "{d}/p.txt", "--R", "1", "--steps", "2", "--source", "0",
+    ("corrupt checkpoint", ["discover", "--method", "melbo", "--prompts", "{d}/p.txt", "--R", "1", "--steps", "2", "--source", "0",
                             "--target", "2", "--checkpoint", "{d}/ck", "--out", "{d}/y", *M], "damaged"),
     ("unknown metric in select", ["select", "--vector", "{d}/vec", "--metric", "vibes", "--a", "{d}/p.txt", "--b",
                                   "{d}/p.txt", "--neutral", "{d}/p.txt", *M], "unknown metric"),

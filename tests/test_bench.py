@@ -325,7 +325,7 @@ def test_distill_arm_trains_on_the_best_vector(tmp_path):
 
 
 def test_sweep_headline_of_a_bench(small_bench):
-    from steerscope.jobs.sweep import headline
+    from steerscope.jobs.grid_sweep import headline
 
     lm, cfg, out = small_bench
     h = headline("bench", out)

@@ -1,11 +1,16 @@
 """The CLI on a tiny local checkpoint: output, saved vectors, one-line errors."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_lm
 
+import steerscope
 from steerscope.cli import main
 
 
@@ -22,6 +27,58 @@ def test_help(capsys):
     for argv in (["--help"], ["info", "--help"], ["generate", "--help"]):
         assert main(argv) == 0
     assert "--contrast" in capsys.readouterr().out
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh interpreter that imports this checkout's steerscope."""
+    root = str(Path(steerscope.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_help_does_not_import_torch():
+    """Listing the commands, and the help of commands without a library config, imports no torch;
+    a command whose flags come from a library config imports it then (so the check can fail)."""
+    code = """
+import sys
+from steerscope.cli import build_parser, main
+build_parser(only=[])
+for argv in (["--help"], ["sae", "--help"], ["sweep", "--help"], ["findings", "--help"], ["export", "--help"]):
+    assert main(argv) == 0, argv
+assert "torch" not in sys.modules, "torch was imported"
+assert main(["discover", "--help"]) == 0
+assert "torch" in sys.modules
+"""
+    r = _python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert "norm-sweep" in r.stdout and "--grid" in r.stdout and "--run TEXT" in r.stdout and "--method" in r.stdout
+
+
+@pytest.mark.parametrize("module", ["steerscope", "steerscope.cli"])
+def test_python_dash_m(module):
+    r = _python("-m", module, "norm-sweep", "--help")
+    assert r.returncode == 0 and "--multiples" in r.stdout, r.stderr
+
+
+def test_python_dash_m_cli_runs_each_file_once():
+    """`python -m steerscope.cli` imports the package once and runs its __main__: no file of it is
+    executed twice (as `__main__` and again as `steerscope.cli`, two registries of commands)."""
+    code = """
+import collections, runpy, sys
+ran = collections.Counter()
+sys.addaudithook(lambda event, args: ran.update([args[0].co_filename]) if event == "exec" and hasattr(args[0], "co_filename") else None)
+sys.argv = ["steerscope", "--version"]
+try:
+    runpy.run_module("steerscope.cli", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert e.code == 0, e.code
+twice = [f for f, n in ran.items() if n > 1 and "steerscope" in f]
+assert not twice, twice
+assert sum("steerscope" in f for f in ran) > 10  # the hook saw the package's files
+"""
+    r = _python("-c", code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("steerscope ")
 
 
 def test_info(ckpt, capsys):
@@ -131,7 +188,7 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\nHow are you today\n")
     argv = ["discover", "--prompts", str(prompts), "--source", "0", "--target", "2", "--n-vectors", "4", "--vectors-per-batch", "2",
-            "--steps", "30", "--R", "2", "--model", str(ckpt)]
+            "--method", "melbo", "--steps", "30", "--R", "2", "--model", str(ckpt)]
     assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
     real = melbo._train
 

@@ -95,7 +95,7 @@ def test_objective_follows_the_paper_definition():
 
 def test_melbo_increases_objective_keeps_norm_and_orthogonality():
     lm = tiny_lm("llama")
-    vs = discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=2, n_vectors=4, R=2.0, steps=40), progress=False)
+    vs = discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, n_vectors=4, R=2.0, steps=40), progress=False)
     curves = vs.extras["curves"]
     assert (final_values(curves) > curves[:, 0] * 1.1).all()
     assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((4,), 2.0), atol=1e-4)
@@ -106,7 +106,7 @@ def test_melbo_increases_objective_keeps_norm_and_orthogonality():
 
 def test_melbo_beats_random_on_its_objective():
     lm = tiny_lm("gpt2")
-    cfg = DiscoverConfig.of(source=0, target=2, n_vectors=3, R=2.0, steps=40)
+    cfg = DiscoverConfig.of("melbo", source=0, target=2, n_vectors=3, R=2.0, steps=40)
     vs = discover(lm, PROMPTS, cfg, progress=False)
     lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
     with torch.no_grad():
@@ -215,15 +215,15 @@ def test_pca_finds_the_top_component():
 def test_discovery_bad_input():
     lm = tiny_lm("llama")
     with pytest.raises(ss.SteerscopeError, match="must come after"):
-        discover(lm, PROMPTS, DiscoverConfig.of(source=2, target=1, R=1.0), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=2, target=1, R=1.0), progress=False)
     with pytest.raises(ss.SteerscopeError, match="unknown discovery method"):
         discover(lm, PROMPTS, DiscoverConfig.of(method="dreaming"), progress=False)
     with pytest.raises(ss.SteerscopeError, match="do not fit"):
-        discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=2, n_vectors=40, R=1.0, steps=1), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, n_vectors=40, R=1.0, steps=1), progress=False)
     with pytest.raises(ss.LayerError):
-        discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=7, R=1.0), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=7, R=1.0), progress=False)
     with pytest.raises(ss.SteerscopeError, match="target tokens"):
-        discover(lm, PROMPTS, DiscoverConfig.of(source=0, target=2, R=1.0, target_tokens="first"), progress=False)
+        discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, R=1.0, target_tokens="first"), progress=False)
 
 
 def test_last_k_target_tokens():

@@ -29,7 +29,7 @@ def lm():
 @pytest.fixture(scope="module")
 def cfg():
     return RunConfig(n_train=2, n_heldout=1, n_neutral=3, max_new_tokens=6, sweep_multiples=[0.5, 1, 2], sweep_top=2,
-                     n_random=N_RAND, n_samples=N_SAMPLES, discover=DiscoverConfig.of(n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2))
+                     n_random=N_RAND, n_samples=N_SAMPLES, discover=DiscoverConfig.of("melbo", n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2))
 
 
 @pytest.fixture(scope="module")

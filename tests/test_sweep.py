@@ -20,8 +20,8 @@ import pytest  # noqa: E402
 from conftest import make_tiny_lm  # noqa: E402
 from steerscope.cli import main  # noqa: E402
 from steerscope.errors import SteerscopeError  # noqa: E402
-from steerscope.jobs.sweep import expand, flag_args, load_grid  # noqa: E402
-from steerscope.report.sweep import render_sweep  # noqa: E402
+from steerscope.jobs.grid_sweep import expand, flag_args, load_grid  # noqa: E402
+from steerscope.report.grid_sweep import render_sweep  # noqa: E402
 
 
 def _write(path, obj):
@@ -100,8 +100,8 @@ def _cluster():
 
 
 def test_sweep_on_a_local_ray_cluster_with_a_failure_and_a_killed_worker(ckpt, tmp_path):
-    from steerscope.cli_sweep import run_point
-    from steerscope.jobs.sweep import run_sweep
+    from steerscope.cli.sweep import run_point
+    from steerscope.jobs.grid_sweep import run_sweep
 
     base = {"model": str(ckpt / "ckpt"), "method": "melbo", "steps": 1500, "plateau": 0, "source": 0, "target": 2,
             "n-vectors": 2, "R": 1.0, "chat": False}

@@ -243,7 +243,7 @@ def _measure(ctx: _RunContext) -> dict:
     from ..judging.cluster import cluster_texts
     from ..judging.findings import find_behaviours
     from ..judging.significance import power
-    from ..judging.sweep import norm_sweep, sweep_to_dicts
+    from ..judging.norm_sweep import norm_sweep, sweep_to_dicts
     from ..judging.vector_metrics import completion_logprobs, compute_vector_metrics, nanmean
 
     cfg, lm = ctx.cfg, ctx.lm

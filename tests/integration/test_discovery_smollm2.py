@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_melbo_vectors_elicit_more_distinct_completions_than_random(capsys):
     lm = ss.load_model()
     prompts = load_prompts("neutral")[:2]
-    vs = discover(lm, prompts, DiscoverConfig.of(n_vectors=8, steps=60, R=4.0, seed=0), progress=False)
+    vs = discover(lm, prompts, DiscoverConfig.of("melbo", n_vectors=8, steps=60, R=4.0, seed=0), progress=False)
     assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((8,), 4.0), atol=1e-3)
     control = random_control(lm, vs)
     learned = ss.generate(lm, prompts, vectors=vs, max_new_tokens=24, include_unsteered=False)

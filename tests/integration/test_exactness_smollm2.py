@@ -83,6 +83,6 @@ def test_run_smoke(tmp_path):
     from steerscope.jobs.run import RunConfig, run
 
     cfg = RunConfig(n_train=2, n_heldout=1, n_neutral=2, max_new_tokens=8, sweep_multiples=[1.0], sweep_top=1,
-                    discover=DiscoverConfig.of(n_vectors=2, steps=5, R=4.0))
+                    discover=DiscoverConfig.of("melbo", n_vectors=2, steps=5, R=4.0))
     report = run(cfg, tmp_path / "run")
     assert report.is_file() and json.loads((tmp_path / "run" / "metrics.json").read_text())["vectors"]

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 def test_full_run_on_smollm2(tmp_path):
     cfg = RunConfig(n_train=2, n_heldout=1, n_neutral=4, max_new_tokens=16, sweep_multiples=[1.0, 2.0], sweep_top=1,
-                    n_random=4, n_samples=2, discover=DiscoverConfig.of(n_vectors=4, steps=20, R=4.0))
+                    n_random=4, n_samples=2, discover=DiscoverConfig.of("melbo", n_vectors=4, steps=20, R=4.0))
     report = run(cfg, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(m["vectors"]) == 8 and m["discovery"]["source"] == 8 and m["discovery"]["target"] == 22

@@ -37,8 +37,8 @@ from .melbo import MelboConfig, train_melbo  # noqa: E402
 class DiscoverConfig(Config):
     """Settings every discovery method shares, plus the chosen method's own config."""
 
-    method: str = field(default="melbo", metadata={"choices": DISCOVERY})
-    """discovery method"""
+    method: str = field(default="kl", metadata={"choices": DISCOVERY})
+    """discovery method (kl, output KL, is the default of `discover` and `run` alike)"""
     source: int | None = field(default=None, metadata={"min": 0})
     """layer the vectors are added at (auto: round(n_layers / 4); kl: round(0.4 x n_layers), where
     its pools held the planted behaviours more often, KLConfig.source_fraction)"""
@@ -73,7 +73,7 @@ class DiscoverConfig(Config):
         parse_last(self.target_tokens, allow_all=True, what="target tokens (--target-tokens):")
 
     @classmethod
-    def of(cls, method: str = "melbo", **settings) -> "DiscoverConfig":
+    def of(cls, method: str = "kl", **settings) -> "DiscoverConfig":
         """`DiscoverConfig.of("melbo", n_vectors=8, R=4.0, steps=60)`: shared and method settings
         in one call, each routed to its config."""
         m = DISCOVERY.get(method)

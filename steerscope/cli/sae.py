@@ -1,34 +1,35 @@
-"""CLI: steerscope sae train | corpus | eval | features."""
-
-from __future__ import annotations
+"""`steerscope sae train | corpus | eval | features`: sparse autoencoders."""
 
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import refuse_existing, write_text_atomic
-from .cli import WithModel, command, say
-from .errors import SteerscopeError
-from .jobs.sae import SAEJobConfig
-from .sae.corpus import CorpusConfig
+from .._io import refuse_existing, write_text_atomic
+from ..errors import SteerscopeError
+from ._registry import command, say, with_model
 
 
-@dataclass(frozen=True)
-class SAETrainCommand(WithModel):
-    job: SAEJobConfig = field(default_factory=SAEJobConfig)
-    """the training job"""
-    out: str = field(default="", metadata={"required": True})
-    """output SAE folder (SAELens layout)"""
-    force: bool = False
-    """overwrite OUT and discard any checkpoint"""
+def sae_train_config() -> type:
+    from ..jobs.sae import SAEJobConfig
+
+    @dataclass(frozen=True)
+    class SAETrainCommand(with_model()):
+        job: SAEJobConfig = field(default_factory=SAEJobConfig)
+        """the training job"""
+        out: str = field(default="", metadata={"required": True})
+        """output SAE folder (SAELens layout)"""
+        force: bool = False
+        """overwrite OUT and discard any checkpoint"""
+
+    return SAETrainCommand
 
 
 @command("sae train", "train an SAE at one layer",
          "Train a TopK, BatchTopK or ReLU SAE on residual activations streamed from the model; saved in the SAELens "
-         "layout. Checkpoints go to OUT.partial; rerunning the same command resumes.", SAETrainCommand)
-def cmd_sae_train(cfg: SAETrainCommand) -> int:
-    from .jobs.sae import train_job
+         "layout. Checkpoints go to OUT.partial; rerunning the same command resumes.", sae_train_config)
+def cmd_sae_train(cfg) -> int:
+    from ..jobs.sae import train_job
 
     refuse_existing(cfg.out, cfg.force)
     lm = cfg.model.load()
@@ -39,21 +40,26 @@ def cmd_sae_train(cfg: SAETrainCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class SAECorpusCommand(WithModel):
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    """what to sample"""
-    out: str = field(default="", metadata={"required": True})
-    """output .jsonl file; an existing corpus made with the same settings is continued"""
-    force: bool = False
-    """start the file over"""
+def sae_corpus_config() -> type:
+    from ..sae.corpus import CorpusConfig
+
+    @dataclass(frozen=True)
+    class SAECorpusCommand(with_model()):
+        corpus: CorpusConfig = field(default_factory=CorpusConfig)
+        """what to sample"""
+        out: str = field(default="", metadata={"required": True})
+        """output .jsonl file; an existing corpus made with the same settings is continued"""
+        force: bool = False
+        """start the file over"""
+
+    return SAECorpusCommand
 
 
 @command("sae corpus", "sample a JSONL text corpus from the model itself (for training SAEs offline)",
          "Sample documents from the model (chat answers to topic x task requests and continuations of prose "
-         "openings) into a JSONL file; resumable.", SAECorpusCommand)
-def cmd_sae_corpus(cfg: SAECorpusCommand) -> int:
-    from .sae.corpus import sample_corpus
+         "openings) into a JSONL file; resumable.", sae_corpus_config)
+def cmd_sae_corpus(cfg) -> int:
+    from ..sae.corpus import sample_corpus
 
     lm = cfg.model.load()
     if Path(cfg.out).exists() and not cfg.force:
@@ -63,22 +69,25 @@ def cmd_sae_corpus(cfg: SAECorpusCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class SAEEvalCommand(WithModel):
-    sae: str = field(default="", metadata={"required": True})
-    """SAE folder (SAELens layout)"""
-    text: str = "self:40"
-    """.txt / .jsonl file, or self:N"""
-    baselines: bool = False
-    """also evaluate PCA / ICA / random dictionaries at the SAE's sparsity"""
-    seed: int = 0
-    """seed for self:N sampling and the random baseline"""
-    json: str | None = None
-    """also write the numbers here"""
+def sae_eval_config() -> type:
+    @dataclass(frozen=True)
+    class SAEEvalCommand(with_model()):
+        sae: str = field(default="", metadata={"required": True})
+        """SAE folder (SAELens layout)"""
+        text: str = "self:40"
+        """.txt / .jsonl file, or self:N"""
+        baselines: bool = False
+        """also evaluate PCA / ICA / random dictionaries at the SAE's sparsity"""
+        seed: int = 0
+        """seed for self:N sampling and the random baseline"""
+        json: str | None = None
+        """also write the numbers here"""
+
+    return SAEEvalCommand
 
 
 def _load_sae(path: str, lm):
-    from .sae.formats import load_saelens
+    from ..sae.formats import load_saelens
 
     sae = load_saelens(path)
     if sae.cfg.d_in != lm.d_model:
@@ -90,11 +99,11 @@ def _load_sae(path: str, lm):
 
 @command("sae eval", "L0, FVU, CE recovered, KL, dead latents (+ baselines)",
          "Evaluate an SAE on text: L0, FVU, CE loss recovered, spliced KL, dead share; optionally PCA/ICA/random "
-         "baselines at the same sparsity.", SAEEvalCommand)
-def cmd_sae_eval(cfg: SAEEvalCommand) -> int:
-    from .sae.evaluate import baseline_dictionary, evaluate, sae_codec
-    from .sae.texts import load_texts
-    from .sae.train import ActivationBuffer
+         "baselines at the same sparsity.", sae_eval_config)
+def cmd_sae_eval(cfg) -> int:
+    from ..sae.evaluate import baseline_dictionary, evaluate, sae_codec
+    from ..sae.texts import load_texts
+    from ..sae.train import ActivationBuffer
 
     lm = cfg.model.load()
     sae = _load_sae(cfg.sae, lm)
@@ -115,32 +124,35 @@ def cmd_sae_eval(cfg: SAEEvalCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class SAEFeaturesCommand(WithModel):
-    sae: str = field(default="", metadata={"required": True})
-    """SAE folder (SAELens layout)"""
-    text: str = "self:40"
-    """.txt / .jsonl file, or self:N"""
-    features: list[int] | None = field(default=None, metadata={"none": "auto"})
-    """feature indices, e.g. 3,17,40:48 (auto: the 24 most frequently firing)"""
-    n_top: int = field(default=8, metadata={"min": 1})
-    """contexts shown per feature"""
-    window: int = field(default=8, metadata={"min": 0})
-    """tokens of context on each side"""
-    seed: int = 0
-    """seed for self:N sampling"""
-    out: str = field(default="", metadata={"required": True})
-    """output .html file"""
-    force: bool = False
-    """overwrite --out"""
+def sae_features_config() -> type:
+    @dataclass(frozen=True)
+    class SAEFeaturesCommand(with_model()):
+        sae: str = field(default="", metadata={"required": True})
+        """SAE folder (SAELens layout)"""
+        text: str = "self:40"
+        """.txt / .jsonl file, or self:N"""
+        features: list[int] | None = field(default=None, metadata={"none": "auto"})
+        """feature indices, e.g. 3,17,40:48 (auto: the 24 most frequently firing)"""
+        n_top: int = field(default=8, metadata={"min": 1})
+        """contexts shown per feature"""
+        window: int = field(default=8, metadata={"min": 0})
+        """tokens of context on each side"""
+        seed: int = 0
+        """seed for self:N sampling"""
+        out: str = field(default="", metadata={"required": True})
+        """output .html file"""
+        force: bool = False
+        """overwrite --out"""
+
+    return SAEFeaturesCommand
 
 
 @command("sae features", "HTML page of each feature's top-activating contexts",
          "Write an HTML page with the top-activating contexts of chosen features (default: the most frequently firing) "
-         "and the feature-density histogram.", SAEFeaturesCommand)
-def cmd_sae_features(cfg: SAEFeaturesCommand) -> int:
-    from .sae.features import render_features_page, top_contexts
-    from .sae.texts import load_texts
+         "and the feature-density histogram.", sae_features_config)
+def cmd_sae_features(cfg) -> int:
+    from ..sae.features import render_features_page, top_contexts
+    from ..sae.texts import load_texts
 
     out = Path(cfg.out)
     refuse_existing(out, cfg.force)

@@ -17,7 +17,7 @@ cluster at `--address`); a point that raises is reported with its error and neve
 others; a point whose worker process dies is retried by Ray (`max_retries`).
 
 The sweep's state is `OUT/sweep.json` (written atomically after every event) and
-`OUT/sweep.html`, the merged report (`report.sweep`).
+`OUT/sweep.html`, the merged report (`report.grid_sweep`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from .._io import write_json_atomic, write_text_atomic
 from ..errors import SteerscopeError
-from ..report.sweep import render_sweep
+from ..report.grid_sweep import render_sweep
 
 STATE = "sweep.json"
 REPORT = "sweep.html"

@@ -1,23 +1,25 @@
 """`steerscope refine`: search around good vectors for ones that show a behaviour more, with a
 KL penalty on neutral prompts (see `jobs.refine`)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
-from .cli import command
-from .config import Config
-from .jobs.refine import RefineConfig
+from ..config import Config
+from ._registry import command
 
 
-@dataclass(frozen=True)
-class RefineCommand(Config):
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    """the search"""
-    out: str = field(default="", metadata={"required": True})
-    """refine folder; an existing one with the same settings resumes"""
-    force: bool = False
-    """replace an existing refine folder with different settings"""
+def refine_config() -> type:
+    from ..jobs.refine import RefineConfig
+
+    @dataclass(frozen=True)
+    class RefineCommand(Config):
+        refine: RefineConfig = field(default_factory=RefineConfig)
+        """the search"""
+        out: str = field(default="", metadata={"required": True})
+        """refine folder; an existing one with the same settings resumes"""
+        force: bool = False
+        """replace an existing refine folder with different settings"""
+
+    return RefineCommand
 
 
 @command("refine", "search around good vectors (local ES, CMA-ES, cross-entropy) for a scorer, with a KL penalty",
@@ -25,12 +27,12 @@ class RefineCommand(Config):
          "and search near them, R annealed up and down, for vectors whose completions score higher while the KL to the "
          "unsteered model on neutral prompts stays within budget. One population is one batched generate call. Writes "
          "OUT/vectors (refined), refine.json and report.html (held-out comparison, growth with R, sparsity); rerun to resume.",
-         RefineCommand)
-def cmd_refine(cfg: RefineCommand) -> int:
+         refine_config)
+def cmd_refine(cfg) -> int:
     import json
     from pathlib import Path
 
-    from .jobs.refine_job import refine
+    from ..jobs.refine_job import refine
 
     report = refine(cfg.refine, cfg.out, force=cfg.force)
     ev = json.loads((Path(cfg.out) / "refine.json").read_text())

@@ -1,37 +1,38 @@
-"""CLI commands for supervised directions: extract, select, orthogonalize, export, import."""
-
-from __future__ import annotations
+"""`steerscope extract | select | orthogonalize | export | import`: supervised directions."""
 
 from dataclasses import dataclass, field
 
-from ._io import refuse_existing
-from .cli import WithModel, command, pick_index, say
-from .config import Config
-from .directions.extract import ExtractConfig
-from .errors import SteerscopeError
-from .judging.selection import SelectConfig
+from .._io import refuse_existing
+from ..config import Config
+from ..errors import SteerscopeError
+from ._registry import command, pick_index, say, with_model
 
 
-@dataclass(frozen=True)
-class ExtractCommand(WithModel):
-    pairs: str | None = None
-    """JSONL/CSV with positive,negative[,prompt] columns, or a builtin: sentiment, formal, french"""
-    sets: list[str] = field(default_factory=list, metadata={"nargs": 2, "metavar": ("A", "B")})
-    """two prompt files (A has the behaviour), or builtins, e.g. harmful harmless"""
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    """how to extract"""
-    out: str = field(default="", metadata={"required": True})
-    """output vector folder"""
-    force: bool = False
-    """overwrite --out"""
+def extract_config() -> type:
+    from ..directions.extract import ExtractConfig
+
+    @dataclass(frozen=True)
+    class ExtractCommand(with_model()):
+        pairs: str | None = None
+        """JSONL/CSV with positive,negative[,prompt] columns, or a builtin: sentiment, formal, french"""
+        sets: list[str] = field(default_factory=list, metadata={"nargs": 2, "metavar": ("A", "B")})
+        """two prompt files (A has the behaviour), or builtins, e.g. harmful harmless"""
+        extract: ExtractConfig = field(default_factory=ExtractConfig)
+        """how to extract"""
+        out: str = field(default="", metadata={"required": True})
+        """output vector folder"""
+        force: bool = False
+        """overwrite --out"""
+
+    return ExtractCommand
 
 
 @command("extract", "candidate directions from contrastive data, one per layer",
          "Extract one candidate direction per layer (and read position) from contrastive pairs or two prompt sets, "
-         "with per-layer statistics.", ExtractCommand)
-def cmd_extract(cfg: ExtractCommand) -> int:
-    from .directions.data import load_contrast, load_sets
-    from .directions.extract import extract, format_stats
+         "with per-layer statistics.", extract_config)
+def cmd_extract(cfg) -> int:
+    from ..directions.data import load_contrast, load_sets
+    from ..directions.extract import extract, format_stats
 
     if bool(cfg.pairs) == bool(cfg.sets):
         raise SteerscopeError("give either --pairs FILE|NAME or --sets A B.")
@@ -45,41 +46,46 @@ def cmd_extract(cfg: ExtractCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class SelectCommand(WithModel):
-    vector: str = field(default="", metadata={"required": True})
-    """candidate vector folder (from extract)"""
-    metric: str = field(default="", metadata={"required": True})
-    """logodds:I,Sorry | refusal | substring:a|b | regex:P | sentiment"""
-    a: str = field(default="", metadata={"required": True})
-    """prompts WITH the behaviour (file or builtin: harmful, harmless, neutral)"""
-    b: str = field(default="", metadata={"required": True})
-    """prompts WITHOUT the behaviour"""
-    neutral: str = "neutral"
-    """neutral prompts for KL"""
-    n_prompts: int = field(default=32, metadata={"min": 1})
-    """use at most this many prompts of each set"""
-    select: SelectConfig = field(default_factory=SelectConfig)
-    """how to score and choose"""
-    table: str | None = None
-    """also write the table (every candidate, the frontier, the choice) as JSON here"""
-    plot: str | None = None
-    """also write the effect-vs-KL plot (an .html page with an SVG) here"""
-    save_best: str | None = None
-    """save the selected vector as its own folder"""
-    force: bool = False
-    """overwrite --save-best"""
-    allow_other_model: bool = False
-    """use vectors whose model fingerprint differs"""
+def select_config() -> type:
+    from ..judging.selection import SelectConfig
+
+    @dataclass(frozen=True)
+    class SelectCommand(with_model()):
+        vector: str = field(default="", metadata={"required": True})
+        """candidate vector folder (from extract)"""
+        metric: str = field(default="", metadata={"required": True})
+        """logodds:I,Sorry | refusal | substring:a|b | regex:P | sentiment"""
+        a: str = field(default="", metadata={"required": True})
+        """prompts WITH the behaviour (file or builtin: harmful, harmless, neutral)"""
+        b: str = field(default="", metadata={"required": True})
+        """prompts WITHOUT the behaviour"""
+        neutral: str = "neutral"
+        """neutral prompts for KL"""
+        n_prompts: int = field(default=32, metadata={"min": 1})
+        """use at most this many prompts of each set"""
+        select: SelectConfig = field(default_factory=SelectConfig)
+        """how to score and choose"""
+        table: str | None = None
+        """also write the table (every candidate, the frontier, the choice) as JSON here"""
+        plot: str | None = None
+        """also write the effect-vs-KL plot (an .html page with an SVG) here"""
+        save_best: str | None = None
+        """save the selected vector as its own folder"""
+        force: bool = False
+        """overwrite --save-best"""
+        allow_other_model: bool = False
+        """use vectors whose model fingerprint differs"""
+
+    return SelectCommand
 
 
 @command("select", "pick the candidate with the best measured effect (refusal-direction style)",
          "Score every candidate by adding it on B prompts, ablating it on A prompts and its KL on neutral prompts; "
-         "show the effect-vs-KL Pareto frontier and choose along it (KL budget or knee).", SelectCommand)
-def cmd_select(cfg: SelectCommand) -> int:
-    from .directions.data import load_prompts
-    from .directions.vectors import VectorSet
-    from .judging.selection import select
+         "show the effect-vs-KL Pareto frontier and choose along it (KL budget or knee).", select_config)
+def cmd_select(cfg) -> int:
+    from ..directions.data import load_prompts
+    from ..directions.vectors import VectorSet
+    from ..judging.selection import select
 
     if cfg.save_best:
         refuse_existing(cfg.save_best, cfg.force)
@@ -94,8 +100,8 @@ def cmd_select(cfg: SelectCommand) -> int:
     if cfg.table:
         sel.save(cfg.table)
     if cfg.plot:
-        from ._io import write_text_atomic
-        from .report.selection import render_selection
+        from .._io import write_text_atomic
+        from ..report.selection import render_selection
 
         write_text_atomic(cfg.plot, render_selection(sel))
         say(f"wrote the effect-vs-KL plot to {cfg.plot}")
@@ -111,26 +117,29 @@ def cmd_select(cfg: SelectCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class OrthogonalizeCommand(WithModel):
-    vector: str = field(default="", metadata={"required": True})
-    """vector folder"""
-    index: str | None = None
-    """which vector of the set (index or id; needed when it holds several)"""
-    out: str = field(default="", metadata={"required": True})
-    """output checkpoint folder"""
-    force: bool = False
-    """overwrite --out"""
-    allow_other_model: bool = False
-    """use vectors whose model fingerprint differs"""
+def orthogonalize_config() -> type:
+    @dataclass(frozen=True)
+    class OrthogonalizeCommand(with_model()):
+        vector: str = field(default="", metadata={"required": True})
+        """vector folder"""
+        index: str | None = None
+        """which vector of the set (index or id; needed when it holds several)"""
+        out: str = field(default="", metadata={"required": True})
+        """output checkpoint folder"""
+        force: bool = False
+        """overwrite --out"""
+        allow_other_model: bool = False
+        """use vectors whose model fingerprint differs"""
+
+    return OrthogonalizeCommand
 
 
 @command("orthogonalize", "write a checkpoint with a direction projected out of the weights",
          "Weight orthogonalisation: project the direction out of the embeddings and every attention/MLP output "
-         "matrix; the result equals ablation through hooks.", OrthogonalizeCommand)
-def cmd_orthogonalize(cfg: OrthogonalizeCommand) -> int:
-    from .directions.vectors import VectorSet
-    from .interventions.orthogonalize import save_orthogonalized
+         "matrix; the result equals ablation through hooks.", orthogonalize_config)
+def cmd_orthogonalize(cfg) -> int:
+    from ..directions.vectors import VectorSet
+    from ..interventions.orthogonalize import save_orthogonalized
 
     refuse_existing(cfg.out, cfg.force)
     lm = cfg.model.load()
@@ -162,8 +171,8 @@ class ExportCommand(Config):
 @command("export", "write a llama.cpp control vector (GGUF)",
          "Write vectors as a llama.cpp control vector: steerscope layer L = direction.L.", ExportCommand)
 def cmd_export(cfg: ExportCommand) -> int:
-    from .directions.llamacpp import export_gguf
-    from .directions.vectors import VectorSet
+    from ..directions.llamacpp import export_gguf
+    from ..directions.vectors import VectorSet
 
     vs = VectorSet.load(cfg.vector)
     idx = [vs.ids.index(i) if i in vs.ids else int(pick_index(i)) % len(vs) for i in cfg.index] if cfg.index else None
@@ -180,22 +189,25 @@ def cmd_export(cfg: ExportCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class ImportCommand(WithModel):
-    gguf: str = field(default="", metadata={"required": True})
-    """a llama.cpp control-vector file"""
-    out: str = field(default="", metadata={"required": True})
-    """output vector folder"""
-    force: bool = False
-    """overwrite --out"""
-    allow_other_model: bool = False
-    """accept a file whose model hint differs"""
+def import_config() -> type:
+    @dataclass(frozen=True)
+    class ImportCommand(with_model()):
+        gguf: str = field(default="", metadata={"required": True})
+        """a llama.cpp control-vector file"""
+        out: str = field(default="", metadata={"required": True})
+        """output vector folder"""
+        force: bool = False
+        """overwrite --out"""
+        allow_other_model: bool = False
+        """accept a file whose model hint differs"""
+
+    return ImportCommand
 
 
 @command("import", "read a llama.cpp control vector (GGUF) into a vector folder",
-         "Read a llama.cpp control vector into a steerscope vector folder for the model.", ImportCommand)
-def cmd_import(cfg: ImportCommand) -> int:
-    from .directions.llamacpp import import_gguf
+         "Read a llama.cpp control vector into a steerscope vector folder for the model.", import_config)
+def cmd_import(cfg) -> int:
+    from ..directions.llamacpp import import_gguf
 
     refuse_existing(cfg.out, cfg.force)
     lm = cfg.model.load()

@@ -1,23 +1,25 @@
 """`steerscope bench`: compare steering methods on shipped or user concepts at matched side effects
 (see `jobs.bench`)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
-from .cli import command
-from .config import Config
-from .jobs.bench import BenchConfig
+from ..config import Config
+from ._registry import command
 
 
-@dataclass(frozen=True)
-class BenchCommand(Config):
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    """the bench"""
-    out: str = field(default="", metadata={"required": True})
-    """bench folder; an existing bench with the same settings resumes"""
-    force: bool = False
-    """replace an existing bench with different settings"""
+def bench_config() -> type:
+    from ..jobs.bench import BenchConfig
+
+    @dataclass(frozen=True)
+    class BenchCommand(Config):
+        bench: BenchConfig = field(default_factory=BenchConfig)
+        """the bench"""
+        out: str = field(default="", metadata={"required": True})
+        """bench folder; an existing bench with the same settings resumes"""
+        force: bool = False
+        """replace an existing bench with different settings"""
+
+    return BenchCommand
 
 
 @command("bench", "compare steering methods on the same concepts at matched side effects, in one report",
@@ -25,12 +27,12 @@ class BenchCommand(Config):
          "detection AUROC, search each coefficient so the per-token KL to the unsteered model on neutral rollouts hits "
          "the budget, generate on held-out instructions and judge concept, relevance, fluency and selectivity "
          "(offline, or an OpenAI-compatible judge too), A/B steerability where items ship. Writes results.jsonl and "
-         "report.html; rerun with the same --out to resume.", BenchCommand)
-def cmd_bench(cfg: BenchCommand) -> int:
+         "report.html; rerun with the same --out to resume.", bench_config)
+def cmd_bench(cfg) -> int:
     import json
     from pathlib import Path
 
-    from .jobs.bench import bench
+    from ..jobs.bench import bench
 
     report = bench(cfg.bench, cfg.out, force=cfg.force)
     rows = [json.loads(l) for l in (Path(cfg.out) / "results.jsonl").read_text().splitlines() if l.strip()]

@@ -1,42 +1,44 @@
-"""`steerscope distill`: a steering vector distilled into a LoRA adapter (see `jobs.distill`)."""
-
-from __future__ import annotations
+"""`steerscope distill`: a steering vector distilled into a LoRA adapter (see `adapters.distill`)."""
 
 from dataclasses import dataclass, field
 
-from .cli import WithModel, command, pick_index, say
-from .errors import SteerscopeError
-from .adapters.distill import DistillConfig
+from ..errors import SteerscopeError
+from ._registry import command, pick_index, say, with_model
 
 
-@dataclass(frozen=True)
-class DistillCommand(WithModel):
-    vector: str = field(default="", metadata={"required": True})
-    """a saved vector-set folder"""
-    index: str | None = field(default=None, metadata={"none": "first"})
-    """which vector of the set, by index or id"""
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    """the distillation"""
-    out: str = field(default="", metadata={"required": True})
-    """adapter folder: adapter_config.json + adapter_model.safetensors (PEFT) + distill.json"""
-    merged: str | None = field(default=None, metadata={"none": "none"})
-    """also write the model with the adapter merged in, as a Hugging Face checkpoint folder"""
-    force: bool = False
-    """overwrite --out / --merged"""
-    allow_other_model: bool = False
-    """use vectors whose model fingerprint differs"""
+def distill_config() -> type:
+    from ..adapters.distill import DistillConfig
+
+    @dataclass(frozen=True)
+    class DistillCommand(with_model()):
+        vector: str = field(default="", metadata={"required": True})
+        """a saved vector-set folder"""
+        index: str | None = field(default=None, metadata={"none": "first"})
+        """which vector of the set, by index or id"""
+        distill: DistillConfig = field(default_factory=DistillConfig)
+        """the distillation"""
+        out: str = field(default="", metadata={"required": True})
+        """adapter folder: adapter_config.json + adapter_model.safetensors (PEFT) + distill.json"""
+        merged: str | None = field(default=None, metadata={"none": "none"})
+        """also write the model with the adapter merged in, as a Hugging Face checkpoint folder"""
+        force: bool = False
+        """overwrite --out / --merged"""
+        allow_other_model: bool = False
+        """use vectors whose model fingerprint differs"""
+
+    return DistillCommand
 
 
 @command("distill", "distil a steering vector into a LoRA adapter (PEFT) and compare it with the vector",
          "Train a LoRA adapter that reproduces the steered model (KL to the steered model on steered completions, "
          "KL to the unsteered model on neutral rollouts), save it with peft, and report on held-out prompts how much "
-         "of the steering it reproduces and its side effects next to the vector's.", DistillCommand)
-def cmd_distill(cfg: DistillCommand) -> int:
+         "of the steering it reproduces and its side effects next to the vector's.", distill_config)
+def cmd_distill(cfg) -> int:
     from pathlib import Path
 
-    from ._io import refuse_existing
-    from .directions.vectors import VectorSet
-    from .adapters.distill import distill, merge_adapter
+    from .._io import refuse_existing
+    from ..directions.vectors import VectorSet
+    from ..adapters.distill import distill, merge_adapter
 
     refuse_existing(Path(cfg.out), cfg.force)
     if cfg.merged:

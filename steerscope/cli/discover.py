@@ -1,43 +1,45 @@
-"""CLI commands for unsupervised discovery: discover, sweep, run."""
-
-from __future__ import annotations
+"""`steerscope discover | norm-sweep | run | findings`: unsupervised discovery and the main job."""
 
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import refuse_existing
-from .cli import WithModel, command, pick_index
-from .config import Config
-from .directions.discovery import DiscoverConfig
-from .errors import SteerscopeError
-from .jobs.run import RunConfig
+from .._io import refuse_existing
+from ..config import Config
+from ..errors import SteerscopeError
+from ._registry import command, pick_index, with_model
 
 
-@dataclass(frozen=True)
-class DiscoverCommand(WithModel):
-    prompts: str = field(default="neutral")
-    """prompt file (one per line) or builtin set (neutral, harmful, harmless)"""
-    n_prompts: int = field(default=8, metadata={"min": 1})
-    """use at most this many prompts"""
-    discover: DiscoverConfig = field(default_factory=DiscoverConfig)
-    """the method and its settings"""
-    checkpoint: str | None = None
-    """checkpoint folder (auto: OUT.partial); rerunning the same command resumes from it"""
-    out: str = field(default="", metadata={"required": True})
-    """output vector folder"""
-    force: bool = False
-    """overwrite --out and discard an old checkpoint"""
+def discover_config() -> type:
+    from ..directions.discovery import DiscoverConfig
+
+    @dataclass(frozen=True)
+    class DiscoverCommand(with_model()):
+        prompts: str = field(default="neutral")
+        """prompt file (one per line) or builtin set (neutral, harmful, harmless)"""
+        n_prompts: int = field(default=8, metadata={"min": 1})
+        """use at most this many prompts"""
+        discover: DiscoverConfig = field(default_factory=DiscoverConfig)
+        """the method and its settings"""
+        checkpoint: str | None = None
+        """checkpoint folder (auto: OUT.partial); rerunning the same command resumes from it"""
+        out: str = field(default="", metadata={"required": True})
+        """output vector folder"""
+        force: bool = False
+        """overwrite --out and discard an old checkpoint"""
+
+    return DiscoverCommand
 
 
-@command("discover", "find steering vectors without naming a behaviour (MELBO, Jacobian, PCA, random)",
-         "Unsupervised discovery: learn or compute K vectors of norm R at a source layer that change the target layer "
-         "most (MELBO, Jacobian singular vectors), or baselines. Method settings apply to their method only.",
-         DiscoverCommand)
-def cmd_discover(cfg: DiscoverCommand) -> int:
-    from .directions.data import load_prompts
-    from .directions.discovery import discover
+@command("discover", "find steering vectors without naming a behaviour (output KL by default; DCT, MELBO, Jacobian, baselines)",
+         "Unsupervised discovery: learn or compute K vectors of norm R at a source layer that change the model most: "
+         "its next-token distribution along its own reply (kl, the default, as in `run`), the target layer (DCT, MELBO, "
+         "Jacobian singular vectors), or baselines. Method settings apply to their method only.",
+         discover_config)
+def cmd_discover(cfg) -> int:
+    from ..directions.data import load_prompts
+    from ..directions.discovery import discover
 
     out = Path(cfg.out)
     refuse_existing(out, cfg.force)
@@ -45,7 +47,7 @@ def cmd_discover(cfg: DiscoverCommand) -> int:
     lm = cfg.model.load()
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
-    from .judging.keep import completion_ranker
+    from ..judging.keep import completion_ranker
 
     # kl trains more candidates than it keeps: choose them as `steerscope run` does.
     rank = completion_ranker(lm, prompts, cfg.discover.resolve_layers(lm.n_layers)[0], chat=cfg.discover.chat)
@@ -67,33 +69,36 @@ def cmd_discover(cfg: DiscoverCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class SweepCommand(WithModel):
-    vector: str = field(default="", metadata={"required": True})
-    """vector folder (vectors at one source layer)"""
-    index: list[str] = field(default_factory=list, metadata={"append": True})
-    """vector(s) to sweep, by index or id (repeatable; default all)"""
-    prompts: str = field(default="", metadata={"required": True})
-    """prompt file or builtin set"""
-    n_prompts: int = field(default=4, metadata={"min": 1})
-    """use at most this many prompts"""
-    multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
-    """multiples of the vectors' norms"""
-    max_new_tokens: int = field(default=24, metadata={"min": 1})
-    """tokens generated per completion"""
-    chat: bool | None = None
-    """apply the chat template (unset: when the model has one)"""
-    allow_other_model: bool = False
-    """use vectors whose model fingerprint differs"""
+def norm_sweep_config() -> type:
+    @dataclass(frozen=True)
+    class NormSweepCommand(with_model()):
+        vector: str = field(default="", metadata={"required": True})
+        """vector folder (vectors at one source layer)"""
+        index: list[str] = field(default_factory=list, metadata={"append": True})
+        """vector(s) to sweep, by index or id (repeatable; default all)"""
+        prompts: str = field(default="", metadata={"required": True})
+        """prompt file or builtin set"""
+        n_prompts: int = field(default=4, metadata={"min": 1})
+        """use at most this many prompts"""
+        multiples: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+        """multiples of the vectors' norms"""
+        max_new_tokens: int = field(default=24, metadata={"min": 1})
+        """tokens generated per completion"""
+        chat: bool | None = None
+        """apply the chat template (unset: when the model has one)"""
+        allow_other_model: bool = False
+        """use vectors whose model fingerprint differs"""
+
+    return NormSweepCommand
 
 
 @command("norm-sweep", "norm sweep: target-layer and completion change as R is scaled",
          "Scale the vectors by several multiples of R and report the target-layer change, the share of completions "
-         "that change, and the number of distinct completions.", SweepCommand)
-def cmd_sweep(cfg: SweepCommand) -> int:
-    from .directions.data import load_prompts
-    from .directions.vectors import VectorSet
-    from .judging.sweep import format_sweep, norm_sweep
+         "that change, and the number of distinct completions.", norm_sweep_config)
+def cmd_norm_sweep(cfg) -> int:
+    from ..directions.data import load_prompts
+    from ..directions.vectors import VectorSet
+    from ..judging.norm_sweep import format_sweep, norm_sweep
 
     if not cfg.multiples or any(m <= 0 for m in cfg.multiples):
         raise SteerscopeError(f"--multiples must be positive numbers, got {cfg.multiples}.")
@@ -108,25 +113,30 @@ def cmd_sweep(cfg: SweepCommand) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class RunCommand(Config):
-    run: RunConfig = field(default_factory=RunConfig)
-    """the job"""
-    out: str | None = None
-    """run folder (auto: runs/METHOD-TIMESTAMP); an existing run with the same settings resumes"""
-    force: bool = False
-    """replace an existing run with different settings"""
+def run_config() -> type:
+    from ..jobs.run import RunConfig
+
+    @dataclass(frozen=True)
+    class RunCommand(Config):
+        run: RunConfig = field(default_factory=RunConfig)
+        """the job"""
+        out: str | None = None
+        """run folder (auto: runs/METHOD-TIMESTAMP); an existing run with the same settings resumes"""
+        force: bool = False
+        """replace an existing run with different settings"""
+
+    return RunCommand
 
 
 @command("run", "the main job: discover, generate, judge, cluster, write an HTML report",
          "Discover vectors, generate under them, under matched-norm random controls and unsteered on training and "
-         "held-out prompts, measure, cluster, and write report.html. Rerun with the same --out to resume.", RunCommand)
-def cmd_run(cfg: RunCommand) -> int:
-    from .jobs.run import run
+         "held-out prompts, measure, cluster, and write report.html. Rerun with the same --out to resume.", run_config)
+def cmd_run(cfg) -> int:
+    from ..jobs.run import run
 
     out = cfg.out or f"runs/{cfg.run.discover.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     report = run(cfg.run, out, force=cfg.force)
-    from .jobs.findings import load_findings
+    from ..jobs.findings import load_findings
 
     found = [f for f in load_findings(out) if f.get("significant", True)]
     print(f"behaviours found that beat chance: {len(found)}" + (" (the first 5):" if len(found) > 5 else ""))
@@ -152,7 +162,7 @@ class FindingsCommand(Config):
          "write the vectors eliciting one of them to a vector folder for generate, select, export or sweep.",
          FindingsCommand)
 def cmd_findings(cfg: FindingsCommand) -> int:
-    from .jobs.findings import export_finding, load_findings
+    from ..jobs.findings import export_finding, load_findings
 
     if cfg.export is not None:
         if not cfg.out:

@@ -1,18 +1,16 @@
-"""`steerscope sweep --grid GRID.yaml --out DIR`: a grid of jobs as Ray tasks (see `jobs.sweep`)."""
-
-from __future__ import annotations
+"""`steerscope sweep --grid GRID.yaml --out DIR`: a grid of jobs as Ray tasks (see `jobs.grid_sweep`)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import COMMANDS, command, say
-from .cli_args import Parser, add_config_args, config_from_args
-from .config import Config
-from .errors import SteerscopeError
+from ..config import Config
+from ..errors import SteerscopeError
+from ._args import Parser, add_config_args, config_from_args
+from ._registry import COMMANDS, command, dispatch, say
 
 
 @dataclass(frozen=True)
-class SweepCommand(Config):
+class GridSweepCommand(Config):
     grid: str = field(default="", metadata={"required": True})
     """a YAML or JSON grid file: command, base flags, grid of flag values, resources, max_retries"""
     out: str = field(default="", metadata={"required": True})
@@ -52,8 +50,6 @@ def run_point(name: str, argv: list[str], point_dir: str) -> dict:
     import os
     import time
 
-    from .cli import main
-
     p = Path(point_dir)
     p.mkdir(parents=True, exist_ok=True)
     (p / "sweep_running.json").write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
@@ -70,7 +66,7 @@ def run_point(name: str, argv: list[str], point_dir: str) -> dict:
     t0 = time.time()
     with open(p / "sweep_log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            code = main([*name.split(), *argv, "--out", str(p / "out")])
+            code = dispatch([*name.split(), *argv, "--out", str(p / "out")])
         except BaseException as e:  # noqa: BLE001 - a point's crash is its result
             print(f"steerscope: error: {type(e).__name__}: {e}", file=log)
             code = 1
@@ -85,9 +81,9 @@ def run_point(name: str, argv: list[str], point_dir: str) -> dict:
 @command("sweep", "a grid of jobs (run, discover, SAE training, ...) as Ray tasks, with one merged report",
          "Run a command over a grid of flag values as Ray tasks (local, or a cluster with --address); each point is "
          "one job folder, a rerun skips finished points and resumes interrupted ones; OUT/sweep.html is the merged "
-         "report. The norm sweep of a vector is `steerscope norm-sweep`.", SweepCommand)
-def cmd_sweep(cfg: SweepCommand) -> int:
-    from .jobs.sweep import expand, load_grid, run_sweep
+         "report. The norm sweep of a vector is `steerscope norm-sweep`.", GridSweepCommand)
+def cmd_grid_sweep(cfg: GridSweepCommand) -> int:
+    from ..jobs.grid_sweep import expand, load_grid, run_sweep
 
     spec = load_grid(cfg.grid)
     if spec.command not in COMMANDS or spec.command in ("sweep", "serve"):

@@ -25,8 +25,8 @@ import sys
 import typing
 from typing import Any
 
-from .config import Family, _unwrap_optional, field_docs, field_types, validate
-from .errors import SteerscopeError
+from ..config import Family, _unwrap_optional, field_docs, field_types, validate
+from ..errors import SteerscopeError
 
 _UNSET = object()
 

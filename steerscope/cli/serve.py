@@ -1,26 +1,29 @@
 """`steerscope serve`: the OpenAI-compatible steering server (see `serving.app`)."""
 
-from __future__ import annotations
-
 import time
 
-from .cli import command, say
-from .errors import SteerscopeError
-from .serving.config import ServeConfig
+from ..errors import SteerscopeError
+from ._registry import command, say
+
+
+def serve_config() -> type:
+    from ..serving.config import ServeConfig
+
+    return ServeConfig
 
 
 @command("serve", "an OpenAI-compatible API with a steering vector per request, and a playground",
          "Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions, "
          "streaming or not) where each request carries its own steering, batched as rows; "
-         "/v1/vectors lists, uploads and removes vectors; / is a playground page.", ServeConfig)
-def cmd_serve(cfg: ServeConfig) -> int:
+         "/v1/vectors lists, uploads and removes vectors; / is a playground page.", serve_config)
+def cmd_serve(cfg) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise SteerscopeError("serving needs FastAPI and uvicorn: pip install 'steerscope[serve]'.") from None
-    from .serving.app import Server
-    from .serving.store import VectorStore
+    from ..serving.app import Server
+    from ..serving.store import VectorStore
 
     key = cfg.check()  # before loading anything
     lm = cfg.model.load()

@@ -1,0 +1,124 @@
+"""`steerscope generate`: steered and unsteered completions side by side."""
+
+import itertools
+import json
+import shutil
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SteerscopeError
+from ._registry import command, pick_index, say, with_model
+
+
+def generate_config() -> type:
+    @dataclass(frozen=True)
+    class GenerateCommand(with_model()):
+        prompt: list[str] = field(default_factory=list, metadata={"append": True})
+        """a prompt (repeat the flag for more)"""
+        prompts_file: str | None = None
+        """a text file with one prompt per line"""
+        vector: str | None = None
+        """a saved vector-set folder"""
+        index: list[str] = field(default_factory=list, metadata={"append": True})
+        """which vector(s) of the set, by index or id (repeatable; default all)"""
+        contrast: list[str] = field(default_factory=list, metadata={"nargs": 2, "metavar": ("POSITIVE", "NEGATIVE")})
+        """build an ActAdd vector on the fly: mean activation of POSITIVE minus NEGATIVE at --layer"""
+        save_vector: str | None = None
+        """with --contrast: also save the vector to this folder"""
+        force: bool = False
+        """overwrite an existing --save-vector folder"""
+        layer: int | None = None
+        """layer to steer at (auto: the vectors' own layers)"""
+        coef: float = 1.0
+        """coefficient multiplying the vector"""
+        positions: str = "all"
+        """all | prompt | generated | A:B | last:K (the last K prompt tokens)"""
+        max_new_tokens: int = field(default=48, metadata={"min": 1})
+        """tokens to generate"""
+        temperature: float = field(default=0.0, metadata={"min": 0})
+        """0 = greedy"""
+        top_p: float = field(default=1.0, metadata={"min": 0, "max": 1})
+        """nucleus sampling threshold"""
+        seed: int = 0
+        """sampling seed (one random stream per prompt, the same for steered and unsteered)"""
+        chat: bool | None = None
+        """apply the chat template (unset: when the model has one)"""
+        system: str | None = None
+        """system prompt for the chat template"""
+        allow_other_model: bool = False
+        """use vectors whose model fingerprint differs (e.g. made on the base of a fine-tune)"""
+        kv_cache: bool = True
+        """decode with the KV cache (--no-kv-cache recomputes every step: slower, the same tokens)"""
+        json: bool = False
+        """print one JSON object per completion"""
+
+    return GenerateCommand
+
+
+def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
+    width = max(60, min(shutil.get_terminal_size((120, 20)).columns, 160))
+    col = (width - 3) // 2
+
+    def wrap(t: str) -> list[str]:
+        lines = []
+        for para in t.splitlines() or [""]:
+            lines.extend(textwrap.wrap(para, col) or [""])
+        return lines
+
+    out = [f"{left_title[:col]:<{col}} | {right_title[:col]}", f"{'-' * col}-+-{'-' * col}"]
+    for a, b in itertools.zip_longest(wrap(left), wrap(right), fillvalue=""):
+        out.append(f"{a:<{col}} | {b}")
+    return "\n".join(out)
+
+
+@command("generate", "steered and unsteered completions side by side",
+         "Generate steered and unsteered completions side by side (greedy by default).", generate_config)
+def cmd_generate(cfg) -> int:
+    from ..directions.data import load_prompts
+    from ..directions.extract import mean_difference
+    from ..directions.vectors import VectorSet
+    from ..generation import generate
+    from ..interventions.positions import Positions
+
+    prompts = list(cfg.prompt)
+    if cfg.prompts_file:
+        prompts += load_prompts(cfg.prompts_file)
+    if not prompts:
+        raise SteerscopeError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    if cfg.vector and cfg.contrast:
+        raise SteerscopeError("use either --vector DIR or --contrast POS NEG, not both.")
+    if not cfg.vector and not cfg.contrast:
+        raise SteerscopeError("nothing to steer with: pass --vector DIR (a saved vector set) or --contrast POSITIVE NEGATIVE.")
+    positions = Positions.parse(cfg.positions)
+    if cfg.save_vector and not cfg.force and Path(cfg.save_vector).exists():
+        raise SteerscopeError(f"{cfg.save_vector} already exists; choose another path or pass --force.")
+    lm = cfg.model.load()
+    if cfg.vector:
+        vs = VectorSet.load(cfg.vector, lm, check_model=not cfg.allow_other_model)
+        vs_list = [vs[pick_index(i)] for i in cfg.index] if cfg.index else list(vs)
+    else:
+        if cfg.layer is None:
+            raise SteerscopeError(f"--contrast needs --layer (0..{lm.n_layers - 1}).")
+        vs = mean_difference(lm, [cfg.contrast[0]], [cfg.contrast[1]], [cfg.layer], chat=False)
+        if cfg.save_vector:
+            vs.save(cfg.save_vector, overwrite=cfg.force)
+            say(f"saved the contrast vector to {cfg.save_vector}")
+        vs_list = list(vs)
+    results = generate(lm, prompts, vectors=vs_list, layer=cfg.layer, coef=cfg.coef, positions=positions,
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                       chat=cfg.chat, system=cfg.system, include_unsteered=True, use_cache=cfg.kv_cache)
+    if cfg.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+        return 0
+    base = {r.prompt_index: r for r in results if r.vector_id is None}
+    for r in results:
+        if r.vector_id is None:
+            continue
+        print(f"\n=== prompt {r.prompt_index}: {r.prompt!r}")
+        print(_side_by_side("unsteered", base[r.prompt_index].text,
+                            f"steered: {r.vector_id} @ layer {r.layer}, coef {r.coef:g}", r.text))
+    return 0
+
+
