@@ -71,7 +71,7 @@ class InfoCommand(WithModel):
          "Show a model's layers, d_model, architecture, fingerprint and cache location.", InfoCommand)
 def cmd_info(cfg: InfoCommand) -> int:
     from ._io import cache_root
-    from .models.loading import default_cache_dir
+    from .models.embedded import default_cache_dir
 
     lm = cfg.model.load()
     n_params = sum(p.numel() for p in lm.model.parameters())
