@@ -32,7 +32,8 @@ from steerscope.directions.data import load_prompts  # noqa: E402
 from steerscope.directions.discovery.melbo import train_melbo  # noqa: E402
 from steerscope.directions.vectors import VectorSet  # noqa: E402
 from steerscope.models.layer_range import LayerRange  # noqa: E402
-from steerscope.models.loading import LM, parse_dtype, weights_fingerprint  # noqa: E402
+from steerscope.models.device import parse_dtype  # noqa: E402
+from steerscope.models.lm import LM, weights_fingerprint  # noqa: E402
 from steerscope.models.placement import devices, dispatch  # noqa: E402
 
 

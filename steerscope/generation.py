@@ -17,10 +17,11 @@ import torch
 from .directions.vectors import SteeringVector, VectorSet
 from .errors import SteerscopeError
 from ._tensors import as_rows
-from .interventions.ops import Ablate, Add
 from .interventions.positions import ALL, Positions
+from .interventions.rows import AblateSpec, AddSpec, RowSteering, per_row
 from .interventions.steer import steer
-from .models.compat import IncompatibleTransformers, accepts, with_cache
+from .models.compat import with_cache
+from .models.prefix import PrefixSplit, guarded, verified
 
 
 @dataclass
@@ -76,30 +77,16 @@ def _variants(lm, vectors, layer, coef, include_unsteered) -> list[_Variant]:
 
 
 def _per_row(lm, variants: list[_Variant], positions: Positions, mode: str = "add") -> list:
-    """Interventions steering row i by variant i.
+    """Interventions steering row i by variant i (`interventions.rows.per_row`).
 
-    add: one per-row Add per distinct layer; rows steered elsewhere (or unsteered) get zeros.
-    ablate: one per-row Ablate at every layer; unsteered rows get strength 0 (exactly untouched).
-    """
-    if mode == "ablate":
-        rows = [v for v in variants if v.vector is not None]
-        if not rows:
-            return []
-        fill = rows[0].vector
-        dirs = torch.stack([v.vector if v.vector is not None else fill for v in variants])
-        strength = torch.tensor([0.0 if v.vector is None else 1.0 for v in variants])
-        return [Ablate(dirs, strength=strength, positions=positions)]
-    if mode != "add":
+    add: coef * vector at the variant's layer. ablate: its direction projected out at every
+    layer. Unsteered variants get rows that are exactly untouched."""
+    if mode not in ("add", "ablate"):
         raise SteerscopeError(f"mode must be 'add' or 'ablate', got {mode!r}.")
-    adds = []
-    for L in sorted({v.layer for v in variants if v.layer is not None}):
-        vec = torch.zeros(len(variants), lm.d_model)
-        coef = torch.zeros(len(variants))
-        for i, v in enumerate(variants):
-            if v.layer == L:
-                vec[i], coef[i] = v.vector, v.coef
-        adds.append(Add(vec, layer=L, coef=coef, positions=positions))
-    return adds
+    rows = [RowSteering() if v.vector is None
+            else RowSteering(adds=(AddSpec(v.vector, v.layer, v.coef, positions),)) if mode == "add"
+            else RowSteering(ablations=(AblateSpec(v.vector, positions),)) for v in variants]
+    return per_row(rows, lm.d_model)
 
 
 @torch.no_grad()
@@ -146,10 +133,9 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
 
 
 def last_position_logits(lm, enc) -> torch.Tensor:
-    """(B, vocab) float32 logits at the last position only: the unembedding is not run at the
-    other positions (`logits_to_keep`, ~20 % of a small model's forward and B x T x vocab floats)."""
-    kw = {"logits_to_keep": 1} if accepts(lm.model, "logits_to_keep") else {}  # decided by signature, not by retrying a TypeError
-    return lm.forward(**enc, **kw).logits[:, -1].float()
+    """(B, vocab) float32 logits at the last position only (`LM.last_logits`: the unembedding
+    is not run at the other positions where the model allows it)."""
+    return lm.last_logits(**enc, k=1)[:, -1].float()
 
 
 def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None,
@@ -191,9 +177,8 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
     rows = [(vi, pi) for vi in range(len(variants)) for pi in range(len(prompts))]
 
     tok = lm.tokenizer
-    eos = lm.model.generation_config.eos_token_id
-    eos = eos if eos is not None else tok.eos_token_id
-    eos_set = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    eos_set = lm.eos_ids
+    eos = sorted(eos_set) or None  # None: no EOS, every row runs to max_new_tokens
     # Sampling happens in `_RowSampler` (a logits processor that leaves one token possible per
     # row), so transformers always decodes greedily here.
     gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
@@ -270,85 +255,54 @@ def sample_rows(scores: torch.Tensor, gens: Sequence[torch.Generator], temperatu
 
 
 class _SharedPrefix:
-    """Last-token logits with the prompts' common prefix computed once per variant in a batch.
+    """Last-token logits with the prompts' common prefix computed once per variant in a batch
+    (`models.prefix`: the split, the self-check and the fallback are shared with `LayerRange`).
 
-    Steering at every position (Add, Ablate) is causal, so a steered prefix is the same in every
-    prompt. Per batch: the prefix for each distinct variant (U rows, C tokens) fills a KV cache,
-    whose rows are then repeated for the batch's (variant, prompt) rows, and the left-padded
-    suffixes run against it. The first batch is also run plainly and compared; on any mismatch
-    or error sharing is switched off for the call."""
+    Per batch: the prefix for each distinct variant (U rows, C tokens) fills a KV cache, whose
+    rows are then repeated for the batch's (variant, prompt) rows, and the left-padded suffixes
+    run against it. The first batch is also run plainly and compared (`prefix.verified`); on a
+    mismatch or an error sharing is switched off for the call and `reason` says why."""
 
     def __init__(self, lm, prompts: list[str], chat, system, min_prefix: int = 4):
-        from .models.layer_range import common_prefix
-
-        self.lm, self.ok, self.checked = lm, False, False
+        self.lm, self.checked, self.reason = lm, False, None
         enc = lm.encode(prompts, chat=chat, system=system)
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        if not bool(mask[:, -1].all()):
-            return
-        C = common_prefix(ids, mask)
-        if C < min_prefix:
-            return
+        self.split = PrefixSplit.find(ids, mask, min_prefix)
         n = mask.sum(-1)
-        T = ids.shape[1]
-        self.C = C
-        self.prefix = ids[0, T - int(n[0]):T - int(n[0]) + C]  # (C,)
-        self.suffix = [ids[i, T - int(n[i]) + C:] for i in range(len(prompts))]  # each (S_i,)
-        self.full = [ids[i, T - int(n[i]):] for i in range(len(prompts))]
-        self.ok = True
+        self.full = [ids[i, ids.shape[1] - int(n[i]):] for i in range(len(prompts))]  # each prompt's tokens
+
+    @property
+    def ok(self) -> bool:
+        return self.split is not None and self.reason is None
 
     def _plain(self, chunk, ivs) -> torch.Tensor:
-        seqs = [self.full[pi] for _, pi in chunk]
-        ids, mask = left_pad(seqs, self.lm.tokenizer.pad_token_id, self.lm.device)
+        ids, mask = self.lm.left_pad([self.full[pi] for _, pi in chunk])
         with steer(self.lm, *ivs(chunk)):
             return last_position_logits(self.lm, {"input_ids": ids, "attention_mask": mask})
 
     def logits(self, chunk, ivs) -> torch.Tensor:
-        try:
-            out = self._shared(chunk, ivs)
-        except IncompatibleTransformers:
-            raise  # a transformers internal steerscope cannot read: never hidden behind the plain path
-        except Exception:  # an architecture whose blocks cannot continue a prefix cache
-            self.ok = False
-            return self._plain(chunk, ivs)
         if not self.checked:
             self.checked = True
-            ref = self._plain(chunk, ivs)
-            # per-row relative error: reordered arithmetic gives ~1e-6 in fp32, ~1e-2 in bf16
-            rel = ((out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).max()
-            tol = 1e-4 if self.lm.dtype in (torch.float32, torch.float64) else 0.1
-            if not bool(rel <= tol):
-                self.ok = False
-                return ref
-        return out
+            out, self.reason = verified(lambda: self._shared(chunk, ivs), lambda: self._plain(chunk, ivs), self.lm.dtype)
+            return out
+        out, self.reason = guarded(self._shared, chunk, ivs)
+        return out if self.reason is None else self._plain(chunk, ivs)
 
     def _shared(self, chunk, ivs) -> torch.Tensor:
         from transformers import DynamicCache
 
-        lm, C = self.lm, self.C
+        lm, C = self.lm, self.split.C
         firsts: dict[int, int] = {}
         for j, (vi, _) in enumerate(chunk):
             firsts.setdefault(vi, j)
         heads = [chunk[j] for j in firsts.values()]  # one row per distinct variant
         cache = DynamicCache()
-        pre = self.prefix.to(lm.device)[None].expand(len(heads), C)
+        pre = self.split.prefix.to(lm.device)[None].expand(len(heads), C)  # (U, C)
         with steer(lm, *ivs(heads)):
             last_position_logits(lm, {"input_ids": pre, "attention_mask": torch.ones_like(pre), **with_cache(lm.model, cache)})
         order = list(firsts)
         cache.batch_select_indices(torch.tensor([order.index(vi) for vi, _ in chunk], device=lm.device))
-        suf, smask = left_pad([self.suffix[pi] for _, pi in chunk], lm.tokenizer.pad_token_id, lm.device)
-        full_mask = torch.cat([torch.ones(len(chunk), C, dtype=smask.dtype, device=lm.device), smask], dim=1)
+        suf, full_mask = self.split.suffixes([pi for _, pi in chunk])  # (B, S), (B, C + S)
         with steer(lm, *ivs(chunk)):
-            return last_position_logits(lm, {"input_ids": suf, "attention_mask": full_mask, **with_cache(lm.model, cache)})
-
-
-def left_pad(seqs: list[torch.Tensor], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) left-padded ids and mask from 1-D id tensors."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, T - len(s):] = s.to(device)
-            mask[i, T - len(s):] = 1
-    return ids, mask
+            return last_position_logits(lm, {"input_ids": suf.to(lm.device), "attention_mask": full_mask.to(lm.device),
+                                             **with_cache(lm.model, cache)})

@@ -9,7 +9,7 @@ import string
 import pytest
 import torch
 
-from steerscope.models.loading import LM, weights_fingerprint
+from steerscope.models.lm import LM, weights_fingerprint
 
 VOCAB = 128
 PAD, BOS, EOS = 0, 1, 2

@@ -61,11 +61,11 @@ def test_shared_prefix_replay_equals_hook_steering(arch):
 def test_shared_prefix_falls_back_when_replay_differs(monkeypatch, broken):
     import steerscope.models.layer_range as lrm
 
-    real = lrm._PrefixKV.update
+    real = lrm.PrefixKV.update
     if broken == "raises":  # ignores the prefix: shapes no longer match the mask
-        monkeypatch.setattr(lrm._PrefixKV, "update", lambda self, k, v, i, kw=None: (k, v))
+        monkeypatch.setattr(lrm.PrefixKV, "update", lambda self, k, v, i, kw=None: (k, v))
     else:  # runs, but with the prefix values perturbed
-        monkeypatch.setattr(lrm._PrefixKV, "update", lambda self, k, v, i, kw=None: real(self, k, v * 1.5 if self.mode == "prefix" else v, i))
+        monkeypatch.setattr(lrm.PrefixKV, "update", lambda self, k, v, i, kw=None: real(self, k, v * 1.5 if self.mode == "prefix" else v, i))
     lm = tiny_lm("llama")
     lr = LayerRange(lm, SHARED, 0, 2, chat=False)
     assert lr._want_prefix > 0 and lr.shared_prefix == 0  # the self-check refused it

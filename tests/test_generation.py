@@ -117,7 +117,7 @@ def test_last_token_logits_with_a_shared_prefix_equal_plain_rows(arch, mode):
     prompts = ["Hello there", "A much longer prompt here", "Hi", "What is this?"]
     vs = ss.VectorSet.create(lm, torch.randn(3, lm.d_model) * 3, layers=[0, 1, 2], method="x")
     sp = _SharedPrefix(lm, prompts, True, None)
-    assert sp.ok and sp.C >= 4  # "<user>" is shared
+    assert sp.ok and sp.split.C >= 4  # "<user>" is shared
     kw = dict(vectors=vs, mode=mode, include_unsteered=True, chat=True, batch_size=5)
     shared = last_token_logits(lm, prompts, **kw)
     plain = last_token_logits(lm, prompts, share_prefix=False, **kw)
@@ -147,3 +147,51 @@ def test_last_token_scores_do_not_keep_whole_logit_tensors_alive():
     vs = ss.VectorSet.create(lm, torch.randn(4, lm.d_model), layers=[1] * 4, method="x")
     last_token_logits(lm, PROMPTS, vectors=vs, batch_size=2, reduce=lambda l, _: kept.append(l) or l[:, 0])
     assert all(k.untyped_storage().nbytes() == k.numel() * k.element_size() for k in kept)
+
+
+def test_per_row_grouping_gives_each_row_only_its_own_steering():
+    """`interventions.rows.per_row` (the one grouping used by `generate` and the server): a
+    row's two additions at one layer and positions go to two interventions (slots); rows that ask
+    for nothing get zero vectors and coefficients, and ablation strength 0."""
+    from steerscope.interventions.ops import Ablate, Add
+    from steerscope.interventions.rows import AblateSpec, AddSpec, RowSteering, per_row
+
+    d, A = 8, ss.Positions.all()
+    v = torch.randn(4, d)
+    rows = [RowSteering(adds=(AddSpec(v[0], 2, 1.5, A), AddSpec(v[1], 2, 2.0, A))),
+            RowSteering(adds=(AddSpec(v[2], 0, 3.0, A),), ablations=(AblateSpec(v[3], A),)),
+            RowSteering()]
+    ivs = per_row(rows, d)
+    assert [type(i) for i in ivs] == [Ablate, Add, Add, Add]  # ablations first, then adds by layer
+    abl, add0, add2a, add2b = ivs
+    assert abl.strength.tolist() == [0.0, 1.0, 0.0]
+    assert add0.layer == 0 and add0.coef.tolist() == [0.0, 3.0, 0.0] and torch.equal(add0.vector[1], v[2])
+    assert add2a.coef.tolist() == [1.5, 0.0, 0.0] and add2b.coef.tolist() == [2.0, 0.0, 0.0]
+    assert torch.equal(add2a.vector[0], v[0]) and torch.equal(add2b.vector[0], v[1])
+    assert not add2a.vector[1:].any() and not add2b.vector[1:].any()
+
+
+def test_prefix_split_cuts_and_maps_back():
+    """`models.prefix.PrefixSplit`: the shared prefix, each row's own tokens left-padded (a subset
+    exactly as if padded on its own), and the index back to the original layout."""
+    from steerscope.models.prefix import PrefixSplit, mismatch
+
+    lm = make_tiny_lm("llama", chat=True)
+    prompts = ["Hello there", "A much longer prompt here", "Hi"]
+    enc = lm.encode(prompts, chat=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    sp = PrefixSplit.find(ids, mask)
+    assert sp is not None and sp.C >= 4 and PrefixSplit.find(ids[:1], mask[:1]) is None
+    own = [ids[i][mask[i].bool()][sp.C:] for i in range(3)]
+    for rows in ([0, 2], [1], [2, 1, 0]):
+        suf, full = sp.suffixes(rows)
+        ref_ids, ref_mask = lm.left_pad([own[i] for i in rows])
+        assert torch.equal(suf, ref_ids) and torch.equal(full[:, sp.C:], ref_mask) and bool(full[:, :sp.C].all())
+    suf, _ = sp.suffixes()
+    both = torch.cat([sp.prefix[None].expand(3, -1), suf], dim=1)  # [prefix | suffix] layout
+    back = both.gather(1, sp.gather_index())
+    assert torch.equal(back[mask.bool()], ids[mask.bool()])
+    x = torch.randn(3, 5)
+    assert mismatch(x, x, torch.float32) is None
+    assert "relative error" in mismatch(x * 1.01, x, torch.float32) and mismatch(x * 1.01, x, torch.bfloat16) is None
+    assert mismatch(x * float("nan"), x, torch.bfloat16) is not None

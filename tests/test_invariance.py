@@ -25,7 +25,8 @@ from steerscope.interventions.positions import Positions, StepState
 from steerscope.interventions.steer import steer
 from steerscope.models import compat
 from steerscope.models.hooks import hooks
-from steerscope.serving.engine import AddSpec, DoneEvent, Engine, GenRequest, RowSteering, TokenEvent
+from steerscope.serving.engine import Engine
+from steerscope.serving.protocol import AddSpec, DoneEvent, GenRequest, RowSteering, TokenEvent
 
 PROMPTS = ["x", "a b c", "hello there friend", "the quick brown fox jumps over it"]  # 1 to 32 tokens
 N_NEW = 8

@@ -8,7 +8,8 @@ from conftest import ALL_ARCHS, PROMPTS, make_tiny_lm, tiny_lm
 
 import steerscope as ss
 from steerscope.models import ARCHITECTURES, ArchSpec, load_model, register_architecture
-from steerscope.models.loading import MANIFEST, CACHE_FORMAT, _cache_valid, weights_fingerprint
+from steerscope.models.embedded import MANIFEST, CACHE_FORMAT, _cache_valid
+from steerscope.models.lm import weights_fingerprint
 from steerscope.models.registry import Arch
 
 
@@ -80,7 +81,7 @@ def test_bad_model_paths(tmp_path):
 
 def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
     from steerscope.jobs.run import RunConfig
-    from steerscope.models.loading import auto_dtype, parse_dtype
+    from steerscope.models.device import auto_dtype, parse_dtype
 
     for caps, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True, "avx512_bf16": False}, torch.bfloat16),
                        ({"avx512_bf16": False, "avx2": True}, torch.float32), ({}, torch.float32)]:
@@ -117,3 +118,68 @@ def test_positions_parse():
             P.parse(bad)
 
 
+
+
+def test_eos_ids_read_the_generation_config_then_the_tokenizer():
+    """One home for the EOS set: an int, a list (instruct models stop on several), or None
+    (the tokenizer's EOS), and empty when neither names one."""
+    lm = make_tiny_lm("llama")
+    gc = lm.model.generation_config
+    assert lm.eos_ids == frozenset({2})
+    gc.eos_token_id = [2, 7]
+    assert lm.eos_ids == frozenset({2, 7})
+    gc.eos_token_id = None
+    assert lm.eos_ids == frozenset({lm.tokenizer.eos_token_id}) == frozenset({2})
+    lm.tokenizer = type("NoEos", (), {"eos_token_id": None, "pad_token_id": 0})()
+    assert lm.eos_ids == frozenset()
+
+
+def test_left_pad_puts_every_row_at_the_end():
+    lm = tiny_lm("llama")
+    ids, mask = lm.left_pad([[5, 6, 7], torch.tensor([9]), []])
+    pad = lm.tokenizer.pad_token_id
+    assert ids.tolist() == [[5, 6, 7], [pad, pad, 9], [pad, pad, pad]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long and ids.device == lm.device
+    with pytest.raises(ss.SteerscopeError, match="no sequences"):
+        lm.left_pad([])
+
+
+def test_last_logits_decides_logits_to_keep_by_signature_and_never_retries():
+    """A model class whose forward takes no `logits_to_keep` gets the full logits sliced (the
+    same numbers); a TypeError raised inside a forward is the caller's error, not a cue to run
+    the forward again (a retry would append to a KV cache twice)."""
+    from steerscope.models.compat import accepts
+    from steerscope.models.lm import LM
+
+    lm = tiny_lm("llama")
+    enc = lm.encode(PROMPTS)
+    assert accepts(lm.model, "logits_to_keep")
+    full = lm.forward(**enc).logits  # (B, T, V)
+    base = type(lm.model)
+
+    class NoKeep(base):  # a forward without the keyword (older or custom model classes)
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kw):
+            assert "logits_to_keep" not in kw
+            return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+
+    model = make_tiny_lm("llama").model
+    model.__class__ = NoKeep
+    plain = LM(model, lm.tokenizer, model_id="no-keep", fingerprint="")
+    assert not accepts(plain.model, "logits_to_keep")
+    assert torch.equal(plain.last_logits(**enc, k=3), full[:, -3:])
+    assert torch.allclose(lm.last_logits(**enc, k=3), full[:, -3:], atol=1e-5)
+
+    calls = []
+
+    def boom(module, args):
+        calls.append(1)
+        raise TypeError("a bug inside the forward")
+
+    h = lm.arch.blocks[1].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(TypeError, match="a bug inside"):
+            lm.last_logits(**enc)
+    finally:
+        h.remove()
+    assert len(calls) == 1  # the forward ran once: no retry without logits_to_keep

@@ -16,7 +16,8 @@ from steerscope.generation import generate
 from steerscope.interventions.ops import Ablate
 from steerscope.interventions.positions import ALL, Positions
 from steerscope.models.hooks import count_hooks
-from steerscope.serving.engine import AblateSpec, AddSpec, DoneEvent, Engine, GenRequest, RowSteering, TokenEvent
+from steerscope.serving.engine import Engine
+from steerscope.serving.protocol import AblateSpec, AddSpec, DoneEvent, GenRequest, RowSteering, TokenEvent
 
 PROMPTS = ["hello there friend", "a b c", "the quick brown fox jumps", "x"]
 N_TOKENS = 12

@@ -23,7 +23,8 @@ from steerscope.interventions.positions import ALL
 from steerscope.models.hooks import hooks
 from steerscope.serving.app import Server
 from steerscope.serving.config import ServeConfig
-from steerscope.serving.engine import AddSpec, DoneEvent, Engine, GenRequest, RowSteering, TokenEvent
+from steerscope.serving.engine import Engine
+from steerscope.serving.protocol import AddSpec, DoneEvent, GenRequest, RowSteering, TokenEvent
 
 PROMPT = "Tell me a story"
 

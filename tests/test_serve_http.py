@@ -276,7 +276,7 @@ def test_api_key_and_host_rules(lm, monkeypatch, capsys):
 def test_mixed_load_no_errors_no_leaks(server, lm):
     """A few hundred good, streamed, cancelled and bad requests: no 5xx, every bad one a clear
     4xx, and afterwards no row, cache, hook or request object left behind."""
-    from steerscope.serving import engine as eng_mod
+    from steerscope.serving.detok import Row
 
     good = _chat(max_tokens=6, steering=[{"vector": "set/a", "coef": 2.0}])
     assert len(bad_bodies(good)) >= 8
@@ -290,7 +290,7 @@ def test_mixed_load_no_errors_no_leaks(server, lm):
     assert server.engine.busy_rows == 0 and server.engine.cache is None and server.engine.inbox.qsize() == 0
     assert count_hooks(lm.model) == 0
     gc.collect()
-    assert not [o for o in gc.get_objects() if type(o) is eng_mod._Row], "request rows are still referenced"
+    assert not [o for o in gc.get_objects() if type(o) is Row], "request rows are still referenced"
     with pytest.raises(SteerscopeError, match="loopback"):
         mixed_load("http://10.0.0.1:8000", good, n=1)
 

@@ -84,10 +84,8 @@ class _Seqs:
 def _sequences(lm, prompts: list[str], completions: list[list[int]]) -> _Seqs:
     prompt_ids = [lm.encode([p], chat=None)["input_ids"][0].tolist() for p in prompts]  # as `generate` encodes
     seqs = [p + c for p, c in zip(prompt_ids, completions)]
-    T = max(len(s) for s in seqs)
-    pad = lm.tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+    ids, mask = (t.cpu() for t in lm.left_pad(seqs))  # (N, T) each
+    T = ids.shape[1]
     sel = torch.zeros(len(seqs), T, dtype=torch.bool)
     for b, c in enumerate(completions):
         if c:

@@ -17,7 +17,7 @@ def info_config() -> type:
          "Show a model's layers, d_model, architecture, fingerprint and cache location.", info_config)
 def cmd_info(cfg) -> int:
     from .._io import cache_root
-    from ..models.loading import default_cache_dir
+    from ..models.embedded import default_cache_dir
 
     lm = cfg.model.load()
     n_params = sum(p.numel() for p in lm.model.parameters())

@@ -76,10 +76,8 @@ class Rollouts:
         lm = self.lm
         prompt_ids = [lm.encode([p], chat=self.chat, system=system)["input_ids"][0].tolist() for p in self.prompts]
         seqs = [p + c for p, c in zip(prompt_ids, self.completions)]
-        T = max(len(s) for s in seqs)
-        pad = lm.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=lm.device)  # (P, T) left-padded
-        mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
+        ids, mask = lm.left_pad(seqs)  # (P, T)
+        T = ids.shape[1]
         # positions that predict a rollout token: the last prompt token .. the second-to-last token
         sel = torch.zeros(len(seqs), T, dtype=torch.bool)
         for b, c in enumerate(self.completions):
@@ -92,10 +90,7 @@ class Rollouts:
         # compute, and P x T x V floats) only runs on the last K columns.
         K = int(sel.shape[1] - sel.long().argmax(-1).min())
         with steer(self.lm, *interventions):
-            try:
-                logits = self.lm.forward(ids, mask, logits_to_keep=K).logits  # (P, K, V)
-            except TypeError:  # a model class without logits_to_keep
-                logits = self.lm.forward(ids, mask).logits[:, -K:]
+            logits = self.lm.last_logits(ids, mask, k=K)  # (P, K, V)
         return torch.log_softmax(logits[sel[:, -K:].to(logits.device)].float(), -1)
 
     def _kl(self, lq: torch.Tensor) -> torch.Tensor:

@@ -32,20 +32,15 @@ def completion_logprobs(lm, prompts: list[str], completions: list[list[int]], *,
                         batch_size: int = 16) -> list[float]:
     """Mean log-probability per token of each completion given its prompt, unsteered model."""
     out: list[float] = []
-    pad = lm.tokenizer.pad_token_id
     for i in range(0, len(prompts), batch_size):
         ps, cs = prompts[i:i + batch_size], completions[i:i + batch_size]
         prompt_ids = [lm.encode([p], chat=chat)["input_ids"][0].tolist() for p in ps]
         seqs = [p + c for p, c in zip(prompt_ids, cs)]
-        T = max(len(s) for s in seqs)
-        ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs], device=lm.device)  # left padding
-        mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
+        ids, mask = lm.left_pad(seqs)  # (B, T)
+        T = ids.shape[1]
         # Left padding ends every completion at column T: only the last K columns need logits.
         K = min(T, max(len(c) for c in cs) + 1)
-        try:
-            logits = lm.forward(ids, mask, logits_to_keep=K).logits  # (B, K, V)
-        except TypeError:  # a model class without logits_to_keep
-            logits = lm.forward(ids, mask).logits[:, -K:]
+        logits = lm.last_logits(ids, mask, k=K)  # (B, K, V)
         logp = torch.log_softmax(logits.float(), -1)
         for b, (p, c) in enumerate(zip(prompt_ids, cs)):
             if not c:

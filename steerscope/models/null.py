@@ -18,7 +18,7 @@ import copy
 import torch
 
 from ..errors import SteerscopeError
-from .loading import LM, weights_fingerprint
+from .lm import LM, weights_fingerprint
 
 NULL_KINDS = ("shuffle", "reinit")
 

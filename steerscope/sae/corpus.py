@@ -73,9 +73,8 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
     # row's next-token distribution (with right padding short rows were sampled at a pad).
     enc = lm.encode(texts, formatted=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    eos = lm.model.generation_config.eos_token_id
-    eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else tok.eos_token_id])
-    eos_ids = set(eos.tolist())
+    eos_ids = lm.eos_ids
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)  # empty: rows end at max_new_tokens
     cache = DynamicCache()
     out = lm.forward(ids, mask, **with_cache(lm.model, cache))
     done = torch.zeros(len(texts), dtype=torch.bool)

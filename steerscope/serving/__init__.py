@@ -6,7 +6,8 @@ their own steering, decoded as rows of one continuously batched loop.
 """
 
 from .config import ServeConfig
-from .engine import Engine, GenRequest, RowSteering
+from .engine import Engine
+from .protocol import GenRequest, RowSteering
 
 __all__ = ["Engine", "GenRequest", "RowSteering", "ServeConfig", "Server", "VectorStore", "create_app"]
 

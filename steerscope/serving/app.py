@@ -35,7 +35,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from ..errors import SteerscopeError
 from .config import ServeConfig
-from .engine import DoneEvent, Engine, GenRequest, QueueFull, TokenEvent
+from .engine import Engine
+from .protocol import DoneEvent, GenRequest, QueueFull, TokenEvent
 from .guard import Guard
 from .schema import ChatBody, CompletionBody, UploadBody, parse_body
 from .store import RequestError, VectorStore, parse_steering

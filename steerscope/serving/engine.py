@@ -9,9 +9,11 @@ pass as the rows already running (Yu et al. 2022, "Orca": iteration-level schedu
 that finishes or is cancelled leaves at once: its cache row is dropped and columns that became
 all padding are trimmed.
 
-Per-row steering uses the same per-row `Add`/`Ablate` as `generation.generate` (one hook per
+Per-row steering is `interventions.rows.per_row`, as in `generation.generate` (one hook per
 distinct layer and position selector, zero rows elsewhere), so K distinct vectors in a batch
 cost what one does, and a request's greedy tokens equal `generate` for its prompt and vector.
+The request and event types are in `protocol`; a row's text output (detokenising, stop
+strings) in `detok`; this module is the scheduler and the KV-cache surgery.
 Positions are exact at every step: the attention mask gives each row's absolute positions and
 the prompt lengths are pinned (`steer(..., prompt_len=...)`).
 
@@ -27,159 +29,19 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from ..errors import SteerscopeError
-from ..generation import last_position_logits, left_pad, row_generator, sample_rows
-from ..interventions.ops import Ablate, Add, Intervention
-from ..interventions.positions import Positions
+from ..generation import last_position_logits, sample_rows
+from ..interventions.ops import Intervention
+from ..interventions.rows import per_row
 from ..interventions.steer import steer
 from ..models.compat import cache_layers, joinable, with_cache
 from ..models.registry import Site
+from .detok import Row
 from .logits import logprobs_of, penalised
-
-
-# ---- what a request asks for -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class AddSpec:
-    """coef * vector added at `layer` on `positions` (resolved from a request)."""
-
-    vector: torch.Tensor  # (d,) float32
-    layer: int
-    coef: float
-    positions: Positions
-
-
-@dataclass(frozen=True)
-class AblateSpec:
-    direction: torch.Tensor  # (d,) float32, any norm (made unit by Ablate)
-    positions: Positions
-
-
-@dataclass(frozen=True)
-class RowSteering:
-    """Everything one request does to its row. `probe`: (unit vector (d,), layer) whose
-    projection is reported per generated token (the playground's heat map)."""
-
-    adds: tuple[AddSpec, ...] = ()
-    ablations: tuple[AblateSpec, ...] = ()
-    probe: tuple[torch.Tensor, int] | None = None
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int | None  # None: text held back earlier, handed out at the end (no new token)
-    text: str  # new text (may be "" while a multi-byte character or a stop string is pending)
-    projection: float | None
-    logprob: float | None = None  # log p(token) under the steered model (after penalties, before temperature)
-    top_logprobs: tuple[tuple[str, float], ...] | None = None  # the most likely (token text, log p), best first
-    token_text: str | None = None  # the token decoded alone (set with logprob)
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled", "error"
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-    status: int = 500  # HTTP status of an error: 422 when the request's own steering caused it
-
-
-@dataclass
-class GenRequest:
-    """One request. `sink(event)` is called from the worker thread for every TokenEvent and
-    once with the DoneEvent; it must not block (the server hands events to its event loop)."""
-
-    prompt_ids: list[int]
-    steering: RowSteering
-    max_tokens: int
-    sink: Callable[[object], None]
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # keep decoding past EOS (fixed-length runs, as vLLM's ignore_eos)
-    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
-    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of a generated token
-    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class QueueFull(SteerscopeError):
-    pass
-
-
-# ---- one row of the running batch ------------------------------------------------------------------
-class _Row:
-    def __init__(self, req: GenRequest, tokenizer, eos: set[int], tok_lock: threading.Lock):
-        self.req, self.tok, self.eos, self.tok_lock = req, tokenizer, eos, tok_lock
-        self.ids: list[int] = []
-        self.sent = ""  # text already handed out
-        self.last: int | None = None
-        self.gen = row_generator(req.seed) if req.temperature > 0 else None
-        self.done = False
-        self._lp: tuple | None = None  # (logprob, top) of the latest token, when the request asks
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.req.prompt_ids)
-
-    def decode(self) -> str:
-        with self.tok_lock:  # a fast tokenizer is not safe to use from two threads at once
-            return self.tok.decode(self.ids, skip_special_tokens=True)
-
-    def push(self, token: int, projection: float | None, lp: tuple | None = None) -> None:
-        """Record a sampled token, hand out the new text, finish on EOS / stop / length."""
-        if token in self.eos and not self.req.ignore_eos:
-            return self.finish("stop")
-        self.ids.append(token)
-        self.last = token
-        if lp is not None:  # token strings decoded here, on the engine thread, under the tokenizer lock
-            with self.tok_lock:
-                lp = (lp[0], tuple((self.tok.decode([i]), v) for i, v in lp[1]), self.tok.decode([token]))
-        self._lp = lp
-        text = self.decode()
-        hits = [i for i in (text.find(s, max(0, len(self.sent) - len(s))) for s in self.req.stop) if i >= 0]
-        if hits:
-            self._emit(token, text[:min(hits)], projection)
-            return self.finish("stop", flush=False)
-        # Hold back an incomplete UTF-8 character and any tail that could start a stop string.
-        safe = len(text.rstrip("\ufffd"))
-        for s in self.req.stop:
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        self._emit(token, text[:max(safe, len(self.sent))], projection)
-        if len(self.ids) >= self.req.max_tokens:
-            self.finish("length")
-
-    def _emit(self, token: int | None, upto: str, projection: float | None) -> None:
-        new = upto[len(self.sent):] if upto.startswith(self.sent) else ""
-        self.sent += new
-        lp = self._lp if token is not None else None
-        self._send(TokenEvent(token, new, projection, *(lp or (None, None, None))))
-
-    def _send(self, event) -> None:
-        try:
-            self.req.sink(event)
-        except Exception:  # the receiver is gone (e.g. its event loop closed): stop this row only
-            self.req.cancelled.set()
-
-    def finish(self, reason: str, error: str | None = None, flush: bool = True, status: int = 500) -> None:
-        if self.done:
-            return
-        self.done = True
-        if flush and reason in ("stop", "length"):
-            # text held back (a tail that looked like the start of a stop string, or a
-            # character that never completed) is handed out as a text-only event
-            text = self.decode()
-            if len(text) > len(self.sent) and text.startswith(self.sent):
-                self._emit(None, text, None)
-        self._send(DoneEvent(reason, self.prompt_len, len(self.ids), error, status))
+from .protocol import GenRequest, QueueFull
 
 
 class _Probe(Intervention):
@@ -201,43 +63,19 @@ class _Probe(Intervention):
         return [(*lm.arch.resolve(Site(layer, "resid_post")), read)]
 
 
-def _interventions(lm, rows: list[_Row], probes: dict) -> list:
-    """Per-row interventions for a batch of rows (row i steered by request i only)."""
+def _interventions(lm, rows: list[Row], probes: dict) -> list:
+    """Per-row interventions for a batch of rows (row i steered by request i only): the probes,
+    read before any steering, then `interventions.rows.per_row`."""
     B, d = len(rows), lm.d_model
     out: list = []
     for L in sorted({r.req.steering.probe[1] for r in rows if r.req.steering.probe is not None}):
-        dirs = torch.zeros(B, d)
+        dirs = torch.zeros(B, d)  # (B, d): zero rows have no probe
         for i, r in enumerate(rows):
             p = r.req.steering.probe
             if p is not None and p[1] == L:
                 dirs[i] = p[0]
         out.append(_Probe(dirs, L, probes))
-    # Ablations first, as in `generate(interventions=...)`; one per-row Ablate per (positions, slot).
-    groups: dict = {}
-    for i, r in enumerate(rows):
-        seen: dict = {}
-        for a in r.req.steering.ablations:
-            slot = seen[a.positions] = seen.get(a.positions, -1) + 1
-            groups.setdefault((a.positions, slot), {})[i] = a.direction
-    for (pos, _), members in groups.items():
-        fill = next(iter(members.values()))
-        dirs = torch.stack([members.get(i, fill) for i in range(B)])
-        strength = torch.tensor([1.0 if i in members else 0.0 for i in range(B)])
-        out.append(Ablate(dirs, strength=strength, positions=pos))
-    # One per-row Add per (layer, positions, slot): zero vectors and coefficients elsewhere.
-    groups = {}
-    for i, r in enumerate(rows):
-        seen = {}
-        for a in r.req.steering.adds:
-            key = (a.layer, a.positions)
-            slot = seen[key] = seen.get(key, -1) + 1
-            groups.setdefault((a.layer, a.positions, slot), {})[i] = a
-    for (L, pos, _), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
-        vec, coef = torch.zeros(B, d), torch.zeros(B)
-        for i, a in members.items():
-            vec[i], coef[i] = a.vector, a.coef
-        out.append(Add(vec, layer=L, coef=coef, positions=pos))
-    return out
+    return out + per_row([r.req.steering for r in rows], d)
 
 
 def _lpad(t: torch.Tensor, T: int, dim: int) -> torch.Tensor:
@@ -258,11 +96,9 @@ class Engine:
         if max_batch < 1 or max_queue < 1:
             raise SteerscopeError("max_batch and max_queue must be >= 1.")
         self.lm, self.max_batch, self.window_s, self.max_queue, self.use_cache = lm, max_batch, window_s, max_queue, use_cache
-        eos = lm.model.generation_config.eos_token_id
-        eos = eos if eos is not None else lm.tokenizer.eos_token_id
-        self.eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        self.eos = lm.eos_ids  # empty: rows end at a stop string or max_tokens
         self.inbox: queue.Queue[GenRequest] = queue.Queue()
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.cache = None  # DynamicCache of the running rows
         self.mask: torch.Tensor | None = None  # (B, T) attention mask over the cache
         self.joinable = True  # set False on the first cache that cannot be padded and joined
@@ -292,8 +128,8 @@ class Engine:
             raise QueueFull(f"the server has {self.max_queue} requests waiting; retry later.")
         self.inbox.put(req)
 
-    def _row(self, req: GenRequest) -> _Row:
-        return _Row(req, self.lm.tokenizer, self.eos, self.tokenizer_lock)
+    def _row(self, req: GenRequest) -> Row:
+        return Row(req, self.lm.tokenizer, self.eos, self.tokenizer_lock)
 
     @property
     def alive(self) -> bool:
@@ -347,13 +183,13 @@ class Engine:
                     self.rows, self.cache, self.mask = [], None, None
             new = None  # drop finished rows now, not when the next request arrives
 
-    def _fail(self, rows: list[_Row], e: Exception) -> None:
+    def _fail(self, rows: list[Row], e: Exception) -> None:
         self.stats["errors"] += 1
         traceback.print_exc(file=sys.stderr)
         for r in rows:
             r.finish("error", f"{type(e).__name__}: {e}")
 
-    def _admit_isolated(self, new: list[_Row]) -> None:
+    def _admit_isolated(self, new: list[Row]) -> None:
         """Admit new rows together; if their shared prefill fails, admit each alone, so only the
         request that caused the failure gets the error (the running rows are untouched)."""
         try:
@@ -373,7 +209,7 @@ class Engine:
                 self._fail([r], e)
 
     @torch.no_grad()
-    def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """(B, vocab) float32 last-position logits with each row's steering; records probes."""
         probes: dict = {}
         plen = torch.tensor([r.prompt_len for r in rows])
@@ -383,7 +219,7 @@ class Engine:
         self._probes = probes
         return logits
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Pick each live row's next token (greedy, or its own random stream) and push it."""
         logits = penalised(logits, [(r.ids, r.req.presence_penalty, r.req.frequency_penalty) for r in rows])
         # Rows are independent in the forward pass: a row whose steering overflowed fails alone.
@@ -404,15 +240,12 @@ class Engine:
             proj = float(self._probes[p[1]][i]) if p is not None and p[1] in self._probes else None
             r.push(int(t), proj, logprobs_of(logits[i], int(t), r.req.logprobs) if r.req.logprobs is not None else None)
 
-    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return left_pad([torch.tensor(s, dtype=torch.long) for s in seqs], self.lm.tokenizer.pad_token_id, self.lm.device)
-
-    def _admit(self, new: list[_Row]) -> None:
+    def _admit(self, new: list[Row]) -> None:
         """Prefill new rows together, hand out their first token, join them to the batch."""
         from transformers import DynamicCache
 
         self.stats["prefills"] += 1
-        ids, mask = self._padded([r.req.prompt_ids for r in new])
+        ids, mask = self.lm.left_pad([r.req.prompt_ids for r in new])
         cache = DynamicCache() if self.use_cache else None
         logits = self._forward(new, ids, mask, cache)
         if cache is not None and not joinable(cache):
@@ -435,7 +268,7 @@ class Engine:
             self._join(new, cache, mask)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self.rows))
 
-    def _join(self, new: list[_Row], cache, mask: torch.Tensor) -> None:
+    def _join(self, new: list[Row], cache, mask: torch.Tensor) -> None:
         """Left-pad the two caches (and masks) to one length and stack their rows."""
         T = max(self.mask.shape[1], mask.shape[1])
         mine, theirs = cache_layers(self.cache), cache_layers(cache)
@@ -459,7 +292,7 @@ class Engine:
             logits = self._forward(rows, ids, mask, self.cache)
             self.mask = mask
         else:
-            ids, mask = self._padded([r.req.prompt_ids + r.ids for r in rows])
+            ids, mask = self.lm.left_pad([r.req.prompt_ids + r.ids for r in rows])
             logits = self._forward(rows, ids, mask, None)
         for r in rows:
             if r.req.cancelled.is_set():

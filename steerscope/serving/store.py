@@ -26,7 +26,7 @@ import torch
 from ..directions.vectors import CONFIG_FILE, TENSORS_FILE, SteeringVector, VectorSet
 from ..errors import SteerscopeError
 from ..interventions.positions import ALL, Positions
-from .engine import AblateSpec, AddSpec, RowSteering
+from .protocol import AblateSpec, AddSpec, RowSteering
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -7,7 +7,7 @@ import torch
 
 import steerscope as ss
 from steerscope.directions import VectorSet, mean_difference
-from steerscope.models.loading import MANIFEST, default_cache_dir
+from steerscope.models.embedded import MANIFEST, default_cache_dir
 
 pytestmark = pytest.mark.integration
 

@@ -108,8 +108,7 @@ def greedy_replies(lm, prompts: list[str], n: int, *, chat: bool | None = None,
     both as text that `lm.encode(..., formatted=True)` reads back: the prompt is encoded exactly
     as a run encodes it (chat template or BOS included), then decoded with its special tokens.
     One prompt at a time: no padding, and a few short prompts cost well under a second."""
-    eos = lm.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else lm.tokenizer.eos_token_id])
+    eos = lm.eos_ids
     heads, full = [], []
     for p in prompts:
         ids = lm.encode([p], chat=chat, formatted=formatted)["input_ids"]  # (1, T)
