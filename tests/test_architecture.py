@@ -21,7 +21,7 @@ build_parser()  # imports the CLI modules, so COMMANDS holds every command befor
 assert len(COMMANDS) >= 14
 
 # models -> interventions -> directions -> generation -> sae -> judging -> report -> jobs -> cli
-RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
+RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "progress": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
         "directions": 3, "generation": 4, "sae": 5, "judging": 6, "report": 7, "jobs": 8, "serving": 8,
         "cli": 9, "cli_args": 9, "cli_bench": 9, "cli_serve": 9, "cli_sweep": 9, "cli_distill": 9, "cli_refine": 9, "cli_discover": 9, "cli_sae": 9, "cli_supervised": 9, "__init__": 10, "__main__": 10}
 

@@ -32,7 +32,6 @@ SAE, in its feature basis.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -46,6 +45,7 @@ from ..errors import SteerscopeError
 from ..generation import generate
 from ..judging.kl_match import Rollouts
 from ..models.loading import ModelConfig
+from ..progress import say
 
 REFINE_METHODS: Family = Family("refine_methods", "refine method")
 
@@ -133,7 +133,7 @@ class Eval:
 
 
 def _log(msg: str) -> None:
-    print(f"steerscope refine: {msg}", file=sys.stderr, flush=True)
+    say(f"steerscope refine: {msg}")  # stderr and the job log
 
 
 def schedule(anneal: list[float], generations: int) -> list[float]:
