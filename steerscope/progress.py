@@ -146,7 +146,7 @@ class Bar:
             if self._timer is not None:
                 self._timer.cancel()
             if self._last is not None:  # a loop that said it started also says it ended
-                self._emit(f"{self.desc}: done, {self.n} {self.unit} in {duration(time.monotonic() - self.t0)}"
+                self._emit(f"{self.desc}: done, {self.n} {self._units(self.n)} in {duration(time.monotonic() - self.t0)}"
                            + (f" ({self.postfix})" if self.postfix else ""))
         if self._tqdm is not None:
             self._tqdm.close()
@@ -163,12 +163,18 @@ class Bar:
         el = time.monotonic() - self.t0
         done = self.n - self.initial
         if self.total:
-            head = f"{self.desc}: {self.n}/{self.total} {self.unit} ({self.n / self.total:.0%})"
+            head = f"{self.desc}: {self.n}/{self.total} {self._units(self.total)} ({self.n / self.total:.0%})"
             eta = duration((self.total - self.n) * el / done) if done > 0 else "unknown"
             tail = f", ETA {eta}"
         else:
-            head, tail = f"{self.desc}: {self.n} {self.unit}", ""
+            head, tail = f"{self.desc}: {self.n} {self._units(self.n)}", ""
         return f"{head}, {duration(el)} elapsed{tail}" + (f" ({self.postfix})" if self.postfix else "")
+
+    def _units(self, k: int) -> str:
+        """`row` -> `rows`, `pass` -> `passes` (tqdm's unit is a rate's: rows/s is row/s there)."""
+        if k == 1:
+            return self.unit
+        return self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
 
     def _emit(self, text: str) -> None:
         self._last = time.monotonic()

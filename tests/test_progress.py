@@ -53,9 +53,9 @@ def test_plain_lines_carry_the_eta_and_come_every_ten_percent(capsys, clock):
     assert cap.out == ""  # stdout is for results
     lines = _lines(cap.err)
     # the first line once the delay has passed, one at each further 10 %, and the end
-    assert lines[0].startswith("training: 1/100 step (1%), 4s elapsed, ETA 6m36s")  # 99 left at 4 s a step
-    assert lines[1].startswith("training: 10/100 step (10%), 13s elapsed, ETA 1m57s")
-    assert len(lines) == 11 and lines[-1] == "training: done, 100 step in 1m43s"
+    assert lines[0].startswith("training: 1/100 steps (1%), 4s elapsed, ETA 6m36s")  # 99 left at 4 s a step
+    assert lines[1].startswith("training: 10/100 steps (10%), 13s elapsed, ETA 1m57s")
+    assert len(lines) == 11 and lines[-1] == "training: done, 100 steps in 1m43s"
     assert all("ETA" in l for l in lines[:-1])
 
 
@@ -67,7 +67,7 @@ def test_a_line_every_30_seconds_when_steps_are_slow(capsys, clock):
     lines = _lines(capsys.readouterr().err)
     # at 20 s (past the delay), then 60 s and 100 s, 140 s, 180 s (each >= 30 s after the last), and the end
     assert [re.search(r"(\d+)/1000", l).group(1) for l in lines[:-1]] == ["1", "3", "5", "7", "9"]
-    assert lines[-1].startswith("slow: done, 9 row in 3m00s")
+    assert lines[-1].startswith("slow: done, 9 rows in 3m00s")
 
 
 def test_a_quick_loop_and_an_empty_one_print_nothing(capsys):
@@ -87,7 +87,7 @@ def test_many_fast_steps_do_not_spam(capsys, monkeypatch):
         for _ in range(50_000):
             b.update(1)
     lines = _lines(capsys.readouterr().err)
-    assert 2 <= len(lines) <= 12 and lines[-1].startswith("fast: done, 50000 step")
+    assert 2 <= len(lines) <= 12 and lines[-1].startswith("fast: done, 50000 steps")
 
 
 def test_the_silence_of_a_slow_first_step_is_broken(capsys):
@@ -96,8 +96,8 @@ def test_the_silence_of_a_slow_first_step_is_broken(capsys):
     time.sleep(0.6)
     b.close()
     lines = _lines(capsys.readouterr().err)
-    assert lines[0].startswith("calibrating R: 0/5 pass (0%)") and "ETA unknown" in lines[0]
-    assert lines[-1].startswith("calibrating R: done, 0 pass")
+    assert lines[0].startswith("calibrating R: 0/5 passes (0%)") and "ETA unknown" in lines[0]
+    assert lines[-1].startswith("calibrating R: done, 0 passes")
 
 
 def test_show_false_is_silent_everywhere(capsys, tmp_path, clock):
@@ -119,11 +119,11 @@ def test_the_job_log_gets_the_same_lines_with_timestamps_and_is_appended(capsys,
             b.update(10)
     first = log.read_text().splitlines()
     assert re.fullmatch(STAMP + r" steerscope run: generating 20 completions", first[0])
-    assert re.fullmatch(STAMP + r"   generating: 10/20 row \(50%\), 5s elapsed, ETA 5s", first[1])
-    assert re.fullmatch(STAMP + r"   generating: done, 20 row in 10s", first[2])
+    assert re.fullmatch(STAMP + r"   generating: 10/20 rows \(50%\), 5s elapsed, ETA 5s", first[1])
+    assert re.fullmatch(STAMP + r"   generating: done, 20 rows in 10s", first[2])
     err = _lines(capsys.readouterr().err)
-    assert err == ["steerscope run: generating 20 completions", "generating: 10/20 row (50%), 5s elapsed, ETA 5s",
-                   "generating: done, 20 row in 10s"]
+    assert err == ["steerscope run: generating 20 completions", "generating: 10/20 rows (50%), 5s elapsed, ETA 5s",
+                   "generating: done, 20 rows in 10s"]
     with job_log(log):  # a resumed job appends
         note("resumed")
     assert log.read_text().splitlines()[:3] == first and log.read_text().splitlines()[3].endswith(" resumed")
@@ -146,7 +146,7 @@ def test_on_a_terminal_the_bar_is_tqdm_on_stderr_and_the_log_still_gets_lines(ca
     assert "melbo" in cap.err and "\r" in cap.err  # tqdm's redrawn line
     assert not re.search(r"^  melbo: ", cap.err, re.M)  # no plain lines on a terminal
     lines = log.read_text().splitlines()
-    assert "melbo: 1/4 step (25%), 10s elapsed, ETA 30s" in lines[0] and "done, 4 step in 40s" in lines[-1]
+    assert "melbo: 1/4 steps (25%), 10s elapsed, ETA 30s" in lines[0] and "done, 4 steps in 40s" in lines[-1]
 
 
 def test_stage_boundaries_go_to_the_job_log(tmp_path, capsys):
@@ -189,6 +189,6 @@ def test_discovery_and_generation_report_progress_off_a_terminal(capsys, monkeyp
     for what in ("calibrating R: ", "melbo: ", "generating: "):
         assert re.search(rf"^  {what}\d+/\d+ \w+ \(\d+%\), \d+s elapsed, ETA ", cap.err, re.M), what
         assert re.search(rf"^  {what}done, ", cap.err, re.M), what
-    assert re.search(STAMP + r"   melbo: \d+/6 step .*ETA", log.read_text())
+    assert re.search(STAMP + r"   melbo: \d+/6 steps .*ETA", log.read_text())
     generate(lm, ["Hi"], max_new_tokens=2, progress=False)  # progress=False: nothing
     assert capsys.readouterr().err == ""

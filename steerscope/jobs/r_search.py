@@ -105,7 +105,7 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, st
     layer = cfg.resolve_layers(lm.n_layers)[0]
     rows: list[dict] = []
     # One unit for the unsteered completions, one per R tried (`n_rand x len(prompts)` completions).
-    with bar(1 + steps, "R search", "R", show=progress) as tried:
+    with bar(1 + steps, "R search", "R value", show=progress) as tried:
         comps = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
         base = Texts.of([c.text for c in comps])
         tried.update(1)

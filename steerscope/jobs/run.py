@@ -326,6 +326,7 @@ def _measured(ctx: _RunContext, parts) -> dict:
             lm, ctx.train, sub, cfg.sweep_multiples, max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat,
             layer_range=ctx.layer_range, unsteered=unsteered_train, each=True).items()})
     sweep = {v: sweep[v] for v in top}
+    parts.set_postfix()  # nothing runs now
     parts.update(1)
     n_samples = len({r["vector_id"] for r in rows if r["set"] == "sample"})
     testable = sum(f["testable"] for f in findings)
