@@ -130,7 +130,7 @@ class Bar:
     def set_postfix(self, **kw) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
         if self._tqdm is not None:
-            self._tqdm.set_postfix(**kw)
+            self._tqdm.set_postfix(refresh=False, **kw)  # drawn at the next update, after the delay
 
     def start_at(self, n: int) -> None:
         """A resumed loop starts at step `n`: counted as done, left out of the rate."""
