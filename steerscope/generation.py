@@ -8,7 +8,6 @@ the KV cache is used, and greedy decoding is deterministic.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ from .interventions.rows import AblateSpec, AddSpec, RowSteering, per_row
 from .interventions.steer import steer
 from .models.compat import with_cache
 from .models.prefix import PrefixSplit, guarded, verified
+from .progress import bar
 
 
 @dataclass
@@ -100,7 +100,7 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
     `reduce(logits (B, vocab), prompt_index (B,)) -> (B,)` turns each batch's logits into one
     number per row at once, and the result is (n_variants, n_prompts): memory then stays flat in
     the number of vectors (K x P x vocab floats are never held; 90 candidates x 35 prompts x
-    SmolLM2's 49k vocabulary would be 620 MB per call). `progress`: a tqdm bar updated per row.
+    SmolLM2's 49k vocabulary would be 620 MB per call). `progress`: a bar (`progress.bar`) updated per row.
 
     `share_prefix`: prompts that start alike (a chat template and system prompt: about half of
     SmolLM2's tokens here) run that prefix once per vector and batch, and the prompt suffixes
@@ -160,6 +160,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
             `batch_size` or on which rows share a batch, and the steered and unsteered rows of a
             prompt draw the same random numbers (so their differences come from the steering).
         chat: apply the chat template (default: when the tokenizer has one).
+        progress: a bar over the rows (None: `steerscope.progress.bar`'s default; False: none).
         use_cache: decode with the KV cache (default); False recomputes every sequence at every
             step (slow; the same tokens, a check that steering does not depend on the cache).
     Returns completions ordered by variant (unsteered first), then prompt.
@@ -183,12 +184,8 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
     # row), so transformers always decodes greedily here.
     gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
                           top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos, use_cache=use_cache)
-    from tqdm.auto import tqdm
-
-    show = sys.stderr.isatty() if progress is None else progress
     results: list[Completion] = []
-    bar = tqdm(total=len(rows), desc="generating", unit="row", disable=not show, leave=False)
-    try:
+    with bar(len(rows), "generating", "row", show=progress) as rows_done:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
@@ -205,9 +202,7 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
                 results.append(Completion(pi, prompts[pi], v.id, v.layer, v.coef,
                                           tok.decode(ids, skip_special_tokens=True), ids,
                                           "length" if cut is None else "eos"))
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+            rows_done.update(len(chunk))
     return results
 
 

@@ -21,7 +21,7 @@ ROOT = Path(steerscope.__file__).parent
 assert len(COMMANDS) >= 14  # importing steerscope.cli registers every command
 
 # models -> interventions -> directions -> generation -> adapters -> sae -> judging -> report -> jobs -> cli
-RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
+RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "progress": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
         "directions": 3, "generation": 4, "adapters": 4.5, "sae": 5, "judging": 6, "report": 7, "jobs": 8, "serving": 8,
         "cli": 9, "__init__": 10, "__main__": 10}
 

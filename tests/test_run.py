@@ -63,9 +63,14 @@ def test_run_folder_contents(run_dir):
 
 
 def test_resume_and_never_clobber(run_dir, lm, cfg):
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "report.html"}
+    rebuilt = ("report.html", "log.txt")  # the report is rebuilt, the job log appended to
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name not in rebuilt}
+    log = (run_dir / "log.txt").read_text()
     run(cfg, run_dir, lm=lm)
-    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "report.html"}
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name not in rebuilt}
+    resumed = (run_dir / "log.txt").read_text()
+    assert resumed.startswith(log) and "=== run resumed" in resumed[len(log):]
+    assert "steerscope run: measure: reused from metrics.json" in resumed[len(log):]
     other = cfg.replace(max_new_tokens=7)
     with pytest.raises(ss.SteerscopeError, match="another run"):
         run(other, run_dir, lm=lm)
@@ -262,7 +267,7 @@ def test_export_a_finding_as_a_vector_set(run_dir, lm, tmp_path):
 
 
 def test_r_search_brackets_then_bisects_for_the_largest_R_random_vectors_mostly_leave_alone():
-    from steerscope.judging.goldilocks import search
+    from steerscope.jobs.r_search import search
 
     def scripted(edge):  # the share random vectors move rises with R and crosses 50 % at log2 multiple `edge`
         calls = []
@@ -289,7 +294,7 @@ def test_r_search_brackets_then_bisects_for_the_largest_R_random_vectors_mostly_
 def test_r_search_on_a_model_uses_random_vectors_only(lm, monkeypatch):
     """goldilocks_R trains nothing: it generates under random vectors of each norm tried and reads
     the share whose behaviour moved; the rows it records are the R values it tried."""
-    import steerscope.judging.goldilocks as g
+    import steerscope.jobs.r_search as g
 
     monkeypatch.setattr(g, "calibrate_R", lambda *a, **k: (10.0, None))
     monkeypatch.setattr(g, "discover", lambda *a, **k: pytest.fail("the R search must not train"), raising=False)

@@ -34,6 +34,7 @@ from ..errors import SteerscopeError
 from ..generation import generate
 from ..interventions.ops import Add
 from ..interventions.steer import steer
+from ..progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,6 @@ def distill(lm, vector: torch.Tensor, vector_layer: int, out: str | Path, cfg: D
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise SteerscopeError("distillation trains a LoRA adapter with peft: pip install 'steerscope[distill]'.") from None
-    from tqdm.auto import tqdm
-
     out = Path(out)
     refuse_existing(out, force)
     layer = lm.check_layer(vector_layer if cfg.layer is None else cfg.layer)
@@ -152,26 +151,25 @@ def distill(lm, vector: torch.Tensor, vector_layer: int, out: str | Path, cfg: D
         rng = random.Random(cfg.seed)
         half = max(1, cfg.batch // 2)
         curve: list[dict[str, float]] = []
-        bar = tqdm(range(cfg.steps), desc="distilling", unit="step", leave=False,
-                   disable=(progress is False) or (progress is None and not _tty()))
-        for step in bar:
-            tr = rng.sample(range(len(train_p)), min(half, len(train_p)))
-            ne = rng.sample(range(len(neutral)), min(half, len(neutral)))
-            with torch.no_grad(), model.disable_adapter():
-                target_s = _logp(lm, model, train, tr, [add])  # the steered model's own distributions
-                target_n = _logp(lm, model, neut, ne)  # the unsteered model
-            model.train()
-            loss_s = _kl(target_s, _logp(lm, model, train, tr))
-            loss_n = _kl(target_n, _logp(lm, model, neut, ne))
-            loss = loss_s + cfg.kl_weight * loss_n
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-            model.eval()
-            ls, ln = float(loss_s.detach()), float(loss_n.detach())
-            curve.append({"step": step + 1, "kl_to_steered": ls, "kl_to_unsteered_neutral": ln})
-            bar.set_postfix(steered=f"{ls:.3f}", neutral=f"{ln:.3f}")
-        bar.close()
+        with progress_bar(cfg.steps, "distilling", "step", show=progress) as bar:
+            for step in range(cfg.steps):
+                tr = rng.sample(range(len(train_p)), min(half, len(train_p)))
+                ne = rng.sample(range(len(neutral)), min(half, len(neutral)))
+                with torch.no_grad(), model.disable_adapter():
+                    target_s = _logp(lm, model, train, tr, [add])  # the steered model's own distributions
+                    target_n = _logp(lm, model, neut, ne)  # the unsteered model
+                model.train()
+                loss_s = _kl(target_s, _logp(lm, model, train, tr))
+                loss_n = _kl(target_n, _logp(lm, model, neut, ne))
+                loss = loss_s + cfg.kl_weight * loss_n
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+                model.eval()
+                ls, ln = float(loss_s.detach()), float(loss_n.detach())
+                curve.append({"step": step + 1, "kl_to_steered": ls, "kl_to_unsteered_neutral": ln})
+                bar.set_postfix(steered=f"{ls:.3f}", neutral=f"{ln:.3f}")
+                bar.update(1)
         ev = _evaluate(lm, model, add, held, neut)
         result = {"evaluation": ev, "final": curve[-1], "curve": curve[:: max(1, len(curve) // 100)],
                   "config": config_to_dict(cfg), "vector": {"source": source, "layer": layer, "coef": cfg.coef,
@@ -208,12 +206,6 @@ def _evaluate(lm, model, add, held: _Seqs, neut: _Seqs) -> dict[str, float]:
         "neutral_kl_unsteered_vs_adapter": float(_kl(base_n, adapter_n)),
         "neutral_kl_unsteered_vs_vector": float(_kl(base_n, steered_n)),
     }
-
-
-def _tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
 
 
 def merge_adapter(lm, adapter: str | Path, out: str | Path, force: bool = False) -> Path:

@@ -1,7 +1,6 @@
 """`steerscope sae train | corpus | eval | features`: sparse autoencoders."""
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def cmd_sae_corpus(cfg) -> int:
     lm = cfg.model.load()
     if Path(cfg.out).exists() and not cfg.force:
         say(f"{cfg.out} exists: continuing it (finished batches are kept; --force starts over)")
-    n = sample_corpus(lm, cfg.out, cfg.corpus, progress=sys.stderr.isatty(), force=cfg.force)
+    n = sample_corpus(lm, cfg.out, cfg.corpus, force=cfg.force)
     print(f"{cfg.out}: {n} documents sampled from {lm.model_id}")
     return 0
 

@@ -22,6 +22,7 @@ import torch
 from ..config import Config, Family, config_to_dict
 from ..errors import SteerscopeError
 from ..models.activations import collect_activations, read_positions
+from ..progress import bar
 from .data import ContrastSet, from_sets
 from .vectors import VectorSet
 
@@ -164,10 +165,6 @@ class ExtractConfig(Config):
 def extract(lm, data: ContrastSet, config: ExtractConfig | None = None, progress: bool | None = None) -> VectorSet:
     """One candidate per (layer, read position). The VectorSet's hyper-parameters record the
     config and per-candidate statistics (norm, separation, probe accuracy)."""
-    import sys
-
-    from tqdm.auto import tqdm
-
     cfg = config or ExtractConfig()
     fn = EXTRACTORS.get(cfg.method).fn
     if getattr(fn, "needs_pairs", False) and not data.paired:  # say so before the expensive pass
@@ -175,10 +172,9 @@ def extract(lm, data: ContrastSet, config: ExtractConfig | None = None, progress
     layers = [lm.check_layer(l) for l in (cfg.layers if cfg.layers is not None else range(lm.n_layers))]
     P = read_positions(cfg.read)
     a_txt, b_txt = data.formatted(lm, cfg.chat, cfg.system)
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(a_txt) + len(b_txt), desc="activations", unit="text", disable=not show, leave=False) as bar:
-        A = collect_activations(lm, a_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=bar)
-        B = collect_activations(lm, b_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=bar)
+    with bar(len(a_txt) + len(b_txt), "activations", "text", show=progress) as texts:
+        A = collect_activations(lm, a_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=texts)
+        B = collect_activations(lm, b_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=texts)
         # (N, P, L, d) each
     vecs, cand_layers, ids, stats = [], [], [], []
     offsets = list(range(-P, 0)) if P > 1 else [None]

@@ -23,7 +23,6 @@ A bench is a folder of stages (a killed bench resumes at the concept it was on):
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -43,6 +42,7 @@ from ..errors import SteerscopeError
 from ..generation import generate
 from ..judging.kl_match import KLMatchConfig, Rollouts, match_kl
 from ..models.loading import ModelConfig
+from ..progress import say
 from .bench_methods import BENCH_METHODS
 from .stages import Stage, run_stages
 
@@ -107,7 +107,7 @@ class BenchConfig(Config):
 
 
 def _log(msg: str) -> None:
-    print(f"steerscope bench: {msg}", file=sys.stderr, flush=True)
+    say(f"steerscope bench: {msg}")  # stderr and the job log
 
 
 class BenchContext:

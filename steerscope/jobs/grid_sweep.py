@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from .._io import write_json_atomic, write_text_atomic
 from ..errors import SteerscopeError
+from ..progress import bar as progress_bar
 from ..report.grid_sweep import render_sweep
 
 STATE = "sweep.json"
@@ -235,7 +236,6 @@ def run_sweep(spec: GridSpec, points: list[Point], out: Path, task, *, address: 
     """Run every unfinished point as a Ray task `task(command, argv, point_dir) -> dict` and keep
     `sweep.json` / `sweep.html` current. Returns the final state."""
     import ray
-    from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     state = SweepState(out, spec, points, force)
@@ -264,7 +264,7 @@ def run_sweep(spec: GridSpec, points: list[Point], out: Path, task, *, address: 
         opts["memory"] = int(r.memory_gb * 2 ** 30)
     remote = ray.remote(task).options(**opts)
     refs = {remote.remote(spec.command, p.argv, str(state.point_dir(p.key))): p for p in todo}
-    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="point", disable=not progress)
+    bar = progress_bar(len(points), "sweep", "point", show=progress, initial=len(points) - len(todo))
     try:
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1, timeout=2.0)

@@ -31,7 +31,6 @@ generation checkpointed) and the search checkpoint's key; `jobs.refine_job` runs
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -44,6 +43,7 @@ from ..directions.vectors import SteeringVector
 from ..generation import generate
 from ..judging.kl_match import Rollouts
 from ..models.loading import ModelConfig
+from ..progress import say
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Eval:
 
 
 def _log(msg: str) -> None:
-    print(f"steerscope refine: {msg}", file=sys.stderr, flush=True)
+    say(f"steerscope refine: {msg}")  # stderr and the job log
 
 
 class Evaluator:

@@ -2,7 +2,7 @@
 and unsteered) on training and held-out prompts, measure, cluster behaviours, write a report.
 
 R, when not given, is the calibrated R, then searched up or down for the largest R where random
-vectors mostly leave the reply alone (`judging.goldilocks`).
+vectors mostly leave the reply alone (`jobs.r_search`).
 A run is a folder, one file or folder per stage:
     config.json         the RunConfig and steerscope version (JobFolder)
     calibration.json    stage "calibrate": the R used (given, or calibrated + the R search)
@@ -12,6 +12,8 @@ A run is a folder, one file or folder per stage:
                         unsteered samples at temperature (the null model's second control)
     metrics.json        stage "measure": per-vector metrics, clusters, learned vs random, norm sweep
     report.html         stage "report": one self-contained page (rebuilt every time)
+    log.txt             the job log: stage boundaries, messages and progress lines with
+                        timestamps (`progress`), appended to when the run resumes
 Everything the run needs (prompts, layers, scorers and their extras, the judge endpoint, the
 model) is checked before the first expensive stage. A finished stage is never redone, so a
 killed run resumes where it stopped; a folder holding a run with other settings is refused
@@ -23,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -41,8 +42,9 @@ from ..directions.discovery import DiscoverConfig, discover, random_control
 from ..directions.vectors import VectorSet
 from ..errors import SteerscopeError
 from ..generation import Completion, generate
-from ..judging.goldilocks import goldilocks_R
 from ..models.loading import ModelConfig
+from ..progress import LOG_NAME, bar, job_log, say
+from .r_search import goldilocks_R
 from .stages import Stage, run_stages
 
 
@@ -76,7 +78,7 @@ class RunConfig(Config):
     r_search_steps: int = field(default=4, metadata={"min": 0})
     """when R is calibrated: R values tried by the R search, which brackets (doubling or halving from
     the calibrated R) and bisects for the largest R where random vectors mostly do not change the reply
-    (judging/goldilocks.py; 0: the calibrated R as it is)"""
+    (jobs/r_search.py; 0: the calibrated R as it is)"""
     r_max_random: float = field(default=0.5, metadata={"min": 0, "max": 1})
     """the R search keeps the largest R where random vectors moved at most this share of completions"""
     r_random: int = field(default=16, metadata={"min": 1})
@@ -122,7 +124,7 @@ class RunConfig(Config):
 
 
 def _log(msg: str) -> None:
-    print(f"steerscope run: {msg}", file=sys.stderr, flush=True)
+    say(f"steerscope run: {msg}")  # stderr and the job log
 
 
 class _RunContext:
@@ -191,17 +193,13 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
 
 
 def _choose_R(ctx: _RunContext) -> dict:
-    from tqdm.auto import tqdm
-
     d, cfg = ctx.cfg.discover, ctx.cfg
     if d.R is not None:
         return {"chosen": d.R, "given": True}
     _log(f"choosing R: calibrating, then searching for the largest R where {cfg.r_random} random vectors move at most "
          f"{cfg.r_max_random:.0%} of completions ({cfg.r_search_steps} steps)")
-    with tqdm(total=1 + cfg.r_search_steps, desc="choosing R", unit="R", disable=not sys.stderr.isatty(), leave=False) as bar:
-        res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, steps=cfg.r_search_steps,
-                           random_vectors=cfg.r_random, threshold=cfg.cluster_threshold, max_random=cfg.r_max_random,
-                           log=_log, progress=bar.update)
+    res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, steps=cfg.r_search_steps,
+                       random_vectors=cfg.r_random, threshold=cfg.cluster_threshold, max_random=cfg.r_max_random, log=_log)
     _log(f"R = {res.chosen:.3g} ({res.reason})")
     return {**res.to_dict(), "given": False}
 
@@ -258,6 +256,20 @@ def _completions(rows: list[dict]) -> list[Completion]:
 
 
 def _measure(ctx: _RunContext) -> dict:
+    # A bar over its parts: embedding, log-probabilities, vector metrics, distances, clustering,
+    # findings, then one norm sweep per source layer of the swept vectors (kl, melbo: one).
+    n_sweeps = min(ctx.cfg.sweep_top, len(set(ctx.artifacts["discover"].layers)))
+    with bar(6 + n_sweeps, "measure", "part") as parts:
+        return _measured(ctx, parts)
+
+
+def _then(parts, name: str) -> None:
+    """The previous part is done, `name` starts (the bar's lines say which)."""
+    parts.set_postfix(now=name)
+    parts.update(1)
+
+
+def _measured(ctx: _RunContext, parts) -> dict:
     from ..judging.change import Texts, distance
     from ..judging.cluster import cluster_texts
     from ..judging.findings import find_behaviours
@@ -269,6 +281,7 @@ def _measure(ctx: _RunContext) -> dict:
     learned, control, rows = ctx.artifacts["discover"], ctx.artifacts["control"], ctx.artifacts["generate"]
     sets = {**{i: "learned" for i in learned.ids}, **{i: "random" for i in control.ids}}
     _log("measuring, clustering, testing findings and sweeping")
+    parts.set_postfix(now="embedding")
     rep = Texts.of([r["text"] for r in rows])  # every row, samples included: the clusters see them all
     steered_rows = [i for i, r in enumerate(rows) if r["set"] != "sample"]
     completions = _completions([rows[i] for i in steered_rows])
@@ -280,12 +293,15 @@ def _measure(ctx: _RunContext) -> dict:
 
         scorers.append(judge_from(cfg, ctx.folder.path("judge_cache.jsonl"), default_model="judge").metric())
     h = learned.config.hyperparams
+    _then(parts, "log-probabilities")
     # Log-probabilities under the unsteered model, once: per-vector naturalness and the findings' both use them.
     lps = completion_logprobs(lm, [c.prompt for c in completions], [c.token_ids for c in completions], chat=cfg.discover.chat)
+    _then(parts, "vector metrics")
     per_vector = compute_vector_metrics(lm, both, completions, neutral=ctx.neutral, layer_range=ctx.layer_range,
                                         target_tokens=h.get("target_tokens", "all"), scorers=scorers, chat=cfg.discover.chat,
                                         embeddings=dict(zip(map(id, completions), rep.meaning[steered_rows])),
                                         logprobs=dict(zip(map(id, completions), lps)))
+    _then(parts, "distances")
     # Each row's behaviour distance from the greedy unsteered completion of its prompt.
     base = {r["prompt_index"]: i for i, r in enumerate(rows) if r["set"] == "unsteered"}
     other = [i for i, r in enumerate(rows) if r["set"] != "unsteered"]
@@ -296,8 +312,10 @@ def _measure(ctx: _RunContext) -> dict:
         dist[i] = d
     moved = {s: nanmean([float(d > cfg.cluster_threshold) for i, d in zip(other, d_moved.tolist()) if rows[i]["set"] == s])
              for s in ("learned", "random", "sample")}
+    _then(parts, "clustering")
     clustering = cluster_texts([r["text"] for r in rows], rep, cfg.cluster_threshold)
     clusters = [asdict(c) for c in clustering.clusters]
+    _then(parts, "findings")
     findings = find_behaviours(lm, rows, clustering.labels, clusters, dist, chat=cfg.discover.chat, alpha=cfg.alpha,
                                logprobs=dict(zip(steered_rows, lps)))
     for vid, m in per_vector.items():
@@ -316,12 +334,15 @@ def _measure(ctx: _RunContext) -> dict:
     sweep = {}
     for layer in sorted({learned[v].layer for v in top}):  # one batched sweep per source layer (kl: one)
         ids = [v for v in top if learned[v].layer == layer]
+        _then(parts, f"norm sweep, layer {layer}")
         sub = VectorSet.create(lm, torch.stack([learned[v].vector for v in ids]), [layer] * len(ids), "sweep",
                                ids=ids, hyperparams=h)
         sweep.update({v: sweep_to_dicts(r) for v, r in norm_sweep(
             lm, ctx.train, sub, cfg.sweep_multiples, max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat,
             layer_range=ctx.layer_range, unsteered=unsteered_train, each=True).items()})
     sweep = {v: sweep[v] for v in top}
+    parts.set_postfix()  # nothing runs now
+    parts.update(1)
     n_samples = len({r["vector_id"] for r in rows if r["set"] == "sample"})
     testable = sum(f["testable"] for f in findings)
     return {"vectors": per_vector, "sets": sets, "summary": summary, "sweep": sweep,
@@ -377,10 +398,12 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
     lm = lm or cfg.model.load()
     train, heldout, neutral, scorers = _validate(cfg, lm)
     folder = JobFolder(out, "run", cfg, force=force, version=__version__)
-    if folder.resumed:
-        _log(f"resuming the run in {folder.out}")
-    ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)
-    run_stages(folder, [s for s in STAGES if s.name != "null" or cfg.null_model != "none"], ctx, _log)
-    report = ctx.artifacts["report"]
-    _log(f"report: {report.resolve()}")
+    with job_log(folder.path(LOG_NAME)):  # the same log run_stages writes; these messages too
+        if folder.resumed:
+            _log(f"resuming the run in {folder.out}")
+        ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)
+        run_stages(folder, [s for s in STAGES if s.name != "null" or cfg.null_model != "none"], ctx, _log)
+        report = ctx.artifacts["report"]
+        _log(f"report: {report.resolve()}")
+        _log(f"log (stages, progress lines, timings): {folder.path(LOG_NAME).resolve()}")
     return report

@@ -89,8 +89,7 @@ def train_job(lm, cfg: SAEJobConfig, out: str | Path, *, force: bool = False, pr
         return shard_batches(cache, cfg.batch_size, seed=seed)
 
     def train(ctx):
-        show = sys.stderr.isatty() if progress is None else progress
-        return train_sae(ctx.artifacts["source"], scfg, cfg.train, progress=show, checkpoint_dir=partial,
+        return train_sae(ctx.artifacts["source"], scfg, cfg.train, progress=progress, checkpoint_dir=partial,
                          checkpoint_every=cfg.checkpoint_every)
 
     def save(ctx):

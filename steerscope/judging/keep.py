@@ -53,7 +53,7 @@ class CompletionRanker:
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         P = len(self.prompts)
         rows = generate(self.lm, self.prompts, vectors=vectors, layer=self.layer, include_unsteered=True,
-                        max_new_tokens=self.max_new_tokens, chat=self.chat, progress=False)
+                        max_new_tokens=self.max_new_tokens, chat=self.chat)  # shown: tens of seconds for kl's 24
         steered = rows[P:]  # the P unsteered rows come first, then vector by vector, prompt by prompt
         rep = Texts.of([r.text for r in rows])  # P unsteered, then n * P steered
         n = len(vectors)

@@ -25,7 +25,6 @@ log-odds of refusal-start tokens at the last position, as in Arditi et al.), the
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -37,6 +36,7 @@ from ..config import Config, config_to_dict
 from ..directions.vectors import VectorSet
 from ..errors import SteerscopeError
 from ..generation import generate, last_token_logits
+from ..progress import bar
 from .metrics import Metric, kl_divergence, parse_metric
 
 # Tokens a refusal starts with (SmolLM2 and Llama-style chat models), for the logit prefilter.
@@ -140,19 +140,13 @@ class Selection:
         write_json_atomic(Path(path), self.to_dict())
 
 
-def _bar(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="row", disable=not sys.stderr.isatty(), leave=False)
-
-
 def _logit_scores(lm, metric: Metric, prompts: list[str], vs: VectorSet | None, mode: str, cfg: SelectConfig,
                   desc: str) -> torch.Tensor:
     """(K,) mean logit metric over prompts per candidate (or (1,) unsteered when vs is None)."""
     n = (len(vs) if vs is not None else 1) * len(prompts)
-    with _bar(n, desc) as bar:
+    with bar(n, desc, "row") as rows:
         s = last_token_logits(lm, prompts, vectors=vs, coef=cfg.coef, mode=mode, chat=cfg.chat, batch_size=cfg.batch_size,
-                              include_unsteered=vs is None, reduce=lambda lg, _: metric.score_logits(lg), progress=bar)
+                              include_unsteered=vs is None, reduce=lambda lg, _: metric.score_logits(lg), progress=rows)
     return s.mean(1)
 
 
@@ -170,9 +164,9 @@ def _kl(lm, neutral: list[str], vs: VectorSet, mode: str, cfg: SelectConfig) -> 
     def kl(logits: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
         return kl_divergence(base.to(logits.device)[pi], logits)
 
-    with _bar(len(vs) * len(neutral), f"KL ({mode})") as bar:
+    with bar(len(vs) * len(neutral), f"KL ({mode})", "row") as rows:
         return last_token_logits(lm, neutral, vectors=vs, coef=cfg.coef, mode=mode, chat=cfg.chat, batch_size=cfg.batch_size,
-                                 reduce=kl, progress=bar).mean(1)  # (K,)
+                                 reduce=kl, progress=rows).mean(1)  # (K,)
 
 
 def _subset(vs: VectorSet, idx: list[int]) -> VectorSet:

@@ -25,6 +25,7 @@ from ..checkpoint import Checkpoint, config_key, key_settings
 from ..config import Config
 from ..errors import SteerscopeError
 from ..models.compat import with_cache
+from ..progress import bar as progress_bar
 
 TOPICS = (
     "volcanoes", "bread baking", "the Roman empire", "honeybees", "chess openings", "black holes", "tax forms",
@@ -114,7 +115,7 @@ class CorpusConfig(Config):
     """random seed"""
 
 
-def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool = False, force: bool = False) -> int:
+def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool | None = None, force: bool = False) -> int:
     """Append sampled documents to the JSONL file `path` until it holds `cfg.docs`; returns the count.
 
     Resumable: finished batches already in the file are kept and skipped (batch b is sampled with
@@ -122,8 +123,6 @@ def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool =
     settings are kept with the shared checkpoint helper next to the file: continuing it with other
     settings (or another model) is refused unless `force`, which starts the file over.
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or CorpusConfig()
     n_docs, batch_size, max_new_tokens, temperature, seed = cfg.docs, cfg.batch_size, cfg.max_new_tokens, cfg.temperature, cfg.seed
     path = Path(path)
@@ -148,8 +147,8 @@ def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool =
         write_text_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in keep))
     prompts = corpus_prompts(max(n_docs, len(keep)), seed)
     n_batches = -(-n_docs // batch_size)
-    bar = tqdm(total=n_batches, initial=min(done_batches, n_batches), desc="sampling corpus", disable=not progress)
-    with path.open("a") as f:
+    with progress_bar(n_batches, "sampling corpus", "batch", show=progress, initial=min(done_batches, n_batches)) as bar, \
+            path.open("a") as f:
         for b in range(done_batches, n_batches):
             chunk = prompts[b * batch_size:(b + 1) * batch_size]
             # chat requests go through the chat template when the model has one, else stay plain text
@@ -160,5 +159,4 @@ def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool =
             f.flush()
             os.fsync(f.fileno())
             bar.update(1)
-    bar.close()
     return n_batches * batch_size

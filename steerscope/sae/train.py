@@ -24,6 +24,7 @@ from ..checkpoint import Checkpoint, config_key
 from ..config import Config
 from ..errors import SteerscopeError
 from ..models.activations import read_layer
+from ..progress import bar as progress_bar
 from .model import SAE, SAEConfig
 
 
@@ -213,7 +214,7 @@ def _checkpoint(folder, cfg: SAEConfig, tcfg: TrainConfig) -> Checkpoint:
 
 
 def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig | None = None,
-              progress: bool = False, checkpoint_dir=None, checkpoint_every: int = 250) -> tuple[SAE, TrainHistory]:
+              progress: bool | None = False, checkpoint_dir=None, checkpoint_every: int = 250) -> tuple[SAE, TrainHistory]:
     """Train an SAE on `batches` of (B, d_in) activations.
 
     With `checkpoint_dir`, the full training state (weights, optimiser, schedule, dead-latent
@@ -222,8 +223,6 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
     uninterrupted run. The batch source must then have `state_dict` / `load_state_dict`
     (`ActivationBuffer`, `TensorBatches`, `ShardBatches` do).
     """
-    from tqdm.auto import tqdm
-
     t = tcfg or TrainConfig()
     sae = SAE(cfg, seed=t.seed)
     hist = TrainHistory()
@@ -256,38 +255,39 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
         with torch.no_grad():
             sae.b_dec.copy_((first * scale).mean(0))
     sae.train()
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc=f"sae {cfg.arch}", disable=not progress, leave=False)
-    for step in bar:
-        if step == 0:
-            batch = first
-        else:
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise SteerscopeError(f"the activation source ran out after {step} steps; give more text or fewer steps.") from None
-        x = batch.to(dev).float() * scale  # (B, d)
-        out = sae(x)
-        err = (x - out.recon).square().sum(-1)
-        fvu = err.mean() / (x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12)
-        loss = cfg.rule.loss(sae, x, out, err, fvu, step, t, since_fired > t.dead_after)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.project_decoder_grad()
-        opt.step()
-        sched.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            fired = (out.acts > 0).any(0)
-            since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + x.shape[0])
-            l0 = float((out.acts > 0).sum(-1).float().mean())
-        hist.l0.append(l0)
-        hist.fvu.append(float(fvu.detach()))
-        hist.dead_frac.append(float((since_fired > t.dead_after).float().mean()))
-        if step % 20 == 0:
-            bar.set_postfix(L0=f"{l0:.1f}", FVU=f"{hist.fvu[-1]:.3f}")
-        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < t.steps:
-            ckpt.save({"step": step + 1, "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                       "since_fired": since_fired, "hist": asdict(hist), "batches": it.state_dict()})
+    with progress_bar(t.steps, f"sae {cfg.arch}", "step", show=progress, initial=start) as bar:
+        for step in range(start, t.steps):
+            if step == 0:
+                batch = first
+            else:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise SteerscopeError(f"the activation source ran out after {step} steps; give more text or fewer steps.") from None
+            x = batch.to(dev).float() * scale  # (B, d)
+            out = sae(x)
+            err = (x - out.recon).square().sum(-1)
+            fvu = err.mean() / (x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12)
+            loss = cfg.rule.loss(sae, x, out, err, fvu, step, t, since_fired > t.dead_after)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.project_decoder_grad()
+            opt.step()
+            sched.step()
+            sae.normalize_decoder()
+            with torch.no_grad():
+                fired = (out.acts > 0).any(0)
+                since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + x.shape[0])
+                l0 = float((out.acts > 0).sum(-1).float().mean())
+            hist.l0.append(l0)
+            hist.fvu.append(float(fvu.detach()))
+            hist.dead_frac.append(float((since_fired > t.dead_after).float().mean()))
+            if step % 20 == 0:
+                bar.set_postfix(L0=f"{l0:.1f}", FVU=f"{hist.fvu[-1]:.3f}")
+            if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < t.steps:
+                ckpt.save({"step": step + 1, "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                           "since_fired": since_fired, "hist": asdict(hist), "batches": it.state_dict()})
+            bar.update(1)
     sae.eval()
     cfg.rule.finish(sae)
     fold_input_scale(sae, scale)

@@ -14,7 +14,6 @@ compared with.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +100,8 @@ def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, ch
     (MELBO training curves, Jacobian singular values) in its hyper-parameters and extras.
 
     `layer_range`: reuse one built on the same prompts and layers (a run builds it once).
+    `progress`: bars for the calibration and the training (None: a tqdm bar on a terminal, plain
+    lines with an ETA elsewhere, `steerscope.progress`; False: none).
     `rank`: scores (n, d) candidate vectors, higher kept, for a method that trains more than it
     keeps (kl); e.g. `judging.keep.completion_ranker`. None: the method's own rule."""
     cfg = config or DiscoverConfig()
@@ -114,13 +115,13 @@ def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, ch
     calibration = None
     R = cfg.R
     if R is None:
-        R, trace = calibrate_R(lr_, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
+        R, trace = calibrate_R(lr_, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed,
+                               progress=progress)
         calibration = {"ratio": cfg.calibrate_ratio, "R": R, "trace": trace[-5:]}
     key_cfg = {**config_to_dict(cfg), "R": R, "source": s, "target": t}
     key = config_key(lm.fingerprint, list(prompts), {**key_settings(cfg), "R": R, "source": s, "target": t})
     ckpt = Checkpoint(checkpoint_dir, key, "discovery run", force=force) if checkpoint_dir else None
-    show = sys.stderr.isatty() if progress is None else progress
-    ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, show, rank)
+    ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, progress, rank)
     res: Discovered = method.fn(ctx, cfg.method_config)
     hyper = {**key_cfg, "n_prompts": len(prompts), "prompts": list(prompts)[:50], "calibration": calibration, **res.info}
     return VectorSet.create(lm, res.vectors, s, cfg.method, ids=[f"{cfg.method}-{i}" for i in range(len(res.vectors))],

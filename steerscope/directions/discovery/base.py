@@ -11,6 +11,7 @@ import torch
 from ...checkpoint import Checkpoint
 from ...config import Family
 from ...errors import SteerscopeError
+from ...progress import bar
 
 
 @dataclass
@@ -22,16 +23,15 @@ class DiscoveryContext:
     settings: Any  # the DiscoverConfig (n_vectors, target_tokens, seed, ...)
     R: float  # the norm every vector gets (given or calibrated)
     checkpoint: Checkpoint | None = None  # where a long method saves its state; None: no checkpoints
-    progress: bool = False  # show a progress bar
+    progress: bool | None = None  # show progress bars (None: progress.bar's default; False: none)
     # Scores candidate vectors (n, d) -> (n,), higher is better, for a method that trains more
     # vectors than it keeps (kl's `candidates`). The caller supplies it: the run ranks by the
     # completions each candidate produces (judging.keep), which this layer cannot generate.
     rank: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def bar(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="step", disable=not self.progress or total <= 0, leave=False)
+        """The method's progress bar over `total` steps (all vectors' steps together)."""
+        return bar(total, desc, "step", show=self.progress)
 
 
 @dataclass

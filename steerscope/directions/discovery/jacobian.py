@@ -25,6 +25,7 @@ import torch
 from ...config import Config
 from ...errors import SteerscopeError
 from ...models.layer_range import eager_attention, frozen_weights
+from ...progress import bar
 from .base import DISCOVERY, Discovered, DiscoveryContext
 from .baselines import _orthonormal_rows, random_directions
 
@@ -138,40 +139,51 @@ def _jv(layer_range, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, target_tokens: str = "all",
-                seed: int = 0, grid: int = 25, iters: int = 30) -> tuple[float, list[tuple[float, float]]]:
+                seed: int = 0, grid: int = 25, iters: int = 30,
+                progress: bool | None = None) -> tuple[float, list[tuple[float, float]]]:
     """The R where ratio(R) crosses `target_ratio` on its way up. Returns (R, [(R, ratio), ...]).
 
     The ratio is scanned on a geometric grid from 1e-3 to 1e3 times the median token norm at
     the source layer. At very small R low-precision dtypes (bfloat16) make the ratio large
     through rounding noise alone, so the search starts from the grid's minimum and bisects the
-    first upward crossing."""
+    first upward crossing. `progress`: show a bar over its passes (`progress.bar`; False: none)."""
     lm = layer_range.lm
     mask = layer_range.target_mask(target_tokens).float()
     V = random_directions(n_probe, lm.d_model, seed).to(lm.device)
-    try:
-        with eager_attention(lm), frozen_weights(lm):
+    # One unit per pass: the Jacobian-vector product, the grid, the bisection. Each bisection step
+    # halves log(hi / lo), from one grid step (a factor 10 ** (6 / (grid - 1))) to below 1.01.
+    bisections = min(iters, math.ceil(math.log2(6 / (grid - 1) * math.log(10) / math.log(1.01))))
+    with bar(1 + grid + bisections, "calibrating R", "pass", show=progress) as passes:
+        try:
+            with eager_attention(lm), frozen_weights(lm):
+                layer_range.capture()
+                JV = _jv(layer_range, V, mask)
+        finally:
             layer_range.capture()
-            JV = _jv(layer_range, V, mask)
-    finally:
-        layer_range.capture()
-    scale = float(layer_range.h_source.float().norm(dim=-1)[layer_range.valid].median())
-    Rs = [scale * 10 ** (-3 + 6 * i / (grid - 1)) for i in range(grid)]
-    with torch.no_grad():
-        trace = [(R, nonlinearity_ratio(layer_range, R, V, JV, mask)) for R in Rs]
-        i_min = min(range(grid), key=lambda i: trace[i][1])
-        if trace[i_min][1] >= target_ratio:
-            raise SteerscopeError(f"cannot calibrate R: the nonlinearity ratio never falls below {target_ratio} "
-                                  f"(lowest {trace[i_min][1]:.3g} at R={trace[i_min][0]:.3g}); numerical noise in "
-                                  f"{str(lm.dtype)[6:]} may dominate: use float32 or pass R explicitly.")
-        up = next((j for j in range(i_min + 1, grid) if trace[j][1] > target_ratio), None)
-        if up is None:
-            raise SteerscopeError(f"cannot calibrate R: the ratio stays below {target_ratio} up to R={Rs[-1]:.3g}; pass R explicitly.")
-        lo, hi = Rs[up - 1], Rs[up]
-        for _ in range(iters):
-            mid = math.sqrt(lo * hi)
-            r = nonlinearity_ratio(layer_range, mid, V, JV, mask)
-            trace.append((mid, r))
-            lo, hi = (mid, hi) if r < target_ratio else (lo, mid)
-            if hi / lo < 1.01:
-                break
+        passes.update(1)
+        scale = float(layer_range.h_source.float().norm(dim=-1)[layer_range.valid].median())
+        Rs = [scale * 10 ** (-3 + 6 * i / (grid - 1)) for i in range(grid)]
+        with torch.no_grad():
+            trace = []
+            for R in Rs:
+                trace.append((R, nonlinearity_ratio(layer_range, R, V, JV, mask)))
+                passes.update(1)
+            i_min = min(range(grid), key=lambda i: trace[i][1])
+            if trace[i_min][1] >= target_ratio:
+                raise SteerscopeError(f"cannot calibrate R: the nonlinearity ratio never falls below {target_ratio} "
+                                      f"(lowest {trace[i_min][1]:.3g} at R={trace[i_min][0]:.3g}); numerical noise in "
+                                      f"{str(lm.dtype)[6:]} may dominate: use float32 or pass R explicitly.")
+            up = next((j for j in range(i_min + 1, grid) if trace[j][1] > target_ratio), None)
+            if up is None:
+                raise SteerscopeError(f"cannot calibrate R: the ratio stays below {target_ratio} up to R={Rs[-1]:.3g}; pass R explicitly.")
+            lo, hi = Rs[up - 1], Rs[up]
+            for _ in range(iters):
+                mid = math.sqrt(lo * hi)
+                r = nonlinearity_ratio(layer_range, mid, V, JV, mask)
+                trace.append((mid, r))
+                lo, hi = (mid, hi) if r < target_ratio else (lo, mid)
+                passes.set_postfix(R=f"{math.sqrt(lo * hi):.3g}")
+                passes.update(1)
+                if hi / lo < 1.01:
+                    break
     return math.sqrt(lo * hi), trace

@@ -147,6 +147,8 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
         start_chunk, start_step = loaded["chunk"], loaded["step"]
         steps_run = list(loaded.get("steps_run", []))
         state = loaded if "theta" in loaded else None
+        if progress is not None and hasattr(progress, "start_at"):  # the resumed steps are done, not fast
+            progress.start_at(start_chunk * steps + start_step)
     n_chunks = math.ceil(n_vectors / chunk)
     for c in range(start_chunk, n_chunks):
         K = min(chunk, n_vectors - c * chunk)

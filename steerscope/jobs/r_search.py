@@ -17,6 +17,9 @@ bisects (in log R) until its `steps` are spent. The upper edge is kept because a
 planted behind a trigger needs a push of about that size (benchmarks/planted_direction.py). The
 learned vectors' own share at the chosen R comes from the run's completions, and the report plots
 both.
+
+It lives in jobs/, not judging/ or directions/discovery/: it generates (generation) and reads
+the change with judging.change, so only a layer above both may hold it (tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from ..directions.discovery import DiscoverConfig, calibrate_R
 from ..directions.discovery.baselines import random_directions
 from ..directions.vectors import VectorSet
 from ..generation import generate
-from .change import Texts, distance
+from ..judging.change import Texts, distance
+from ..progress import bar
 
 MAX_RANDOM = 0.5  # "random vectors mostly do not change the reply"
 LOG2_RANGE = (-4.0, 3.0)  # multiples of the calibrated R searched: 1/16 .. 8
@@ -88,36 +92,38 @@ def search(share_at, steps: int, max_random: float, lo: float = LOG2_RANGE[0], h
 
 def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, steps: int = 5,
                  random_vectors: int = 16, max_new_tokens: int = 24, threshold: float = 0.35,
-                 max_random: float = MAX_RANDOM, log=None, progress=None) -> GoldilocksResult:
+                 max_random: float = MAX_RANDOM, log=None, progress: bool | None = None) -> GoldilocksResult:
     """Calibrate R, then search for the largest R where random vectors mostly do not change the
-    reply (module docstring). `steps=0`: the calibrated R as it is. `progress(n)` is called
-    after each R tried."""
-    R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
-    if progress:
-        progress(1)
+    reply (module docstring). `steps=0`: the calibrated R as it is. `progress`: show bars (None:
+    `progress.bar`'s default), one for the calibration, one over the R values tried."""
+    R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed,
+                        progress=progress)
     if steps <= 0:
         return GoldilocksResult(R0, R0, [], "calibrated R (no R search)", max_random)
-    comps = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
-    base = Texts.of([c.text for c in comps])
     n_rand = min(random_vectors, lm.d_model)
     dirs = random_directions(n_rand, lm.d_model, cfg.seed + 7)  # (n, d) orthonormal
     layer = cfg.resolve_layers(lm.n_layers)[0]
     rows: list[dict] = []
+    # One unit for the unsteered completions, one per R tried (`n_rand x len(prompts)` completions).
+    with bar(1 + steps, "R search", "R value", show=progress) as tried:
+        comps = generate(lm, prompts, max_new_tokens=max_new_tokens, chat=cfg.chat, progress=False)
+        base = Texts.of([c.text for c in comps])
+        tried.update(1)
 
-    def share_at(x: float) -> float:
-        m = 2.0 ** x
-        ctrl = VectorSet.create(lm, dirs * (R0 * m), layer, "random", ids=[f"control-{i}" for i in range(n_rand)])
-        steered = generate(lm, prompts, vectors=list(ctrl), include_unsteered=False, max_new_tokens=max_new_tokens,
-                           chat=cfg.chat, progress=False)
-        share = moved_share(base, Texts.of([c.text for c in steered]), [c.prompt_index for c in steered], threshold)
-        rows.append({"multiple": m, "R": R0 * m, "random": share, "random_completions": len(steered)})
-        if log:
-            log(f"R = {m:.3g} x {R0:.3g}: {share:.0%} of random completions moved")
-        if progress:
-            progress(1)
-        return share
+        def share_at(x: float) -> float:
+            m = 2.0 ** x
+            ctrl = VectorSet.create(lm, dirs * (R0 * m), layer, "random", ids=[f"control-{i}" for i in range(n_rand)])
+            steered = generate(lm, prompts, vectors=list(ctrl), include_unsteered=False, max_new_tokens=max_new_tokens,
+                               chat=cfg.chat, progress=False)
+            share = moved_share(base, Texts.of([c.text for c in steered]), [c.prompt_index for c in steered], threshold)
+            rows.append({"multiple": m, "R": R0 * m, "random": share, "random_completions": len(steered)})
+            if log:
+                log(f"R = {m:.3g} x {R0:.3g}: {share:.0%} of random completions moved")
+            tried.set_postfix(R=f"{R0 * m:.3g}", moved=f"{share:.0%}")
+            tried.update(1)
+            return share
 
-    x, reason = search(share_at, steps, max_random)
+        x, reason = search(share_at, steps, max_random)
     rows.sort(key=lambda r: r["multiple"])
     return GoldilocksResult(R0, R0 * 2.0 ** x, rows, reason, max_random)
 
