@@ -182,7 +182,7 @@ def test_discovery_and_generation_report_progress_off_a_terminal(capsys, monkeyp
     lm = make_tiny_lm("llama")
     log = tmp_path / "log.txt"
     with job_log(log):
-        vs = discover(lm, ["Hello there", "The cat sat"], DiscoverConfig.of(source=0, target=2, n_vectors=2, steps=6))
+        vs = discover(lm, ["Hello there", "The cat sat"], DiscoverConfig.of("melbo", source=0, target=2, n_vectors=2, steps=6))
         generate(lm, ["Hi"], vectors=vs, max_new_tokens=2, batch_size=1)  # 3 rows, 3 steps
     cap = capsys.readouterr()
     assert cap.out == ""
