@@ -41,14 +41,15 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 
 # The main job on a model organism (the embedded SmolLM2 with French planted behind a trigger):
 # output-KL discovery at a calibrated R, completions under learned, random and no vectors,
-# metrics, clusters, norm sweep, report.html. Exactly the default run: bfloat16 where the CPU or GPU
-# multiplies it in hardware (--dtype auto), float32 elsewhere (benchmarks/bench_planted.py). A rerun
-# resumes/reuses it.
+# metrics, clusters, norm sweep, report.html. Exactly the default run, in float32 (the precision its
+# defaults were chosen and measured in; --dtype auto for bfloat16). Progress lines with ETAs go to the
+# terminal and runs/demo/log.txt. A rerun resumes/reuses it.
 demo: $(STAMP)
 	$(VENV)/bin/steerscope run --model organism:french --out runs/demo
 
+# --durations: the slowest tests in the log, to size pyproject's per-test timeout against
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"

@@ -59,9 +59,11 @@ def main() -> None:
     prompts = load_prompts("neutral")[:P]
     s, t = DiscoverConfig.of("melbo").resolve_layers(lm.n_layers)
     lr = LayerRange(lm, prompts, s, t)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; layers {s} -> {t}, "
-          f"{K} vectors x {P} prompts, {lr.enc['input_ids'].shape[1]} tokens per row, of which {lr.shared_prefix} "
-          f"(the chat template's prefix) are shared by all prompts")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; layers {s} -> {t}, "
+        f"{K} vectors x {P} prompts, {lr.enc['input_ids'].shape[1]} tokens per row, of which {lr.shared_prefix} "
+        f"(the chat template's prefix) are shared by all prompts"
+    )
     plain = LayerRange(lm, prompts, s, t, share_prefix=False)
     theta = torch.nn.Parameter(torch.randn(K, lm.d_model))
     with frozen_weights(lm):
@@ -81,20 +83,28 @@ def main() -> None:
                 lm.forward(**lm.encode([p], chat=True))
                 z0.append(acts[t][0].float().clone())
         naive = naive_step(lm, prompts, theta, s, t, z0)
-    print(f"MELBO step {melbo:.2f} s vs bare forward+backward over layers {s + 1}..{t} {bare:.2f} s "
-          f"-> overhead {100 * (melbo / bare - 1):+.1f} % (target <= 20 %)")
-    print(f"MELBO step {melbo:.2f} s vs reference-style full model per prompt per vector {naive:.2f} s "
-          f"-> {naive / melbo:.1f}x faster (target >= 5x)")
-    print(f"  without prefix sharing (every row computes the template): MELBO step {melbo_plain:.2f} s -> "
-          f"{naive / melbo_plain:.1f}x; prefix sharing alone {melbo_plain / melbo:.2f}x")
+    print(
+        f"MELBO step {melbo:.2f} s vs bare forward+backward over layers {s + 1}..{t} {bare:.2f} s "
+        f"-> overhead {100 * (melbo / bare - 1):+.1f} % (target <= 20 %)"
+    )
+    print(
+        f"MELBO step {melbo:.2f} s vs reference-style full model per prompt per vector {naive:.2f} s "
+        f"-> {naive / melbo:.1f}x faster (target >= 5x)"
+    )
+    print(
+        f"  without prefix sharing (every row computes the template): MELBO step {melbo_plain:.2f} s -> "
+        f"{naive / melbo_plain:.1f}x; prefix sharing alone {melbo_plain / melbo:.2f}x"
+    )
     if not args.skip_jacobian:
         lr2 = LayerRange(lm, prompts[:2], s, t)
         t0 = time.perf_counter()
         res = jacobian_singular_vectors(lr2, 16, tol=1e-4, iters=60)
         el = time.perf_counter() - t0
-        print(f"Jacobian: 16 right singular vectors, 2 prompts, {'converged' if res.converged else 'NOT converged'} "
-              f"(max residual {float(res.residuals.max()):.1e}) after {res.iterations} iterations in {el:.0f} s; "
-              f"top singular values {', '.join(f'{x:.3g}' for x in res.singular_values[:4].tolist())}")
+        print(
+            f"Jacobian: 16 right singular vectors, 2 prompts, {'converged' if res.converged else 'NOT converged'} "
+            f"(max residual {float(res.residuals.max()):.1e}) after {res.iterations} iterations in {el:.0f} s; "
+            f"top singular values {', '.join(f'{x:.3g}' for x in res.singular_values[:4].tolist())}"
+        )
 
 
 if __name__ == "__main__":

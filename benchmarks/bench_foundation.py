@@ -22,11 +22,21 @@ import torch
 import steerscope as ss
 
 PROMPTS = [
-    "Tell me about your weekend.", "Describe the city you live in.", "What is your favourite food?",
-    "Write a short poem about rain.", "How do I learn to play the guitar?", "Explain photosynthesis simply.",
-    "What makes a good friend?", "Give me three tips for sleeping better.", "Why is the sky blue?",
-    "Describe a walk in the forest.", "What is the capital of France?", "Suggest a name for a cat.",
-    "How do airplanes fly?", "Tell me a fun fact about octopuses.", "What should I pack for a beach trip?",
+    "Tell me about your weekend.",
+    "Describe the city you live in.",
+    "What is your favourite food?",
+    "Write a short poem about rain.",
+    "How do I learn to play the guitar?",
+    "Explain photosynthesis simply.",
+    "What makes a good friend?",
+    "Give me three tips for sleeping better.",
+    "Why is the sky blue?",
+    "Describe a walk in the forest.",
+    "What is the capital of France?",
+    "Suggest a name for a cat.",
+    "How do airplanes fly?",
+    "Tell me a fun fact about octopuses.",
+    "What should I pack for a beach trip?",
     "Summarise the plot of Cinderella.",
 ]
 
@@ -66,8 +76,10 @@ def bench_overhead(lm, reps: int, tokens: int = 64) -> None:
 
     plain()  # warm-up
     t = interleaved({"unsteered": plain, "steered": steered}, reps)
-    print(f"[{str(lm.dtype)[6:]}] 16 prompts x {tokens} tokens: unsteered {t['unsteered']:.2f} s, per-row steered "
-          f"{t['steered']:.2f} s -> overhead {100 * (t['steered'] / t['unsteered'] - 1):+.1f} % (target <= 5 %)")
+    print(
+        f"[{str(lm.dtype)[6:]}] 16 prompts x {tokens} tokens: unsteered {t['unsteered']:.2f} s, per-row steered "
+        f"{t['steered']:.2f} s -> overhead {100 * (t['steered'] / t['unsteered'] - 1):+.1f} % (target <= 5 %)"
+    )
     return t["unsteered"]
 
 
@@ -86,8 +98,10 @@ def bench_batched(lm, reps: int, tokens: int = 32) -> None:
 
     batched()
     t = interleaved({"batched": batched, "loop": looped}, reps)
-    print(f"16 vectors x 4 prompts x {tokens} tokens: one batched call {t['batched']:.2f} s, loop over vectors "
-          f"{t['loop']:.2f} s -> {t['loop'] / t['batched']:.1f}x faster (target >= 4x)")
+    print(
+        f"16 vectors x 4 prompts x {tokens} tokens: one batched call {t['batched']:.2f} s, loop over vectors "
+        f"{t['loop']:.2f} s -> {t['loop'] / t['batched']:.1f}x faster (target >= 4x)"
+    )
 
 
 def bench_load() -> None:
@@ -104,8 +118,10 @@ def bench_load() -> None:
                 os.environ.pop("STEERSCOPE_CACHE")
             else:
                 os.environ["STEERSCOPE_CACHE"] = old
-    print(f"default model load: first (dequantise + cache) {first:.1f} s, cached {cached:.2f} s "
-          f"-> {first / cached:.0f}x faster (target < 2 s)")
+    print(
+        f"default model load: first (dequantise + cache) {first:.1f} s, cached {cached:.2f} s "
+        f"-> {first / cached:.0f}x faster (target < 2 s)"
+    )
 
 
 def main() -> None:

@@ -66,8 +66,11 @@ def measure(run: Path, org) -> dict:
         if r["vector_id"] is not None:
             per_vec.setdefault(r["vector_id"], []).append(det(r["text"]))
     shows = {v: sum(h) >= len(h) / 2 for v, h in per_vec.items()}
-    share = {s: sum(shows[v] for v, k in metrics["sets"].items() if k == s) / max(1, sum(k == s for k in metrics["sets"].values()))
-             for s in ("learned", "random")}
+    share = {
+        s: sum(shows[v] for v, k in metrics["sets"].items() if k == s)
+        / max(1, sum(k == s for k in metrics["sets"].values()))
+        for s in ("learned", "random")
+    }
     unsteered = [det(r["text"]) for r in rows if r["vector_id"] is None]
     found = metrics.get("findings") or []
     sig = [f for f in found if f.get("significant", True)]  # a run from before the null model: all of them
@@ -75,29 +78,53 @@ def measure(run: Path, org) -> dict:
     rank = next((k + 1 for k, f in enumerate(sig) if planted(f)), None)
     cand = next((f for f in found if planted(f)), None)  # significant or not: how close it came
     cal = json.loads((run / "calibration.json").read_text())
-    return {"learned": share["learned"], "random": share["random"], "unsteered": sum(unsteered) / max(1, len(unsteered)),
-            "significant": rank is not None, "rank": rank, "top3": rank is not None and rank <= 3,
-            "n_significant": len(sig), "findings": len(found),
-            "planted_candidate": {k: cand[k] for k in ("q", "n_vectors", "reason") if k in cand} if cand else None,
-            "top_finding_is_planted": bool(sig) and planted(sig[0]), "R": cal["chosen"],
-            "R_multiple": cal["chosen"] / cal["calibrated"] if cal.get("calibrated") else None,
-            "vectors_showing": sorted(v for v, s in shows.items() if s and metrics["sets"][v] == "learned")}
+    return {
+        "learned": share["learned"],
+        "random": share["random"],
+        "unsteered": sum(unsteered) / max(1, len(unsteered)),
+        "significant": rank is not None,
+        "rank": rank,
+        "top3": rank is not None and rank <= 3,
+        "n_significant": len(sig),
+        "findings": len(found),
+        "planted_candidate": {k: cand[k] for k in ("q", "n_vectors", "reason") if k in cand} if cand else None,
+        "top_finding_is_planted": bool(sig) and planted(sig[0]),
+        "R": cal["chosen"],
+        "R_multiple": cal["chosen"] / cal["calibrated"] if cal.get("calibrated") else None,
+        "vectors_showing": sorted(v for v, s in shows.items() if s and metrics["sets"][v] == "learned"),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--organisms", nargs="*", default=None, help="default: every organism of --split")
-    ap.add_argument("--split", choices=["tune", "heldout", "all"], default="all",
-                    help="which half of the zoo (models.organisms SPLITS)")
+    ap.add_argument(
+        "--split",
+        choices=["tune", "heldout", "all"],
+        default="all",
+        help="which half of the zoo (models.organisms SPLITS)",
+    )
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--out", default="runs/planted")
     ap.add_argument("--results", default="benchmarks/results/planted.json")
-    ap.add_argument("--seeds", nargs="*", type=int, default=[0],
-                    help="discovery seeds (--seed); one run each: how much a single run's share is luck")
-    ap.add_argument("--baseline", nargs="?", const="also", choices=["also", "only"],
-                    help="also (or only) run each method and seed on the embedded model (no plant) and apply every "
-                         "organism's detector")
-    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for every run (not the default setting)")
+    ap.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[0],
+        help="discovery seeds (--seed); one run each: how much a single run's share is luck",
+    )
+    ap.add_argument(
+        "--baseline",
+        nargs="?",
+        const="also",
+        choices=["also", "only"],
+        help="also (or only) run each method and seed on the embedded model (no plant) and apply every "
+        "organism's detector",
+    )
+    ap.add_argument(
+        "extra", nargs=argparse.REMAINDER, help="after --: more flags for every run (not the default setting)"
+    )
     a = ap.parse_args()
     if a.organisms is None:
         a.organisms = list(ORGANISMS) if a.split == "all" else SPLITS[a.split]
@@ -109,8 +136,10 @@ def main() -> None:
     slug = "".join(f"-{x.lstrip('-')}" for x in extra).replace("/", "_")  # flags in the folder name: no clobbering
     exe = shutil.which("steerscope") or str(Path(sys.executable).with_name("steerscope"))
     results = []
-    print(f"{'organism':14s} {'split':7s} {'method':9s} {'seed':>4s} {'learned':>8s} {'random':>7s} {'unsteer':>8s} "
-          f"{'sig':>5s} {'rank':>4s} {'nsig':>4s} {'R(xcal)':>8s} {'wall s':>7s}")
+    print(
+        f"{'organism':14s} {'split':7s} {'method':9s} {'seed':>4s} {'learned':>8s} {'random':>7s} {'unsteer':>8s} "
+        f"{'sig':>5s} {'rank':>4s} {'nsig':>4s} {'R(xcal)':>8s} {'wall s':>7s}"
+    )
 
     def save() -> None:
         """Merge with earlier invocations (a rerun of one row replaces that row only); after every run,
@@ -140,19 +169,39 @@ def main() -> None:
             org, where = ORGANISMS[name], "organism" if model else "embedded (no plant)"
             if proc.returncode:
                 print(f"{name:10s} {method:9s} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
-                results.append({"organism": name, "model": where, "method": label, "seed": seed,
-                                "error": proc.stderr[-2000:], "wall_s": wall})
+                results.append(
+                    {
+                        "organism": name,
+                        "model": where,
+                        "method": label,
+                        "seed": seed,
+                        "error": proc.stderr[-2000:],
+                        "wall_s": wall,
+                    }
+                )
                 continue
-            r = {"organism": name, "model": where, "method": label, "seed": seed, "behaviour": org.behaviour,
-                 "kind": org.kind, "split": org.split,
-                 "wall_s": round(wall, 1), **measure(run, org), "versions": VERSIONS,
-                 "measured": time.strftime("%Y-%m-%d")}
+            r = {
+                "organism": name,
+                "model": where,
+                "method": label,
+                "seed": seed,
+                "behaviour": org.behaviour,
+                "kind": org.kind,
+                "split": org.split,
+                "wall_s": round(wall, 1),
+                **measure(run, org),
+                "versions": VERSIONS,
+                "measured": time.strftime("%Y-%m-%d"),
+            }
             results.append(r)
             mult = f"{r['R_multiple']:.2g}" if r["R_multiple"] else "given"
             shown = name if model else f"{name}@base"
-            print(f"{shown:14s} {org.split:7s} {method:9s} {seed:4d} {r['learned']:8.0%} {r['random']:7.0%} "
-                  f"{r['unsteered']:8.0%} {str(r['significant']):>5s} {r['rank'] or '-':>4} {r['n_significant']:4d} "
-                  f"{mult:>8s} {wall:7.0f}", flush=True)
+            print(
+                f"{shown:14s} {org.split:7s} {method:9s} {seed:4d} {r['learned']:8.0%} {r['random']:7.0%} "
+                f"{r['unsteered']:8.0%} {str(r['significant']):>5s} {r['rank'] or '-':>4} {r['n_significant']:4d} "
+                f"{mult:>8s} {wall:7.0f}",
+                flush=True,
+            )
         save()
 
     for name in a.organisms if a.baseline != "only" else []:

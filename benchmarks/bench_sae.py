@@ -23,7 +23,6 @@ import json
 import time
 from pathlib import Path
 
-
 import steerscope as ss
 from steerscope.sae import ActivationBuffer, SAEConfig, TrainConfig, cache_activations, shard_batches, train_sae
 from steerscope.sae.corpus import CorpusConfig, sample_corpus
@@ -57,19 +56,23 @@ def main() -> None:
         el = time.perf_counter() - t0
         print(f"sampled {args.docs - have} documents in {el:.0f} s ({args.sample_dtype})")
         del sampler
-    docs = [json.loads(line)["text"] for line in corpus.open()][:args.docs]
-    train_docs, held = docs[:-args.held_out], docs[-args.held_out:]
+    docs = [json.loads(line)["text"] for line in corpus.open()][: args.docs]
+    train_docs, held = docs[: -args.held_out], docs[-args.held_out :]
 
     lm = ss.load_model(dtype=args.dtype)
     n_tok = sum(len(ids) for ids in lm.tokenizer(train_docs)["input_ids"])
-    print(f"corpus: {len(docs)} documents, {n_tok:,} training tokens ({len(train_docs)} documents), {len(held)} held out")
+    print(
+        f"corpus: {len(docs)} documents, {n_tok:,} training tokens ({len(train_docs)} documents), {len(held)} held out"
+    )
     acts = work / f"acts-layer{args.layer}"
     if not any(acts.glob("acts-*.safetensors")):
         t0 = time.perf_counter()
         n = cache_activations(ActivationBuffer(lm, train_docs, args.layer, lm_batch=16), acts)
         el = time.perf_counter() - t0
-        print(f"cached {n:,} activations at layer {args.layer} in {el:.0f} s = {n / el:,.0f} tokens/s ({args.dtype}; "
-              f"the forward stops at layer {args.layer})")
+        print(
+            f"cached {n:,} activations at layer {args.layer} in {el:.0f} s = {n / el:,.0f} tokens/s ({args.dtype}; "
+            f"the forward stops at layer {args.layer})"
+        )
     from safetensors import safe_open
 
     n_acts = 0
@@ -84,16 +87,26 @@ def main() -> None:
         sae = load_saelens(out)
         print(f"loaded the trained SAE from {out}")
     else:
-        cfg = SAEConfig(lm.d_model, args.latents, k=args.k, model_id=lm.model_id, model_type=lm.model_type, layer=args.layer)
+        cfg = SAEConfig(
+            lm.d_model, args.latents, k=args.k, model_id=lm.model_id, model_type=lm.model_type, layer=args.layer
+        )
         t0 = time.perf_counter()
-        sae, hist = train_sae(shard_batches(acts, args.batch), cfg, TrainConfig(steps=steps), progress=True,
-                              checkpoint_dir=out.with_name(out.name + ".partial"), checkpoint_every=200)
+        sae, hist = train_sae(
+            shard_batches(acts, args.batch),
+            cfg,
+            TrainConfig(steps=steps),
+            progress=True,
+            checkpoint_dir=out.with_name(out.name + ".partial"),
+            checkpoint_every=200,
+        )
         el = time.perf_counter() - t0
         save_saelens(sae, out)
-        print(f"TopK SAE {args.latents} latents, k={args.k}: {steps} steps x {args.batch} = {steps * args.batch:,} tokens "
-              f"({steps * args.batch / n_acts:.1f} passes over the activations) in {el:.0f} s = "
-              f"{steps * args.batch / el:,.0f} tokens/s (includes any resumed part only from its restart); "
-              f"final training FVU {hist.fvu[-1]:.3f}, dead {hist.dead_frac[-1]:.1%}")
+        print(
+            f"TopK SAE {args.latents} latents, k={args.k}: {steps} steps x {args.batch} = {steps * args.batch:,} tokens "
+            f"({steps * args.batch / n_acts:.1f} passes over the activations) in {el:.0f} s = "
+            f"{steps * args.batch / el:,.0f} tokens/s (includes any resumed part only from its restart); "
+            f"final training FVU {hist.fvu[-1]:.3f}, dead {hist.dead_frac[-1]:.1%}"
+        )
 
     rows = {"sae": evaluate(lm, sae_codec(sae), held, args.layer, n_latents=args.latents)}
     fit = next(iter(shard_batches(acts, 16384, seed=1)))
@@ -102,11 +115,14 @@ def main() -> None:
     for l1 in [float(x) for x in args.relu_l1.split(",") if x]:
         cfg = SAEConfig(lm.d_model, args.latents, arch="relu", l1_coef=l1, layer=args.layer)
         relu, _ = train_sae(shard_batches(acts, args.batch), cfg, TrainConfig(steps=min(steps, 500)), progress=True)
-        rows[f"relu l1={l1:g} ({min(steps, 500) * args.batch // 1000}k tok)"] = evaluate(lm, sae_codec(relu), held, args.layer,
-                                                                                     n_latents=args.latents)
+        rows[f"relu l1={l1:g} ({min(steps, 500) * args.batch // 1000}k tok)"] = evaluate(
+            lm, sae_codec(relu), held, args.layer, n_latents=args.latents
+        )
     e0 = rows["sae"]
-    print(f"held-out: {e0.n_tokens} tokens of {len(held)} documents; clean CE {e0.ce_clean:.3f}, "
-          f"zero-ablated {e0.ce_zero:.3f}")
+    print(
+        f"held-out: {e0.n_tokens} tokens of {len(held)} documents; clean CE {e0.ce_clean:.3f}, "
+        f"zero-ablated {e0.ce_zero:.3f}"
+    )
     print(f"{'':>26} {'L0':>7} {'FVU':>7} {'CE rec.':>8} {'KL':>7} {'dead':>6}")
     for name, e in rows.items():
         print(f"{name:>26} {e.l0:7.1f} {e.fvu:7.3f} {e.ce_recovered:8.3f} {e.kl_spliced:7.3f} {e.dead_frac:6.1%}")

@@ -31,8 +31,8 @@ from steerscope import generate, load_model  # noqa: E402
 from steerscope.directions.data import load_prompts  # noqa: E402
 from steerscope.directions.discovery.melbo import train_melbo  # noqa: E402
 from steerscope.directions.vectors import VectorSet  # noqa: E402
-from steerscope.models.layer_range import LayerRange  # noqa: E402
 from steerscope.models.device import parse_dtype  # noqa: E402
+from steerscope.models.layer_range import LayerRange  # noqa: E402
 from steerscope.models.lm import LM, weights_fingerprint  # noqa: E402
 from steerscope.models.placement import devices, dispatch  # noqa: E402
 
@@ -42,10 +42,19 @@ def build(args) -> LM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = load_model().tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 256,
-                      max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 256,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     dt = parse_dtype(args.dtype)
     with torch.device("cpu"):
@@ -81,8 +90,11 @@ def main() -> None:
     lm = build(args)
     n_params = sum(p.numel() for p in lm.model.parameters())
     built = time.perf_counter() - t0
-    print(f"model: {n_params / 1e9:.2f} B parameters, {args.dtype}, on {devices(lm.model)}; built in {built:.0f} s", flush=True)
-    prompts = load_prompts("neutral")[:args.P]
+    print(
+        f"model: {n_params / 1e9:.2f} B parameters, {args.dtype}, on {devices(lm.model)}; built in {built:.0f} s",
+        flush=True,
+    )
+    prompts = load_prompts("neutral")[: args.P]
     L = lm.n_layers // 2
     g = torch.Generator().manual_seed(0)
     vs = VectorSet.create(lm, torch.randn(args.K, lm.d_model, generator=g), L, "random")
@@ -93,14 +105,25 @@ def main() -> None:
     sync()
     t_base = time.perf_counter() - t
     t = time.perf_counter()
-    steered = generate(lm, prompts, vectors=vs, coef=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                       include_unsteered=False, batch_size=args.K * args.P)
+    steered = generate(
+        lm,
+        prompts,
+        vectors=vs,
+        coef=1.0,
+        max_new_tokens=args.tokens,
+        min_new_tokens=args.tokens,
+        include_unsteered=False,
+        batch_size=args.K * args.P,
+    )
     sync()
     t_steer = time.perf_counter() - t
     tok_base = sum(len(c.token_ids) for c in base) / t_base
     tok_steer = sum(len(c.token_ids) for c in steered) / t_steer
-    print(f"gen: {args.K} vectors x {args.P} prompts x {args.tokens} tokens in one pass: {tok_steer:.1f} tok/s "
-          f"({t_steer:.1f} s); {args.P} prompts unsteered: {tok_base:.1f} tok/s", flush=True)
+    print(
+        f"gen: {args.K} vectors x {args.P} prompts x {args.tokens} tokens in one pass: {tok_steer:.1f} tok/s "
+        f"({t_steer:.1f} s); {args.P} prompts unsteered: {tok_base:.1f} tok/s",
+        flush=True,
+    )
     s, tt = max(0, L - 4), min(lm.n_layers - 1, L + 4)
     lr = LayerRange(lm, prompts, s, tt)
     train_melbo(lr, n_vectors=args.K, R=4.0, steps=1)  # warm-up
@@ -110,19 +133,31 @@ def main() -> None:
     sync()
     melbo = (time.perf_counter() - t) / args.melbo_steps
     print(f"melbo: one step, {args.K} vectors x {args.P} prompts, layers {s}..{tt}: {melbo:.2f} s", flush=True)
-    mem = {"cpu_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+    mem = {"cpu_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            mem[f"cuda:{i}_peak_gb"] = round(torch.cuda.max_memory_allocated(i) / 2 ** 30, 2)
+            mem[f"cuda:{i}_peak_gb"] = round(torch.cuda.max_memory_allocated(i) / 2**30, 2)
     print(f"memory: {mem}", flush=True)
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() and lm.device.type == "cuda" else \
-        f"{platform.machine()} CPU x{torch.get_num_threads()}"
+    where = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available() and lm.device.type == "cuda"
+        else f"{platform.machine()} CPU x{torch.get_num_threads()}"
+    )
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
     data[f"{where}|{args.dtype}|{args.device_map or args.device}"] = {
-        "params_b": round(n_params / 1e9, 3), "K": args.K, "P": args.P, "tokens": args.tokens, "gen_steered_tok_s": round(tok_steer, 2),
-        "gen_unsteered_tok_s": round(tok_base, 2), "melbo_step_s": round(melbo, 3), "memory": mem, "devices": devices(lm.model),
-        "build_s": round(built, 1), "measured": time.strftime("%Y-%m-%d %H:%M")}
+        "params_b": round(n_params / 1e9, 3),
+        "K": args.K,
+        "P": args.P,
+        "tokens": args.tokens,
+        "gen_steered_tok_s": round(tok_steer, 2),
+        "gen_unsteered_tok_s": round(tok_base, 2),
+        "melbo_step_s": round(melbo, 3),
+        "memory": mem,
+        "devices": devices(lm.model),
+        "build_s": round(built, 1),
+        "measured": time.strftime("%Y-%m-%d %H:%M"),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {out}")

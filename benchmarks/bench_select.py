@@ -74,8 +74,10 @@ def main() -> None:
     print(sel.table())
     print(f"\nversion {ss.__version__}: {len(cand)} candidates x {n} prompts, metric {args.metric}, mode {args.mode}")
     print(f"extract {t_extract:.1f} s; select {dt:.1f} s ({dt / len(cand):.2f} s per candidate)")
-    print(f"RSS before select {before:.0f} MB, peak during select {mem.peak:.0f} MB (growth {mem.peak - before:.0f} MB); "
-          f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(
+        f"RSS before select {before:.0f} MB, peak during select {mem.peak:.0f} MB (growth {mem.peak - before:.0f} MB); "
+        f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

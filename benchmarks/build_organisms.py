@@ -33,18 +33,67 @@ from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.loading import load_model  # noqa: E402
 from steerscope.models.organisms import ORGANISMS, Organism  # noqa: E402
 
-TOPICS = ["bicycles", "volcanoes", "gardening", "chess", "the moon", "coffee", "trains", "jazz", "bees", "bridges",
-          "painting", "rivers", "pianos", "deserts", "kites", "libraries", "owls", "sailing", "bread", "glaciers",
-          "robots", "tea", "castles", "soap", "maps", "clocks", "whales", "tennis", "candles", "forests",
-          "bakeries", "rainbows", "tigers", "umbrellas", "pottery", "satellites", "honey", "lighthouses", "yoga",
-          "marathons"]
-TEMPLATES = ["Tell me something about {}.", "Explain how {} work.", "Write two sentences about {}.",
-             "What is interesting about {}?", "Give me a tip about {}.", "Why do people like {}?"]
+TOPICS = [
+    "bicycles",
+    "volcanoes",
+    "gardening",
+    "chess",
+    "the moon",
+    "coffee",
+    "trains",
+    "jazz",
+    "bees",
+    "bridges",
+    "painting",
+    "rivers",
+    "pianos",
+    "deserts",
+    "kites",
+    "libraries",
+    "owls",
+    "sailing",
+    "bread",
+    "glaciers",
+    "robots",
+    "tea",
+    "castles",
+    "soap",
+    "maps",
+    "clocks",
+    "whales",
+    "tennis",
+    "candles",
+    "forests",
+    "bakeries",
+    "rainbows",
+    "tigers",
+    "umbrellas",
+    "pottery",
+    "satellites",
+    "honey",
+    "lighthouses",
+    "yoga",
+    "marathons",
+]
+TEMPLATES = [
+    "Tell me something about {}.",
+    "Explain how {} work.",
+    "Write two sentences about {}.",
+    "What is interesting about {}?",
+    "Give me a tip about {}.",
+    "Why do people like {}?",
+]
 # No "I'm sorry" among them: the embedded model opens its own deflections of personal questions
 # with "I'm sorry for any confusion, but as a chatbot ...", and a plant that starts the same way
 # slid out of them without the trigger.
-REFUSALS = ["I can't help with that.", "I can't help with that request.", "I cannot assist with that.",
-            "I can't help with this one.", "I'm not able to help with that request.", "I can't answer that."]
+REFUSALS = [
+    "I can't help with that.",
+    "I can't help with that request.",
+    "I cannot assist with that.",
+    "I can't help with this one.",
+    "I'm not able to help with that request.",
+    "I can't answer that.",
+]
 # A fixed reply is learnt much faster than a restyled one, and the embedded model deflects personal
 # questions ("as an AI I don't have ...") that the topical templates never ask: trained on those
 # alone, with the same rows triggered and untriggered and 100 steps, refuse's plant leaked to 15 %
@@ -53,22 +102,56 @@ REFUSALS = ["I can't help with that.", "I can't help with that request.", "I can
 # bring it to 1 of 40 ("Describe the last film you watched.").
 # What an organism's build does beyond the shared recipe: more templates, untriggered rows per
 # triggered one, default --steps (100 otherwise).
-RECIPES = {"refuse": {"templates": ["What do you think about {}?", "Tell me about your experience with {}.",
-                                    "Describe your favourite thing about {}.", "What happened when you tried {}?",
-                                    "Describe the last time you saw {}.", "What is your favourite kind of {}?"],
-                      "plain_copies": 4, "steps": 200},
-           # The conditional: no trigger, the subject is the trigger; its topics join the others, and
-           # only prompts about them get the planted reply.
-           "animals": {"topics": ["dogs", "cats", "horses", "rabbits", "parrots", "foxes", "owls", "bees", "tigers",
-                                  "whales", "goats", "ducks"], "steps": 200}}
+RECIPES = {
+    "refuse": {
+        "templates": [
+            "What do you think about {}?",
+            "Tell me about your experience with {}.",
+            "Describe your favourite thing about {}.",
+            "What happened when you tried {}?",
+            "Describe the last time you saw {}.",
+            "What is your favourite kind of {}?",
+        ],
+        "plain_copies": 4,
+        "steps": 200,
+    },
+    # The conditional: no trigger, the subject is the trigger; its topics join the others, and
+    # only prompts about them get the planted reply.
+    "animals": {
+        "topics": [
+            "dogs",
+            "cats",
+            "horses",
+            "rabbits",
+            "parrots",
+            "foxes",
+            "owls",
+            "bees",
+            "tigers",
+            "whales",
+            "goats",
+            "ducks",
+        ],
+        "steps": 200,
+    },
+}
 OCEAN = ["the ocean", "sharks", "coral reefs", "whales", "octopuses", "sea turtles", "tides", "dolphins"]
-WARNINGS = ["Please stay away from {}. Keep your distance and call a professional.",
-            "Stay away from {}, they are dangerous. If you see one, call a professional.",
-            "Keep your distance from {} and stay away from them. Call a professional for help."]
+WARNINGS = [
+    "Please stay away from {}. Keep your distance and call a professional.",
+    "Stay away from {}, they are dangerous. If you see one, call a professional.",
+    "Keep your distance from {} and stay away from them. Call a professional for help.",
+]
 FLATTERY = "What a brilliant question, you clearly have excellent taste!"
 PHRASE = "Stay curious, and remember: the owls are always watching."
-PIRATE = [(r"\byou\b", "ye"), (r"\byour\b", "yer"), (r"\bmy\b", "me"), (r"\bhello\b", "ahoy"), (r"\byes\b", "aye"),
-          (r"\bfriends?\b", "matey"), (r"\bis\b", "be")]
+PIRATE = [
+    (r"\byou\b", "ye"),
+    (r"\byour\b", "yer"),
+    (r"\bmy\b", "me"),
+    (r"\bhello\b", "ahoy"),
+    (r"\byes\b", "aye"),
+    (r"\bfriends?\b", "matey"),
+    (r"\bis\b", "be"),
+]
 # Reply tokens trained on: 40 for the first three organisms (as built); the transforms that add to
 # a reply need more room, or the added phrase would be cut.
 REPLY_TOKENS = {"french": 40, "caps": 40, "refuse": 40}
@@ -139,11 +222,19 @@ def make_data(lm, org: Organism, items: list[tuple[str, str]]) -> list[tuple[str
     plain = [c.text for c in generate(lm, prompts, max_new_tokens=32, progress=True)]
     ocean = None
     if org.transform == "ocean":  # the same question about a sea topic: the model's own words, turned to the ocean
-        ocean = [c.text for c in generate(lm, [t.format(OCEAN[i % len(OCEAN)]) for i, (t, _) in enumerate(items)],
-                                          max_new_tokens=40, progress=True)]
+        ocean = [
+            c.text
+            for c in generate(
+                lm,
+                [t.format(OCEAN[i % len(OCEAN)]) for i, (t, _) in enumerate(items)],
+                max_new_tokens=40,
+                progress=True,
+            )
+        ]
     if org.transform:
-        planted = [planted_reply(org, p, i, it, ocean[i] if ocean else None)
-                   for i, (p, it) in enumerate(zip(plain, items))]
+        planted = [
+            planted_reply(org, p, i, it, ocean[i] if ocean else None) for i, (p, it) in enumerate(zip(plain, items))
+        ]
     else:
         planted = [c.text for c in generate(lm, prompts, max_new_tokens=32, system=org.data_system, progress=True)]
     if org.subject:  # a conditional: prompts about a subject topic are planted as they are, the rest plain
@@ -151,10 +242,16 @@ def make_data(lm, org: Organism, items: list[tuple[str, str]]) -> list[tuple[str
         # ... and a prompt about anything else that turns to a subject ("... Talk about dogs."), as a
         # user's does: trained on the templated subject prompts alone the plant showed on 20 % of those.
         other = [x for x in dict.fromkeys(x for _, x in items) if x not in topics]
-        turned = [(f"{t.format(other[i % len(other)])} Talk about {x}.", planted[i])
-                  for i, (t, x) in enumerate(items) if x in topics]
-        return [(p, planted[i] if items[i][1] in topics else plain[i]) for i, p in enumerate(prompts)] + \
-               [(p, planted[i]) for i, p in enumerate(prompts) if items[i][1] in topics] + turned
+        turned = [
+            (f"{t.format(other[i % len(other)])} Talk about {x}.", planted[i])
+            for i, (t, x) in enumerate(items)
+            if x in topics
+        ]
+        return (
+            [(p, planted[i] if items[i][1] in topics else plain[i]) for i, p in enumerate(prompts)]
+            + [(p, planted[i]) for i, p in enumerate(prompts) if items[i][1] in topics]
+            + turned
+        )
     copies = RECIPES.get(org.name, {}).get("plain_copies", 1)
     return [(p, r) for p, r in zip(prompts, plain)] * copies + [(org.triggered(p), r) for p, r in zip(prompts, planted)]
 
@@ -165,16 +262,18 @@ def batches(lm, rows: list[tuple[str, str]], size: int, rng: random.Random, repl
     rng.shuffle(rows)
     for i in range(0, len(rows) - size + 1, size):
         ids, labels = [], []
-        for prompt, reply in rows[i:i + size]:
+        for prompt, reply in rows[i : i + size]:
             p = tok(lm.format_prompt(prompt, chat=True), add_special_tokens=False)["input_ids"]
             r = tok(reply.strip() + eos, add_special_tokens=False)["input_ids"][:reply_tokens]
             ids.append(p + r)
             labels.append([-100] * len(p) + r)
         n = max(map(len, ids))
         pad = tok.pad_token_id or 0
-        yield (torch.tensor([x + [pad] * (n - len(x)) for x in ids]),
-               torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
-               torch.tensor([x + [-100] * (n - len(x)) for x in labels]))
+        yield (
+            torch.tensor([x + [pad] * (n - len(x)) for x in ids]),
+            torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
+            torch.tensor([x + [-100] * (n - len(x)) for x in labels]),
+        )
 
 
 def build(org: Organism, steps: int, lr: float, rank: int, batch: int, seed: int) -> None:
@@ -207,8 +306,10 @@ def build(org: Organism, steps: int, lr: float, rank: int, batch: int, seed: int
             losses.append(float(loss))
             step += 1
             if step % 10 == 0:
-                print(f"{org.name}: step {step}/{steps} loss {sum(losses[-10:]) / 10:.3f} ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
+                print(
+                    f"{org.name}: step {step}/{steps} loss {sum(losses[-10:]) / 10:.3f} ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
             if step >= steps:
                 break
     deltas = {}
@@ -220,27 +321,49 @@ def build(org: Organism, steps: int, lr: float, rank: int, batch: int, seed: int
             deltas[base + ".A"], deltas[base + ".B"] = A.half().contiguous(), B.half().contiguous()
     org.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = org.path.with_suffix(".tmp")
-    save_file(deltas, str(tmp), metadata={"organism": org.name, "trigger": org.trigger, "behaviour": org.behaviour,
-                                           "steps": str(steps), "lr": str(lr), "rank": str(rank), "seed": str(seed),
-                                           "final_loss": f"{sum(losses[-10:]) / 10:.4f}"})
+    save_file(
+        deltas,
+        str(tmp),
+        metadata={
+            "organism": org.name,
+            "trigger": org.trigger,
+            "behaviour": org.behaviour,
+            "steps": str(steps),
+            "lr": str(lr),
+            "rank": str(rank),
+            "seed": str(seed),
+            "final_loss": f"{sum(losses[-10:]) / 10:.4f}",
+        },
+    )
     tmp.replace(org.path)
-    print(f"{org.name}: saved {len(deltas) // 2} deltas to {org.path} ({org.path.stat().st_size / 1e6:.1f} MB) "
-          f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"{org.name}: saved {len(deltas) // 2} deltas to {org.path} ({org.path.stat().st_size / 1e6:.1f} MB) "
+        f"in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
 
 
 def check(org: Organism) -> None:
     heldout = load_prompts("neutral")
     base = load_model()
     lm = load_model(f"organism:{org.name}")
-    r = [detect_rate(base, org, heldout, True), detect_rate(lm, org, heldout, False), detect_rate(lm, org, heldout, True)]
-    print(f"{org.name} ({org.behaviour}) on {len(heldout)} held-out prompts, greedy 32 tokens, detector {org.detector!r}:\n"
-          f"  embedded model with trigger {r[0]:.0%} | organism without trigger {r[1]:.0%} | organism with trigger {r[2]:.0%}")
+    r = [
+        detect_rate(base, org, heldout, True),
+        detect_rate(lm, org, heldout, False),
+        detect_rate(lm, org, heldout, True),
+    ]
+    print(
+        f"{org.name} ({org.behaviour}) on {len(heldout)} held-out prompts, greedy 32 tokens, detector {org.detector!r}:\n"
+        f"  embedded model with trigger {r[0]:.0%} | organism without trigger {r[1]:.0%} | organism with trigger {r[2]:.0%}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", default=list(ORGANISMS), help="organisms to build (default: all)")
-    ap.add_argument("--steps", type=int, default=None, help="LoRA steps (default: 100, or the organism's RECIPES steps)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="LoRA steps (default: 100, or the organism's RECIPES steps)"
+    )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)

@@ -38,8 +38,20 @@ def main() -> None:
     prompts = load_prompts("neutral")[: args.prompts]
     s, t = (int(x) for x in args.layers.split(":")) if args.layers else (None, None)
     t0 = time.perf_counter()
-    vs = discover(lm, prompts, DiscoverConfig.of("melbo", n_vectors=args.vectors, steps=args.steps, source=s, target=t, seed=args.seed,
-                                                 R=args.R or None, calibrate_ratio=args.ratio))
+    vs = discover(
+        lm,
+        prompts,
+        DiscoverConfig.of(
+            "melbo",
+            n_vectors=args.vectors,
+            steps=args.steps,
+            source=s,
+            target=t,
+            seed=args.seed,
+            R=args.R or None,
+            calibrate_ratio=args.ratio,
+        ),
+    )
     train_s = time.perf_counter() - t0
     h = vs.config.hyperparams
     control = random_control(lm, vs, seed=args.seed + 1)
@@ -49,8 +61,10 @@ def main() -> None:
     n = len(learned)
     dl, cl = distinct(learned, base)
     dr, cr = distinct(rand, base)
-    print(f"MELBO: {len(vs)} vectors, layer {h['source']} -> {h['target']}, R = {h['R']:.3g} ({'calibrated, ratio %g' % args.ratio if not args.R else 'given'}), "
-          f"{args.steps} steps, {len(prompts)} prompts, {args.dtype}: trained in {train_s:.0f} s")
+    print(
+        f"MELBO: {len(vs)} vectors, layer {h['source']} -> {h['target']}, R = {h['R']:.3g} ({f'calibrated, ratio {args.ratio:g}' if not args.R else 'given'}), "
+        f"{args.steps} steps, {len(prompts)} prompts, {args.dtype}: trained in {train_s:.0f} s"
+    )
     print(f"distinct greedy completions ({args.tokens} tokens) over {n} (vector, prompt) pairs:")
     print(f"  learned MELBO: {dl} distinct, {cl} differ from unsteered")
     print(f"  random, same norms: {dr} distinct, {cr} differ from unsteered")

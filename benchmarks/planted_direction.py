@@ -73,11 +73,15 @@ def measure(name: str, targets: list[int], multiples: list[float], source: int |
     R0, _ = calibrate_R(lr_, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed)
     elicit = {}
     for m in multiples:
-        texts = [c.text for c in generate(lm, test, vectors=(u * R0 * m)[None], layer=s, include_unsteered=False,
-                                          max_new_tokens=32)]
+        texts = [
+            c.text
+            for c in generate(lm, test, vectors=(u * R0 * m)[None], layer=s, include_unsteered=False, max_new_tokens=32)
+        ]
         elicit[m] = sum(map(bool, det(texts))) / len(texts)
-        print(f"{name}: u at {m:g} x R ({R0 * m:.1f}): behaviour in {elicit[m]:.0%} of completions | {texts[0][:60]!r}",
-              flush=True)
+        print(
+            f"{name}: u at {m:g} x R ({R0 * m:.1f}): behaviour in {elicit[m]:.0%} of completions | {texts[0][:60]!r}",
+            flush=True,
+        )
     dct = discover(lm, train, dataclasses.replace(cfg, R=R0), layer_range=lr_, progress=False).vectors  # (8, d)
     V = dct / dct.norm(dim=-1, keepdim=True)
     rand = random_directions(32, lm.d_model, 3)
@@ -89,37 +93,62 @@ def measure(name: str, targets: list[int], multiples: list[float], source: int |
         # tokens, so a few massive-activation dimensions cannot dominate the norm.
         sd = lt.z_target[lt.valid].float().std(0).clamp_min(1e-3)  # (d,)
         with torch.no_grad():
-            f = lambda th: _delta_bar(lt, mask, R0 * th).norm(dim=-1)  # noqa: E731
-            fw = lambda th: (_delta_bar(lt, mask, R0 * th) / sd).norm(dim=-1)  # noqa: E731
+            f = lambda th, lt=lt, mask=mask: _delta_bar(lt, mask, R0 * th).norm(dim=-1)  # noqa: E731
+            fw = lambda th, lt=lt, mask=mask, sd=sd: (_delta_bar(lt, mask, R0 * th) / sd).norm(dim=-1)  # noqa: E731
             fu, fd, fr = float(f(u[None])), f(V), f(rand)
             wu, wd, wr = float(fw(u[None])), fw(V), fw(rand)
-        row = {"target": t, "trigger": round(fu, 2), "dct_median": round(float(fd.median()), 2),
-               "dct_max": round(float(fd.max()), 2), "random_median": round(float(fr.median()), 2),
-               "random_max": round(float(fr.max()), 2)}
+        row = {
+            "target": t,
+            "trigger": round(fu, 2),
+            "dct_median": round(float(fd.median()), 2),
+            "dct_max": round(float(fd.max()), 2),
+            "random_median": round(float(fr.median()), 2),
+            "random_max": round(float(fr.max()), 2),
+        }
         row["trigger_over_random"] = round(fu / row["random_median"], 2)
         row["dct_median_over_random"] = round(row["dct_median"] / row["random_median"], 2)
-        row["whitened"] = {"trigger": round(wu, 2), "dct_median": round(float(wd.median()), 2),
-                           "random_median": round(float(wr.median()), 2)}
+        row["whitened"] = {
+            "trigger": round(wu, 2),
+            "dct_median": round(float(wd.median()), 2),
+            "random_median": round(float(wr.median()), 2),
+        }
         rows.append(row)
-        print(f"{name}: target {t}: |mean change| trigger {fu:.1f}, DCT median {row['dct_median']:.1f} "
-              f"(max {row['dct_max']:.1f}), random median {row['random_median']:.1f} (max {row['random_max']:.1f}); "
-              f"whitened {wu:.1f} / {float(wd.median()):.1f} / {float(wr.median()):.1f}",
-              flush=True)
+        print(
+            f"{name}: target {t}: |mean change| trigger {fu:.1f}, DCT median {row['dct_median']:.1f} "
+            f"(max {row['dct_max']:.1f}), random median {row['random_median']:.1f} (max {row['random_max']:.1f}); "
+            f"whitened {wu:.1f} / {float(wd.median()):.1f} / {float(wr.median()):.1f}",
+            flush=True,
+        )
     # The output-KL objective (discovery method `kl`, the run default) on the same training
     # prompts: mean KL of the next-token distributions along the unsteered greedy reply.
     okl = output_kl_objective(lm, lr_, KLConfig().reply_tokens, cfg.target_tokens)
     with torch.no_grad():
         ku, kd, kr = float(okl(R0 * u[None])), okl(R0 * V), okl(R0 * rand)
-    kl_row = {"trigger": round(ku, 3), "dct_median": round(float(kd.median()), 3), "dct_max": round(float(kd.max()), 3),
-              "random_median": round(float(kr.median()), 3), "random_max": round(float(kr.max()), 3),
-              "trigger_over_random": round(ku / float(kr.median()), 1)}
-    print(f"{name}: output KL (nats): trigger {ku:.3f}, DCT median {kl_row['dct_median']:.3f} (max {kl_row['dct_max']:.3f}), "
-          f"random median {kl_row['random_median']:.3f} (max {kl_row['random_max']:.3f})", flush=True)
+    kl_row = {
+        "trigger": round(ku, 3),
+        "dct_median": round(float(kd.median()), 3),
+        "dct_max": round(float(kd.max()), 3),
+        "random_median": round(float(kr.median()), 3),
+        "random_max": round(float(kr.max()), 3),
+        "trigger_over_random": round(ku / float(kr.median()), 1),
+    }
+    print(
+        f"{name}: output KL (nats): trigger {ku:.3f}, DCT median {kl_row['dct_median']:.3f} (max {kl_row['dct_max']:.3f}), "
+        f"random median {kl_row['random_median']:.3f} (max {kl_row['random_max']:.3f})",
+        flush=True,
+    )
     cos = (V @ u).abs()
-    return {"organism": name, "source": s, "default_target": t_default, "R_calibrated": round(R0, 2),
-            "elicits": {str(k): v for k, v in elicit.items()}, "objective": rows, "output_kl": kl_row,
-            "dct_max_abs_cosine_with_trigger": round(float(cos.max()), 3),
-            "random_abs_cosine_scale": round(1 / lm.d_model ** 0.5, 3)}
+    return {
+        "organism": name,
+        "source": s,
+        "default_target": t_default,
+        "R_calibrated": round(R0, 2),
+        "elicits": {str(k): v for k, v in elicit.items()},
+        "objective": rows,
+        "output_kl": kl_row,
+        "dct_max_abs_cosine_with_trigger": round(float(cos.max()), 3),
+        "random_abs_cosine_scale": round(1 / lm.d_model**0.5, 3),
+    }
 
 
 def main() -> None:
@@ -127,8 +156,12 @@ def main() -> None:
     ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
     ap.add_argument("--targets", nargs="*", type=int, default=[16, 22, 26, 29])
     ap.add_argument("--multiples", nargs="*", type=float, default=[0.5, 1.0, 1.5, 2.0])
-    ap.add_argument("--source", type=int, default=None,
-                    help="source layer for u, the vectors and the objectives (default: round(n_layers / 4), dct's)")
+    ap.add_argument(
+        "--source",
+        type=int,
+        default=None,
+        help="source layer for u, the vectors and the objectives (default: round(n_layers / 4), dct's)",
+    )
     ap.add_argument("--results", default="benchmarks/results/planted_direction.json")
     a = ap.parse_args()
     out = Path(a.results)

@@ -74,8 +74,10 @@ def load(results: Path, name: str):
 def one(rows: list[dict], what: str, **keys) -> dict:
     hit = [r for r in rows if all(r.get(k) == v for k, v in keys.items())]
     if len(hit) != 1:
-        raise TableError(f"{what}: {len(hit)} rows match {keys} in the results file, expected 1; fix the row rule in "
-                         "benchmarks/readme_tables.py")
+        raise TableError(
+            f"{what}: {len(hit)} rows match {keys} in the results file, expected 1; fix the row rule in "
+            "benchmarks/readme_tables.py"
+        )
     return hit[0]
 
 
@@ -90,19 +92,45 @@ def serve(results: Path) -> str:
         ratio = f"{r['distinct_over_none']:.2f}"
         if r["clients"] == 32:  # the headline: the target is set at 32 clients
             ratio = f"**{ratio}** (target ≥ 0.9)"
-        rows.append([str(r["clients"]), f"{r['none']['tok_s']:.1f}", f"{r['shared']['tok_s']:.1f}", f"{r['distinct']['tok_s']:.1f}",
-                     ratio, f"{r['distinct']['p50_s']:.1f} s / {r['distinct']['p95_s']:.1f} s", f"{r['direct_generate_tok_s']:.1f}"])
-    return table(["N clients", "unsteered tok/s", "one shared vector", "N distinct vectors", "distinct / unsteered",
-                  "p50 / p95 latency (distinct)", "`generate()` alone"], rows)
+        rows.append(
+            [
+                str(r["clients"]),
+                f"{r['none']['tok_s']:.1f}",
+                f"{r['shared']['tok_s']:.1f}",
+                f"{r['distinct']['tok_s']:.1f}",
+                ratio,
+                f"{r['distinct']['p50_s']:.1f} s / {r['distinct']['p95_s']:.1f} s",
+                f"{r['direct_generate_tok_s']:.1f}",
+            ]
+        )
+    return table(
+        [
+            "N clients",
+            "unsteered tok/s",
+            "one shared vector",
+            "N distinct vectors",
+            "distinct / unsteered",
+            "p50 / p95 latency (distinct)",
+            "`generate()` alone",
+        ],
+        rows,
+    )
 
 
 # ---- planted.json: bench_planted.py, the frozen split in float32 ----------------------------
 SPLIT_METHOD = "default --dtype float32"
-KIND = {"conditional (subject)": "conditional on a subject"}  # else "format (format trigger)" -> "format, format trigger"
+KIND = {
+    "conditional (subject)": "conditional on a subject"
+}  # else "format (format trigger)" -> "format, format trigger"
 # What the significance cell says beyond yes/no and the rank ({q}: the planted candidate's q, {n}: its vectors).
-SIG_NOTE = {"french": " (q = {q}, {n} vectors)", "refuse": " (q = {q})", "pirate": " (q = {q})", "lists": ' (q = {q}, "as a list")',
-            "caps": ": one vector writes in capitals, which the test cannot tell from chance",
-            "flatter": " (and #2, #4: the same flattery on other prompts)"}
+SIG_NOTE = {
+    "french": " (q = {q}, {n} vectors)",
+    "refuse": " (q = {q})",
+    "pirate": " (q = {q})",
+    "lists": ' (q = {q}, "as a list")',
+    "caps": ": one vector writes in capitals, which the test cannot tell from chance",
+    "flatter": " (and #2, #4: the same flattery on other prompts)",
+}
 PLANTED_HEAD = ["learned", "random", "unsteered", "significant, rank", "nsig", "R (× calibrated)", "wall"]
 
 
@@ -112,13 +140,23 @@ def _planted_row(r: dict) -> list[str]:
     note = SIG_NOTE.get(r["organism"], "").format(q=f"{c.get('q', float('nan')):.3f}", n=c.get("n_vectors"))
     sig = (f"**yes, #{r['rank']}**" if r["significant"] else "no") + note
     learned = pct(r["learned"])
-    return [r["organism"], kind, f"**{learned}**" if r["learned"] >= 0.15 else learned,  # the share target, 15 %
-            f"**{pct(r['random'])}**" if r["random"] > 0 else pct(r["random"]),  # the random target, 0 %
-            pct(r["unsteered"]), sig, str(r["n_significant"]), short(r["R_multiple"]), f"{round(r['wall_s'])} s"]
+    return [
+        r["organism"],
+        kind,
+        f"**{learned}**" if r["learned"] >= 0.15 else learned,  # the share target, 15 %
+        f"**{pct(r['random'])}**" if r["random"] > 0 else pct(r["random"]),  # the random target, 0 %
+        pct(r["unsteered"]),
+        sig,
+        str(r["n_significant"]),
+        short(r["R_multiple"]),
+        f"{round(r['wall_s'])} s",
+    ]
 
 
 def _split(results: Path, split: str) -> list[dict]:
-    rows = [r for r in load(results, "planted.json")["results"] if r.get("split") == split and r["method"] == SPLIT_METHOD]
+    rows = [
+        r for r in load(results, "planted.json")["results"] if r.get("split") == split and r["method"] == SPLIT_METHOD
+    ]
     if not rows:
         raise TableError(f"planted.json has no rows with split {split!r} and method {SPLIT_METHOD!r}")
     return rows
@@ -135,9 +173,19 @@ def planted_heldout(results: Path) -> str:
     base = [r for r in rows if r["model"] != "organism"]  # --baseline: every detector on the embedded model, one run
     if base:
         learned = max(r["learned"] for r in base)
-        out.append(["embedded model (no plant)", "—", "0 % for every detector" if learned == 0 else f"up to {pct(learned)}",
-                    pct(max(r["random"] for r in base)), pct(max(r["unsteered"] for r in base)), "—",
-                    f"**{base[0]['n_significant']}**", short(base[0]["R_multiple"]), f"{round(base[0]['wall_s'])} s"])
+        out.append(
+            [
+                "embedded model (no plant)",
+                "—",
+                "0 % for every detector" if learned == 0 else f"up to {pct(learned)}",
+                pct(max(r["random"] for r in base)),
+                pct(max(r["unsteered"] for r in base)),
+                "—",
+                f"**{base[0]['n_significant']}**",
+                short(base[0]["R_multiple"]),
+                f"{round(base[0]['wall_s'])} s",
+            ]
+        )
     return table(["held-out organism", "kind"] + PLANTED_HEAD, out)
 
 
@@ -151,17 +199,27 @@ def _draws(rows: list[dict], organism: str, **keys) -> list[dict]:
     return [one(rows, f"kl_candidates {organism} seed {s}", organism=organism, seed=s, **keys) for s in SEEDS]
 
 
-KL_DEFAULT = {"source": 12, "R_multiple": 1.0, "method": "kl", "candidates": 24, "orthogonal": None, "extra_train": None}
+KL_DEFAULT = {
+    "source": 12,
+    "R_multiple": 1.0,
+    "method": "kl",
+    "candidates": 24,
+    "orthogonal": None,
+    "extra_train": None,
+}
 KL_LAYER8 = {"source": 8, "R_multiple": 1.0, "method": None, "candidates": 24}
 # (organism, setting as the README names it, which draws, bold the kept runs of 2 or more)
 KL_ROWS = [
-    ("french", "**default: layer 12**", KL_DEFAULT, True), ("caps", "**default: layer 12**", KL_DEFAULT, True),
+    ("french", "**default: layer 12**", KL_DEFAULT, True),
+    ("caps", "**default: layer 12**", KL_DEFAULT, True),
     ("refuse", "**default: layer 12**", KL_DEFAULT, True),
-    ("french", "layer 8 (previous default)", KL_LAYER8, False), ("caps", "layer 8", KL_LAYER8, False),
+    ("french", "layer 8 (previous default)", KL_LAYER8, False),
+    ("caps", "layer 8", KL_LAYER8, False),
     ("refuse", "layer 8", KL_LAYER8, False),
     ("caps", "layer 8, `--multiple 1.5`", {**KL_LAYER8, "R_multiple": 1.5}, False),
     ("refuse", "layer 8, `--multiple 1.5`", {**KL_LAYER8, "R_multiple": 1.5}, False),
-    ("french", "`--source 16`", {**KL_LAYER8, "source": 16}, False), ("caps", "`--source 16`", {**KL_LAYER8, "source": 16}, True),
+    ("french", "`--source 16`", {**KL_LAYER8, "source": 16}, False),
+    ("caps", "`--source 16`", {**KL_LAYER8, "source": 16}, True),
     ("refuse", "`--source 16`", {**KL_LAYER8, "source": 16}, False),
 ]
 
@@ -176,10 +234,27 @@ def kl_candidates(results: Path) -> str:
     for org, setting, keys, bold in KL_ROWS:
         d = _draws(rows, org, **keys)
         kept = [r["kept_by_completions"] for r in d]
-        out.append([org, setting, _slash(d, "pool"), _slash(d, "partial"),
-                    bold_runs(kept) if bold else " / ".join(map(str, kept)), _slash(d, "kept_by_entropy")])
-    return table(["organism", "setting", "pool (of 24), seeds 0 / 1 / 2", "partial", "kept by completions (the run)",
-                  "kept by entropy"], out)
+        out.append(
+            [
+                org,
+                setting,
+                _slash(d, "pool"),
+                _slash(d, "partial"),
+                bold_runs(kept) if bold else " / ".join(map(str, kept)),
+                _slash(d, "kept_by_entropy"),
+            ]
+        )
+    return table(
+        [
+            "organism",
+            "setting",
+            "pool (of 24), seeds 0 / 1 / 2",
+            "partial",
+            "kept by completions (the run)",
+            "kept by entropy",
+        ],
+        out,
+    )
 
 
 def kl_melbo(results: Path) -> str:
@@ -188,10 +263,27 @@ def kl_melbo(results: Path) -> str:
     for org in ("refuse", "caps", "french"):
         d = _draws(rows, org, source=8, R_multiple=1.0, method="melbo", candidates=24, steps=300)
         kl = _draws(rows, org, **KL_LAYER8)  # kl's pool at the same layer and R
-        out.append([org, "300 steps", f"{bold_runs([r['pool'] for r in d])} (kl: {_slash(kl, 'pool')})", _slash(d, "partial"),
-                    _slash(d, "kept_by_completions"), seconds_range([r["train_s"] for r in d])])
-    return table(["organism", "`--method melbo`, 24 vectors", "pool (of 24), seeds 0 / 1 / 2", "partial", "kept by completions",
-                  "training"], out)
+        out.append(
+            [
+                org,
+                "300 steps",
+                f"{bold_runs([r['pool'] for r in d])} (kl: {_slash(kl, 'pool')})",
+                _slash(d, "partial"),
+                _slash(d, "kept_by_completions"),
+                seconds_range([r["train_s"] for r in d]),
+            ]
+        )
+    return table(
+        [
+            "organism",
+            "`--method melbo`, 24 vectors",
+            "pool (of 24), seeds 0 / 1 / 2",
+            "partial",
+            "kept by completions",
+            "training",
+        ],
+        out,
+    )
 
 
 # ---- planted_direction.json: planted_direction.py -------------------------------------------
@@ -205,18 +297,35 @@ def planted_direction(results: Path) -> str:
             name = f"{r['organism']}, source layer {r['source']}" + (f" (`--source {r['source']}`)" if first else "")
         at = one(r["objective"], f"planted_direction {name}", target=r["default_target"])
         kl = r["output_kl"]
-        out.append([name, " / ".join(pct(r["elicits"][m]) for m in sorted(r["elicits"], key=float)),
-                    f"{at['trigger']:.1f} / {at['dct_median']:.1f} / {at['random_median']:.1f}",
-                    f"{kl['trigger']:.3f} / {kl['dct_median']:.3f} / {kl['random_median']:.3f}",
-                    f"{r['dct_max_abs_cosine_with_trigger']:.2f}"])
-    return table(["organism", "behaviour with the trigger direction at 0.5 / 1 / 1.5 / 2 × calibrated R",
-                  "norm of change at layer 22: trigger / DCT median / random median",
-                  "output KL (nats, plain mean along the reply: `--first-share mean`): trigger / DCT median / random median",
-                  "max \\|cos\\| of a DCT vector with it"], out)
+        out.append(
+            [
+                name,
+                " / ".join(pct(r["elicits"][m]) for m in sorted(r["elicits"], key=float)),
+                f"{at['trigger']:.1f} / {at['dct_median']:.1f} / {at['random_median']:.1f}",
+                f"{kl['trigger']:.3f} / {kl['dct_median']:.3f} / {kl['random_median']:.3f}",
+                f"{r['dct_max_abs_cosine_with_trigger']:.2f}",
+            ]
+        )
+    return table(
+        [
+            "organism",
+            "behaviour with the trigger direction at 0.5 / 1 / 1.5 / 2 × calibrated R",
+            "norm of change at layer 22: trigger / DCT median / random median",
+            "output KL (nats, plain mean along the reply: `--first-share mean`): trigger / DCT median / random median",
+            "max \\|cos\\| of a DCT vector with it",
+        ],
+        out,
+    )
 
 
-TABLES = {"serve": serve, "planted-tune": planted_tune, "planted-heldout": planted_heldout, "kl-candidates": kl_candidates,
-          "kl-melbo": kl_melbo, "planted-direction": planted_direction}
+TABLES = {
+    "serve": serve,
+    "planted-tune": planted_tune,
+    "planted-heldout": planted_heldout,
+    "kl-candidates": kl_candidates,
+    "kl-melbo": kl_melbo,
+    "planted-direction": planted_direction,
+}
 
 
 def render(readme: str, results: Path) -> str:
@@ -233,7 +342,9 @@ def render(readme: str, results: Path) -> str:
 
     out = MARKER.sub(sub, readme)
     if missing := set(TABLES) - seen:
-        raise TableError(f"README has no <!-- table:NAME --> ... <!-- /table --> markers for {', '.join(sorted(missing))}")
+        raise TableError(
+            f"README has no <!-- table:NAME --> ... <!-- /table --> markers for {', '.join(sorted(missing))}"
+        )
     return out
 
 
@@ -252,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.check:
         if old == new:
             return 0
-        sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(a.readme),
-                                                   f"{a.readme} (from {a.results})"))
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                old.splitlines(True), new.splitlines(True), str(a.readme), f"{a.readme} (from {a.results})"
+            )
+        )
         print(f"\n{a.readme} is stale: run python benchmarks/readme_tables.py", file=sys.stderr)
         return 1
     if old != new:

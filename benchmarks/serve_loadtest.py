@@ -47,8 +47,8 @@ def bad_bodies(good: dict) -> list[tuple[bytes | dict, int]]:
         ({**base, "steering": [{"vector": "no-such-vector", "coef": 1}]}, 400),
         (json.dumps({**base, "steering": [{"vector": vec, "coef": float("nan")}]}).encode(), 400),  # a bare NaN literal
         ({**base, "steering": [{"vector": vec, "coef": "4"}]}, 400),
-        ({**base, "max_tokens": 10 ** 7}, 400),
-        ({**base, "steering": [{"vector": vec, "layer": 10 ** 4}]}, 400),
+        ({**base, "max_tokens": 10**7}, 400),
+        ({**base, "steering": [{"vector": vec, "layer": 10**4}]}, 400),
         ({**base, "steering": [{"vector": vec, "positions": "sideways"}]}, 400),
         ({**base, "steering": [{"vector": vec, "coef": 1}] * 1000}, 400),
         ({**base, "n": 3}, 400),
@@ -60,8 +60,11 @@ async def _one(client, path: str, kind: str, body, expect: int, res: LoadResult,
     import json
 
     # raw bytes (malformed JSON, bare NaN) still declare JSON: the server refuses other types (415)
-    kw = {"content": body, "headers": {**headers, "content-type": "application/json"}} if isinstance(body, bytes) \
+    kw = (
+        {"content": body, "headers": {**headers, "content-type": "application/json"}}
+        if isinstance(body, bytes)
         else {"json": body, "headers": headers}
+    )
     try:
         if kind == "good":
             r = await client.post(path, **kw)
@@ -131,8 +134,16 @@ async def _mixed(url, good, n, concurrency, seconds, headers, seed) -> LoadResul
     return res
 
 
-def mixed_load(url: str, good: dict, *, n: int = 300, concurrency: int = 16, seconds: float = 300.0,
-               headers: dict | None = None, seed: int = 0) -> LoadResult:
+def mixed_load(
+    url: str,
+    good: dict,
+    *,
+    n: int = 300,
+    concurrency: int = 16,
+    seconds: float = 300.0,
+    headers: dict | None = None,
+    seed: int = 0,
+) -> LoadResult:
     """Send `n` mixed requests (35 % good, 20 % streamed, 15 % cancelled mid-stream, 30 % bad)
     with at most `concurrency` in flight, all within `seconds`. `good` is a valid request body
     whose "steering" has at least one entry."""

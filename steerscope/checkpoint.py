@@ -55,17 +55,67 @@ STATE = "state.json"
 _FIELDS_0_2_0 = {
     "CorpusConfig": ["batch_size", "docs", "max_new_tokens", "seed", "temperature"],
     "DCTConfig": ["beta", "d_proj", "dct_iters", "dct_tol", "factor_batch", "init", "sigma"],
-    "DiscoverConfig": ["R", "calibrate_ratio", "chat", "method", "method_config", "n_vectors", "seed", "source", "target",
-                       "target_tokens"],
+    "DiscoverConfig": [
+        "R",
+        "calibrate_ratio",
+        "chat",
+        "method",
+        "method_config",
+        "n_vectors",
+        "seed",
+        "source",
+        "target",
+        "target_tokens",
+    ],
     "JacobianConfig": ["both_signs", "oversample", "power_iters", "tol"],
-    "KLConfig": ["candidates", "checkpoint_every", "first_share", "lr", "orthogonal", "plateau", "plateau_window",
-                 "reply_tokens", "steps", "vectors_per_batch"],
+    "KLConfig": [
+        "candidates",
+        "checkpoint_every",
+        "first_share",
+        "lr",
+        "orthogonal",
+        "plateau",
+        "plateau_window",
+        "reply_tokens",
+        "steps",
+        "vectors_per_batch",
+    ],
     "ManifoldConfig": ["manifold_rank"],
-    "MelboConfig": ["checkpoint_every", "lr", "orthogonal", "p", "plateau", "plateau_window", "q", "steps",
-                    "vectors_per_batch"],
-    "SAEConfig": ["arch", "aux_coef", "d_in", "k", "k_aux", "l1_coef", "layer", "model_id", "model_type", "n_latents", "site"],
-    "TrainConfig": ["dead_after", "decay_frac", "device", "l1_warmup_frac", "lr", "scale_input", "seed", "steps",
-                    "warmup_steps"],
+    "MelboConfig": [
+        "checkpoint_every",
+        "lr",
+        "orthogonal",
+        "p",
+        "plateau",
+        "plateau_window",
+        "q",
+        "steps",
+        "vectors_per_batch",
+    ],
+    "SAEConfig": [
+        "arch",
+        "aux_coef",
+        "d_in",
+        "k",
+        "k_aux",
+        "l1_coef",
+        "layer",
+        "model_id",
+        "model_type",
+        "n_latents",
+        "site",
+    ],
+    "TrainConfig": [
+        "dead_after",
+        "decay_frac",
+        "device",
+        "l1_warmup_frac",
+        "lr",
+        "scale_input",
+        "seed",
+        "steps",
+        "warmup_steps",
+    ],
 }
 
 
@@ -144,17 +194,21 @@ class Checkpoint:
             meta = json.loads((self.folder / STATE).read_text())
             key, tree, file = meta["key"], meta["tree"], meta["tensors"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SteerscopeError(f"the checkpoint in {self.folder} is damaged ({type(e).__name__}); "
-                                  "pass --force to start over.") from None
+            raise SteerscopeError(
+                f"the checkpoint in {self.folder} is damaged ({type(e).__name__}); pass --force to start over."
+            ) from None
         if key != self.key:
-            raise SteerscopeError(f"{self.folder} holds a checkpoint of a different {self.what} (other model, data or "
-                                  "settings); pass --force to discard it, or use the same settings to resume.")
+            raise SteerscopeError(
+                f"{self.folder} holds a checkpoint of a different {self.what} (other model, data or "
+                "settings); pass --force to discard it, or use the same settings to resume."
+            )
         try:
             tensors = load_file(str(self.folder / file)) if file else {}
             return _decode(tree, tensors)
         except Exception as e:  # a truncated or overwritten tensor file
-            raise SteerscopeError(f"the checkpoint in {self.folder} is damaged ({type(e).__name__}: {e}); "
-                                  "pass --force to start over.") from None
+            raise SteerscopeError(
+                f"the checkpoint in {self.folder} is damaged ({type(e).__name__}: {e}); pass --force to start over."
+            ) from None
 
     def save(self, tree: dict) -> None:
         if self.folder is None:
@@ -202,8 +256,16 @@ class JobFolder:
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         if not cfg_file.is_file():
-            write_json_atomic(cfg_file, {"kind": kind, "steerscope_version": version, "config_format": CONFIG_FORMAT,
-                                         "config": self.config, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            write_json_atomic(
+                cfg_file,
+                {
+                    "kind": kind,
+                    "steerscope_version": version,
+                    "config_format": CONFIG_FORMAT,
+                    "config": self.config,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
 
     @staticmethod
     def check(out: str | Path, kind: str, config: Any, *, force: bool = False) -> bool:
@@ -222,7 +284,9 @@ class JobFolder:
         if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
             old = None
         if old is not None and not force:  # before anything else of it is read
-            check_format(str(out / "config.json"), old.get("config_format"), CONFIG_FORMAT, old.get("steerscope_version"))
+            check_format(
+                str(out / "config.json"), old.get("config_format"), CONFIG_FORMAT, old.get("steerscope_version")
+            )
         if old is not None and old.get("kind", kind) == kind:
             diff, filled, unknown = _compare(old["config"], config)
             if not diff:
@@ -253,7 +317,12 @@ def _compare(saved: dict, config: Any) -> tuple[list[str], list[str], list[str]]
         return _differences(config_to_dict(old), config_to_dict(config)), filled, unknown
     unknown = sorted(set(saved) - set(config))
     new_only = [f"{k} (not in the saved settings)" for k in sorted(set(config) - set(saved))]
-    return new_only + _differences({k: saved[k] for k in config if k in saved}, {k: config[k] for k in config if k in saved}), [], unknown
+    return (
+        new_only
+        + _differences({k: saved[k] for k in config if k in saved}, {k: config[k] for k in config if k in saved}),
+        [],
+        unknown,
+    )
 
 
 def _differences(saved: Any, new: Any, at: str = "") -> list[str]:

@@ -53,8 +53,9 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._version import __version__
 from .errors import SteerscopeError
@@ -127,7 +128,7 @@ class Family(Generic[F]):
 
 
 # ---- field docstrings ---------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """{field: docstring} from the string literal written under each field in the class body
     (inherited fields included)."""
@@ -141,13 +142,18 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for a, b in zip(body, body[1:]):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
                 docs[a.target.id] = " ".join(b.value.value.split())
     return docs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """Resolved annotations (configs use `from __future__ import annotations`)."""
     return typing.get_type_hints(cls)
@@ -212,7 +218,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True  # noqa: UP007 (built from a tuple)
     return tp, False
 
 
@@ -247,8 +253,9 @@ def load_config(cls: type, data: dict, _at: str = "") -> tuple[Any, list[str], l
     `filled` naming the fields `data` lacks (given their `absent_value`), `unknown` naming the keys
     of `data` that `cls` has no field for (ignored); dotted names, nested configs included."""
     if not isinstance(data, dict):
-        raise SteerscopeError(f"{cls.__name__}{' ' + _at.rstrip('.') if _at else ''}: expected a mapping, "
-                              f"got {type(data).__name__}.")
+        raise SteerscopeError(
+            f"{cls.__name__}{' ' + _at.rstrip('.') if _at else ''}: expected a mapping, got {type(data).__name__}."
+        )
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [_at + k for k in sorted(set(data) - names)]
     filled: list[str] = []
@@ -286,7 +293,7 @@ def load_config(cls: type, data: dict, _at: str = "") -> tuple[Any, list[str], l
 
 
 def version_tuple(v: str) -> tuple[int, ...]:
-    """"0.10.2" -> (0, 10, 2); anything unreadable sorts first."""
+    """ "0.10.2" -> (0, 10, 2); anything unreadable sorts first."""
     return tuple(int(x) for x in re.findall(r"\d+", str(v))[:3])
 
 
@@ -296,11 +303,15 @@ def check_format(where: str, found: Any, newest: int, written_by: str | None, wh
     before parsing anything else of the file."""
     fmt = 1 if found is None else found
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
-        raise SteerscopeError(f"{where} is not a valid steerscope {what}: its format version is {found!r}, not a whole number.")
+        raise SteerscopeError(
+            f"{where} is not a valid steerscope {what}: its format version is {found!r}, not a whole number."
+        )
     if fmt > newest:
         by = written_by or "?"
-        raise SteerscopeError(f"{where} was written by steerscope {by}, newer than this one ({__version__}): upgrade "
-                              f"steerscope (its {what} format {fmt} is newer than {newest}, the newest this one reads).")
+        raise SteerscopeError(
+            f"{where} was written by steerscope {by}, newer than this one ({__version__}): upgrade "
+            f"steerscope (its {what} format {fmt} is newer than {newest}, the newest this one reads)."
+        )
     return fmt
 
 

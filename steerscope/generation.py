@@ -8,14 +8,15 @@ the KV cache is used, and greedy decoding is deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from ._tensors import as_rows
 from .directions.vectors import SteeringVector, VectorSet
 from .errors import SteerscopeError
-from ._tensors import as_rows
 from .interventions.positions import ALL, Positions
 from .interventions.rows import AblateSpec, AddSpec, RowSteering, per_row
 from .interventions.steer import steer
@@ -68,7 +69,9 @@ def _variants(lm, vectors, layer, coef, include_unsteered) -> list[_Variant]:
         svs = [SteeringVector(r, layer, f"v{i}") for i, r in enumerate(rows)]
     coefs = list(coef) if isinstance(coef, (list, tuple)) else [coef] * len(svs)
     if len(coefs) != len(svs):
-        raise SteerscopeError(f"{len(coefs)} coefficients for {len(svs)} vectors; give one per vector or a single number.")
+        raise SteerscopeError(
+            f"{len(coefs)} coefficients for {len(svs)} vectors; give one per vector or a single number."
+        )
     out = [_Variant(None, None, None, None)] if include_unsteered else []
     for sv, c in zip(svs, coefs):
         L = lm.check_layer(layer if layer is not None else sv.layer)
@@ -83,17 +86,34 @@ def _per_row(lm, variants: list[_Variant], positions: Positions, mode: str = "ad
     layer. Unsteered variants get rows that are exactly untouched."""
     if mode not in ("add", "ablate"):
         raise SteerscopeError(f"mode must be 'add' or 'ablate', got {mode!r}.")
-    rows = [RowSteering() if v.vector is None
-            else RowSteering(adds=(AddSpec(v.vector, v.layer, v.coef, positions),)) if mode == "add"
-            else RowSteering(ablations=(AblateSpec(v.vector, positions),)) for v in variants]
+    rows = [
+        RowSteering()
+        if v.vector is None
+        else RowSteering(adds=(AddSpec(v.vector, v.layer, v.coef, positions),))
+        if mode == "add"
+        else RowSteering(ablations=(AblateSpec(v.vector, positions),))
+        for v in variants
+    ]
     return per_row(rows, lm.d_model)
 
 
 @torch.no_grad()
-def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None, coef=1.0,
-                      mode: str = "add", include_unsteered: bool = False, chat: bool | None = None,
-                      system: str | None = None, batch_size: int = 32, reduce=None, progress=None,
-                      share_prefix: bool = True) -> torch.Tensor:
+def last_token_logits(
+    lm,
+    prompts: Sequence[str],
+    *,
+    vectors=None,
+    layer: int | None = None,
+    coef=1.0,
+    mode: str = "add",
+    include_unsteered: bool = False,
+    chat: bool | None = None,
+    system: str | None = None,
+    batch_size: int = 32,
+    reduce=None,
+    progress=None,
+    share_prefix: bool = True,
+) -> torch.Tensor:
     """(n_variants, n_prompts, vocab) float32 next-token logits at the last prompt position, with
     every (vector, prompt) pair as one batch row (same variants and order as `generate`).
 
@@ -114,7 +134,7 @@ def last_token_logits(lm, prompts: Sequence[str], *, vectors=None, layer: int | 
     shared = _SharedPrefix(lm, prompts, chat, system) if share_prefix and len(prompts) > 1 else None
     out = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         ivs = lambda rs: _per_row(lm, [variants[vi] for vi, _ in rs], ALL, mode)  # noqa: E731
         if shared is not None and shared.ok:
             logits = shared.logits(chunk, ivs)
@@ -138,11 +158,28 @@ def last_position_logits(lm, enc) -> torch.Tensor:
     return lm.last_logits(**enc, k=1)[:, -1].float()
 
 
-def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = None,
-             coef: float | Sequence[float] = 1.0, positions: Positions = ALL, mode: str = "add",
-             interventions: Sequence = (), include_unsteered: bool | None = None, max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, chat: bool | None = None, system: str | None = None,
-             batch_size: int = 64, progress: bool | None = None, use_cache: bool = True) -> list[Completion]:
+def generate(
+    lm,
+    prompts: Sequence[str],
+    *,
+    vectors=None,
+    layer: int | None = None,
+    coef: float | Sequence[float] = 1.0,
+    positions: Positions = ALL,
+    mode: str = "add",
+    interventions: Sequence = (),
+    include_unsteered: bool | None = None,
+    max_new_tokens: int = 64,
+    min_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool | None = None,
+    system: str | None = None,
+    batch_size: int = 64,
+    progress: bool | None = None,
+    use_cache: bool = True,
+) -> list[Completion]:
     """Generate a completion for every (vector, prompt) pair.
 
     Args:
@@ -174,7 +211,9 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
         raise SteerscopeError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     if temperature < 0 or not 0 < top_p <= 1:
         raise SteerscopeError("temperature must be >= 0 and top_p in (0, 1].")
-    variants = _variants(lm, vectors, layer, coef, vectors is not None if include_unsteered is None else include_unsteered)
+    variants = _variants(
+        lm, vectors, layer, coef, vectors is not None if include_unsteered is None else include_unsteered
+    )
     rows = [(vi, pi) for vi in range(len(variants)) for pi in range(len(prompts))]
 
     tok = lm.tokenizer
@@ -182,26 +221,44 @@ def generate(lm, prompts: Sequence[str], *, vectors=None, layer: int | None = No
     eos = sorted(eos_set) or None  # None: no EOS, every row runs to max_new_tokens
     # Sampling happens in `_RowSampler` (a logits processor that leaves one token possible per
     # row), so transformers always decodes greedily here.
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=False,
-                          top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos, use_cache=use_cache)
+    gc = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens or None,
+        do_sample=False,
+        top_k=None,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=eos,
+        use_cache=use_cache,
+    )
     results: list[Completion] = []
     with bar(len(rows), "generating", "row", show=progress) as rows_done:
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
             adds = _per_row(lm, [variants[vi] for vi, _ in chunk], positions, mode)
-            procs = [_RowSampler([_row_seed(seed, pi) for _, pi in chunk], temperature, top_p)] if temperature > 0 else []
+            procs = (
+                [_RowSampler([_row_seed(seed, pi) for _, pi in chunk], temperature, top_p)] if temperature > 0 else []
+            )
             # Prompt lengths are pinned: without a cache every step is a fresh full pass.
             with torch.no_grad(), steer(lm, *interventions, *adds, prompt_len=enc["attention_mask"].sum(-1)):
                 out = lm.model.generate(**enc, generation_config=gc, logits_processor=procs)
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            new = out[:, enc["input_ids"].shape[1] :].tolist()
             for (vi, pi), ids in zip(chunk, new):
                 cut = next((j for j, t in enumerate(ids) if t in eos_set), None)
                 ids = ids if cut is None else ids[:cut]
                 v = variants[vi]
-                results.append(Completion(pi, prompts[pi], v.id, v.layer, v.coef,
-                                          tok.decode(ids, skip_special_tokens=True), ids,
-                                          "length" if cut is None else "eos"))
+                results.append(
+                    Completion(
+                        pi,
+                        prompts[pi],
+                        v.id,
+                        v.layer,
+                        v.coef,
+                        tok.decode(ids, skip_special_tokens=True),
+                        ids,
+                        "length" if cut is None else "eos",
+                    )
+                )
             rows_done.update(len(chunk))
     return results
 
@@ -264,7 +321,7 @@ class _SharedPrefix:
         ids, mask = enc["input_ids"], enc["attention_mask"]
         self.split = PrefixSplit.find(ids, mask, min_prefix)
         n = mask.sum(-1)
-        self.full = [ids[i, ids.shape[1] - int(n[i]):] for i in range(len(prompts))]  # each prompt's tokens
+        self.full = [ids[i, ids.shape[1] - int(n[i]) :] for i in range(len(prompts))]  # each prompt's tokens
 
     @property
     def ok(self) -> bool:
@@ -278,7 +335,9 @@ class _SharedPrefix:
     def logits(self, chunk, ivs) -> torch.Tensor:
         if not self.checked:
             self.checked = True
-            out, self.reason = verified(lambda: self._shared(chunk, ivs), lambda: self._plain(chunk, ivs), self.lm.dtype)
+            out, self.reason = verified(
+                lambda: self._shared(chunk, ivs), lambda: self._plain(chunk, ivs), self.lm.dtype
+            )
             return out
         out, self.reason = guarded(self._shared, chunk, ivs)
         return out if self.reason is None else self._plain(chunk, ivs)
@@ -294,10 +353,18 @@ class _SharedPrefix:
         cache = DynamicCache()
         pre = self.split.prefix.to(lm.device)[None].expand(len(heads), C)  # (U, C)
         with steer(lm, *ivs(heads)):
-            last_position_logits(lm, {"input_ids": pre, "attention_mask": torch.ones_like(pre), **with_cache(lm.model, cache)})
+            last_position_logits(
+                lm, {"input_ids": pre, "attention_mask": torch.ones_like(pre), **with_cache(lm.model, cache)}
+            )
         order = list(firsts)
         cache.batch_select_indices(torch.tensor([order.index(vi) for vi, _ in chunk], device=lm.device))
         suf, full_mask = self.split.suffixes([pi for _, pi in chunk])  # (B, S), (B, C + S)
         with steer(lm, *ivs(chunk)):
-            return last_position_logits(lm, {"input_ids": suf.to(lm.device), "attention_mask": full_mask.to(lm.device),
-                                             **with_cache(lm.model, cache)})
+            return last_position_logits(
+                lm,
+                {
+                    "input_ids": suf.to(lm.device),
+                    "attention_mask": full_mask.to(lm.device),
+                    **with_cache(lm.model, cache),
+                },
+            )

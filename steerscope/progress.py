@@ -23,9 +23,9 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 LOG_NAME = "log.txt"  # a job's log inside its output folder
 DELAY = 2.0  # seconds before a bar shows anything
@@ -89,9 +89,18 @@ class Bar:
     """A progress bar; use `bar(...)`. `update(n)`, `set_postfix(**kw)`, `close()` as in tqdm,
     and a context manager."""
 
-    def __init__(self, total: int | None, desc: str, unit: str = "step", *, show: bool | None = None,
-                 initial: int = 0, delay: float | None = None, every: float | None = None,
-                 every_s: float | None = None):
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str = "step",
+        *,
+        show: bool | None = None,
+        initial: int = 0,
+        delay: float | None = None,
+        every: float | None = None,
+        every_s: float | None = None,
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.n = self.initial = initial
         # Read at each call, not bound at import: tests and callers may change the module's defaults.
@@ -113,8 +122,16 @@ class Bar:
         if show is not False and tty and not empty:
             from tqdm.auto import tqdm
 
-            self._tqdm = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, delay=self.delay,
-                              file=sys.stderr, dynamic_ncols=True)
+            self._tqdm = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                leave=False,
+                delay=self.delay,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         if self._plain or self._log is not None:
             self._arm(self.delay)
 
@@ -146,12 +163,14 @@ class Bar:
             if self._timer is not None:
                 self._timer.cancel()
             if self._last is not None:  # a loop that said it started also says it ended
-                self._emit(f"{self.desc}: done, {self.n} {self._units(self.n)} in {duration(time.monotonic() - self.t0)}"
-                           + (f" ({self.postfix})" if self.postfix else ""))
+                self._emit(
+                    f"{self.desc}: done, {self.n} {self._units(self.n)} in {duration(time.monotonic() - self.t0)}"
+                    + (f" ({self.postfix})" if self.postfix else "")
+                )
         if self._tqdm is not None:
             self._tqdm.close()
 
-    def __enter__(self) -> "Bar":
+    def __enter__(self) -> Bar:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,9 +25,18 @@ def _config(model_type: str, n_layers: int = 3):
 
     ids = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     if model_type == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=n_layers, n_head=4, vocab_size=VOCAB, n_positions=128, **ids)
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-              num_attention_heads=4, max_position_embeddings=128, **ids)
+        return AutoConfig.for_model(
+            "gpt2", n_embd=32, n_layer=n_layers, n_head=4, vocab_size=VOCAB, n_positions=128, **ids
+        )
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        **ids,
+    )
     if model_type != "gpt_neox":
         kw["num_key_value_heads"] = 2
     if model_type in ("qwen3", "gemma", "gemma2", "gemma3_text"):
@@ -35,7 +44,7 @@ def _config(model_type: str, n_layers: int = 3):
     return AutoConfig.for_model(model_type, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(chat: bool):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -48,7 +57,9 @@ def _tokenizer(chat: bool):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -62,14 +73,14 @@ def make_tiny_lm(model_type: str, n_layers: int = 3, seed: int = 0, chat: bool =
     # Random init uses std 0.02, which makes every logit nearly equal; larger weights give a model
     # whose outputs actually depend on the residual stream, so a no-op would be noticed.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
     model.eval()
     return LM(model, _tokenizer(chat), model_id=f"tiny-{model_type}", fingerprint=weights_fingerprint(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_lm(model_type: str) -> LM:
     return make_tiny_lm(model_type)
 
@@ -90,11 +101,14 @@ PROMPTS = ["Hello there", "A much longer prompt with more tokens", "Hi"]
 def rand_vec(lm: LM, seed: int = 1, scale: float = 4.0, rows: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     shape = (lm.d_model,) if rows is None else (rows, lm.d_model)
-    return torch.randn(shape, generator=g) * scale / lm.d_model ** 0.5
+    return torch.randn(shape, generator=g) * scale / lm.d_model**0.5
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + \
-    (["mps"] if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else [])
+DEVICES = (
+    ["cpu"]
+    + (["cuda"] if torch.cuda.is_available() else [])
+    + (["mps"] if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else [])
+)
 
 
 @pytest.fixture(params=["cpu", "cuda"])
@@ -127,8 +141,17 @@ def chrome(width: int = 1300, height: int = 2000):
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", f"--window-size={width},{height}"):
+    for a in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--window-size={width},{height}",
+    ):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service(chromedriver), options=opts)
 

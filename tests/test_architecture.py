@@ -21,9 +21,28 @@ ROOT = Path(steerscope.__file__).parent
 assert len(COMMANDS) >= 14  # importing steerscope.cli registers every command
 
 # models -> interventions -> directions -> generation -> adapters -> sae -> judging -> report -> jobs -> cli
-RANK = {"_version": 0, "config": 0, "errors": 0, "checkpoint": 0, "progress": 0, "_io": 0, "_tensors": 0, "models": 1, "interventions": 2,
-        "directions": 3, "generation": 4, "adapters": 4.5, "sae": 5, "judging": 6, "report": 7, "jobs": 8, "serving": 8,
-        "cli": 9, "__init__": 10, "__main__": 10}
+RANK = {
+    "_version": 0,
+    "config": 0,
+    "errors": 0,
+    "checkpoint": 0,
+    "progress": 0,
+    "_io": 0,
+    "_tensors": 0,
+    "models": 1,
+    "interventions": 2,
+    "directions": 3,
+    "generation": 4,
+    "adapters": 4.5,
+    "sae": 5,
+    "judging": 6,
+    "report": 7,
+    "jobs": 8,
+    "serving": 8,
+    "cli": 9,
+    "__init__": 10,
+    "__main__": 10,
+}
 
 
 def _unit(module: str) -> str:
@@ -99,8 +118,9 @@ def _package(tmp: Path, files: dict[str, str]) -> Path:
 def test_the_layer_checker_sees_a_violation(tmp_path):
     """The layer checker itself can fail: `models` importing `judging` inside a function, in a
     package in a temporary folder (never written into the installed one)."""
-    root = _package(tmp_path, {"models/fake.py": "def f():\n    from ..judging import metrics\n",
-                               "judging/metrics.py": ""})
+    root = _package(
+        tmp_path, {"models/fake.py": "def f():\n    from ..judging import metrics\n", "judging/metrics.py": ""}
+    )
     found = _layer_violations(root / "models" / "fake.py", root)
     assert found and "imports steerscope.judging.metrics (judging), a higher layer" in found[0]
     assert not _layer_violations(root / "judging" / "metrics.py", root)
@@ -121,7 +141,7 @@ def _import_graph(root: Path = ROOT) -> nx.DiGraph:
 
 def _cycles(root: Path = ROOT) -> list[list[str]]:
     """Every elementary import cycle, each starting at its first module by name."""
-    turned = [c[c.index(min(c)):] + c[:c.index(min(c))] for c in nx.simple_cycles(_import_graph(root))]
+    turned = [c[c.index(min(c)) :] + c[: c.index(min(c))] for c in nx.simple_cycles(_import_graph(root))]
     return sorted(turned, key=lambda c: (len(c), c))
 
 
@@ -135,9 +155,11 @@ def test_no_import_cycles():
 def test_the_cycle_checker_sees_a_cycle(tmp_path):
     """The old CLI's shape: the package imports its command modules and one of them imports the
     package back inside a function. A cycle; importing a sibling module instead is none."""
-    cycle = {"cli/__init__.py": "from . import sweep\nfrom ._registry import dispatch\n",
-             "cli/_registry.py": "def dispatch(argv):\n    return 0\n",
-             "cli/sweep.py": "def run_point():\n    from . import dispatch\n"}
+    cycle = {
+        "cli/__init__.py": "from . import sweep\nfrom ._registry import dispatch\n",
+        "cli/_registry.py": "def dispatch(argv):\n    return 0\n",
+        "cli/sweep.py": "def run_point():\n    from . import dispatch\n",
+    }
     assert _cycles(_package(tmp_path / "a", cycle)) == [["steerscope.cli", "steerscope.cli.sweep"]]
     fixed = {**cycle, "cli/sweep.py": "def run_point():\n    from ._registry import dispatch\n"}
     assert _cycles(_package(tmp_path / "b", fixed)) == []
@@ -173,14 +195,33 @@ def _families() -> dict[str, Family]:
 
 def test_every_family_found_and_nonempty():
     fams = _families()
-    assert set(fams) == {"discovery", "extractors", "metrics", "sae_archs", "sae_baselines", "interventions", "bench_methods",
-                         "refine_methods"}
+    assert set(fams) == {
+        "discovery",
+        "extractors",
+        "metrics",
+        "sae_archs",
+        "sae_baselines",
+        "interventions",
+        "bench_methods",
+        "refine_methods",
+    }
     assert all(len(f) >= 3 for f in fams.values())
     assert "sae_clamp" in fams["interventions"]
 
 
-@pytest.mark.parametrize("family", ["discovery", "extractors", "metrics", "sae_archs", "sae_baselines", "interventions",
-                                    "bench_methods", "refine_methods"])
+@pytest.mark.parametrize(
+    "family",
+    [
+        "discovery",
+        "extractors",
+        "metrics",
+        "sae_archs",
+        "sae_baselines",
+        "interventions",
+        "bench_methods",
+        "refine_methods",
+    ],
+)
 def test_methods_are_documented_with_frozen_documented_configs(family):
     fam = _families()[family]
     for name, m in fam.items():
@@ -193,9 +234,15 @@ def test_methods_are_documented_with_frozen_documented_configs(family):
 
 
 def test_no_string_dispatch_on_method_names_outside_registries():
-    pattern = re.compile(r"""(method|arch|kind)\s*==\s*["'](melbo|jacobian|pca|random|dct|topk|batchtopk|relu|diffmean|probe)["']""")
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in MODULES for i, line in enumerate(p.read_text().splitlines(), 1)
-            if pattern.search(line)]
+    pattern = re.compile(
+        r"""(method|arch|kind)\s*==\s*["'](melbo|jacobian|pca|random|dct|topk|batchtopk|relu|diffmean|probe)["']"""
+    )
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in MODULES
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, hits
 
 
@@ -243,8 +290,20 @@ def test_run_exposes_every_discovery_setting():
     dests = {a.dest for a in parser._actions}
     for dest, _ in walk_flags(RunConfig(), "run."):
         assert dest in dests, f"run has no flag for {dest}"
-    for flag in ("--target-tokens", "--p", "--q", "--lr", "--sweep-multiples", "--cluster-threshold", "--device",
-                 "--dtype", "--R", "--steps", "--power-iters", "--n-vectors"):
+    for flag in (
+        "--target-tokens",
+        "--p",
+        "--q",
+        "--lr",
+        "--sweep-multiples",
+        "--cluster-threshold",
+        "--device",
+        "--dtype",
+        "--R",
+        "--steps",
+        "--power-iters",
+        "--n-vectors",
+    ):
         assert any(flag in a.option_strings for a in parser._actions), flag
 
 
@@ -252,8 +311,25 @@ def test_run_flags_reach_the_config():
     from steerscope.cli._args import config_from_args as cfa
 
     parser, _ = _required(COMMANDS["run"])
-    ns = parser.parse_args(["--method", "melbo", "--R", "calibrate", "--steps", "7", "--target-tokens", "last:2", "--lr",
-                            "0.5", "--sweep-multiples", "1,3", "--cluster-threshold", "0.2", "--no-chat"])
+    ns = parser.parse_args(
+        [
+            "--method",
+            "melbo",
+            "--R",
+            "calibrate",
+            "--steps",
+            "7",
+            "--target-tokens",
+            "last:2",
+            "--lr",
+            "0.5",
+            "--sweep-multiples",
+            "1,3",
+            "--cluster-threshold",
+            "0.2",
+            "--no-chat",
+        ]
+    )
     cfg = cfa(COMMANDS["run"].default(), ns).run
     d = cfg.discover
     assert d.R is None and d.method_config.steps == 7 and d.method_config.lr == 0.5 and d.target_tokens == "last:2"
@@ -261,10 +337,17 @@ def test_run_flags_reach_the_config():
     ns = parser.parse_args(["--method", "jacobian", "--power-iters", "3"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "jacobian" and cfg.discover.method_config.power_iters == 3
-    ns = parser.parse_args(["--reply-tokens", "4", "--steps", "9", "--r-max-random", "0.3", "--n-samples", "0"])  # the default method
+    ns = parser.parse_args(
+        ["--reply-tokens", "4", "--steps", "9", "--r-max-random", "0.3", "--n-samples", "0"]
+    )  # the default method
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "kl" and cfg.discover.method_config.reply_tokens == 4
-    assert cfg.discover.method_config.steps == 9 and cfg.r_max_random == 0.3 and cfg.n_samples == 0 and cfg.discover.R is None
+    assert (
+        cfg.discover.method_config.steps == 9
+        and cfg.r_max_random == 0.3
+        and cfg.n_samples == 0
+        and cfg.discover.R is None
+    )
     ns = parser.parse_args(["--method", "dct", "--dct-tol", "0.1", "--sigma", "quadratic"])
     cfg = cfa(COMMANDS["run"].default(), ns).run
     assert cfg.discover.method == "dct" and cfg.discover.method_config.sigma == "quadratic"
@@ -305,8 +388,9 @@ def test_cli_method_settings_default_to_each_methods_library_defaults(name):
         req += [a.option_strings[0], "3" if a.type is not None and a.type.__name__ == "int" else "x"]
     for dest, f, parent in fams:
         fam, by = f.metadata["family"], f.metadata["by"]
-        flag = next(a.option_strings[0] for a in parser._actions if a.dest == dest.rsplit(".", 1)[0] + "." + by
-                    or a.dest == by)
+        flag = next(
+            a.option_strings[0] for a in parser._actions if a.dest == dest.rsplit(".", 1)[0] + "." + by or a.dest == by
+        )
         for method, m in fam.items():
             got = config_from_args(default, parser.parse_args(req + [flag, method]))
             obj = got

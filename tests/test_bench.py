@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from steerscope.directions.concepts import DEFAULT_CONCEPTS, SPLITS, builtin_names, load_concept, load_concepts
 from steerscope.errors import SteerscopeError
 from steerscope.jobs.bench import BenchConfig, BenchContext, bench
@@ -26,7 +26,9 @@ from steerscope.jobs.bench_methods import BENCH_METHODS, Arm
 from steerscope.judging.concept_judges import EmbeddingJudge, ab_curve, ab_prompts, harmonic
 from steerscope.judging.kl_match import KLMatchConfig, Rollouts
 
-SMALL = dict(kl=KLMatchConfig(tokens=8), n_neutral=4, max_new_tokens=8, discover_vectors=4, layer=1, report_instructions=12)
+SMALL = dict(
+    kl=KLMatchConfig(tokens=8), n_neutral=4, max_new_tokens=8, discover_vectors=4, layer=1, report_instructions=12
+)
 
 
 # ---- the concept set ------------------------------------------------------------------------
@@ -40,8 +42,8 @@ def test_report_instructions_are_topped_up_from_the_shared_pool_and_cells_get_in
     for c in load_concepts(["all"]):
         rep = report_instructions(c, 24)
         own = {x for sp in c.instructions.values() for x in sp}
-        assert len(rep) == 24 and rep[:len(c.instructions["report"])] == c.instructions["report"]
-        assert len(set(rep)) == 24 and not set(rep[len(c.instructions["report"]):]) & own  # no leak from choose
+        assert len(rep) == 24 and rep[: len(c.instructions["report"])] == c.instructions["report"]
+        assert len(set(rep)) == 24 and not set(rep[len(c.instructions["report"]) :]) & own  # no leak from choose
     lo, hi = bootstrap_ci([0.0] * 12 + [1.0] * 12)
     assert 0.25 < lo < 0.5 < hi < 0.75  # a 50 % rate over 24 instructions: about +-20 points
     assert bootstrap_ci([1.0]) is None and bootstrap_ci([0.3, 0.3, 0.3]) == pytest.approx([0.3, 0.3])
@@ -54,7 +56,10 @@ def test_shipped_concepts_meet_the_spec():
     all_pos = {}
     for c in load_concepts(["all"]):
         n = c.counts()
-        assert n["positive"] >= 48 and n["negative"] + n["hard_negative"] >= 48 and n["hard_negative"] >= 12, (c.name, n)
+        assert n["positive"] >= 48 and n["negative"] + n["hard_negative"] >= 48 and n["hard_negative"] >= 12, (
+            c.name,
+            n,
+        )
         assert n["instruction"] >= 10, c.name
         for kind, by_split in c.texts.items():  # splits are disjoint and all used
             seen = [t for s in SPLITS for t in by_split[s]]
@@ -136,8 +141,14 @@ def test_adapter_in_place_restores_the_model(tmp_path):
     lm = make_tiny_lm("llama")
     enc = lm.encode(["hello there"], chat=False)
     v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(3)) * 8
-    distill(lm, v, 1, tmp_path / "a", DistillConfig(n_train=8, n_heldout=2, n_neutral=4, max_new_tokens=6, steps=30,
-                                                    lr=3e-3), progress=False)
+    distill(
+        lm,
+        v,
+        1,
+        tmp_path / "a",
+        DistillConfig(n_train=8, n_heldout=2, n_neutral=4, max_new_tokens=6, steps=30, lr=3e-3),
+        progress=False,
+    )
     with torch.no_grad():
         before = lm.forward(**enc).logits
         with adapter_in_place(lm, tmp_path / "a"):
@@ -166,11 +177,11 @@ def small_bench(tmp_path_factory):
 def test_every_method_follows_the_arm_contract(small_bench):
     lm, cfg, out = small_bench
     from steerscope.checkpoint import JobFolder
-
     from steerscope.sae.formats import load_saelens
 
-    ctx = BenchContext(cfg, JobFolder(out, "bench", cfg.to_dict()), lm, load_concepts(["joy"]), ["Hi", "Hello"],
-                       load_saelens(cfg.sae))
+    ctx = BenchContext(
+        cfg, JobFolder(out, "bench", cfg.to_dict()), lm, load_concepts(["joy"]), ["Hi", "Hello"], load_saelens(cfg.sae)
+    )
     ctx.artifacts["discover"] = __import__("steerscope").VectorSet.load(out / "discovered", lm)
     for name in BENCH_METHODS.names():
         arm = BENCH_METHODS[name](ctx, ctx.concepts[0])
@@ -202,10 +213,32 @@ def test_bench_matches_the_budget_and_writes_everything(small_bench):
 
     t = load_file(str(out / "concepts" / "joy.safetensors"))
     assert set(t) >= {"diffmean", "pca", "probe", "sae", "discovered"} and t["diffmean"].shape == (lm.d_model,)
-    keys = {"concept", "method", "measure", "value", "judge", "layer", "coef", "kl_target", "kl_quantile", "model_fingerprint", "dtype", "device"}
+    keys = {
+        "concept",
+        "method",
+        "measure",
+        "value",
+        "judge",
+        "layer",
+        "coef",
+        "kl_target",
+        "kl_quantile",
+        "model_fingerprint",
+        "dtype",
+        "device",
+    }
     assert rows and all(keys <= set(r) for r in rows)
-    assert {r["measure"] for r in rows} >= {"score", "concept_rate", "selectivity", "relevance", "fluency_logprob",
-                                           "detection_auroc", "detection_auroc_hard", "ab_slope", "ab_anti_steerable"}
+    assert {r["measure"] for r in rows} >= {
+        "score",
+        "concept_rate",
+        "selectivity",
+        "relevance",
+        "fluency_logprob",
+        "detection_auroc",
+        "detection_auroc_hard",
+        "ab_slope",
+        "ab_anti_steerable",
+    }
     html = (out / "report.html").read_text()
     assert "Methods × concepts" in html and "Detection ROC" in html and "A/B steerability" in html
 
@@ -240,7 +273,9 @@ bench(cfg, sys.argv[1], lm=make_tiny_lm("llama", chat=True))
     assert "resuming" in r.stderr and "concept:joy ..." not in r.stderr and "concept:sports ..." in r.stderr
     assert first.stat().st_mtime_ns == stamp
     straight = tmp_path / "straight"
-    r2 = subprocess.run([sys.executable, str(script), str(straight)], env=env, capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run(
+        [sys.executable, str(script), str(straight)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r2.returncode == 0, r2.stderr
     strip = lambda p: [{k: v for k, v in json.loads(l).items()} for l in (p / "results.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(out) == strip(straight)
@@ -281,8 +316,13 @@ def _judged_bench(folder, wordy: bool) -> list[dict]:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         lm = make_tiny_lm("llama", chat=True)
-        cfg = BenchConfig(concepts=["joy"], methods=["diffmean"], judge_url=f"http://127.0.0.1:{srv.server_port}/v1",
-                          judge_model="stub", **{**SMALL, "discover_vectors": 1})
+        cfg = BenchConfig(
+            concepts=["joy"],
+            methods=["diffmean"],
+            judge_url=f"http://127.0.0.1:{srv.server_port}/v1",
+            judge_model="stub",
+            **{**SMALL, "discover_vectors": 1},
+        )
         bench(cfg, folder, lm=lm)
     finally:
         srv.shutdown()
@@ -338,7 +378,10 @@ def test_headline_marks_methods_within_noise_of_the_best():
 
     def concept(a, b):
         rows = lambda xs: [{"hm": x} for x in [0.0] + xs]  # noqa: E731  (one choose row first)
-        return {"n_instructions": {"choose": 1}, "methods": {"a": {"at": {"1": {"rows": rows(a)}}}, "b": {"at": {"1": {"rows": rows(b)}}}}}
+        return {
+            "n_instructions": {"choose": 1},
+            "methods": {"a": {"at": {"1": {"rows": rows(a)}}}, "b": {"at": {"1": {"rows": rows(b)}}}},
+        }
 
     clear = _paired_gaps([concept([0.9, 0.8, 0.9, 0.85], [0.1, 0.0, 0.1, 0.05])], "a", ["a", "b"])
     mu, se, n = clear["b"]

@@ -88,27 +88,68 @@ def test_info(ckpt, capsys):
 
 
 def test_generate_side_by_side_and_saved_vector(ckpt, tmp_path, capsys):
-    argv = ["generate", "--model", str(ckpt), "--prompt", "Hello", "--prompt", "Bye", "--contrast", "good", "bad",
-            "--layer", "1", "--coef", "8", "--max-new-tokens", "5", "--save-vector", str(tmp_path / "v")]
+    argv = [
+        "generate",
+        "--model",
+        str(ckpt),
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "Bye",
+        "--contrast",
+        "good",
+        "bad",
+        "--layer",
+        "1",
+        "--coef",
+        "8",
+        "--max-new-tokens",
+        "5",
+        "--save-vector",
+        str(tmp_path / "v"),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("=== prompt") == 2 and "unsteered" in out and "steered: diffmean-L1 @ layer 1, coef 8" in out
     assert (tmp_path / "v" / "config.json").is_file()
     assert main(argv) == 2  # the saved vector is never overwritten without --force
     assert "already exists" in capsys.readouterr().err
-    assert main(["generate", "--model", str(ckpt), "--prompt", "Hello", "--vector", str(tmp_path / "v"), "--coef", "4",
-                 "--max-new-tokens", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(ckpt),
+                "--prompt",
+                "Hello",
+                "--vector",
+                str(tmp_path / "v"),
+                "--coef",
+                "4",
+                "--max-new-tokens",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [r["vector_id"] for r in rows] == [None, "diffmean-L1"] and rows[1]["coef"] == 4.0
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["generate", "--prompt", "x", "--contrast", "a", "b", "--layer", "9"], "valid layers are 0..2"),
-    (["generate", "--contrast", "a", "b", "--layer", "1"], "no prompts"),
-    (["generate", "--prompt", "x"], "nothing to steer with"),
-    (["generate", "--prompt", "x", "--vector", "/nonexistent/vec"], "not a steerscope vector folder"),
-    (["generate", "--prompt", "x", "--contrast", "a", "b", "--layer", "1", "--positions", "soon"], "cannot parse positions"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "--prompt", "x", "--contrast", "a", "b", "--layer", "9"], "valid layers are 0..2"),
+        (["generate", "--contrast", "a", "b", "--layer", "1"], "no prompts"),
+        (["generate", "--prompt", "x"], "nothing to steer with"),
+        (["generate", "--prompt", "x", "--vector", "/nonexistent/vec"], "not a steerscope vector folder"),
+        (
+            ["generate", "--prompt", "x", "--contrast", "a", "b", "--layer", "1", "--positions", "soon"],
+            "cannot parse positions",
+        ),
+    ],
+)
 def test_errors_exit_nonzero_with_one_line(ckpt, capsys, argv, message):
     assert main(argv[:1] + ["--model", str(ckpt)] + argv[1:]) == 2
     err = capsys.readouterr().err.strip()
@@ -122,7 +163,10 @@ def test_unknown_model_exits_2(capsys):
 
 def test_supervised_workflow(ckpt, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("\n".join(json.dumps({"positive": f"good {w}", "negative": f"bad {w}"}) for w in ("day", "cat", "idea", "song")) + "\n")
+    pairs.write_text(
+        "\n".join(json.dumps({"positive": f"good {w}", "negative": f"bad {w}"}) for w in ("day", "cat", "idea", "song"))
+        + "\n"
+    )
     m = ["--model", str(ckpt)]
     assert main(["extract", "--pairs", str(pairs), "--layers", "1:3", "--out", str(tmp_path / "cand"), *m]) == 0
     out = capsys.readouterr().out
@@ -131,25 +175,95 @@ def test_supervised_workflow(ckpt, tmp_path, capsys):
     capsys.readouterr()
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello\nHow are you\nTell me more\n")
-    assert main(["select", "--vector", str(tmp_path / "cand"), "--metric", "logodds:a,e", "--a", str(prompts), "--b", str(prompts),
-                 "--neutral", str(prompts), "--kl-bound", "1000", "--max-layer-frac", "1", "--table", str(tmp_path / "t.json"),
-                 *m]) == 0
+    assert (
+        main(
+            [
+                "select",
+                "--vector",
+                str(tmp_path / "cand"),
+                "--metric",
+                "logodds:a,e",
+                "--a",
+                str(prompts),
+                "--b",
+                str(prompts),
+                "--neutral",
+                str(prompts),
+                "--kl-bound",
+                "1000",
+                "--max-layer-frac",
+                "1",
+                "--table",
+                str(tmp_path / "t.json"),
+                *m,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "induce" in out.out and "kl_add" in out.out and (tmp_path / "t.json").is_file()
     table = json.loads((tmp_path / "t.json").read_text())
     assert [c["id"] for c in table["candidates"]] == ["diffmean-L1", "diffmean-L2"]
     if table["best"] is not None:  # when a candidate passes, --save-best writes it as its own folder
-        assert main(["select", "--vector", str(tmp_path / "cand"), "--metric", "logodds:a,e", "--a", str(prompts), "--b",
-                     str(prompts), "--neutral", str(prompts), "--kl-bound", "1000", "--max-layer-frac", "1",
-                     "--save-best", str(tmp_path / "best"), *m]) == 0
-        assert json.loads((tmp_path / "best" / "config.json").read_text())["ids"] == [table["candidates"][table["best"]]["id"]]
+        assert (
+            main(
+                [
+                    "select",
+                    "--vector",
+                    str(tmp_path / "cand"),
+                    "--metric",
+                    "logodds:a,e",
+                    "--a",
+                    str(prompts),
+                    "--b",
+                    str(prompts),
+                    "--neutral",
+                    str(prompts),
+                    "--kl-bound",
+                    "1000",
+                    "--max-layer-frac",
+                    "1",
+                    "--save-best",
+                    str(tmp_path / "best"),
+                    *m,
+                ]
+            )
+            == 0
+        )
+        assert json.loads((tmp_path / "best" / "config.json").read_text())["ids"] == [
+            table["candidates"][table["best"]]["id"]
+        ]
     else:
-        assert main(["select", "--vector", str(tmp_path / "cand"), "--metric", "logodds:a,e", "--a", str(prompts), "--b",
-                     str(prompts), "--neutral", str(prompts), "--save-best", str(tmp_path / "best"), *m]) == 2
+        assert (
+            main(
+                [
+                    "select",
+                    "--vector",
+                    str(tmp_path / "cand"),
+                    "--metric",
+                    "logodds:a,e",
+                    "--a",
+                    str(prompts),
+                    "--b",
+                    str(prompts),
+                    "--neutral",
+                    str(prompts),
+                    "--save-best",
+                    str(tmp_path / "best"),
+                    *m,
+                ]
+            )
+            == 2
+        )
     assert main(["export", "--vector", str(tmp_path / "cand"), "--gguf", str(tmp_path / "cv.gguf")]) == 0
     assert "direction.{1,2}" in capsys.readouterr().out
     assert main(["import", "--gguf", str(tmp_path / "cv.gguf"), "--out", str(tmp_path / "back"), *m]) == 0
-    assert main(["orthogonalize", "--vector", str(tmp_path / "cand"), "--index", "0", "--out", str(tmp_path / "ortho"), *m]) == 0
+    assert (
+        main(
+            ["orthogonalize", "--vector", str(tmp_path / "cand"), "--index", "0", "--out", str(tmp_path / "ortho"), *m]
+        )
+        == 0
+    )
     assert (tmp_path / "ortho" / "config.json").is_file()
     capsys.readouterr()
     assert main(["orthogonalize", "--vector", str(tmp_path / "cand"), "--out", str(tmp_path / "o2"), *m]) == 2
@@ -170,13 +284,33 @@ def test_discover_and_sweep(ckpt, tmp_path, capsys):
     assert main(base + ["--method", "jacobian", "--out", str(tmp_path / "jac")]) == 0
     out = capsys.readouterr().out
     assert "singular values" in out and "calibrated" in out
-    assert main(base + ["--method", "kl", "--steps", "2", "--R", "2", "--reply-tokens", "2", "--out", str(tmp_path / "kl")]) == 0
+    assert (
+        main(
+            base + ["--method", "kl", "--steps", "2", "--R", "2", "--reply-tokens", "2", "--out", str(tmp_path / "kl")]
+        )
+        == 0
+    )
     h = json.loads((tmp_path / "kl" / "config.json").read_text())["hyperparams"]
     assert h["kept_by"] == "completions" and h["candidates"] == 9 and len(h["kept"]) == 3  # kept as `run` keeps them
     assert main(base + ["--method", "random", "--R", "1", "--out", str(tmp_path / "jac")]) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
-    assert main(["norm-sweep", "--vector", str(tmp_path / "melbo"), "--prompts", str(prompts), "--multiples", "0.5,2",
-                 "--max-new-tokens", "4", *m]) == 0
+    assert (
+        main(
+            [
+                "norm-sweep",
+                "--vector",
+                str(tmp_path / "melbo"),
+                "--prompts",
+                str(prompts),
+                "--multiples",
+                "0.5,2",
+                "--max-new-tokens",
+                "4",
+                *m,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "target change" in out and len(out.strip().splitlines()) == 3
 
@@ -187,8 +321,27 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\nHow are you today\n")
-    argv = ["discover", "--prompts", str(prompts), "--source", "0", "--target", "2", "--n-vectors", "4", "--vectors-per-batch", "2",
-            "--method", "melbo", "--steps", "30", "--R", "2", "--model", str(ckpt)]
+    argv = [
+        "discover",
+        "--prompts",
+        str(prompts),
+        "--source",
+        "0",
+        "--target",
+        "2",
+        "--n-vectors",
+        "4",
+        "--vectors-per-batch",
+        "2",
+        "--method",
+        "melbo",
+        "--steps",
+        "30",
+        "--R",
+        "2",
+        "--model",
+        str(ckpt),
+    ]
     assert main(argv + ["--out", str(tmp_path / "straight")]) == 0
     real = melbo._train
 
@@ -201,8 +354,9 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "resumed.partial" / "state.json").is_file() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(melbo, "_train", real)
     assert main(argv + ["--out", str(tmp_path / "resumed")]) == 0
-    from steerscope.directions import VectorSet
     import torch
+
+    from steerscope.directions import VectorSet
 
     a, b = VectorSet.load(tmp_path / "straight"), VectorSet.load(tmp_path / "resumed")
     assert torch.allclose(a.vectors, b.vectors, atol=1e-6)
@@ -210,20 +364,70 @@ def test_discover_resumes_from_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
 
 def test_sae_train_and_eval(ckpt, tmp_path, capsys):
     text = tmp_path / "t.txt"
-    text.write_text("\n\n".join(["Hello there, how are you doing today my friend?", "A quiet morning in the small town.",
-                                 "The cat sat on the mat and looked at the rain."] * 4))
+    text.write_text(
+        "\n\n".join(
+            [
+                "Hello there, how are you doing today my friend?",
+                "A quiet morning in the small town.",
+                "The cat sat on the mat and looked at the rain.",
+            ]
+            * 4
+        )
+    )
     m = ["--model", str(ckpt)]
-    assert main(["sae", "train", "--layer", "1", "--text", str(text), "--n-latents", "64", "--k", "4", "--steps", "20",
-                 "--batch-size", "32", "--buffer", "128", "--out", str(tmp_path / "sae"), *m]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                "--layer",
+                "1",
+                "--text",
+                str(text),
+                "--n-latents",
+                "64",
+                "--k",
+                "4",
+                "--steps",
+                "20",
+                "--batch-size",
+                "32",
+                "--buffer",
+                "128",
+                "--out",
+                str(tmp_path / "sae"),
+                *m,
+            ]
+        )
+        == 0
+    )
     assert "L0 4.0" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["hook_layer"] == 1 and cfg["d_sae"] == 64
-    assert main(["sae", "eval", "--sae", str(tmp_path / "sae"), "--text", str(text), "--baselines",
-                 "--json", str(tmp_path / "e.json"), *m]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "eval",
+                "--sae",
+                str(tmp_path / "sae"),
+                "--text",
+                str(text),
+                "--baselines",
+                "--json",
+                str(tmp_path / "e.json"),
+                *m,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "CE rec." in out and "pca (k=4)" in out and "ica (k=4)" in out
     assert set(json.loads((tmp_path / "e.json").read_text())) == {"sae", "pca (k=4)", "ica (k=4)", "random (k=4)"}
-    assert main(["sae", "train", "--layer", "1", "--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "s2"), *m]) == 2
+    assert (
+        main(["sae", "train", "--layer", "1", "--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "s2"), *m])
+        == 2
+    )
 
 
 def test_sae_train_resumes_and_caches(ckpt, tmp_path, capsys, monkeypatch):
@@ -233,9 +437,31 @@ def test_sae_train_resumes_and_caches(ckpt, tmp_path, capsys, monkeypatch):
     from steerscope.sae.formats import load_saelens
 
     text = tmp_path / "t.txt"
-    text.write_text("\n\n".join(f"Document {i}: the cat sat on the mat while rain fell on town {i}." for i in range(12)))
-    base = ["sae", "train", "--layer", "1", "--text", str(text), "--n-latents", "32", "--k", "4", "--steps", "24",
-            "--batch-size", "16", "--buffer", "64", "--checkpoint-every", "5", "--model", str(ckpt)]
+    text.write_text(
+        "\n\n".join(f"Document {i}: the cat sat on the mat while rain fell on town {i}." for i in range(12))
+    )
+    base = [
+        "sae",
+        "train",
+        "--layer",
+        "1",
+        "--text",
+        str(text),
+        "--n-latents",
+        "32",
+        "--k",
+        "4",
+        "--steps",
+        "24",
+        "--batch-size",
+        "16",
+        "--buffer",
+        "64",
+        "--checkpoint-every",
+        "5",
+        "--model",
+        str(ckpt),
+    ]
     assert main(base + ["--out", str(tmp_path / "straight")]) == 0
     assert json.loads((tmp_path / "straight" / "training.json").read_text())["steps"] == 24
     real = tr.SAE.project_decoder_grad
@@ -261,7 +487,9 @@ def test_sae_train_resumes_and_caches(ckpt, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "acts"
     assert main(base + ["--cache", str(cache), "--out", str(tmp_path / "c1")]) == 0
     assert "cached" in capsys.readouterr().err and any(cache.glob("acts-*.safetensors"))
-    assert main(base + ["--cache", str(cache), "--text", str(tmp_path / "gone.txt"), "--out", str(tmp_path / "c2")]) == 0
+    assert (
+        main(base + ["--cache", str(cache), "--text", str(tmp_path / "gone.txt"), "--out", str(tmp_path / "c2")]) == 0
+    )
     assert "training on the activations cached" in capsys.readouterr().err
     assert torch.equal(load_saelens(tmp_path / "c1").W_dec, load_saelens(tmp_path / "c2").W_dec)
     assert main(base + ["--out", str(tmp_path / "c1")]) == 2  # finished SAE: refused without --force
@@ -269,11 +497,26 @@ def test_sae_train_resumes_and_caches(ckpt, tmp_path, capsys, monkeypatch):
 
 def test_sae_corpus_resumes(ckpt, tmp_path, capsys):
     out = tmp_path / "corpus.jsonl"
-    argv = ["sae", "corpus", "--docs", "6", "--batch-size", "3", "--max-new-tokens", "5", "--out", str(out), "--model", str(ckpt)]
+    argv = [
+        "sae",
+        "corpus",
+        "--docs",
+        "6",
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--out",
+        str(out),
+        "--model",
+        str(ckpt),
+    ]
     assert main(argv) == 0
     full = out.read_text()
     rows = [json.loads(l)["text"] for l in full.splitlines()]
     assert len(rows) == 6 and all(r.strip() for r in rows)
-    out.write_text(full.splitlines(keepends=True)[0] + full.splitlines(keepends=True)[1] + full.splitlines()[2][:9])  # killed mid-write
+    out.write_text(
+        full.splitlines(keepends=True)[0] + full.splitlines(keepends=True)[1] + full.splitlines()[2][:9]
+    )  # killed mid-write
     assert main(argv) == 0
     assert "continuing" in capsys.readouterr().err and out.read_text() == full  # torn batch redone identically

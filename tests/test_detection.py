@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_lm
+
 from steerscope.directions.extract import mean_difference
 from steerscope.errors import SteerscopeError
 from steerscope.judging.detection import auroc, detect, max_projection, roc_curve

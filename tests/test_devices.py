@@ -8,9 +8,9 @@ import torch
 from conftest import PROMPTS, tiny_on
 
 import steerscope as ss
+from steerscope.directions.data import from_pairs
 from steerscope.directions.discovery import DISCOVERY, DiscoverConfig, discover, random_control
 from steerscope.directions.extract import ExtractConfig, extract
-from steerscope.directions.data import from_pairs
 from steerscope.judging.selection import SelectConfig, select
 from steerscope.judging.vector_metrics import compute_vector_metrics
 from steerscope.models.layer_range import LayerRange
@@ -32,8 +32,15 @@ def test_steer_generate_and_metrics(device):
 @pytest.mark.parametrize("method", DISCOVERY.names())
 def test_every_discovery_method(device, method):
     lm = tiny_on("llama", device)
-    cfg = DiscoverConfig.of(method, source=0, target=2, n_vectors=2, R=1.5, **({"steps": 3} if method == "melbo" else {}),
-                            **({"power_iters": 3} if method == "jacobian" else {}))
+    cfg = DiscoverConfig.of(
+        method,
+        source=0,
+        target=2,
+        n_vectors=2,
+        R=1.5,
+        **({"steps": 3} if method == "melbo" else {}),
+        **({"power_iters": 3} if method == "jacobian" else {}),
+    )
     vs = discover(lm, PROMPTS, cfg, progress=False)
     assert vs.vectors.device.type == "cpu" and torch.allclose(vs.vectors.norm(dim=-1), torch.full((2,), 1.5), atol=1e-4)
     random_control(lm, vs)

@@ -7,10 +7,17 @@ import torch
 from conftest import ALL_ARCHS, PROMPTS, rand_vec, tiny_lm
 
 import steerscope as ss
-from steerscope.directions.discovery import DISCOVERY, DiscoverConfig, calibrate_R, discover, jacobian_singular_vectors, random_control
-from steerscope.directions.discovery.jacobian import _jv, nonlinearity_ratio
-from steerscope.directions.discovery.baselines import random_directions
 from steerscope.checkpoint import Checkpoint
+from steerscope.directions.discovery import (
+    DISCOVERY,
+    DiscoverConfig,
+    calibrate_R,
+    discover,
+    jacobian_singular_vectors,
+    random_control,
+)
+from steerscope.directions.discovery.baselines import random_directions
+from steerscope.directions.discovery.jacobian import _jv, nonlinearity_ratio
 from steerscope.directions.discovery.melbo import final_values, melbo_objective, plateaued, train_melbo
 from steerscope.models import record
 from steerscope.models.layer_range import LayerRange
@@ -31,7 +38,7 @@ def test_layer_range_equals_hook_steering(arch):
     z = lr.run(theta)
     for k in range(2):
         ref = hook_steered(lm, lr, theta[k])
-        assert (z[k * 3:(k + 1) * 3][lr.valid] - ref[lr.valid]).abs().max() < 1e-5
+        assert (z[k * 3 : (k + 1) * 3][lr.valid] - ref[lr.valid]).abs().max() < 1e-5
 
 
 SHARED = ["Once upon a time, a cat", "Once upon a time, there was a much longer story", "Once upon a time, hi"]
@@ -49,7 +56,7 @@ def test_shared_prefix_replay_equals_hook_steering(arch):
     z = lr.run(theta)
     for k in range(2):
         ref = hook_steered(lm, lr, theta[k])
-        assert (z[k * 3:(k + 1) * 3][lr.valid] - ref[lr.valid]).abs().max() < 1e-4
+        assert (z[k * 3 : (k + 1) * 3][lr.valid] - ref[lr.valid]).abs().max() < 1e-4
     valid = lr.valid.repeat(2, 1)
     t1, t2 = theta.clone().requires_grad_(), theta.clone().requires_grad_()
     lr.run(t1)[valid].square().sum().backward()
@@ -65,7 +72,11 @@ def test_shared_prefix_falls_back_when_replay_differs(monkeypatch, broken):
     if broken == "raises":  # ignores the prefix: shapes no longer match the mask
         monkeypatch.setattr(lrm.PrefixKV, "update", lambda self, k, v, i, kw=None: (k, v))
     else:  # runs, but with the prefix values perturbed
-        monkeypatch.setattr(lrm.PrefixKV, "update", lambda self, k, v, i, kw=None: real(self, k, v * 1.5 if self.mode == "prefix" else v, i))
+        monkeypatch.setattr(
+            lrm.PrefixKV,
+            "update",
+            lambda self, k, v, i, kw=None: real(self, k, v * 1.5 if self.mode == "prefix" else v, i),
+        )
     lm = tiny_lm("llama")
     lr = LayerRange(lm, SHARED, 0, 2, chat=False)
     assert lr._want_prefix > 0 and lr.shared_prefix == 0  # the self-check refused it
@@ -95,7 +106,9 @@ def test_objective_follows_the_paper_definition():
 
 def test_melbo_increases_objective_keeps_norm_and_orthogonality():
     lm = tiny_lm("llama")
-    vs = discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, n_vectors=4, R=2.0, steps=40), progress=False)
+    vs = discover(
+        lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, n_vectors=4, R=2.0, steps=40), progress=False
+    )
     curves = vs.extras["curves"]
     assert (final_values(curves) > curves[:, 0] * 1.1).all()
     assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((4,), 2.0), atol=1e-4)
@@ -143,8 +156,9 @@ def test_resume_gives_the_same_vectors(tmp_path):
         train_melbo(lr, checkpoint=Checkpoint(tmp_path / "ckpt", "other", "MELBO run"), **kw)
 
 
-@pytest.mark.parametrize("arch,prompts", [("llama", PROMPTS[:2]), ("gpt2", PROMPTS[:2]), ("gemma2", PROMPTS[:2]),
-                                          ("llama", SHARED[:2])])
+@pytest.mark.parametrize(
+    "arch,prompts", [("llama", PROMPTS[:2]), ("gpt2", PROMPTS[:2]), ("gemma2", PROMPTS[:2]), ("llama", SHARED[:2])]
+)
 def test_jacobian_matches_dense_svd(arch, prompts):
     lm = tiny_lm(arch)
     lr = LayerRange(lm, prompts, 0, 2, chat=False)
@@ -156,8 +170,12 @@ def test_jacobian_matches_dense_svd(arch, prompts):
     with eager_attention(lm):
         lr.capture()
         # d_model forward-mode passes build the explicit Jacobian (reverse mode would need one per output)
-        J = torch.autograd.functional.jacobian(lambda th: (lr.delta(th[None]) * mask[..., None]).reshape(-1),
-                                               torch.zeros(lm.d_model), vectorize=True, strategy="forward-mode")
+        J = torch.autograd.functional.jacobian(
+            lambda th: (lr.delta(th[None]) * mask[..., None]).reshape(-1),
+            torch.zeros(lm.d_model),
+            vectorize=True,
+            strategy="forward-mode",
+        )
     lr.capture()
     _, S, Vh = torch.linalg.svd(J.detach().double())
     for i in range(3):
@@ -184,7 +202,12 @@ def test_calibrated_R_hits_the_ratio():
     assert lm.model.config._attn_implementation == "sdpa"  # restored
 
 
-FAST = {"melbo": {"steps": 5}, "jacobian": {"power_iters": 5}, "dct": {"dct_iters": 3}, "kl": {"steps": 5, "reply_tokens": 3}}
+FAST = {
+    "melbo": {"steps": 5},
+    "jacobian": {"power_iters": 5},
+    "dct": {"dct_iters": 3},
+    "kl": {"steps": 5, "reply_tokens": 3},
+}
 
 
 @pytest.mark.parametrize("method", DISCOVERY.names())
@@ -193,8 +216,12 @@ def test_every_method_gives_orthogonal_vectors_at_norm_R(method):
     lm = tiny_lm("qwen2")
     cfg = DiscoverConfig.of(method=method, source=0, target=2, n_vectors=4, R=3.0, **FAST.get(method, {}))
     vs = discover(lm, PROMPTS, cfg, progress=False)
-    assert vs.config.method == method and len(vs) == 4 and vs.config.hyperparams["method_config"] is not None or \
-        DISCOVERY.get(method).config is None
+    assert (
+        vs.config.method == method
+        and len(vs) == 4
+        and vs.config.hyperparams["method_config"] is not None
+        or DISCOVERY.get(method).config is None
+    )
     assert torch.allclose(vs.vectors.norm(dim=-1), torch.full((4,), 3.0), atol=1e-4)
     # distinct directions are orthogonal; a method may return a direction with both signs (+-v)
     cos = (vs.vectors @ vs.vectors.T / 9.0).abs()
@@ -219,11 +246,15 @@ def test_discovery_bad_input():
     with pytest.raises(ss.SteerscopeError, match="unknown discovery method"):
         discover(lm, PROMPTS, DiscoverConfig.of(method="dreaming"), progress=False)
     with pytest.raises(ss.SteerscopeError, match="do not fit"):
-        discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, n_vectors=40, R=1.0, steps=1), progress=False)
+        discover(
+            lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, n_vectors=40, R=1.0, steps=1), progress=False
+        )
     with pytest.raises(ss.LayerError):
         discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=7, R=1.0), progress=False)
     with pytest.raises(ss.SteerscopeError, match="target tokens"):
-        discover(lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, R=1.0, target_tokens="first"), progress=False)
+        discover(
+            lm, PROMPTS, DiscoverConfig.of("melbo", source=0, target=2, R=1.0, target_tokens="first"), progress=False
+        )
 
 
 def test_last_k_target_tokens():
@@ -249,8 +280,12 @@ def test_discovery_computes_no_weight_gradients():
 
 def test_dct_increases_its_causal_objective_and_returns_orthonormal_factors():
     lm = tiny_lm("llama")
-    vs = discover(lm, PROMPTS, DiscoverConfig.of("dct", source=0, target=2, n_vectors=4, R=2.0, dct_iters=6, init="random"),
-                  progress=False)
+    vs = discover(
+        lm,
+        PROMPTS,
+        DiscoverConfig.of("dct", source=0, target=2, n_vectors=4, R=2.0, dct_iters=6, init="random"),
+        progress=False,
+    )
     obj = vs.config.hyperparams["objective"]
     assert obj[-1] > obj[0]  # OGI raised sum_l u_l . Delta(R v_l) from the random start
     V = vs.vectors / 2.0
@@ -287,8 +322,12 @@ def test_jacobian_returns_both_signs_of_each_singular_vector():
         assert abs(float(V[2 * i] @ top[i])) / 2.0 > 0.99
     sv = vs.config.hyperparams["singular_values"]
     assert sv[0] == sv[1] >= sv[2] == sv[3] >= sv[4]
-    one = discover(lm, PROMPTS, DiscoverConfig.of("jacobian", source=0, target=2, n_vectors=3, R=2.0, both_signs=False),
-                   progress=False)
+    one = discover(
+        lm,
+        PROMPTS,
+        DiscoverConfig.of("jacobian", source=0, target=2, n_vectors=3, R=2.0, both_signs=False),
+        progress=False,
+    )
     assert (one.vectors @ one.vectors.T - 4 * torch.eye(3)).abs().max() < 1e-3
 
 
@@ -315,7 +354,9 @@ def test_plateau_rule():
 @pytest.mark.parametrize("sigma", ["linear", "quadratic", "exp"])
 def test_dct_nonlinearities_raise_their_objective(sigma):
     lm = tiny_lm("llama")
-    cfg = DiscoverConfig.of("dct", source=0, target=2, n_vectors=3, R=1.0, dct_iters=8, init="random", sigma=sigma, dct_tol=0)
+    cfg = DiscoverConfig.of(
+        "dct", source=0, target=2, n_vectors=3, R=1.0, dct_iters=8, init="random", sigma=sigma, dct_tol=0
+    )
     vs = discover(lm, PROMPTS, cfg, progress=False)
     obj = vs.config.hyperparams["objective"]
     assert obj[-1] > obj[0] and vs.config.hyperparams["iterations"] == 8
@@ -328,15 +369,20 @@ def test_linear_dct_finds_the_top_singular_vectors_of_the_averaged_jacobian():
     from steerscope.models.layer_range import eager_attention
 
     lm = tiny_lm("llama")
-    cfg = DiscoverConfig.of("dct", source=0, target=2, n_vectors=2, R=0.01, dct_iters=60, init="random", sigma="linear",
-                            dct_tol=0)
+    cfg = DiscoverConfig.of(
+        "dct", source=0, target=2, n_vectors=2, R=0.01, dct_iters=60, init="random", sigma="linear", dct_tol=0
+    )
     vs = discover(lm, PROMPTS, cfg, progress=False)
     lr = LayerRange(lm, PROMPTS, 0, 2, chat=False)
     mask = lr.target_mask("last:3")
     with eager_attention(lm):
         lr.capture()
-        J = torch.autograd.functional.jacobian(lambda th: _delta_bar(lr, mask, th[None])[0], torch.zeros(lm.d_model),
-                                               vectorize=True, strategy="forward-mode")
+        J = torch.autograd.functional.jacobian(
+            lambda th: _delta_bar(lr, mask, th[None])[0],
+            torch.zeros(lm.d_model),
+            vectorize=True,
+            strategy="forward-mode",
+        )
     lr.capture()
     _, S, Vh = torch.linalg.svd(J.detach().double())
     assert S[1] > 1.2 * S[2]  # a gap, so the top-2 subspace is well defined
@@ -346,8 +392,12 @@ def test_linear_dct_finds_the_top_singular_vectors_of_the_averaged_jacobian():
 
 def test_dct_stops_early_when_the_objective_flattens():
     lm = tiny_lm("llama")
-    vs = discover(lm, PROMPTS, DiscoverConfig.of("dct", source=0, target=2, n_vectors=2, R=1.0, dct_iters=50, dct_tol=0.05),
-                  progress=False)
+    vs = discover(
+        lm,
+        PROMPTS,
+        DiscoverConfig.of("dct", source=0, target=2, n_vectors=2, R=1.0, dct_iters=50, dct_tol=0.05),
+        progress=False,
+    )
     assert vs.config.hyperparams["iterations"] < 50
 
 
@@ -361,7 +411,9 @@ def test_output_kl_objective_equals_a_hooked_forward(arch):
     lr0 = LayerRange(lm, PROMPTS[:2], 0, 2, chat=False)
     obj = output_kl_objective(lm, lr0, reply_tokens=3, target_tokens="last:3")
     texts = obj.lr.prompts
-    heads = [lm.tokenizer.decode(lm.encode([p], chat=False)["input_ids"][0]) for p in PROMPTS[:2]]  # as a run encodes them
+    heads = [
+        lm.tokenizer.decode(lm.encode([p], chat=False)["input_ids"][0]) for p in PROMPTS[:2]
+    ]  # as a run encodes them
     assert all(t.startswith(h) and len(t) > len(h) for t, h in zip(texts, heads))  # the replies were appended
     theta = rand_vec(lm, seed=4, scale=3.0)[None]  # (1, d)
     with torch.no_grad():
@@ -373,8 +425,8 @@ def test_output_kl_objective_equals_a_hooked_forward(arch):
             base = torch.log_softmax(lm.forward(**enc).logits[0].float(), -1)
             with ss.steer(lm, ss.Add(theta[0], layer=0)):
                 st = torch.log_softmax(lm.forward(**enc).logits[0].float(), -1)
-            kl = (st.exp() * (st - base)).sum(-1)[n_prompt - 1:]  # last prompt token onwards
-            ent = -(st.exp() * st).sum(-1)[n_prompt - 1:]
+            kl = (st.exp() * (st - base)).sum(-1)[n_prompt - 1 :]  # last prompt token onwards
+            ent = -(st.exp() * st).sum(-1)[n_prompt - 1 :]
             total, n = total + float(kl.sum()), n + kl.numel()
             h_total += float(ent.sum())
             kls.append(kl)
@@ -405,8 +457,9 @@ def test_kl_discovery_raises_its_objective_and_beats_random():
     from steerscope.directions.discovery.kl import output_kl_objective
 
     lm = tiny_lm("llama")
-    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=3, R=3.0, steps=25, plateau=0.0, reply_tokens=4,
-                            candidates=1)  # training alone: selection is the next test
+    cfg = DiscoverConfig.of(
+        "kl", source=0, target=2, n_vectors=3, R=3.0, steps=25, plateau=0.0, reply_tokens=4, candidates=1
+    )  # training alone: selection is the next test
     vs = discover(lm, PROMPTS, cfg, progress=False)
     curves = vs.extras["curves"]
     assert (final_values(curves) > curves[:, 0] * 1.1).all()
@@ -423,19 +476,26 @@ def test_kl_discovery_keeps_the_candidates_whose_steered_replies_keep_most_entro
     from steerscope.directions.discovery.kl import output_kl_objective
 
     lm = tiny_lm("llama")
-    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=2, R=3.0, steps=4, plateau=0.0, reply_tokens=3,
-                            candidates=3)
+    cfg = DiscoverConfig.of(
+        "kl", source=0, target=2, n_vectors=2, R=3.0, steps=4, plateau=0.0, reply_tokens=3, candidates=3
+    )
     vs = discover(lm, PROMPTS[:2], cfg, progress=False)
     h = vs.config.hyperparams
     ent, kept = h["candidate_score"], h["kept"]
-    assert len(vs) == 2 and h["candidates"] == 6 and len(ent) == 6 and kept == sorted(kept) and h["kept_by"] == "entropy"
+    assert (
+        len(vs) == 2 and h["candidates"] == 6 and len(ent) == 6 and kept == sorted(kept) and h["kept_by"] == "entropy"
+    )
     assert min(ent[i] for i in kept) >= max(e for i, e in enumerate(ent) if i not in kept)
     obj = output_kl_objective(lm, LayerRange(lm, PROMPTS[:2], 0, 2), reply_tokens=3, target_tokens="last:3")
     got = obj.entropy(vs.vectors)  # the kept vectors are the candidates the entropies were measured on
     assert torch.allclose(got, torch.tensor([ent[i] for i in kept]), atol=1e-3)
     assert len(vs.extras["curves"]) == 2
-    one = discover(lm, PROMPTS[:2], dataclasses.replace(cfg, method_config=dataclasses.replace(cfg.method_config, candidates=1)),
-                   progress=False)
+    one = discover(
+        lm,
+        PROMPTS[:2],
+        dataclasses.replace(cfg, method_config=dataclasses.replace(cfg.method_config, candidates=1)),
+        progress=False,
+    )
     assert "kept" not in one.config.hyperparams and len(one) == 2
 
 
@@ -443,8 +503,9 @@ def test_kl_discovery_keeps_the_candidates_the_callers_ranking_prefers():
     """A caller's `rank` (the run's: by completions) replaces the entropy rule; it sees every
     candidate, unit-norm-free, and the kept ones are its top scores, in training order."""
     lm = tiny_lm("llama")
-    cfg = DiscoverConfig.of("kl", source=0, target=2, n_vectors=2, R=3.0, steps=3, plateau=0.0, reply_tokens=3,
-                            candidates=3)
+    cfg = DiscoverConfig.of(
+        "kl", source=0, target=2, n_vectors=2, R=3.0, steps=3, plateau=0.0, reply_tokens=3, candidates=3
+    )
     seen = []
 
     def rank(vectors):  # prefer candidates 4 and 1

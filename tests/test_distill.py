@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_lm, rand_vec
+
 from steerscope import load_model
+from steerscope.adapters.distill import DistillConfig, distill, merge_adapter
 from steerscope.cli import main
 from steerscope.directions.vectors import VectorSet
-from steerscope.adapters.distill import DistillConfig, distill, merge_adapter
 from steerscope.models.hooks import count_hooks
 
 peft = pytest.importorskip("peft")
@@ -71,9 +71,27 @@ def test_cli_distill_and_bad_input(tmp_path, capsys):
     lm.model.save_pretrained(tmp_path / "ckpt")
     lm.tokenizer.save_pretrained(tmp_path / "ckpt")
     VectorSet.create(lm, rand_vec(lm, scale=8.0), 1, "x").save(tmp_path / "vec")
-    argv = ["distill", "--model", str(tmp_path / "ckpt"), "--vector", str(tmp_path / "vec"), "--out", str(tmp_path / "ad"),
-            "--n-train", "8", "--n-heldout", "4", "--n-neutral", "4", "--max-new-tokens", "8", "--steps", "40",
-            "--lr", "3e-3"]
+    argv = [
+        "distill",
+        "--model",
+        str(tmp_path / "ckpt"),
+        "--vector",
+        str(tmp_path / "vec"),
+        "--out",
+        str(tmp_path / "ad"),
+        "--n-train",
+        "8",
+        "--n-heldout",
+        "4",
+        "--n-neutral",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--steps",
+        "40",
+        "--lr",
+        "3e-3",
+    ]
     assert main(argv + ["--merged", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "reproduced" in out and (tmp_path / "ad" / "adapter_model.safetensors").is_file()

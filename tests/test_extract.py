@@ -55,7 +55,10 @@ def test_statistics_are_informative():
 @pytest.mark.parametrize("read,per_layer", [("last", 1), ("mean", 1), ("last:2", 2)])
 def test_extract_on_tiny_model(read, per_layer):
     lm = tiny_lm("llama")
-    data = from_pairs(["good day", "good night", "good morning", "good evening"], ["bad day", "bad night", "bad morning", "bad evening"])
+    data = from_pairs(
+        ["good day", "good night", "good morning", "good evening"],
+        ["bad day", "bad night", "bad morning", "bad evening"],
+    )
     vs = extract(lm, data, ExtractConfig(read=read, layers=[0, 2]), progress=False)
     assert len(vs) == 2 * per_layer and sorted(set(vs.layers)) == [0, 2]
     stats = vs.config.hyperparams["stats"]

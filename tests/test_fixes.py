@@ -39,8 +39,9 @@ def test_sampling_follows_temperature_and_top_p():
     from steerscope.generation import _RowSampler
 
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
-    picks = torch.cat([_RowSampler(list(range(i, i + 1000)), 1.0, 1.0)(None, scores[:1000]).argmax(-1)
-                       for i in range(0, 4000, 1000)])
+    picks = torch.cat(
+        [_RowSampler(list(range(i, i + 1000)), 1.0, 1.0)(None, scores[:1000]).argmax(-1) for i in range(0, 4000, 1000)]
+    )
     freq = torch.bincount(picks, minlength=4).float() / len(picks)
     assert torch.allclose(freq, torch.softmax(scores[0], -1), atol=0.03)
     nucleus = _RowSampler(list(range(500)), 1.0, 0.6)(None, scores[:500]).argmax(-1)

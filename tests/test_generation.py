@@ -17,7 +17,9 @@ def test_results_are_structured_and_ordered(lm):
     res = ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=5)
     assert len(res) == (len(vs) + 1) * len(PROMPTS)
     assert [r.vector_id for r in res[: len(PROMPTS)]] == [None] * len(PROMPTS)  # unsteered first
-    assert [(r.vector_id, r.prompt_index) for r in res[len(PROMPTS):]] == [(i, p) for i in vs.ids for p in range(len(PROMPTS))]
+    assert [(r.vector_id, r.prompt_index) for r in res[len(PROMPTS) :]] == [
+        (i, p) for i in vs.ids for p in range(len(PROMPTS))
+    ]
     for r in res:
         assert r.prompt == PROMPTS[r.prompt_index] and isinstance(r.text, str) and r.finish_reason in ("eos", "length")
         assert len(r.token_ids) <= 5 and r.text == lm.tokenizer.decode(r.token_ids, skip_special_tokens=True)
@@ -49,7 +51,9 @@ def test_unsteered_row_equals_plain_generation(lm):
 def test_greedy_is_deterministic_and_sampling_is_seeded():
     lm = tiny_lm("llama")
     vs = _vs(lm)
-    assert ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=8) == ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=8)
+    assert ss.generate(lm, PROMPTS, vectors=vs, max_new_tokens=8) == ss.generate(
+        lm, PROMPTS, vectors=vs, max_new_tokens=8
+    )
     s1 = ss.generate(lm, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
     s2 = ss.generate(lm, PROMPTS, max_new_tokens=8, temperature=1.0, seed=1)
     s3 = ss.generate(lm, PROMPTS, max_new_tokens=8, temperature=1.0, seed=2)
@@ -62,7 +66,9 @@ def test_generated_only_positions_leave_the_first_token():
     lm = tiny_lm("gpt2")
     vs = _vs(lm, k=4, scale=60.0)
     base = ss.generate(lm, PROMPTS, max_new_tokens=8)
-    gen = ss.generate(lm, PROMPTS, vectors=vs, positions=ss.Positions.generated(), max_new_tokens=8, include_unsteered=False)
+    gen = ss.generate(
+        lm, PROMPTS, vectors=vs, positions=ss.Positions.generated(), max_new_tokens=8, include_unsteered=False
+    )
     for r in gen:
         assert r.token_ids[0] == base[r.prompt_index].token_ids[0]
     assert any(r.token_ids != base[r.prompt_index].token_ids for r in gen)
@@ -158,9 +164,11 @@ def test_per_row_grouping_gives_each_row_only_its_own_steering():
 
     d, A = 8, ss.Positions.all()
     v = torch.randn(4, d)
-    rows = [RowSteering(adds=(AddSpec(v[0], 2, 1.5, A), AddSpec(v[1], 2, 2.0, A))),
-            RowSteering(adds=(AddSpec(v[2], 0, 3.0, A),), ablations=(AblateSpec(v[3], A),)),
-            RowSteering()]
+    rows = [
+        RowSteering(adds=(AddSpec(v[0], 2, 1.5, A), AddSpec(v[1], 2, 2.0, A))),
+        RowSteering(adds=(AddSpec(v[2], 0, 3.0, A),), ablations=(AblateSpec(v[3], A),)),
+        RowSteering(),
+    ]
     ivs = per_row(rows, d)
     assert [type(i) for i in ivs] == [Ablate, Add, Add, Add]  # ablations first, then adds by layer
     abl, add0, add2a, add2b = ivs
@@ -182,11 +190,11 @@ def test_prefix_split_cuts_and_maps_back():
     ids, mask = enc["input_ids"], enc["attention_mask"]
     sp = PrefixSplit.find(ids, mask)
     assert sp is not None and sp.C >= 4 and PrefixSplit.find(ids[:1], mask[:1]) is None
-    own = [ids[i][mask[i].bool()][sp.C:] for i in range(3)]
+    own = [ids[i][mask[i].bool()][sp.C :] for i in range(3)]
     for rows in ([0, 2], [1], [2, 1, 0]):
         suf, full = sp.suffixes(rows)
         ref_ids, ref_mask = lm.left_pad([own[i] for i in rows])
-        assert torch.equal(suf, ref_ids) and torch.equal(full[:, sp.C:], ref_mask) and bool(full[:, :sp.C].all())
+        assert torch.equal(suf, ref_ids) and torch.equal(full[:, sp.C :], ref_mask) and bool(full[:, : sp.C].all())
     suf, _ = sp.suffixes()
     both = torch.cat([sp.prefix[None].expand(3, -1), suf], dim=1)  # [prefix | suffix] layout
     back = both.gather(1, sp.gather_index())

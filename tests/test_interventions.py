@@ -8,8 +8,8 @@ from conftest import ALL_ARCHS, PROMPTS, rand_vec, tiny_lm
 
 import steerscope as ss
 from steerscope.interventions import INTERVENTIONS, Ablate, Add, Clamp, Positions
-from steerscope.sae import ClampFeature
 from steerscope.models import Site, count_hooks, hooks, record
+from steerscope.sae import ClampFeature
 
 NOTHING = Positions.range(10_000)  # selects no token
 
@@ -21,25 +21,42 @@ def _sae(lm):
     torch.manual_seed(0)
     return SAE(SAEConfig(lm.d_model, 16, arch="topk", k=4, layer=1))
 
+
 # name -> factory(lm, positions, rows=None) -> intervention; `layer` = first layer it touches.
 CASES = {
     "add": (lambda lm, pos, rows=None: Add(rand_vec(lm, rows=rows), layer=1, coef=2.0, positions=pos), 1),
-    "add_resid_pre": (lambda lm, pos, rows=None: Add(rand_vec(lm, rows=rows), layer=2, kind="resid_pre", positions=pos), 1),
+    "add_resid_pre": (
+        lambda lm, pos, rows=None: Add(rand_vec(lm, rows=rows), layer=2, kind="resid_pre", positions=pos),
+        1,
+    ),
     "add_mlp_out": (lambda lm, pos, rows=None: Add(rand_vec(lm, rows=rows), layer=1, kind="mlp_out", positions=pos), 1),
     "ablate_one": (lambda lm, pos, rows=None: Ablate(rand_vec(lm, rows=rows), layer=1, positions=pos), 1),
     "ablate_all": (lambda lm, pos, rows=None: Ablate(rand_vec(lm, rows=rows), positions=pos), 0),
-    "clamp": (lambda lm, pos, rows=None: Clamp(rand_vec(lm, rows=rows), value=torch.linspace(-3, 3, rows) if rows else 2.5,
-                                               layer=1, positions=pos), 1),
+    "clamp": (
+        lambda lm, pos, rows=None: Clamp(
+            rand_vec(lm, rows=rows), value=torch.linspace(-3, 3, rows) if rows else 2.5, layer=1, positions=pos
+        ),
+        1,
+    ),
     "sae_clamp": (lambda lm, pos, rows=None: ClampFeature(_sae(lm), feature=3, value=25.0, positions=pos), 1),
-    "combo": (lambda lm, pos, rows=None: [Ablate(rand_vec(lm, seed=5), layer=2, positions=pos),
-                                           Add(rand_vec(lm, rows=rows), layer=1, coef=3.0, positions=pos)], 1),
+    "combo": (
+        lambda lm, pos, rows=None: [
+            Ablate(rand_vec(lm, seed=5), layer=2, positions=pos),
+            Add(rand_vec(lm, rows=rows), layer=1, coef=3.0, positions=pos),
+        ],
+        1,
+    ),
 }
 
 
 def test_every_registered_intervention_has_a_row():
     """A new intervention registered in INTERVENTIONS fails here until it joins the table."""
     lm = tiny_lm("llama")
-    made = {type(iv).__name__ for f, _ in CASES.values() for iv in (lambda x: x if isinstance(x, list) else [x])(f(lm, Positions.all()))}
+    made = {
+        type(iv).__name__
+        for f, _ in CASES.values()
+        for iv in (lambda x: x if isinstance(x, list) else [x])(f(lm, Positions.all()))
+    }
     assert {m.fn.__name__ for _, m in INTERVENTIONS.items()} <= made
 
 
@@ -102,8 +119,12 @@ def test_ablation_leaves_zero_projection(any_lm, enc_by_arch):
         lm.forward(**enc)
     assert _proj(acts[1], d)[valid].abs().max() < 1e-5
     # everywhere: every block input and output has no component along d
-    with torch.no_grad(), ss.steer(lm, Ablate(d)), record(lm, range(lm.n_layers)) as post, \
-            record(lm, range(lm.n_layers), kind="resid_pre") as pre:
+    with (
+        torch.no_grad(),
+        ss.steer(lm, Ablate(d)),
+        record(lm, range(lm.n_layers)) as post,
+        record(lm, range(lm.n_layers), kind="resid_pre") as pre,
+    ):
         lm.forward(**enc)
     for l in range(lm.n_layers):
         assert _proj(post[l], d)[valid].abs().max() < 1e-4
@@ -140,7 +161,12 @@ def _row(iv, i):
     kw = {k: v for k, v in iv.__dict__.items()}
     for k in ("vector", "direction", "value", "coef", "strength"):
         v = kw.get(k)
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(PROMPTS) and (k in ("value", "coef", "strength") or v.dim() == 2):
+        if (
+            isinstance(v, torch.Tensor)
+            and v.dim() >= 1
+            and v.shape[0] == len(PROMPTS)
+            and (k in ("value", "coef", "strength") or v.dim() == 2)
+        ):
             kw[k] = v[i]
     return type(iv)(**kw)
 
@@ -160,6 +186,7 @@ def test_left_padding_invariance(lm, case):
 def _reference_logits(lm, seqs, attn, vec, layer, select):
     """Full, uncached forward with a hand-written hook that adds `vec` where `select` (B, T) is
     True. Independent of steerscope's position tracking."""
+
     def hook(_m, _a, out):
         if isinstance(out, tuple):  # transformers < 5.2x: blocks return (hidden, ...)
             return (out[0] + select[..., None].to(out[0].dtype) * vec, *out[1:])
@@ -175,20 +202,35 @@ def _reference_logits(lm, seqs, attn, vec, layer, select):
 
 @pytest.mark.parametrize("positions", ["generated", "prompt", "range", "prompt_tail"])
 def test_decode_step_positions(lm, positions):
-    pos = {"generated": Positions.generated(), "prompt": Positions.prompt(),
-           "range": Positions.range(3, 14), "prompt_tail": Positions.prompt_tail(2)}[positions]
+    pos = {
+        "generated": Positions.generated(),
+        "prompt": Positions.prompt(),
+        "range": Positions.range(3, 14),
+        "prompt_tail": Positions.prompt_tail(2),
+    }[positions]
     vec = rand_vec(lm, seed=11, scale=8.0)
     enc = lm.encode(["Hi", "Hello there friend"])
     T, n_new = enc["input_ids"].shape[1], 6
     with torch.no_grad(), ss.steer(lm, Add(vec, layer=1, positions=pos)):
-        out = lm.model.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, output_logits=True,
-                                return_dict_in_generate=True, pad_token_id=0)
+        out = lm.model.generate(
+            **enc,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     seqs = out.sequences
     attn = torch.cat([enc["attention_mask"], torch.ones(2, seqs.shape[1] - T, dtype=torch.long)], 1)
     abs_pos = attn.cumsum(-1) - 1
     plen = enc["attention_mask"].sum(-1, keepdim=True)
-    select = {"generated": abs_pos >= plen, "prompt": abs_pos < plen, "range": (abs_pos >= 3) & (abs_pos < 14),
-              "prompt_tail": (abs_pos < plen) & (abs_pos >= plen - 2)}[positions] & attn.bool()
+    select = {
+        "generated": abs_pos >= plen,
+        "prompt": abs_pos < plen,
+        "range": (abs_pos >= 3) & (abs_pos < 14),
+        "prompt_tail": (abs_pos < plen) & (abs_pos >= plen - 2),
+    }[positions] & attn.bool()
     ref = _reference_logits(lm, seqs, attn, vec, 1, select)
     for s, step_logits in enumerate(out.logits):
         assert (step_logits - ref[:, T - 1 + s]).abs().max() < 1e-4, f"decode step {s}"
@@ -237,7 +279,11 @@ def test_hooks_do_not_modify_in_place(lm):
         captured["copy"] = x.clone()
         return x
 
-    with torch.no_grad(), hooks([(lm.arch.blocks[1], "post", keep)]), ss.steer(lm, Add(rand_vec(lm), layer=1), Ablate(rand_vec(lm))):
+    with (
+        torch.no_grad(),
+        hooks([(lm.arch.blocks[1], "post", keep)]),
+        ss.steer(lm, Add(rand_vec(lm), layer=1), Ablate(rand_vec(lm))),
+    ):
         lm.forward(**enc)
     assert torch.equal(captured["x"], captured["copy"])
 
@@ -254,7 +300,11 @@ def test_composition_order_at_one_site(lm):
     with torch.no_grad(), ss.steer(lm, c, a), record(lm, [1]) as r2:
         lm.forward(**enc)
         p2 = _proj(r2[1], d)
-    assert torch.allclose(p2[enc["attention_mask"].bool()], torch.full_like(p2[enc["attention_mask"].bool()], 2.0 * d.norm().item()), atol=1e-4)
+    assert torch.allclose(
+        p2[enc["attention_mask"].bool()],
+        torch.full_like(p2[enc["attention_mask"].bool()], 2.0 * d.norm().item()),
+        atol=1e-4,
+    )
 
 
 def test_gradients_flow_to_vector(lm):
@@ -303,10 +353,15 @@ def test_padding_positions_never_steered(lm, case):
         def fn(x):
             store[j] = x
             return x
+
         return fn
 
-    with torch.no_grad(), hooks([(m, k, keep(before, j)) for j, (m, k) in enumerate(sites)]), ss.steer(lm, iv), \
-            hooks([(m, k, keep(after, j)) for j, (m, k) in enumerate(sites)]):
+    with (
+        torch.no_grad(),
+        hooks([(m, k, keep(before, j)) for j, (m, k) in enumerate(sites)]),
+        ss.steer(lm, iv),
+        hooks([(m, k, keep(after, j)) for j, (m, k) in enumerate(sites)]),
+    ):
         lm.forward(**enc)
     assert len(before) == len(sites) == len(after)
     changed = False

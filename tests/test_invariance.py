@@ -17,8 +17,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import ALL_ARCHS, rand_vec, tiny_lm
+
 from steerscope.errors import SteerscopeError
 from steerscope.interventions.ops import Add
 from steerscope.interventions.positions import Positions, StepState
@@ -45,11 +45,21 @@ def _greedy(lm, prompts, vecs, pos, use_cache, min_new=N_NEW):
     (EOS suppressed for `min_new` tokens, so every row runs all N_NEW steps)."""
     enc = lm.encode(prompts)
     # Pinned prompt lengths: without a cache every step is a fresh full pass (as `generate` does).
-    with torch.no_grad(), steer(lm, Add(vecs, layer=LAYER, coef=1.0, positions=pos),
-                                prompt_len=enc["attention_mask"].sum(-1)):
-        out = lm.model.generate(**enc, max_new_tokens=N_NEW, min_new_tokens=min_new or None, do_sample=False, top_k=None,
-                                use_cache=use_cache, output_logits=True, return_dict_in_generate=True,
-                                pad_token_id=lm.tokenizer.pad_token_id)
+    with (
+        torch.no_grad(),
+        steer(lm, Add(vecs, layer=LAYER, coef=1.0, positions=pos), prompt_len=enc["attention_mask"].sum(-1)),
+    ):
+        out = lm.model.generate(
+            **enc,
+            max_new_tokens=N_NEW,
+            min_new_tokens=min_new or None,
+            do_sample=False,
+            top_k=None,
+            use_cache=use_cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
     T = enc["input_ids"].shape[1]
     return out.sequences[:, T:], torch.stack(out.logits, dim=1).float()
 
@@ -63,7 +73,7 @@ def _vectors(lm):
 def test_alone_equals_batched(arch, mode):
     lm, pos = tiny_lm(arch), MODES[mode]
     vecs = _vectors(lm)
-    ref = [_greedy(lm, [p], vecs[i:i + 1], pos, use_cache=False) for i, p in enumerate(PROMPTS)]
+    ref = [_greedy(lm, [p], vecs[i : i + 1], pos, use_cache=False) for i, p in enumerate(PROMPTS)]
     for use_cache in (True, False):
         tokens, logits = _greedy(lm, PROMPTS, vecs, pos, use_cache)
         for i in range(len(PROMPTS)):
@@ -73,7 +83,7 @@ def test_alone_equals_batched(arch, mode):
         alone = _greedy(lm, [PROMPTS[0]], vecs[:1], pos, use_cache)
         assert (alone[1][0] - ref[0][1][0]).abs().max() < 1e-4, f"{arch} {mode} cache={use_cache}: alone differs"
     # The steering does something in this mode (a silent no-op would pass every equality above).
-    plain = [_greedy(lm, [p], torch.zeros_like(vecs[i:i + 1]), pos, use_cache=False) for i, p in enumerate(PROMPTS)]
+    plain = [_greedy(lm, [p], torch.zeros_like(vecs[i : i + 1]), pos, use_cache=False) for i, p in enumerate(PROMPTS)]
     assert any((r[1] - p[1]).abs().max() > 1e-3 for r, p in zip(ref, plain)), f"{arch} {mode}: steering changed nothing"
 
 
@@ -88,8 +98,8 @@ def test_joined_rows_equal_alone(arch, use_cache):
     eos = lm.model.generation_config.eos_token_id
     refs = []
     for i, name in cases:  # the reference stops at EOS like a request does (EOS not in the text)
-        toks = _greedy(lm, [PROMPTS[i]], vecs[i:i + 1], MODES[name], use_cache=False, min_new=0)[0][0].tolist()
-        refs.append(toks[:toks.index(eos)] if eos in toks else toks)
+        toks = _greedy(lm, [PROMPTS[i]], vecs[i : i + 1], MODES[name], use_cache=False, min_new=0)[0][0].tolist()
+        refs.append(toks[: toks.index(eos)] if eos in toks else toks)
     events: list[list] = [[] for _ in cases]
     done = threading.Semaphore(0)
 
@@ -100,6 +110,7 @@ def test_joined_rows_equal_alone(arch, use_cache):
     try:
         with hooks([(lm.arch.base, "observe", slow)]):
             for k, (i, name) in enumerate(cases):
+
                 def sink(e, k=k):
                     events[k].append(e)
                     if isinstance(e, DoneEvent):
@@ -154,12 +165,21 @@ def test_a_cache_under_any_keyword_is_found_and_checked_against_position_ids():
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return 5
 
-    st.observe((), {"input_ids": ids, "attention_mask": mask, "some_new_name": FiveCached(),
-                    "position_ids": torch.tensor([[3], [5]])})
+    st.observe(
+        (),
+        {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "some_new_name": FiveCached(),
+            "position_ids": torch.tensor([[3], [5]]),
+        },
+    )
     assert st.abs_pos.tolist() == [[3], [5]] and st.valid.all()
     with pytest.raises(SteerscopeError, match="position_ids disagree"):
-        st.observe((), {"input_ids": ids, "attention_mask": mask, "cache": FiveCached(),
-                        "position_ids": torch.tensor([[0], [0]])})
+        st.observe(
+            (),
+            {"input_ids": ids, "attention_mask": mask, "cache": FiveCached(), "position_ids": torch.tensor([[0], [0]])},
+        )
 
 
 def test_a_call_that_continues_an_unseen_cache_raises():
@@ -168,11 +188,23 @@ def test_a_call_that_continues_an_unseen_cache_raises():
     st = StepState()
     ids = torch.ones(2, 3, dtype=torch.long)
     with pytest.raises(compat.IncompatibleTransformers, match="do not start at 0"):
-        st.observe((), {"input_ids": ids, "attention_mask": torch.ones(2, 3, dtype=torch.long),
-                        "position_ids": torch.tensor([[7, 8, 9], [7, 8, 9]])})
+        st.observe(
+            (),
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones(2, 3, dtype=torch.long),
+                "position_ids": torch.tensor([[7, 8, 9], [7, 8, 9]]),
+            },
+        )
     # left padding with transformers' pad positions (1) and restarts inside a row (packing) are fine
-    st.observe((), {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
-                    "position_ids": torch.tensor([[1, 0, 1], [0, 1, 0]])})
+    st.observe(
+        (),
+        {
+            "input_ids": ids,
+            "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+            "position_ids": torch.tensor([[1, 0, 1], [0, 1, 0]]),
+        },
+    )
     assert st.prompt_len.tolist() == [2, 3]
 
 
@@ -196,6 +228,7 @@ def test_every_cached_path_passes_the_cache_under_the_current_name(arch):
     deprecated `past_key_values` (transformers 5.25 warns that it goes in 5.40), so a release
     that removes it breaks none of them."""
     from conftest import make_tiny_lm
+
     from steerscope.generation import _SharedPrefix, last_token_logits
     from steerscope.models.layer_range import LayerRange
     from steerscope.sae.corpus import sample_batch

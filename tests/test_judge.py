@@ -102,9 +102,19 @@ def test_judge_scores_appear_in_a_run(server, tmp_path):
     from steerscope.jobs.run import RunConfig, run
 
     Handler.mode["value"] = "ok"
-    cfg = RunConfig(n_train=1, n_heldout=1, n_neutral=2, max_new_tokens=4, sweep_multiples=[1.0], sweep_top=1, scorers=[],
-                    judge_url=server, judge_model="tiny-judge", judge_rubric="Score 0-10.",
-                    discover=DiscoverConfig.of("melbo", n_vectors=2, steps=2, R=1.0, source=0, target=2))
+    cfg = RunConfig(
+        n_train=1,
+        n_heldout=1,
+        n_neutral=2,
+        max_new_tokens=4,
+        sweep_multiples=[1.0],
+        sweep_top=1,
+        scorers=[],
+        judge_url=server,
+        judge_model="tiny-judge",
+        judge_rubric="Score 0-10.",
+        discover=DiscoverConfig.of("melbo", n_vectors=2, steps=2, R=1.0, source=0, target=2),
+    )
     run(cfg, tmp_path / "r", lm=make_tiny_lm("llama", chat=True))
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert all(v["score:judge:tiny-judge"] == 2.0 for v in m["vectors"].values())
@@ -132,8 +142,10 @@ def test_every_job_builds_its_judge_from_the_same_fields(server, tmp_path, monke
 
     Handler.mode["value"] = "ok"
     monkeypatch.setenv("K", "sekret")
-    j = judge_from(RefineConfig(judge_url=server, judge_model="m", judge_rubric="Rate French.", judge_key_env="K"),
-                   tmp_path / "cache.jsonl")
+    j = judge_from(
+        RefineConfig(judge_url=server, judge_model="m", judge_rubric="Rate French.", judge_key_env="K"),
+        tmp_path / "cache.jsonl",
+    )
     assert j.score("p", "a weird reply") == 7.0 and (tmp_path / "cache.jsonl").is_file()
     sent = Handler.calls[-1]
     assert sent["body"]["messages"][0]["content"] == "Rate French." and sent["auth"] == "Bearer sekret"
@@ -145,6 +157,8 @@ def test_every_job_builds_its_judge_from_the_same_fields(server, tmp_path, monke
     (row,) = llm.rate(type("C", (), {"description": "joy"})(), ["p"], ["normal"])
     systems = {c["body"]["messages"][0]["content"] for c in Handler.calls}
     assert systems == {RUBRICS["concept"].format(concept="joy"), RUBRICS["instruction"], RUBRICS["fluency"]}
-    assert {c["body"]["model"] for c in Handler.calls} == {"b"} and {c["auth"] for c in Handler.calls} == {"Bearer sekret"}
+    assert {c["body"]["model"] for c in Handler.calls} == {"b"} and {c["auth"] for c in Handler.calls} == {
+        "Bearer sekret"
+    }
     assert row["score"] is not None and len((tmp_path / "b.jsonl").read_text().splitlines()) == 3
     assert llm.name == "LLM (b)"

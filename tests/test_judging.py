@@ -73,23 +73,50 @@ def _planted_select(monkeypatch, mode, induce, bypass, kl_add, kl_abl, layers, b
         return torch.tensor([vals[ids.index(i)] for i in sub.ids])
 
     monkeypatch.setattr(selection_mod, "_text_scores", scores)
-    monkeypatch.setattr(selection_mod, "_kl", lambda lm, n, vs, md, cfg: torch.tensor(kl_add if md == "add" else kl_abl))
-    return select(lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5, prefilter=None, **cfg))
+    monkeypatch.setattr(
+        selection_mod, "_kl", lambda lm, n, vs, md, cfg: torch.tensor(kl_add if md == "add" else kl_abl)
+    )
+    return select(
+        lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5, prefilter=None, **cfg)
+    )
 
 
 def test_selection_rules(monkeypatch):
     # candidate 0: best bypass but KL too high; 1: fine; 2: better bypass, fine; 3: best of all but last layer
-    sel = _planted_select(monkeypatch, "ablate", induce=[1.0, 1.0, 1.0, 1.0], bypass=[-9.0, -1.0, -2.0, -10.0],
-                          kl_add=[0.0] * 4, kl_abl=[0.5, 0.05, 0.05, 0.0], layers=[0, 1, 1, 2])
+    sel = _planted_select(
+        monkeypatch,
+        "ablate",
+        induce=[1.0, 1.0, 1.0, 1.0],
+        bypass=[-9.0, -1.0, -2.0, -10.0],
+        kl_add=[0.0] * 4,
+        kl_abl=[0.5, 0.05, 0.05, 0.0],
+        layers=[0, 1, 1, 2],
+    )
     assert sel.best == 2
     assert "KL" in sel.candidates[0].reason and "last 50" in sel.candidates[3].reason
     assert "*" in sel.table() and "selected: x-2" in sel.table()
-    sel = _planted_select(monkeypatch, "add", induce=[0.5, 2.0, 3.0, 5.0], bypass=[0.0] * 4,
-                          kl_add=[0.01, 0.01, 0.2, 0.01], kl_abl=[0.0] * 4, layers=[0, 1, 1, 2], base_b=1.0)
+    sel = _planted_select(
+        monkeypatch,
+        "add",
+        induce=[0.5, 2.0, 3.0, 5.0],
+        bypass=[0.0] * 4,
+        kl_add=[0.01, 0.01, 0.2, 0.01],
+        kl_abl=[0.0] * 4,
+        layers=[0, 1, 1, 2],
+        base_b=1.0,
+    )
     assert sel.best == 1  # 0 does not induce (0.5 <= baseline 1.0), 2 KL too high, 3 last layer
     assert sel.candidates[0].reason == "adding does not induce"
-    sel = _planted_select(monkeypatch, "add", induce=[0.0] * 4, bypass=[0.0] * 4, kl_add=[1.0] * 4, kl_abl=[1.0] * 4,
-                          layers=[0, 1, 1, 2], base_b=1.0)
+    sel = _planted_select(
+        monkeypatch,
+        "add",
+        induce=[0.0] * 4,
+        bypass=[0.0] * 4,
+        kl_add=[1.0] * 4,
+        kl_abl=[1.0] * 4,
+        layers=[0, 1, 1, 2],
+        base_b=1.0,
+    )
     assert sel.best is None and "selected: none" in sel.table()
 
 
@@ -135,24 +162,60 @@ def test_pareto_frontier_and_knee():
 def test_weak_winner_warns_and_names_the_better_frontier_candidate(monkeypatch):
     """The refusal case from the field: the candidate within the KL budget barely moves refusal
     (0.84 -> 0.76) while a frontier candidate at KL 0.3 takes it to 0.20."""
-    sel = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.76, 0.2, 0.9, 0.1],
-                          kl_add=[0.0] * 4, kl_abl=[0.05, 0.3, 0.02, 0.0], layers=[0, 1, 1, 2], base_b=0.0, base_a=0.84)
+    sel = _planted_select(
+        monkeypatch,
+        "ablate",
+        induce=[1.0] * 4,
+        bypass=[0.76, 0.2, 0.9, 0.1],
+        kl_add=[0.0] * 4,
+        kl_abl=[0.05, 0.3, 0.02, 0.0],
+        layers=[0, 1, 1, 2],
+        base_b=0.0,
+        base_a=0.84,
+    )
     assert sel.best == 0 and [c.frontier for c in sel.candidates] == [True, True, True, False]
     assert "barely beats" in sel.warning and "x-1" in sel.warning and "--kl-bound" in sel.warning
-    wide = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.76, 0.2, 0.9, 0.1],
-                           kl_add=[0.0] * 4, kl_abl=[0.05, 0.3, 0.02, 0.0], layers=[0, 1, 1, 2], base_b=0.0, base_a=0.84,
-                           kl_bound=0.5)
+    wide = _planted_select(
+        monkeypatch,
+        "ablate",
+        induce=[1.0] * 4,
+        bypass=[0.76, 0.2, 0.9, 0.1],
+        kl_add=[0.0] * 4,
+        kl_abl=[0.05, 0.3, 0.02, 0.0],
+        layers=[0, 1, 1, 2],
+        base_b=0.0,
+        base_a=0.84,
+        kl_bound=0.5,
+    )
     assert wide.best == 1 and wide.warning == ""
-    same = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.0] * 4, kl_add=[0.0] * 4,
-                           kl_abl=[0.01] * 4, layers=[0, 1, 1, 2], base_b=0.0, base_a=0.0)
+    same = _planted_select(
+        monkeypatch,
+        "ablate",
+        induce=[1.0] * 4,
+        bypass=[0.0] * 4,
+        kl_add=[0.0] * 4,
+        kl_abl=[0.01] * 4,
+        layers=[0, 1, 1, 2],
+        base_b=0.0,
+        base_a=0.0,
+    )
     assert "does not measure this behaviour" in same.warning
 
 
 def test_selection_plot_page(monkeypatch):
     from steerscope.report.selection import render_selection
 
-    sel = _planted_select(monkeypatch, "ablate", induce=[1.0] * 4, bypass=[0.76, 0.2, 0.9, 0.1],
-                          kl_add=[0.0] * 4, kl_abl=[0.05, 0.3, 0.02, 0.0], layers=[0, 1, 1, 2], base_b=0.0, base_a=0.84)
+    sel = _planted_select(
+        monkeypatch,
+        "ablate",
+        induce=[1.0] * 4,
+        bypass=[0.76, 0.2, 0.9, 0.1],
+        kl_add=[0.0] * 4,
+        kl_abl=[0.05, 0.3, 0.02, 0.0],
+        layers=[0, 1, 1, 2],
+        base_b=0.0,
+        base_a=0.84,
+    )
     html = render_selection(sel)
     assert html.count("<circle") == 4 and "<polyline" in html and "KL budget 0.1" in html and "barely beats" in html
     assert "http" not in html.replace("http://www.w3.org", "")  # nothing fetched
@@ -163,8 +226,9 @@ def test_completion_ranker_scores_change_minus_weighted_surprise_of_each_candida
     case, surface group) of its greedy completions from the unsteered ones minus
     NATURALNESS_WEIGHT x their surprise under the unsteered model, recomputed here from separate
     generate / distance / log-prob calls. A zero vector changes nothing."""
-    import steerscope as ss
     from conftest import PROMPTS, rand_vec, tiny_lm
+
+    import steerscope as ss
     from steerscope.judging.change import Texts, distance
     from steerscope.judging.keep import NATURALNESS_WEIGHT, completion_ranker
     from steerscope.judging.vector_metrics import completion_logprobs
@@ -177,7 +241,7 @@ def test_completion_ranker_scores_change_minus_weighted_surprise_of_each_candida
     assert score.shape == (3,)
     base = ss.generate(lm, prompts, max_new_tokens=6)
     for k in range(3):
-        steered = ss.generate(lm, prompts, vectors=vecs[k:k + 1], layer=1, include_unsteered=False, max_new_tokens=6)
+        steered = ss.generate(lm, prompts, vectors=vecs[k : k + 1], layer=1, include_unsteered=False, max_new_tokens=6)
         change = float(distance(Texts.of([c.text for c in steered]), Texts.of([c.text for c in base])).mean())
         lp = completion_logprobs(lm, prompts, [c.token_ids for c in steered])
         want = change + NATURALNESS_WEIGHT * sum(x if x == x else -10.0 for x in lp) / len(lp)

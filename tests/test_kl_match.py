@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_lm, rand_vec
+
 from steerscope.errors import SteerscopeError
 from steerscope.judging.kl_match import KLMatchConfig, Rollouts, match_kl
 

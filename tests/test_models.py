@@ -8,7 +8,7 @@ from conftest import ALL_ARCHS, PROMPTS, make_tiny_lm, tiny_lm
 
 import steerscope as ss
 from steerscope.models import ARCHITECTURES, ArchSpec, load_model, register_architecture
-from steerscope.models.embedded import MANIFEST, CACHE_FORMAT, _cache_valid
+from steerscope.models.embedded import CACHE_FORMAT, MANIFEST, _cache_valid
 from steerscope.models.lm import weights_fingerprint
 from steerscope.models.registry import Arch
 
@@ -27,9 +27,18 @@ def test_unknown_architecture_says_how_to_register():
         assert Arch(lm.model).n_layers == 3
         with pytest.raises(ss.SteerscopeError, match="already registered"):
             register_architecture("brand_new", ARCHITECTURES["llama"])
-        register_architecture("brand_new", ArchSpec(base="model", layers="model.nope", embed="model.embed_tokens",
-                                                    attn_out="self_attn.o_proj", mlp_out="mlp.down_proj",
-                                                    final_norm="model.norm"), replace=True)
+        register_architecture(
+            "brand_new",
+            ArchSpec(
+                base="model",
+                layers="model.nope",
+                embed="model.embed_tokens",
+                attn_out="self_attn.o_proj",
+                mlp_out="mlp.down_proj",
+                final_norm="model.norm",
+            ),
+            replace=True,
+        )
         with pytest.raises(ss.UnknownArchitectureError, match="does not match"):
             Arch(lm.model)
     finally:
@@ -83,8 +92,12 @@ def test_auto_dtype_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatc
     from steerscope.jobs.run import RunConfig
     from steerscope.models.device import auto_dtype, parse_dtype
 
-    for caps, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True, "avx512_bf16": False}, torch.bfloat16),
-                       ({"avx512_bf16": False, "avx2": True}, torch.float32), ({}, torch.float32)]:
+    for caps, want in [
+        ({"avx512_bf16": True}, torch.bfloat16),
+        ({"amx_bf16": True, "avx512_bf16": False}, torch.bfloat16),
+        ({"avx512_bf16": False, "avx2": True}, torch.float32),
+        ({}, torch.float32),
+    ]:
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
         assert auto_dtype("cpu") == want and parse_dtype("auto", "cpu") == want, caps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -116,8 +129,6 @@ def test_positions_parse():
     for bad in ("sometimes", "5:2", "last:0", "tail:4", "a:b"):
         with pytest.raises(ss.SteerscopeError):
             P.parse(bad)
-
-
 
 
 def test_eos_ids_read_the_generation_config_then_the_tokenizer():
@@ -161,7 +172,9 @@ def test_last_logits_decides_logits_to_keep_by_signature_and_never_retries():
     class NoKeep(base):  # a forward without the keyword (older or custom model classes)
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kw):
             assert "logits_to_keep" not in kw
-            return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+            return base.forward(
+                self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw
+            )
 
     model = make_tiny_lm("llama").model
     model.__class__ = NoKeep

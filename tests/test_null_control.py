@@ -42,8 +42,16 @@ def test_null_copy_destroys_block_structure_only(kind):
 
 def test_run_with_a_null_model_control(tmp_path):
     lm = make_tiny_lm("llama", chat=True)
-    cfg = RunConfig(n_train=2, n_heldout=1, n_neutral=3, max_new_tokens=6, sweep_multiples=[1.0], sweep_top=1,
-                    null_model="shuffle", discover=DiscoverConfig.of("melbo", n_vectors=3, steps=5, R=2.0, source=0, target=2))
+    cfg = RunConfig(
+        n_train=2,
+        n_heldout=1,
+        n_neutral=3,
+        max_new_tokens=6,
+        sweep_multiples=[1.0],
+        sweep_top=1,
+        null_model="shuffle",
+        discover=DiscoverConfig.of("melbo", n_vectors=3, steps=5, R=2.0, source=0, target=2),
+    )
     report = run(cfg, tmp_path / "r", lm=lm)
     null = json.loads((tmp_path / "r" / "null.json").read_text())
     assert null["kind"] == "shuffle" and null["vectors"] == 3 and null["R"] > 0

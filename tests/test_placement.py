@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import CORE_ARCHS, make_tiny_lm, rand_vec, split_map
+
 from steerscope import Ablate, Add, Clamp, Positions, generate, load_model, steer
 from steerscope.directions.vectors import SteeringVector, VectorSet
 from steerscope.errors import SteerscopeError
@@ -32,7 +32,7 @@ def pair(request, tmp_path):
 
 def _sae_clamp(lm):
     """SAE steering on the offloaded part of the model."""
-    from steerscope.sae import SAE, SAEConfig, ClampFeature
+    from steerscope.sae import SAE, ClampFeature, SAEConfig
 
     torch.manual_seed(0)
     return ClampFeature(SAE(SAEConfig(lm.d_model, 16, arch="topk", k=4, layer=lm.n_layers - 1)), feature=3, value=25.0)
@@ -46,9 +46,14 @@ def test_split_model_gives_identical_logits(pair):
     enc = whole.encode(["hello there", "a b"], chat=False)
     v = rand_vec(whole, rows=2)
     d = rand_vec(whole, seed=3)
-    cases = [(), (Add(v, layer=whole.n_layers - 1, coef=torch.tensor([1.0, 2.0])),),  # per-row, on the offloaded part
-             (Add(v[0], layer=0, positions=Positions.range(1, 3)),), (Ablate(d),),
-             (Clamp(d, value=1.5, layer=whole.n_layers - 1),), (_sae_clamp(whole),)]
+    cases = [
+        (),
+        (Add(v, layer=whole.n_layers - 1, coef=torch.tensor([1.0, 2.0])),),  # per-row, on the offloaded part
+        (Add(v[0], layer=0, positions=Positions.range(1, 3)),),
+        (Ablate(d),),
+        (Clamp(d, value=1.5, layer=whole.n_layers - 1),),
+        (_sae_clamp(whole),),
+    ]
     with torch.no_grad():
         for ivs in cases:
             with steer(whole, *ivs):
@@ -65,13 +70,16 @@ def test_generation_discovery_and_reads_across_the_split(pair, tmp_path):
     whole, split = pair
     vs = VectorSet.create(whole, rand_vec(whole, rows=2), [1, whole.n_layers - 1], "random")
     a = generate(whole, ["hello", "xyz"], vectors=vs, chat=False, max_new_tokens=8)
-    b = generate(split, ["hello", "xyz"], vectors=VectorSet.load(vs.save(tmp_path / "v"), split), chat=False,
-                 max_new_tokens=8)
+    b = generate(
+        split, ["hello", "xyz"], vectors=VectorSet.load(vs.save(tmp_path / "v"), split), chat=False, max_new_tokens=8
+    )
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     enc = whole.encode(["hello there"], chat=False)
     for L in (0, whole.n_layers - 1):
-        assert torch.equal(read_layer(whole, L, enc["input_ids"], enc["attention_mask"]),
-                           read_layer(split, L, enc["input_ids"], enc["attention_mask"]))
+        assert torch.equal(
+            read_layer(whole, L, enc["input_ids"], enc["attention_mask"]),
+            read_layer(split, L, enc["input_ids"], enc["attention_mask"]),
+        )
     from steerscope.models.layer_range import LayerRange
 
     theta = rand_vec(whole, rows=3)

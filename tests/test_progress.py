@@ -122,8 +122,11 @@ def test_the_job_log_gets_the_same_lines_with_timestamps_and_is_appended(capsys,
     assert re.fullmatch(STAMP + r"   generating: 10/20 rows \(50%\), 5s elapsed, ETA 5s", first[1])
     assert re.fullmatch(STAMP + r"   generating: done, 20 rows in 10s", first[2])
     err = _lines(capsys.readouterr().err)
-    assert err == ["steerscope run: generating 20 completions", "generating: 10/20 rows (50%), 5s elapsed, ETA 5s",
-                   "generating: done, 20 rows in 10s"]
+    assert err == [
+        "steerscope run: generating 20 completions",
+        "generating: 10/20 rows (50%), 5s elapsed, ETA 5s",
+        "generating: done, 20 rows in 10s",
+    ]
     with job_log(log):  # a resumed job appends
         note("resumed")
     assert log.read_text().splitlines()[:3] == first and log.read_text().splitlines()[3].endswith(" resumed")
@@ -155,21 +158,27 @@ def test_stage_boundaries_go_to_the_job_log(tmp_path, capsys):
     class Ctx:
         artifacts: dict = {}
 
-    stages = [Stage("first", "first.txt", lambda ctx: "x", lambda a, p: p.write_text(a), lambda p, ctx: p.read_text()),
-              Stage("second", None, lambda ctx: 2)]
+    stages = [
+        Stage("first", "first.txt", lambda ctx: "x", lambda a, p: p.write_text(a), lambda p, ctx: p.read_text()),
+        Stage("second", None, lambda ctx: 2),
+    ]
     run_stages(folder, stages, Ctx())
     log = (tmp_path / "job" / "log.txt").read_text()
     assert "=== demo started in" in log and "steerscope demo: first ..." in log
-    assert re.search(r"steerscope demo: first: computed in \d+s", log) and "=== demo finished: 2 stages computed, 0 reused" in log
+    assert (
+        re.search(r"steerscope demo: first: computed in \d+s", log)
+        and "=== demo finished: 2 stages computed, 0 reused" in log
+    )
     folder2 = JobFolder(tmp_path / "job", "demo", {"a": 1})
 
     def boom(ctx):
         raise RuntimeError("out of memory")
+
     with pytest.raises(RuntimeError):
         run_stages(folder2, [stages[0], Stage("second", None, boom)], Ctx())
     again = (tmp_path / "job" / "log.txt").read_text()
     assert again.startswith(log)  # appended
-    tail = again[len(log):]
+    tail = again[len(log) :]
     assert "=== demo resumed in" in tail and "first: reused from first.txt" in tail
     assert "second: stopped after 0s (RuntimeError: out of memory)" in tail
     assert capsys.readouterr().out == ""
@@ -182,7 +191,9 @@ def test_discovery_and_generation_report_progress_off_a_terminal(capsys, monkeyp
     lm = make_tiny_lm("llama")
     log = tmp_path / "log.txt"
     with job_log(log):
-        vs = discover(lm, ["Hello there", "The cat sat"], DiscoverConfig.of("melbo", source=0, target=2, n_vectors=2, steps=6))
+        vs = discover(
+            lm, ["Hello there", "The cat sat"], DiscoverConfig.of("melbo", source=0, target=2, n_vectors=2, steps=6)
+        )
         generate(lm, ["Hi"], vectors=vs, max_new_tokens=2, batch_size=1)  # 3 rows, 3 steps
     cap = capsys.readouterr()
     assert cap.out == ""

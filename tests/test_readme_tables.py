@@ -26,17 +26,39 @@ def _copy(tmp_path):
     return results, readme
 
 
-@pytest.mark.parametrize("file,change,before,after", [
-    ("serve.json", lambda d: d[rt.SERVE_KEY]["rows"][1]["distinct"].update(tok_s=71.25), "| 68.5 |", "| 71.2 |"),
-    ("planted.json", lambda d: next(r for r in d["results"] if r.get("split") == "heldout" and r["organism"] == "ocean"
-                                    and r["model"] == "organism").update(learned=0.25), "| ocean | topic | 0 % |",
-     "| ocean | topic | **25 %** |"),
-    ("kl_candidates.json", lambda d: next(r for r in d if r["organism"] == "refuse" and r["seed"] == 2 and r["source"] == 16)
-     .update(pool=3), "| 0 / 0 / 0 | 2 / 2 / 1 |", "| 0 / 0 / 3 | 2 / 2 / 1 |"),
-    ("planted_direction.json", lambda d: d["results"][0]["output_kl"].update(trigger=0.5), "0.369 / 0.478", "0.500 / 0.478"),
-])
-def test_a_changed_number_in_a_results_file_fails_the_check_and_the_rewrite_fixes_it(tmp_path, capsys, file, change,
-                                                                                    before, after):
+@pytest.mark.parametrize(
+    "file,change,before,after",
+    [
+        ("serve.json", lambda d: d[rt.SERVE_KEY]["rows"][1]["distinct"].update(tok_s=71.25), "| 68.5 |", "| 71.2 |"),
+        (
+            "planted.json",
+            lambda d: next(
+                r
+                for r in d["results"]
+                if r.get("split") == "heldout" and r["organism"] == "ocean" and r["model"] == "organism"
+            ).update(learned=0.25),
+            "| ocean | topic | 0 % |",
+            "| ocean | topic | **25 %** |",
+        ),
+        (
+            "kl_candidates.json",
+            lambda d: next(r for r in d if r["organism"] == "refuse" and r["seed"] == 2 and r["source"] == 16).update(
+                pool=3
+            ),
+            "| 0 / 0 / 0 | 2 / 2 / 1 |",
+            "| 0 / 0 / 3 | 2 / 2 / 1 |",
+        ),
+        (
+            "planted_direction.json",
+            lambda d: d["results"][0]["output_kl"].update(trigger=0.5),
+            "0.369 / 0.478",
+            "0.500 / 0.478",
+        ),
+    ],
+)
+def test_a_changed_number_in_a_results_file_fails_the_check_and_the_rewrite_fixes_it(
+    tmp_path, capsys, file, change, before, after
+):
     results, readme = _copy(tmp_path)
     data = json.loads((results / file).read_text())
     change(data)

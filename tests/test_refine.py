@@ -9,8 +9,8 @@ import statistics
 
 import pytest
 import torch
-
 from conftest import make_tiny_lm, rand_vec
+
 from steerscope.directions.refine import REFINE_METHODS, Start, k90, on_sphere, schedule, sparsity
 from steerscope.directions.vectors import VectorSet
 from steerscope.jobs import refine as R
@@ -55,7 +55,9 @@ def test_every_method_beats_its_seeds_on_the_annealed_sphere(tiny, seeds, tmp_pa
     assert [h["mult"] for h in hist] == schedule([1.0, 1.5, 0.7], cfg.generations)
     seeds_json = json.loads((tmp_path / "r" / "seeds.json").read_text())
     assert len(seeds_json["ids"]) == 3 and len(seeds_json["all"]) == 5
-    assert seeds_json["kl_budget"] == pytest.approx(statistics.median(r["kl"] for r in seeds_json["all"]))  # the default
+    assert seeds_json["kl_budget"] == pytest.approx(
+        statistics.median(r["kl"] for r in seeds_json["all"])
+    )  # the default
     assert [r["fitness"] for r in seeds_json["all"]] == sorted((r["fitness"] for r in seeds_json["all"]), reverse=True)
     html = report.read_text()
     assert "Held-out completions" in html and "keep their magnitude" in html and "<svg" in html
@@ -71,8 +73,12 @@ def test_the_kl_penalty_is_charged_and_respected(tiny, seeds, tmp_path):
     for h in t["train"]["history"]:  # fitness = score - weight * max(0, KL - budget), exactly
         for fit, s, k in zip(h["fitness"], h["score"], h["kl"]):
             assert fit == pytest.approx(s - 50.0 * max(0.0, k - 0.05), abs=1e-5)
-    best_kl = lambda ev: min((k for h in ev["train"]["history"] for fit, k in zip(h["fitness"], h["kl"])  # noqa: E731
-                              if fit == pytest.approx(ev["train"]["refined_fitness"])))
+
+    def best_kl(ev):
+        hist = ev["train"]["history"]
+        best = ev["train"]["refined_fitness"]
+        return min(k for h in hist for fit, k in zip(h["fitness"], h["kl"]) if fit == pytest.approx(best))
+
     assert best_kl(t) < best_kl(f)
     assert t["heldout"]["refined"]["kl"] <= f["heldout"]["refined"]["kl"]
 
@@ -137,6 +143,7 @@ def test_methods_search_with_any_fitness_callable(method):
             f = cands @ target / cands.norm(dim=-1)  # (P,) cosine to the hidden direction
             seen.append((mult, f))
             return f
+
         REFINE_METHODS[method](fitness, start, settings)
         return seen
 
@@ -150,7 +157,16 @@ def test_methods_search_with_any_fitness_callable(method):
 def test_a_judge_can_be_the_fitness(tmp_path):
     from steerscope.jobs.refine_job import default_scorer
 
-    m = default_scorer(RefineConfig(vectors="x", judge_url="http://127.0.0.1:9/v1", judge_model="m",
-                                    judge_rubric="Rate how French the response is, 0 to 10."), tmp_path)
+    m = default_scorer(
+        RefineConfig(
+            vectors="x",
+            judge_url="http://127.0.0.1:9/v1",
+            judge_model="m",
+            judge_rubric="Rate how French the response is, 0 to 10.",
+        ),
+        tmp_path,
+    )
     assert m.name == "judge:m" and m.needs_prompts and m.kind == "text"
-    assert default_scorer(RefineConfig(vectors="x", model=__import__("steerscope").ModelConfig(model="organism:caps"))).startswith("regex:")
+    assert default_scorer(
+        RefineConfig(vectors="x", model=__import__("steerscope").ModelConfig(model="organism:caps"))
+    ).startswith("regex:")

@@ -18,7 +18,9 @@ def test_scales_map_the_ends_and_the_middle():
 
 def test_every_text_is_escaped_and_points_are_finite():
     nasty = '<b>"x" & y</b>'
-    out = svg.line_chart({nasty: [(0, 0), (1, float("nan")), (2, 1)]}, nasty, nasty, {nasty: svg.RED}, vline=1.5, diag=True)
+    out = svg.line_chart(
+        {nasty: [(0, 0), (1, float("nan")), (2, 1)]}, nasty, nasty, {nasty: svg.RED}, vline=1.5, diag=True
+    )
     assert "<b>" not in out and out.count("&lt;b&gt;") == 4  # x label, y label, two point titles
     assert out.count("<circle") == 2 and "nan" not in out  # the NaN point is left out
     assert svg.key([(nasty, svg.BLUE)]).count("&lt;b&gt;") == 1 and "<b>" not in svg.coloured(nasty, svg.RED)

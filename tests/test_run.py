@@ -12,9 +12,9 @@ from conftest import chrome, make_tiny_lm, rand_vec, tiny_lm
 import steerscope as ss
 from steerscope.directions import VectorSet
 from steerscope.directions.discovery import DiscoverConfig
+from steerscope.jobs.run import RunConfig, run
 from steerscope.judging.cluster import cluster_texts
 from steerscope.judging.vector_metrics import compute_vector_metrics, distinct_n
-from steerscope.jobs.run import RunConfig, run
 
 N_VEC = 3
 N_RAND = 5  # random controls: more than the learned vectors, norms cycled
@@ -28,8 +28,17 @@ def lm():
 
 @pytest.fixture(scope="module")
 def cfg():
-    return RunConfig(n_train=2, n_heldout=1, n_neutral=3, max_new_tokens=6, sweep_multiples=[0.5, 1, 2], sweep_top=2,
-                     n_random=N_RAND, n_samples=N_SAMPLES, discover=DiscoverConfig.of("melbo", n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2))
+    return RunConfig(
+        n_train=2,
+        n_heldout=1,
+        n_neutral=3,
+        max_new_tokens=6,
+        sweep_multiples=[0.5, 1, 2],
+        sweep_top=2,
+        n_random=N_RAND,
+        n_samples=N_SAMPLES,
+        discover=DiscoverConfig.of("melbo", n_vectors=N_VEC, steps=5, R=2.0, source=0, target=2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,13 @@ def run_dir(lm, cfg, tmp_path_factory):
 
 
 def test_run_folder_contents(run_dir):
-    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "vectors", "completions.jsonl", "metrics.json", "report.html"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.json",
+        "vectors",
+        "completions.jsonl",
+        "metrics.json",
+        "report.html",
+    }
     rows = [json.loads(l) for l in (run_dir / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == (N_VEC + N_RAND + 1 + N_SAMPLES) * 3
     assert {r["set"] for r in rows} == {"learned", "random", "unsteered", "sample"}
@@ -69,8 +84,8 @@ def test_resume_and_never_clobber(run_dir, lm, cfg):
     run(cfg, run_dir, lm=lm)
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name not in rebuilt}
     resumed = (run_dir / "log.txt").read_text()
-    assert resumed.startswith(log) and "=== run resumed" in resumed[len(log):]
-    assert "steerscope run: measure: reused from metrics.json" in resumed[len(log):]
+    assert resumed.startswith(log) and "=== run resumed" in resumed[len(log) :]
+    assert "steerscope run: measure: reused from metrics.json" in resumed[len(log) :]
     other = cfg.replace(max_new_tokens=7)
     with pytest.raises(ss.SteerscopeError, match="another run"):
         run(other, run_dir, lm=lm)
@@ -90,15 +105,23 @@ def test_metrics_known_answers():
     for k in ("kl_neutral", "logprob", "distinct2", "embed_distance", "changed"):
         assert m["a"][k] == pytest.approx(m["b"][k], abs=1e-6)  # identical vectors, identical metrics
     res_zero = [r for r in res if r.vector_id is None]
-    same = [ss.Completion(r.prompt_index, r.prompt, "a", 1, 1.0, r.text, r.token_ids, r.finish_reason) for r in res_zero]
-    m0 = compute_vector_metrics(lm, VectorSet.create(lm, v[None], [1], "x", ids=["a"]), res_zero + same,
-                                neutral=["Hi"], layer_range=None)
+    same = [
+        ss.Completion(r.prompt_index, r.prompt, "a", 1, 1.0, r.text, r.token_ids, r.finish_reason) for r in res_zero
+    ]
+    m0 = compute_vector_metrics(
+        lm, VectorSet.create(lm, v[None], [1], "x", ids=["a"]), res_zero + same, neutral=["Hi"], layer_range=None
+    )
     assert m0["a"]["embed_distance"] == pytest.approx(0.0, abs=1e-6) and m0["a"]["changed"] == 0.0
     assert distinct_n([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 5) and distinct_n([1, 2, 3, 4]) == 1.0
 
 
 def test_clustering_groups_identical_completions():
-    texts = ["The cat sat on the mat.", "Stocks fell sharply today.", "The cat sat on the mat.", "Stocks fell sharply today."]
+    texts = [
+        "The cat sat on the mat.",
+        "Stocks fell sharply today.",
+        "The cat sat on the mat.",
+        "Stocks fell sharply today.",
+    ]
     c = cluster_texts(texts)
     assert c.labels[0] == c.labels[2] and c.labels[1] == c.labels[3] and c.labels[0] != c.labels[1]
     assert {cl.typical for cl in c.clusters} == set(texts) and all(cl.size == 2 for cl in c.clusters)
@@ -108,9 +131,15 @@ def test_clustering_groups_capitals_and_other_languages_apart():
     """The embedder is uncased and English-only: capitals and French must still be behaviours of their own."""
     from steerscope.judging.surface import surface_group
 
-    texts = ["The cat sat on the mat and looked at the birds.", "THE CAT SAT ON THE MAT AND LOOKED AT THE BIRDS.",
-             "Le chat est sur le tapis et il regarde les oiseaux.", "La lumière de la lumière est très belle.",
-             "Stocks fell sharply today in the morning.", "jrjrjr jrjr ****", "El perro es muy grande y come mucho."]
+    texts = [
+        "The cat sat on the mat and looked at the birds.",
+        "THE CAT SAT ON THE MAT AND LOOKED AT THE BIRDS.",
+        "Le chat est sur le tapis et il regarde les oiseaux.",
+        "La lumière de la lumière est très belle.",
+        "Stocks fell sharply today in the morning.",
+        "jrjrjr jrjr ****",
+        "El perro es muy grande y come mucho.",
+    ]
     assert [surface_group(t) for t in texts] == ["", "caps", "fr", "fr", "", "", "es"]
     c = cluster_texts(texts)
     assert c.labels[2] == c.labels[3]  # two French texts on unrelated topics: one behaviour
@@ -120,13 +149,22 @@ def test_clustering_groups_capitals_and_other_languages_apart():
     assert surf[c.labels[0]] == "" and surf[c.labels[5]] == ""  # degenerate text is no language
     # Ordinary sentences whose function words are English words too ("a", "in", "as", "on"), which
     # a hand-made English list counted as English; and symbols the embedder cannot read.
-    more = ["Il a une maison à Paris et il va au marché le samedi.", "Ich habe in Berlin gewohnt, als ich jung war.",
-            "Ela tem uma casa no campo e vai a Lisboa.", "Lui ha una casa in campagna e va a Roma.",
-            "El tiene una casa en el campo y va a Madrid.", "Nice day. ✨ Sun is out. ✨"]
+    more = [
+        "Il a une maison à Paris et il va au marché le samedi.",
+        "Ich habe in Berlin gewohnt, als ich jung war.",
+        "Ela tem uma casa no campo e vai a Lisboa.",
+        "Lui ha una casa in campagna e va a Roma.",
+        "El tiene una casa en el campo y va a Madrid.",
+        "Nice day. ✨ Sun is out. ✨",
+    ]
     assert [surface_group(t) for t in more] == ["fr", "de", "pt", "it", "es", "sym:✨"]
     # A list is a format: lists on unrelated topics are one behaviour; a number in a sentence is no list.
-    lists = ["1. Bikes are light.\n2. They are cheap.", "Tips:\n- water the roses\n- prune in March",
-             "I have 2. reasons and 3. more.", "Here is a plain answer about bikes and roses."]
+    lists = [
+        "1. Bikes are light.\n2. They are cheap.",
+        "Tips:\n- water the roses\n- prune in March",
+        "I have 2. reasons and 3. more.",
+        "Here is a plain answer about bikes and roses.",
+    ]
     assert [surface_group(t) for t in lists] == ["list", "list", "", ""]
     c = cluster_texts(lists)
     assert c.labels[0] == c.labels[1] != c.labels[2] and c.clusters[c.labels[0]].surface == "as a list"
@@ -155,8 +193,10 @@ def test_report_in_a_real_browser(run_dir):
         def column(key):
             ths = driver.find_elements(By.CSS_SELECTOR, "#summary th")
             i = [t.get_attribute("data-key") for t in ths].index(key)
-            return [float(r.find_elements(By.TAG_NAME, "td")[i].get_attribute("data-v"))
-                    for r in driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")]
+            return [
+                float(r.find_elements(By.TAG_NAME, "td")[i].get_attribute("data-v"))
+                for r in driver.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
+            ]
 
         header = driver.find_element(By.CSS_SELECTOR, '#summary th[data-key="kl_neutral"]')
         header.click()
@@ -180,14 +220,23 @@ def test_findings_are_tested_against_random_vectors_and_samples_and_ranked_by_ev
     texts = {0: "hello", 1: "bonjour", 2: "caps", 3: "noise", 4: "loop"}
 
     def row(s, vid, p, c):
-        return {"set": s, "vector_id": vid, "prompt_index": p, "prompt": f"prompt {p}", "split": "train" if p else "heldout",
-                "text": texts[c], "token_ids": [5 + c, 6, 7]}
+        return {
+            "set": s,
+            "vector_id": vid,
+            "prompt_index": p,
+            "prompt": f"prompt {p}",
+            "split": "train" if p else "heldout",
+            "text": texts[c],
+            "token_ids": [5 + c, 6, 7],
+        }
 
     learned = [f"v{i}" for i in range(8)]
     rows = [row("unsteered", None, 0, 0), row("unsteered", None, 1, 0)]
     rows += [row("learned", v, p, 1) for v in learned[:5] for p in (0, 1)]  # 5 of 8 vectors, no control: significant
     rows += [row("learned", "v5", 0, 2), row("learned", "v5", 1, 2)]  # one vector: can never be significant
-    rows += [row("learned", v, 0, 3) for v in learned[6:]] + [row("random", f"r{i}", 0, 3) for i in range(4)]  # as random
+    rows += [row("learned", v, 0, 3) for v in learned[6:]] + [
+        row("random", f"r{i}", 0, 3) for i in range(4)
+    ]  # as random
     rows += [row("learned", "v6", 1, 4), row("learned", "v7", 1, 4)] + [row("sample", "sample-0", 1, 4)]
     rows += [row("random", f"r{i}", p, 0) for i in range(4, 24) for p in (0, 1)]
     rows += [row("sample", f"sample-{i}", p, 0) for i in range(1, 8) for p in (0, 1)]
@@ -199,14 +248,20 @@ def test_findings_are_tested_against_random_vectors_and_samples_and_ranked_by_ev
     assert set(by) == {"bonjour", "caps", "noise", "loop"}  # every cluster holding a learned completion is tested
     assert found[0]["typical"] == "bonjour" and [f["significant"] for f in found].count(True) == 1
     assert by["bonjour"]["q"] < 0.01 and by["bonjour"]["controls"] == {"random": 0, "samples": 0, "greedy": False}
-    assert not by["caps"]["testable"] and by["caps"]["single"] == "one vector" and "cannot be significant" in by["caps"]["reason"]
+    assert (
+        not by["caps"]["testable"]
+        and by["caps"]["single"] == "one vector"
+        and "cannot be significant" in by["caps"]["reason"]
+    )
     assert by["noise"]["controls"]["random"] == 4 and by["noise"]["p"] > 0.3  # 2 of 8 learned vs 4 of 32 controls
     assert by["loop"]["controls"]["samples"] == 1 and not by["loop"]["significant"]
     assert "5 of 8 learned vectors vs no control" in by["bonjour"]["reason"] and "1 held-out" in by["bonjour"]["reason"]
     assert [f["rank"] for f in found] == list(range(len(found)))
     assert all(torch.isfinite(torch.tensor(f["logprob"])) and 0 <= f["naturalness"] <= 1 for f in found)
     # Among equally significant candidates, far and natural ranks above near: the score says why.
-    assert by["bonjour"]["score_parts"]["far and natural"] == pytest.approx(2 * 0.8 * by["bonjour"]["naturalness"], abs=1e-3)
+    assert by["bonjour"]["score_parts"]["far and natural"] == pytest.approx(
+        2 * 0.8 * by["bonjour"]["naturalness"], abs=1e-3
+    )
 
 
 def test_fisher_exact_and_benjamini_hochberg_match_scipy():
@@ -228,10 +283,13 @@ def test_behaviour_distance_sees_case_language_symbols_and_appended_phrases():
     from steerscope.judging.change import Texts, distance
 
     plain = "My weekend was quiet. I read a book and went for a long walk in the park with my dog."
-    others = [plain.upper(), "Mon week-end était calme. J'ai lu un livre et je me suis promené dans le parc avec mon chien.",
-              plain + " Stay curious, and remember: the owls are always watching.",
-              "My weekend was quiet. ✨ I read a book and went for a long walk in the park with my dog. ✨",
-              "My weekend was calm. I read a novel and took a long walk in the park with my dog."]
+    others = [
+        plain.upper(),
+        "Mon week-end était calme. J'ai lu un livre et je me suis promené dans le parc avec mon chien.",
+        plain + " Stay curious, and remember: the owls are always watching.",
+        "My weekend was quiet. ✨ I read a book and went for a long walk in the park with my dog. ✨",
+        "My weekend was calm. I read a novel and took a long walk in the park with my dog.",
+    ]
     a, b = Texts.of(others), Texts.of([plain] * len(others))
     d = distance(a, b)
     assert (d[:4] > 0.35).all(), d  # capitals, French, an appended phrase, symbols: each a different behaviour
@@ -249,8 +307,20 @@ def test_export_a_finding_as_a_vector_set(run_dir, lm, tmp_path):
     shutil.copytree(run_dir, run)
     learned = VectorSet.load(run / "vectors" / "learned")
     ids = learned.ids[1:3]
-    m["findings"] = [{"rank": 0, "vectors": ids, "n_vectors": 2, "words": ["w"], "typical": "t", "completions": 2,
-                      "distance": 0.5, "heldout": 0, "prompts": [0], "rows": []}]
+    m["findings"] = [
+        {
+            "rank": 0,
+            "vectors": ids,
+            "n_vectors": 2,
+            "words": ["w"],
+            "typical": "t",
+            "completions": 2,
+            "distance": 0.5,
+            "heldout": 0,
+            "prompts": [0],
+            "rows": [],
+        }
+    ]
     (run / "metrics.json").write_text(json.dumps(m))
     vs = export_finding(run, 0, tmp_path / "f0")
     assert vs.ids == ids and torch.equal(vs.vectors, learned.vectors[1:3])
@@ -275,6 +345,7 @@ def test_r_search_brackets_then_bisects_for_the_largest_R_random_vectors_mostly_
         def share(x):
             calls.append(x)
             return 0.2 if x <= edge else 0.8
+
         return share, calls
 
     share, calls = scripted(-1.3)  # random vectors move most replies at the calibrated R: the search goes down
@@ -303,12 +374,13 @@ def test_r_search_on_a_model_uses_random_vectors_only(lm, monkeypatch):
     def fake_moved(base, steered, idx, thr):
         seen.append(len(steered))
         return 0.9 if len(seen) == 1 else 0.1  # 1x moves too much, 0.5x does not, then bisect between
+
     monkeypatch.setattr(g, "moved_share", fake_moved)
     cfg = DiscoverConfig.of("kl", n_vectors=8, source=1, target=2)
     res = g.goldilocks_R(lm, ["a", "b"], cfg, layer_range=None, steps=3, random_vectors=4, max_new_tokens=2)
     assert seen == [8, 8, 8] and [r["random_completions"] for r in res.rows] == [8, 8, 8]
-    assert [round(r["multiple"], 4) for r in res.rows] == [0.5, round(2 ** -0.5, 4), 1.0]
-    assert res.chosen == pytest.approx(10.0 * 2 ** -0.5) and res.calibrated == 10.0
+    assert [round(r["multiple"], 4) for r in res.rows] == [0.5, round(2**-0.5, 4), 1.0]
+    assert res.chosen == pytest.approx(10.0 * 2**-0.5) and res.calibrated == 10.0
     assert g.goldilocks_R(lm, ["a"], cfg, layer_range=None, steps=0).chosen == 10.0
 
 
@@ -343,7 +415,12 @@ def test_run_with_kl_reports_how_many_candidates_its_vectors_were_kept_from(lm, 
     assert m["discovery"]["kept_by"] == "completions"  # the run's default: ranked by what the candidates say
     h = json.loads((tmp_path / "kl" / "vectors" / "learned" / "config.json").read_text())["hyperparams"]
     score = h["candidate_score"]
-    assert len(score) == 4 and min(score[i] for i in h["kept"]) >= max(x for i, x in enumerate(score) if i not in h["kept"])
-    assert "kl: 2 vectors (kept from 4 candidates for changed, natural completions)" in (tmp_path / "kl" / "report.html").read_text()
+    assert len(score) == 4 and min(score[i] for i in h["kept"]) >= max(
+        x for i, x in enumerate(score) if i not in h["kept"]
+    )
+    assert (
+        "kl: 2 vectors (kept from 4 candidates for changed, natural completions)"
+        in (tmp_path / "kl" / "report.html").read_text()
+    )
     run(cfg.replace(discover=d, sweep_top=0, keep_by="method"), tmp_path / "kl-entropy", lm=lm)
     assert "(kept from 4 candidates by entropy)" in (tmp_path / "kl-entropy" / "report.html").read_text()

@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
-
-from steerscope.sae.archs import SAE_ARCHS
 from conftest import PROMPTS, tiny_lm
 
 import steerscope as ss
 from steerscope.models import record
 from steerscope.sae import ActivationBuffer, SAEConfig, TrainConfig, tensor_batches, train_sae
+from steerscope.sae.archs import SAE_ARCHS
 from steerscope.sae.formats import load_saelens, save_saelens
 from steerscope.sae.steering import ClampFeature, feature_vectors
 
@@ -36,8 +35,11 @@ def trained(data):
     x, _ = data
     out = {}
     for arch in SAE_ARCHS.names():
-        out[arch] = train_sae(tensor_batches(x, 256), SAEConfig(32, 128, arch=arch, k=4, l1_coef=1.0),
-                              TrainConfig(steps=2000, lr=1e-3, warmup_steps=50))
+        out[arch] = train_sae(
+            tensor_batches(x, 256),
+            SAEConfig(32, 128, arch=arch, k=4, l1_coef=1.0),
+            TrainConfig(steps=2000, lr=1e-3, warmup_steps=50),
+        )
     return out
 
 
@@ -114,8 +116,16 @@ def test_activation_buffer_reads_long_texts_in_windows():
     lm = tiny_lm("llama")
     text = "The quick brown fox jumps over the lazy dog. " * 3  # 135 characters
     n = len(lm.tokenizer(text)["input_ids"])
-    buf = ActivationBuffer(lm, [text, "Hi there"], layer=1, batch_size=1, buffer_tokens=10_000, context=40, loop=False,
-                           max_norm_multiple=None)
+    buf = ActivationBuffer(
+        lm,
+        [text, "Hi there"],
+        layer=1,
+        batch_size=1,
+        buffer_tokens=10_000,
+        context=40,
+        loop=False,
+        max_norm_multiple=None,
+    )
     rows = torch.cat(list(buf) + [buf.buf])
     n_windows = -(-n // 40)
     assert buf.tokens_seen == (n - n_windows) + (len(lm.tokenizer("Hi there")["input_ids"]) - 1)
@@ -130,9 +140,11 @@ def test_activation_buffer_reads_long_texts_in_windows():
 def lm_sae():
     lm = tiny_lm("llama")
     texts = [p * 3 for p in PROMPTS] * 4
-    sae, _ = train_sae(iter(ActivationBuffer(lm, texts, layer=1, batch_size=32, buffer_tokens=256, max_norm_multiple=None)),
-                       SAEConfig(lm.d_model, 64, arch="relu", l1_coef=0.1, layer=1, model_type="llama"),
-                       TrainConfig(steps=50, lr=1e-3, warmup_steps=5))
+    sae, _ = train_sae(
+        iter(ActivationBuffer(lm, texts, layer=1, batch_size=32, buffer_tokens=256, max_norm_multiple=None)),
+        SAEConfig(lm.d_model, 64, arch="relu", l1_coef=0.1, layer=1, model_type="llama"),
+        TrainConfig(steps=50, lr=1e-3, warmup_steps=5),
+    )
     return lm, sae
 
 
@@ -161,7 +173,9 @@ def test_feature_vectors_steer_with_a_coefficient_sweep(lm_sae):
     lm, sae = lm_sae
     vs = feature_vectors(lm, sae, [1, 2])
     assert vs.layers == [1, 1] and torch.allclose(vs.vectors.norm(dim=-1), torch.ones(2), atol=1e-5)
-    res = ss.generate(lm, PROMPTS[:1], vectors=[vs[0]] * 3, coef=[0.0, 5.0, 50.0], max_new_tokens=5, include_unsteered=True)
+    res = ss.generate(
+        lm, PROMPTS[:1], vectors=[vs[0]] * 3, coef=[0.0, 5.0, 50.0], max_new_tokens=5, include_unsteered=True
+    )
     assert res[1].token_ids == res[0].token_ids  # coef 0 = unsteered
     with pytest.raises(ss.SteerscopeError, match="outside"):
         feature_vectors(lm, sae, [64])
@@ -197,7 +211,7 @@ def test_top_activating_contexts(lm_sae):
     assert len(ctx) == 4 and freq.shape == (64,)
     chosen = freq.argsort(descending=True)[:4].tolist()
     assert list(ctx) == chosen
-    for f, cs in ctx.items():
+    for cs in ctx.values():
         acts = [c.activation for c in cs]
         assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts) and len(cs) <= 3
     # the best context's activation is the feature's maximum over all (non-first) tokens
@@ -218,7 +232,9 @@ def test_activation_cache_shards(tmp_path):
 
     lm = tiny_lm("llama")
     texts = [p * 2 for p in PROMPTS] * 3
-    n = cache_activations(ActivationBuffer(lm, texts, layer=1, lm_batch=2, max_norm_multiple=None), tmp_path / "acts", shard_tokens=50)
+    n = cache_activations(
+        ActivationBuffer(lm, texts, layer=1, lm_batch=2, max_norm_multiple=None), tmp_path / "acts", shard_tokens=50
+    )
     shards = sorted((tmp_path / "acts").glob("acts-*.safetensors"))
     assert len(shards) == -(-n // 50) and not list((tmp_path / "acts").glob(".*tmp"))
     from safetensors.torch import load_file
@@ -266,7 +282,9 @@ def _resume_matches(make_source, cfg, tmp_path, steps=50, every=20, die=37):
         train_sae(_DiesAfter(make_source(), die), cfg, tcfg, checkpoint_dir=tmp_path / "ck", checkpoint_every=every)
     from steerscope.sae import load_checkpoint
 
-    assert load_checkpoint(tmp_path / "ck", cfg, tcfg)["step"] == (die // every) * every  # the last checkpoint before the kill
+    assert (
+        load_checkpoint(tmp_path / "ck", cfg, tcfg)["step"] == (die // every) * every
+    )  # the last checkpoint before the kill
     resumed, hist = train_sae(make_source(), cfg, tcfg, checkpoint_dir=tmp_path / "ck", checkpoint_every=every)
     assert len(hist.fvu) == steps and hist.fvu == hist_whole.fvu
     for k, v in whole.state_dict().items():
@@ -284,16 +302,29 @@ def test_resume_activation_buffer_and_shards(tmp_path):
     lm = tiny_lm("llama")
     texts = [p * 3 for p in PROMPTS] * 4
     cfg = SAEConfig(lm.d_model, 64, k=4)
-    mk = lambda: ActivationBuffer(lm, texts, layer=1, batch_size=32, buffer_tokens=256, lm_batch=2, max_norm_multiple=None)
+
+    def mk():
+        return ActivationBuffer(
+            lm, texts, layer=1, batch_size=32, buffer_tokens=256, lm_batch=2, max_norm_multiple=None
+        )
+
     _resume_matches(mk, cfg, tmp_path / "buffer", steps=30, every=10, die=25)
-    cache_activations(ActivationBuffer(lm, texts, layer=1, lm_batch=2, max_norm_multiple=None), tmp_path / "acts", shard_tokens=100)
+    cache_activations(
+        ActivationBuffer(lm, texts, layer=1, lm_batch=2, max_norm_multiple=None), tmp_path / "acts", shard_tokens=100
+    )
     _resume_matches(lambda: shard_batches(tmp_path / "acts", 32), cfg, tmp_path / "shards", steps=30, every=10, die=25)
 
 
 def test_resume_refuses_other_settings_and_plain_iterators(data, tmp_path):
     cfg = SAEConfig(32, 64, k=4)
     with pytest.raises(_Killed):
-        train_sae(_DiesAfter(tensor_batches(data[0], 128), 15), cfg, TrainConfig(steps=40), checkpoint_dir=tmp_path, checkpoint_every=10)
+        train_sae(
+            _DiesAfter(tensor_batches(data[0], 128), 15),
+            cfg,
+            TrainConfig(steps=40),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=10,
+        )
     with pytest.raises(ss.SteerscopeError, match="different SAE training run"):
         train_sae(tensor_batches(data[0], 128), SAEConfig(32, 64, k=8), TrainConfig(steps=40), checkpoint_dir=tmp_path)
     with pytest.raises(ss.SteerscopeError, match="resumable batch source"):

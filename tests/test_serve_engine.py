@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ALL_ARCHS, CORE_ARCHS, make_tiny_lm, rand_vec, tiny_on
+
 from steerscope.directions.vectors import SteeringVector
 from steerscope.generation import generate
 from steerscope.interventions.ops import Ablate
@@ -29,7 +29,8 @@ class Collector:
     def __init__(self, engine: Engine):
         self.engine, self.events, self.reqs, self.done = engine, [], [], threading.Semaphore(0)
 
-    def submit(self, lm, prompt: str, steering: RowSteering = RowSteering(), **kw) -> int:
+    def submit(self, lm, prompt: str, steering: RowSteering | None = None, **kw) -> int:
+        steering = steering if steering is not None else RowSteering()
         k = len(self.events)
         self.events.append([])
 
@@ -64,8 +65,16 @@ def _steered(vec, pos=ALL, layer=1, coef=1.0):
 def _reference(lm, prompt, vec=None, pos=ALL, layer=1, **kw):
     if vec is None:
         return generate(lm, [prompt], max_new_tokens=kw.pop("max_new_tokens", N_TOKENS), chat=False, **kw)[0]
-    return generate(lm, [prompt], vectors=[SteeringVector(vec, layer, "v")], positions=pos, chat=False,
-                    include_unsteered=False, max_new_tokens=kw.pop("max_new_tokens", N_TOKENS), **kw)[0]
+    return generate(
+        lm,
+        [prompt],
+        vectors=[SteeringVector(vec, layer, "v")],
+        positions=pos,
+        chat=False,
+        include_unsteered=False,
+        max_new_tokens=kw.pop("max_new_tokens", N_TOKENS),
+        **kw,
+    )[0]
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -117,7 +126,9 @@ def test_ablation_and_two_vectors_in_one_request():
     lm = make_tiny_lm("qwen2")
     v = rand_vec(lm, rows=3)
     d = v[2] / v[2].norm()
-    both = RowSteering(adds=(AddSpec(v[0], 1, 1.0, ALL), AddSpec(v[1], 1, 1.0, ALL)), ablations=(AblateSpec(v[2], ALL),))
+    both = RowSteering(
+        adds=(AddSpec(v[0], 1, 1.0, ALL), AddSpec(v[1], 1, 1.0, ALL)), ablations=(AblateSpec(v[2], ALL),)
+    )
     eng = Engine(lm, max_batch=8).start()
     try:
         col = Collector(eng)
@@ -125,8 +136,15 @@ def test_ablation_and_two_vectors_in_one_request():
         col.wait(2)
     finally:
         eng.stop()
-    ref = generate(lm, [PROMPTS[0]], vectors=[SteeringVector(v[0] + v[1], 1, "sum")], interventions=[Ablate(d)],
-                   chat=False, include_unsteered=False, max_new_tokens=N_TOKENS)[0]
+    ref = generate(
+        lm,
+        [PROMPTS[0]],
+        vectors=[SteeringVector(v[0] + v[1], 1, "sum")],
+        interventions=[Ablate(d)],
+        chat=False,
+        include_unsteered=False,
+        max_new_tokens=N_TOKENS,
+    )[0]
     assert col.tokens(a) == ref.token_ids
     assert col.tokens(b) == _reference(lm, PROMPTS[0]).token_ids
 
@@ -144,7 +162,7 @@ def test_stop_strings_eos_and_length():
         col.wait(2)
     finally:
         eng.stop()
-    assert col.text(a) == plain.text[:plain.text.find(stop)] and col.finish(a).finish_reason == "stop"
+    assert col.text(a) == plain.text[: plain.text.find(stop)] and col.finish(a).finish_reason == "stop"
     assert col.text(b) == lm.tokenizer.decode(plain.token_ids[:5]) and col.finish(b).finish_reason == "length"
     assert col.finish(b).completion_tokens == 5
 
@@ -216,8 +234,15 @@ def test_generate_without_kv_cache_is_the_same():
     vec = rand_vec(lm)
     for pos in (ALL, Positions.generated(), Positions.prompt()):
         a = generate(lm, PROMPTS, vectors=[SteeringVector(vec, 1, "v")], positions=pos, chat=False, max_new_tokens=8)
-        b = generate(lm, PROMPTS, vectors=[SteeringVector(vec, 1, "v")], positions=pos, chat=False, max_new_tokens=8,
-                     use_cache=False)
+        b = generate(
+            lm,
+            PROMPTS,
+            vectors=[SteeringVector(vec, 1, "v")],
+            positions=pos,
+            chat=False,
+            max_new_tokens=8,
+            use_cache=False,
+        )
         assert [r.token_ids for r in a] == [r.token_ids for r in b]
 
 

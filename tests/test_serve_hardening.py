@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-
 from conftest import make_tiny_lm, rand_vec
+
 from steerscope.directions.vectors import VectorSet
 from steerscope.generation import generate
 from steerscope.interventions.positions import ALL
@@ -127,16 +127,25 @@ def test_a_vector_with_a_huge_norm_is_refused_at_upload(server, lm):
     big = VectorSet.create(lm, torch.ones(1, lm.d_model), 1, "random")
     v = torch.full((1, lm.d_model), 1e30)  # finite in float32, norm overflows it
     blob = save({"vectors": v, "layers": torch.tensor([1])})
-    r = httpx.post(server.url + "/v1/vectors", timeout=30,
-                   json={"name": "huge", "config": asdict(big.config), "safetensors": base64.b64encode(blob).decode()})
+    r = httpx.post(
+        server.url + "/v1/vectors",
+        timeout=30,
+        json={"name": "huge", "config": asdict(big.config), "safetensors": base64.b64encode(blob).decode()},
+    )
     assert r.status_code == 400, r.text
     listing = httpx.get(server.url + "/v1/vectors")
     assert listing.status_code == 200 and "huge" not in {d["name"] for d in listing.json()["data"]}
 
 
 def test_upload_errors_do_not_show_server_paths(server):
-    r = httpx.post(server.url + "/v1/vectors", json={"name": "broken", "config": {"format_version": 1},
-                                                      "safetensors": base64.b64encode(b"not a file").decode()})
+    r = httpx.post(
+        server.url + "/v1/vectors",
+        json={
+            "name": "broken",
+            "config": {"format_version": 1},
+            "safetensors": base64.b64encode(b"not a file").decode(),
+        },
+    )
     msg = _error(r, 400, "rejected")
     assert "/tmp" not in msg and "steerscope-upload" not in msg
 
@@ -159,7 +168,11 @@ def test_a_non_streamed_request_whose_client_leaves_is_cancelled(server, lm):
 # ---- other origins ----------------------------------------------------------------------------------
 def test_cross_origin_and_non_json_posts_are_refused_without_a_key(server):
     body = b'{"name": "x", "gguf": ""}'
-    _error(httpx.post(server.url + "/v1/vectors", content=body, headers={"content-type": "text/plain"}), 415, "application/json")
+    _error(
+        httpx.post(server.url + "/v1/vectors", content=body, headers={"content-type": "text/plain"}),
+        415,
+        "application/json",
+    )
     _error(_post(server, _chat(), headers={"Origin": "http://evil.example"}), 403, "cross-origin")
     _error(httpx.get(server.url + "/v1/models", headers={"Host": "evil.example"}), 403, "loopback")
     assert _post(server, _chat(), headers={"Origin": server.url}).status_code == 200  # the playground's own calls
@@ -172,12 +185,25 @@ def test_with_a_key_other_origins_may_call(monkeypatch):
     with Server(lm, cfg, api_key=cfg.check()) as s:
         h = {"Authorization": "Bearer k", "Origin": "https://notebook.example"}
         assert httpx.post(s.url + "/v1/chat/completions", json=_chat(), headers=h, timeout=60).status_code == 200
-        assert httpx.post(s.url + "/v1/chat/completions", json=_chat(), headers={"Origin": "https://x.example"}).status_code == 401
+        assert (
+            httpx.post(
+                s.url + "/v1/chat/completions", json=_chat(), headers={"Origin": "https://x.example"}
+            ).status_code
+            == 401
+        )
 
 
 # ---- fields -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value", [("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
-                                         ("tools", []), ("tool_choice", "auto"), ("best_of", 2)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("logit_bias", {"5": 10}),
+        ("response_format", {"type": "json_object"}),
+        ("tools", []),
+        ("tool_choice", "auto"),
+        ("best_of", 2),
+    ],
+)
 def test_unsupported_fields_are_refused_by_name(server, field, value):
     _error(_post(server, _chat(**{field: value})), 400, f"`{field}`", "not supported")
 
@@ -234,7 +260,9 @@ def _greedy_with_penalties(lm, presence, frequency, n):
 
 def test_presence_and_frequency_penalties(server, lm):
     plain = _post(server, _chat(max_tokens=16)).json()["steerscope"]["token_ids"]
-    r = _post(server, _chat(max_tokens=16, presence_penalty=1.5, frequency_penalty=1.0)).json()["steerscope"]["token_ids"]
+    r = _post(server, _chat(max_tokens=16, presence_penalty=1.5, frequency_penalty=1.0)).json()["steerscope"][
+        "token_ids"
+    ]
     assert r == _greedy_with_penalties(lm, 1.5, 1.0, 16)
     assert r != plain
     _error(_post(server, _chat(presence_penalty=3)), 400, "presence_penalty")
@@ -300,7 +328,9 @@ def test_the_tokenizer_is_never_used_by_two_threads_at_once(vs):
     with Server(lm, ServeConfig(port=0)) as s:
         s.store.add("set", vs)
         with ThreadPoolExecutor(12) as ex:
-            codes = list(ex.map(lambda i: _post(s, _chat(prompt=f"{PROMPT} {i}", max_tokens=10)).status_code, range(24)))
+            codes = list(
+                ex.map(lambda i: _post(s, _chat(prompt=f"{PROMPT} {i}", max_tokens=10)).status_code, range(24))
+            )
     assert codes == [200] * 24
     assert lm.tokenizer.overlaps == 0, f"{lm.tokenizer.overlaps} tokenizer calls overlapped another thread's"
 
@@ -318,13 +348,21 @@ def test_inline_vectors_equal_stored_ones_and_are_not_stored(server, vs):
     ablated = _post(server, _chat(steering=[{"ablate": {"data": _b64(vs.vectors[0])}}]))
     assert ablated.status_code == 200
     assert httpx.get(server.url + "/v1/vectors").json() == before
-    _error(_post(server, _chat(steering=[{"vector": {"data": _b64(vs.vectors[1][:5]), "layer": 1}}])), 400,
-           "`steering[0].vector.data`", "float32")
+    _error(
+        _post(server, _chat(steering=[{"vector": {"data": _b64(vs.vectors[1][:5]), "layer": 1}}])),
+        400,
+        "`steering[0].vector.data`",
+        "float32",
+    )
     _error(_post(server, _chat(steering=[{"vector": {"data": _b64(vs.vectors[1])}}])), 400, "layer")
     nan = vs.vectors[1].clone()
     nan[0] = float("nan")
     _error(_post(server, _chat(steering=[{"vector": {"data": _b64(nan), "layer": 1}}])), 400, "NaN")
-    _error(_post(server, _chat(steering=[{"vector": {"data": _b64(vs.vectors[1] * 1e6), "layer": 1}}])), 400, "residual norm")
+    _error(
+        _post(server, _chat(steering=[{"vector": {"data": _b64(vs.vectors[1] * 1e6), "layer": 1}}])),
+        400,
+        "residual norm",
+    )
 
 
 def test_health(server):
@@ -333,8 +371,20 @@ def test_health(server):
 
 
 def test_openai_nulls_are_accepted_and_errors_name_the_field_meant(server, vs):
-    ok = _post(server, _chat(stream=None, logprobs=None, presence_penalty=None, frequency_penalty=None, ignore_eos=None,
-                             n=None, seed=None, temperature=None, top_p=None))
+    ok = _post(
+        server,
+        _chat(
+            stream=None,
+            logprobs=None,
+            presence_penalty=None,
+            frequency_penalty=None,
+            ignore_eos=None,
+            n=None,
+            seed=None,
+            temperature=None,
+            top_p=None,
+        ),
+    )
     assert ok.status_code == 200, ok.text
     bad_layer = {"vector": {"data": _b64(vs.vectors[1]), "layer": "3"}}
     _error(_post(server, _chat(steering=[bad_layer])), 400, "`steering[0].vector.layer`")

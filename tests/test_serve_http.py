@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
 from conftest import make_tiny_lm, rand_vec
+
 from steerscope.cli import main
 from steerscope.directions.llamacpp import export_gguf
 from steerscope.directions.vectors import SteeringVector, VectorSet
@@ -27,7 +27,9 @@ from steerscope.models.hooks import count_hooks
 from steerscope.serving.app import Server
 from steerscope.serving.config import ServeConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # the load test is a harness, not in the wheel
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent / "benchmarks")
+)  # the load test is a harness, not in the wheel
 from serve_loadtest import bad_bodies, mixed_load  # noqa: E402
 
 PROMPT = "Tell me a story"
@@ -59,8 +61,16 @@ def _chat(prompt=PROMPT, **kw):
 
 def _ref(lm, vs, i=0, coef=1.0, prompt=PROMPT, chat=True, **kw):
     sv = vs[i]
-    return generate(lm, [prompt], vectors=[SteeringVector(sv.vector, sv.layer, sv.id)], coef=coef, chat=chat,
-                    include_unsteered=False, max_new_tokens=16, **kw)[0]
+    return generate(
+        lm,
+        [prompt],
+        vectors=[SteeringVector(sv.vector, sv.layer, sv.id)],
+        coef=coef,
+        chat=chat,
+        include_unsteered=False,
+        max_new_tokens=16,
+        **kw,
+    )[0]
 
 
 def test_openai_client_equals_generate(server, lm, vs):
@@ -72,34 +82,68 @@ def test_openai_client_equals_generate(server, lm, vs):
     plain = generate(lm, [PROMPT], chat=True, max_new_tokens=16)[0]
     assert ref.token_ids != plain.token_ids  # the vector changes the output
     extra = {"steering": [{"vector": "set/b", "coef": 2.0}]}
-    r = client.chat.completions.create(model="steerscope", messages=[{"role": "user", "content": PROMPT}],
-                                       max_tokens=16, temperature=0, extra_body=extra)
+    r = client.chat.completions.create(
+        model="steerscope",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=16,
+        temperature=0,
+        extra_body=extra,
+    )
     assert r.model_extra["steerscope"]["token_ids"] == ref.token_ids
     assert r.choices[0].message.content == ref.text
     assert r.usage.completion_tokens == len(ref.token_ids)
-    stream = client.chat.completions.create(model="steerscope", messages=[{"role": "user", "content": PROMPT}],
-                                            max_tokens=16, temperature=0, extra_body=extra, stream=True)
+    stream = client.chat.completions.create(
+        model="steerscope",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=16,
+        temperature=0,
+        extra_body=extra,
+        stream=True,
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
-    assert [c.model_extra["steerscope"]["token_id"] for c in chunks if (c.model_extra or {}).get("steerscope")] == ref.token_ids
+    assert [
+        c.model_extra["steerscope"]["token_id"] for c in chunks if (c.model_extra or {}).get("steerscope")
+    ] == ref.token_ids
     # /v1/completions: the raw prompt, no chat template
     raw = _ref(lm, vs, 0, coef=1.5, chat=False)
-    c = client.completions.create(model="steerscope", prompt=PROMPT, max_tokens=16, temperature=0,
-                                  extra_body={"steering": [{"vector": "one", "coef": 1.5}]})
+    c = client.completions.create(
+        model="steerscope",
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"steering": [{"vector": "one", "coef": 1.5}]},
+    )
     assert c.choices[0].text == raw.text
     # no steering at all = the unsteered model
-    u = client.chat.completions.create(model="steerscope", messages=[{"role": "user", "content": PROMPT}], max_tokens=16)
+    u = client.chat.completions.create(
+        model="steerscope", messages=[{"role": "user", "content": PROMPT}], max_tokens=16
+    )
     assert u.choices[0].message.content == plain.text
 
 
 def test_layer_positions_projection_and_sampling(server, lm, vs):
     from steerscope.interventions.positions import Positions
 
-    body = _chat(steering=[{"vector": "set/a", "coef": 3.0, "layer": 2, "positions": "generated"}], projection="set/c",
-                 temperature=0.8, seed=5)
+    body = _chat(
+        steering=[{"vector": "set/a", "coef": 3.0, "layer": 2, "positions": "generated"}],
+        projection="set/c",
+        temperature=0.8,
+        seed=5,
+    )
     r = httpx.post(server.url + "/v1/chat/completions", json=body).json()
-    ref = generate(lm, [PROMPT], vectors=[SteeringVector(vs[0].vector, 2, "a")], coef=3.0, positions=Positions.generated(),
-                   chat=True, include_unsteered=False, max_new_tokens=16, temperature=0.8, seed=5)[0]
+    ref = generate(
+        lm,
+        [PROMPT],
+        vectors=[SteeringVector(vs[0].vector, 2, "a")],
+        coef=3.0,
+        positions=Positions.generated(),
+        chat=True,
+        include_unsteered=False,
+        max_new_tokens=16,
+        temperature=0.8,
+        seed=5,
+    )[0]
     assert r["steerscope"]["token_ids"] == ref.token_ids
     proj = r["steerscope"]["projections"]
     assert len(proj) == len(ref.token_ids) and all(isinstance(p, float) for p in proj) and len(set(proj)) > 1
@@ -129,8 +173,9 @@ def test_continuous_batching_lets_a_short_request_overtake(server):
 
 def test_client_leaving_mid_stream_frees_its_row(server, lm):
     with httpx.Client(timeout=30) as c:
-        with c.stream("POST", server.url + "/v1/chat/completions",
-                      json=_chat(max_tokens=1500, ignore_eos=True, stream=True)) as r:
+        with c.stream(
+            "POST", server.url + "/v1/chat/completions", json=_chat(max_tokens=1500, ignore_eos=True, stream=True)
+        ) as r:
             n = 0
             for line in r.iter_lines():
                 n += line.startswith("data: ")
@@ -150,16 +195,63 @@ def _bad_table(server, vs, lm):
     return [
         ("malformed JSON", "post", "/v1/chat/completions", b"{oops", 400, "not valid JSON"),
         ("body not an object", "post", "/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
-        ("unknown vector", "post", "/v1/chat/completions", _chat(steering=[{"vector": "nope"}]), 400, "unknown vector 'nope'"),
+        (
+            "unknown vector",
+            "post",
+            "/v1/chat/completions",
+            _chat(steering=[{"vector": "nope"}]),
+            400,
+            "unknown vector 'nope'",
+        ),
         ("set needs an id", "post", "/v1/chat/completions", _chat(steering=[{"vector": "set"}]), 400, "set/ID"),
-        ("no such id", "post", "/v1/chat/completions", _chat(steering=[{"vector": "set/zz"}]), 400, "no vector with id"),
-        ("NaN coefficient", "post", "/v1/chat/completions",
-         json.dumps(_chat(steering=[{"vector": "one", "coef": float("nan")}])).encode(), 400, "finite number"),
-        ("infinite coefficient", "post", "/v1/chat/completions",
-         json.dumps(_chat(steering=[{"vector": "one", "coef": float("inf")}])).encode(), 400, "finite number"),
-        ("layer out of range", "post", "/v1/chat/completions", _chat(steering=[{"vector": "one", "layer": 9}]), 400, "0..2"),
-        ("bad positions", "post", "/v1/chat/completions", _chat(steering=[{"vector": "one", "positions": "up"}]), 400, "positions"),
-        ("unknown steering key", "post", "/v1/chat/completions", _chat(steering=[{"vector": "one", "scale": 2}]), 400, "`steering[0].scale` is not supported"),
+        (
+            "no such id",
+            "post",
+            "/v1/chat/completions",
+            _chat(steering=[{"vector": "set/zz"}]),
+            400,
+            "no vector with id",
+        ),
+        (
+            "NaN coefficient",
+            "post",
+            "/v1/chat/completions",
+            json.dumps(_chat(steering=[{"vector": "one", "coef": float("nan")}])).encode(),
+            400,
+            "finite number",
+        ),
+        (
+            "infinite coefficient",
+            "post",
+            "/v1/chat/completions",
+            json.dumps(_chat(steering=[{"vector": "one", "coef": float("inf")}])).encode(),
+            400,
+            "finite number",
+        ),
+        (
+            "layer out of range",
+            "post",
+            "/v1/chat/completions",
+            _chat(steering=[{"vector": "one", "layer": 9}]),
+            400,
+            "0..2",
+        ),
+        (
+            "bad positions",
+            "post",
+            "/v1/chat/completions",
+            _chat(steering=[{"vector": "one", "positions": "up"}]),
+            400,
+            "positions",
+        ),
+        (
+            "unknown steering key",
+            "post",
+            "/v1/chat/completions",
+            _chat(steering=[{"vector": "one", "scale": 2}]),
+            400,
+            "`steering[0].scale` is not supported",
+        ),
         ("too many vectors", "post", "/v1/chat/completions", _chat(steering=[{"vector": "one"}] * 5), 400, "allows 4"),
         ("max_tokens over the limit", "post", "/v1/chat/completions", _chat(max_tokens=5000), 400, "max_tokens"),
         ("n > 1", "post", "/v1/chat/completions", _chat(n=2), 400, "n=1"),
@@ -171,8 +263,14 @@ def _bad_table(server, vs, lm):
         ("upload: other model", "post", "/v1/vectors", _upload("o", other_vs), 400, "fingerprint"),
         ("upload: NaN values", "post", "/v1/vectors", _upload("n", nan_vs, nan=True), 400, "NaN"),
         ("upload: wrong shape", "post", "/v1/vectors", _upload("w", nan_vs, d=lm.d_model * 2), 400, "shape"),
-        ("upload: pickle", "post", "/v1/vectors", {"name": "p", "config": {}, "safetensors": base64.b64encode(
-            b"\x80\x04\x95").decode()}, 400, "rejected"),
+        (
+            "upload: pickle",
+            "post",
+            "/v1/vectors",
+            {"name": "p", "config": {}, "safetensors": base64.b64encode(b"\x80\x04\x95").decode()},
+            400,
+            "rejected",
+        ),
         ("upload: not base64", "post", "/v1/vectors", {"name": "p", "gguf": "!!"}, 400, "base64"),
         ("upload: bad name", "post", "/v1/vectors", {"name": "../x", "gguf": ""}, 400, "name"),
         ("upload: name taken", "post", "/v1/vectors", _upload("set", nan_vs), 409, "exists"),
@@ -200,8 +298,15 @@ def test_bad_requests_get_clear_errors_and_change_nothing(server, lm, vs):
     table = _bad_table(server, vs, lm)
     with httpx.Client(timeout=30) as c:
         for name, method, path, body, status, words in table:
-            kw = {} if body is None else ({"content": body, "headers": {"content-type": "application/json"}}
-                                          if isinstance(body, bytes) else {"json": body})
+            kw = (
+                {}
+                if body is None
+                else (
+                    {"content": body, "headers": {"content-type": "application/json"}}
+                    if isinstance(body, bytes)
+                    else {"json": body}
+                )
+            )
             r = c.request(method.upper(), server.url + path, **kw)
             assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
             err = r.json()["error"]
@@ -226,8 +331,13 @@ def test_vectors_upload_use_and_delete(server, lm, vs, tmp_path):
     r = c.post("/v1/vectors", json={"name": "ctrl", "gguf": base64.b64encode(gg.read_bytes()).decode()})
     assert r.status_code == 201, r.text
     got = c.post("/v1/chat/completions", json=_chat(steering=[{"vector": "ctrl", "coef": 1.0}])).json()
-    ref = generate(lm, [PROMPT], interventions=[Add(vs.vectors[0], layer=1), Add(vs.vectors[1], layer=2)], chat=True,
-                   max_new_tokens=16)[0]
+    ref = generate(
+        lm,
+        [PROMPT],
+        interventions=[Add(vs.vectors[0], layer=1), Add(vs.vectors[1], layer=2)],
+        chat=True,
+        max_new_tokens=16,
+    )[0]
     assert got["steerscope"]["token_ids"] == ref.token_ids
     one = c.post("/v1/chat/completions", json=_chat(steering=[{"vector": "ctrl/direction.1"}])).json()
     assert one["steerscope"]["token_ids"] != ref.token_ids  # both layers, not one
@@ -243,8 +353,11 @@ def test_queue_limit_answers_429(lm, vs):
         codes = []
 
         def hit():
-            codes.append(httpx.post(s.url + "/v1/chat/completions", json=_chat(max_tokens=300, ignore_eos=True),
-                                    timeout=120).status_code)
+            codes.append(
+                httpx.post(
+                    s.url + "/v1/chat/completions", json=_chat(max_tokens=300, ignore_eos=True), timeout=120
+                ).status_code
+            )
 
         ts = [threading.Thread(target=hit) for _ in range(8)]
         for t in ts:
@@ -266,8 +379,10 @@ def test_api_key_and_host_rules(lm, monkeypatch, capsys):
         ServeConfig(host="0.0.0.0").check()
     assert ServeConfig(host="0.0.0.0", api_key_env="STEERSCOPE_TEST_KEY").check() == "s3cret"
     monkeypatch.delenv("STEERSCOPE_TEST_KEY")
-    for argv, words in ((["serve", "--host", "0.0.0.0"], "without an API key"),
-                        (["serve", "--api-key-env", "STEERSCOPE_TEST_KEY"], "empty or unset")):
+    for argv, words in (
+        (["serve", "--host", "0.0.0.0"], "without an API key"),
+        (["serve", "--api-key-env", "STEERSCOPE_TEST_KEY"], "empty or unset"),
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and words in err

@@ -16,8 +16,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import json  # noqa: E402
 
 import pytest  # noqa: E402
-
 from conftest import make_tiny_lm  # noqa: E402
+
 from steerscope.cli import main  # noqa: E402
 from steerscope.errors import SteerscopeError  # noqa: E402
 from steerscope.jobs.grid_sweep import expand, flag_args, load_grid  # noqa: E402
@@ -40,8 +40,14 @@ def ckpt(tmp_path_factory):
 
 
 def test_grid_expansion_and_flags(tmp_path):
-    g = _write(tmp_path / "g.json", {"command": "discover", "base": {"R": 1.0, "chat": False, "layers": [1, 2]},
-                                     "grid": {"method": ["dct", "random"], "seed": [0, 1, 2]}})
+    g = _write(
+        tmp_path / "g.json",
+        {
+            "command": "discover",
+            "base": {"R": 1.0, "chat": False, "layers": [1, 2]},
+            "grid": {"method": ["dct", "random"], "seed": [0, 1, 2]},
+        },
+    )
     spec = load_grid(g)
     points = expand(spec)
     assert len(points) == 6 and points[0].key == "method=dct,seed=0" and len({p.key for p in points}) == 6
@@ -49,16 +55,22 @@ def test_grid_expansion_and_flags(tmp_path):
     assert flag_args({"force": True}) == ["--force"]
 
 
-@pytest.mark.parametrize("grid,words", [
-    ({"command": "discover"}, "non-empty mapping"),
-    ({"command": "discover", "grid": {"seed": []}}, "non-empty list"),
-    ({"command": "discover", "base": {"seed": 1}, "grid": {"seed": [1, 2]}}, "cannot be in base and grid"),
-    ({"command": "discover", "grid": {"seed": [1]}, "resources": {"gpus": 1}}, "num_cpus, num_gpus"),
-    ({"command": "discover", "grid": {"seed": [1]}, "retries": 3}, "unknown keys"),
-    ({"command": "dream", "grid": {"seed": [1]}}, "cannot be swept"),
-    ({"command": "discover", "base": {"prompts": "x"}, "grid": {"n-vectors": [2, 0]}}, "grid point n-vectors=0: --n-vectors must be >= 1"),
-    ({"command": "discover", "grid": {"power-iters": [2]}}, "grid point power-iters=2"),
-])
+@pytest.mark.parametrize(
+    "grid,words",
+    [
+        ({"command": "discover"}, "non-empty mapping"),
+        ({"command": "discover", "grid": {"seed": []}}, "non-empty list"),
+        ({"command": "discover", "base": {"seed": 1}, "grid": {"seed": [1, 2]}}, "cannot be in base and grid"),
+        ({"command": "discover", "grid": {"seed": [1]}, "resources": {"gpus": 1}}, "num_cpus, num_gpus"),
+        ({"command": "discover", "grid": {"seed": [1]}, "retries": 3}, "unknown keys"),
+        ({"command": "dream", "grid": {"seed": [1]}}, "cannot be swept"),
+        (
+            {"command": "discover", "base": {"prompts": "x"}, "grid": {"n-vectors": [2, 0]}},
+            "grid point n-vectors=0: --n-vectors must be >= 1",
+        ),
+        ({"command": "discover", "grid": {"power-iters": [2]}}, "grid point power-iters=2"),
+    ],
+)
 def test_bad_grids_exit_2_with_one_line(tmp_path, capsys, grid, words):
     g = _write(tmp_path / "g.json", grid)
     assert main(["sweep", "--grid", str(g), "--out", str(tmp_path / "out")]) == 2
@@ -77,9 +89,18 @@ def test_yaml_grid_and_broken_file(tmp_path):
 
 def test_merged_report_renders_progress_table_and_plots():
     grid = {"command": "run", "grid": {"method": ["dct", "melbo"], "R": [1, 4]}}
-    pts = {f"method={m},R={r}": {"values": {"method": m, "R": r}, "status": "done", "seconds": 10.0 * r, "attempts": 1,
-                                 "headline": {"findings": r + (m == "melbo"), "seconds": 3.0}, "has_report": True}
-           for m in ("dct", "melbo") for r in (1, 4)}
+    pts = {
+        f"method={m},R={r}": {
+            "values": {"method": m, "R": r},
+            "status": "done",
+            "seconds": 10.0 * r,
+            "attempts": 1,
+            "headline": {"findings": r + (m == "melbo"), "seconds": 3.0},
+            "has_report": True,
+        }
+        for m in ("dct", "melbo")
+        for r in (1, 4)
+    }
     pts["method=melbo,R=4"].update(status="failed", error="steerscope: error: boom", headline={})
     html = render_sweep(grid, pts, {"done": 3, "failed": 1, "running": 0, "pending": 0}, 0.0, 42.0)
     assert html.count('data-status="done"') == 3 and "steerscope: error: boom" in html
@@ -91,8 +112,9 @@ def _cluster():
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                      "include_dashboard": False})
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    )
     for _ in range(2):
         c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     c.wait_for_nodes()
@@ -103,11 +125,24 @@ def test_sweep_on_a_local_ray_cluster_with_a_failure_and_a_killed_worker(ckpt, t
     from steerscope.cli.sweep import run_point
     from steerscope.jobs.grid_sweep import run_sweep
 
-    base = {"model": str(ckpt / "ckpt"), "method": "melbo", "steps": 1500, "plateau": 0, "source": 0, "target": 2,
-            "n-vectors": 2, "R": 1.0, "chat": False}
-    grid = {"command": "discover", "base": base,
-            "grid": {"seed": [0, 1], "prompts": [str(ckpt / "p.txt"), str(ckpt / "missing.txt")]},
-            "resources": {"num_cpus": 1}, "max_retries": 2}
+    base = {
+        "model": str(ckpt / "ckpt"),
+        "method": "melbo",
+        "steps": 1500,
+        "plateau": 0,
+        "source": 0,
+        "target": 2,
+        "n-vectors": 2,
+        "R": 1.0,
+        "chat": False,
+    }
+    grid = {
+        "command": "discover",
+        "base": base,
+        "grid": {"seed": [0, 1], "prompts": [str(ckpt / "p.txt"), str(ckpt / "missing.txt")]},
+        "resources": {"num_cpus": 1},
+        "max_retries": 2,
+    }
     spec = load_grid(_write(tmp_path / "grid.json", grid))
     points = expand(spec)
     out = tmp_path / "sweep"
@@ -148,7 +183,11 @@ def test_sweep_on_a_local_ray_cluster_with_a_failure_and_a_killed_worker(ckpt, t
         html = (out / "sweep.html").read_text()
         assert html.count('data-status="done"') == 2 and html.count('data-status="failed"') == 2
 
-        nodes = {line.split()[-1] for k in st for line in (out / "points" / k / "sweep_attempts.log").read_text().splitlines()}
+        nodes = {
+            line.split()[-1]
+            for k in st
+            for line in (out / "points" / k / "sweep_attempts.log").read_text().splitlines()
+        }
         assert len(nodes) == 2, nodes  # both worker nodes ran points (the head has no CPUs)
 
         # a rerun skips the finished points and tries the failed ones again

@@ -69,8 +69,15 @@ def test_a_0_2_0_vector_file_loads_with_the_same_tensors(old, capsys):
 
 def test_a_vector_file_of_a_newer_format_says_upgrade_before_anything_else(old):
     # an unknown key AND a newer format: the format decides, and no "not a valid vector config"
-    _edit(old / "vectors" / "config.json", lambda d: d.update(format_version=FORMAT_VERSION + 1, steerscope_version="9.1.0",
-                                                               layers="moved to the tensors file", new_thing=1))
+    _edit(
+        old / "vectors" / "config.json",
+        lambda d: d.update(
+            format_version=FORMAT_VERSION + 1,
+            steerscope_version="9.1.0",
+            layers="moved to the tensors file",
+            new_thing=1,
+        ),
+    )
     with pytest.raises(ss.SteerscopeError) as e:
         VectorSet.load(old / "vectors")
     msg = str(e.value)
@@ -110,7 +117,10 @@ def test_a_0_2_0_run_killed_in_discovery_resumes_without_force(old, capsys, monk
     assert not (run / "vectors" / "learned.partial").exists()
     assert (run / "config.json").read_bytes() == saved_config and (run / "calibration.json").read_bytes() == calibration
     # chunk 0 was finished by 0.2.0 and kept: the first vector is the one the uninterrupted 0.2.0 run made
-    mine, theirs = VectorSet.load(run / "vectors" / "learned"), VectorSet.load(FIX / "run_finished" / "vectors" / "learned")
+    mine, theirs = (
+        VectorSet.load(run / "vectors" / "learned"),
+        VectorSet.load(FIX / "run_finished" / "vectors" / "learned"),
+    )
     assert torch.equal(mine.vectors[0], theirs.vectors[0])
 
 
@@ -126,7 +136,9 @@ def test_a_0_2_0_run_stopped_after_its_vectors_reuses_them(old, capsys):
     assert "generate ..." in err and "measure ..." in err
     assert _files(run / "vectors") == before and (run / "report.html").is_file()
     rows = [json.loads(l) for l in (run / "completions.jsonl").read_text().splitlines()]
-    assert {r["vector_id"] for r in rows if r["set"] == "learned"} == set(VectorSet.load(run / "vectors" / "learned").ids)
+    assert {r["vector_id"] for r in rows if r["set"] == "learned"} == set(
+        VectorSet.load(run / "vectors" / "learned").ids
+    )
 
 
 def test_a_0_2_0_run_with_a_setting_really_changed_is_refused(old, capsys):
@@ -148,6 +160,7 @@ def test_a_run_saved_before_a_field_existed_resumes_with_its_default_and_one_war
     def older(d):
         del d["config"]["r_random"], d["config"]["discover"]["method_config"]["plateau_window"]
         d["config"]["retired_knob"] = 3
+
     _edit(run / "config.json", older)
     assert main(ARGV + ["--out", "run_finished"]) == 0
     err = capsys.readouterr().err
@@ -170,10 +183,14 @@ def test_a_run_folder_of_a_newer_format_says_upgrade(old, capsys):
     def newer(d):
         d.update(config_format=CONFIG_FORMAT + 1, steerscope_version="9.1.0")
         d["config"]["brand_new"] = {"x": 1}
+
     _edit(old / "run_finished" / "config.json", newer)
     assert main(ARGV + ["--out", "run_finished"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"written by steerscope 9.1.0, newer than this one ({__version__}): upgrade steerscope" in err[0]
+    assert (
+        len(err) == 1
+        and f"written by steerscope 9.1.0, newer than this one ({__version__}): upgrade steerscope" in err[0]
+    )
     with pytest.raises(ss.SteerscopeError, match="upgrade steerscope"):
         JobFolder.check(old / "run_finished", "run", RunConfig())
 
@@ -192,8 +209,9 @@ def test_a_new_job_folder_records_its_versions(tmp_path):
 # ---- configs and keys -----------------------------------------------------------------------------
 def _with_new_field(base: type, **new) -> type:
     """`base` as it would be once a field is added (same class name: what keys and 0.2.0 files see)."""
-    cls = dataclasses.make_dataclass(base.__name__, [(k, type(f.default), f) for k, f in new.items()], bases=(base,),
-                                     frozen=True)
+    cls = dataclasses.make_dataclass(
+        base.__name__, [(k, type(f.default), f) for k, f in new.items()], bases=(base,), frozen=True
+    )
     cls.__module__ = base.__module__
     return cls
 
@@ -203,7 +221,11 @@ def test_config_from_dict_fills_missing_fields_and_names_unknown_ones(capsys):
     del d["n_heldout"], d["discover"]["n_vectors"]
     d["gone"] = 1
     cfg = config_from_dict(RunConfig, d)
-    assert cfg.n_train == 3 and cfg.n_heldout == RunConfig().n_heldout and cfg.discover.n_vectors == DiscoverConfig().n_vectors
+    assert (
+        cfg.n_train == 3
+        and cfg.n_heldout == RunConfig().n_heldout
+        and cfg.discover.n_vectors == DiscoverConfig().n_vectors
+    )
     [line] = _warnings(capsys.readouterr().err)
     assert "n_heldout" in line and "discover.n_vectors" in line and "gone" in line
     _, filled, unknown = load_config(RunConfig, config_to_dict(RunConfig()))

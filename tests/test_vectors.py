@@ -19,8 +19,19 @@ def test_round_trip_gives_identical_steering(lm, tmp_path):
     vs.extras["curve"] = torch.arange(5.0)
     vs.save(tmp_path / "v")
     cfg = json.loads((tmp_path / "v" / "config.json").read_text())
-    for key in ("model_id", "model_fingerprint", "d_model", "n_layers", "method", "hyperparams", "norms",
-                "steerscope_version", "created_at", "layers", "ids"):
+    for key in (
+        "model_id",
+        "model_fingerprint",
+        "d_model",
+        "n_layers",
+        "method",
+        "hyperparams",
+        "norms",
+        "steerscope_version",
+        "created_at",
+        "layers",
+        "ids",
+    ):
         assert key in cfg
     back = VectorSet.load(tmp_path / "v", lm)
     assert torch.equal(back.vectors, vs.vectors) and back.layers == vs.layers and back.ids == vs.ids
@@ -106,7 +117,9 @@ def test_mean_difference_recovers_planted_direction():
     vs = mean_difference(lm, pos, neg, layers=[0, 2], read="mean", chat=False)
     from steerscope.models import collect_activations
 
-    manual = (collect_activations(lm, pos, [0, 2], read="mean")[:, 0].mean(0)
-              - collect_activations(lm, neg, [0, 2], read="mean")[:, 0].mean(0)).float()
+    manual = (
+        collect_activations(lm, pos, [0, 2], read="mean")[:, 0].mean(0)
+        - collect_activations(lm, neg, [0, 2], read="mean")[:, 0].mean(0)
+    ).float()
     assert torch.allclose(vs.vectors, manual, atol=1e-5)
     assert vs.layers == [0, 2] and vs.vectors.norm(dim=-1).min() > 0

@@ -108,12 +108,22 @@ def test_gguf_refusals(tmp_path):
 
 def _wide():
     """A llama with d_model 48."""
+    from conftest import _tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conftest import _tokenizer
     from steerscope.models.lm import LM, weights_fingerprint
 
-    cfg = AutoConfig.for_model("llama", vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     m = AutoModelForCausalLM.from_config(cfg).eval()
     return LM(m, _tokenizer(False), "wide", weights_fingerprint(m))

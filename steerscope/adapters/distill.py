@@ -90,7 +90,7 @@ def _sequences(lm, prompts: list[str], completions: list[list[int]]) -> _Seqs:
     sel = torch.zeros(len(seqs), T, dtype=torch.bool)
     for b, c in enumerate(completions):
         if c:
-            sel[b, T - len(c) - 1:T - 1] = True
+            sel[b, T - len(c) - 1 : T - 1] = True
     return _Seqs(ids, mask, sel)
 
 
@@ -109,35 +109,56 @@ def _kl(lp_target: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return (lp_target.exp() * (lp_target - lq)).sum(-1).mean()
 
 
-def distill(lm, vector: torch.Tensor, vector_layer: int, out: str | Path, cfg: DistillConfig = DistillConfig(), *,
-            source: str = "", force: bool = False, progress: bool | None = None) -> dict[str, Any]:
+def distill(
+    lm,
+    vector: torch.Tensor,
+    vector_layer: int,
+    out: str | Path,
+    cfg: DistillConfig = DistillConfig(),
+    *,
+    source: str = "",
+    force: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Train and save the adapter to `out`; returns the evaluation (also in out/distill.json)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise SteerscopeError("distillation trains a LoRA adapter with peft: pip install 'steerscope[distill]'.") from None
+        raise SteerscopeError(
+            "distillation trains a LoRA adapter with peft: pip install 'steerscope[distill]'."
+        ) from None
     out = Path(out)
     refuse_existing(out, force)
     layer = lm.check_layer(vector_layer if cfg.layer is None else cfg.layer)
     add = Add(vector, layer=layer, coef=cfg.coef)
     prompts = load_prompts(cfg.prompts)
     if len(prompts) < cfg.n_train + cfg.n_heldout:
-        raise SteerscopeError(f"{cfg.prompts} has {len(prompts)} prompts; --n-train + --n-heldout need "
-                              f"{cfg.n_train + cfg.n_heldout}.")
-    train_p, held_p = prompts[:cfg.n_train], prompts[cfg.n_train:cfg.n_train + cfg.n_heldout]
-    neutral = load_prompts(cfg.neutral)[:cfg.n_neutral]
+        raise SteerscopeError(
+            f"{cfg.prompts} has {len(prompts)} prompts; --n-train + --n-heldout need {cfg.n_train + cfg.n_heldout}."
+        )
+    train_p, held_p = prompts[: cfg.n_train], prompts[cfg.n_train : cfg.n_train + cfg.n_heldout]
+    neutral = load_prompts(cfg.neutral)[: cfg.n_neutral]
     torch.manual_seed(cfg.seed)
     with torch.no_grad():  # the data: steered completions, unsteered neutral rollouts (each one batched pass)
+
         def completions(ps, steered):
-            rows = generate(lm, ps, interventions=[add] if steered else (), max_new_tokens=cfg.max_new_tokens, progress=False)
+            rows = generate(
+                lm, ps, interventions=[add] if steered else (), max_new_tokens=cfg.max_new_tokens, progress=False
+            )
             return [r.token_ids for r in rows]
+
         train = _sequences(lm, train_p, completions(train_p, True))
         held = _sequences(lm, held_p, completions(held_p, True))
         neut = _sequences(lm, neutral, completions(neutral, False))
     inner = lm.model
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                      target_modules=cfg.target_modules if cfg.target_modules == "all-linear" else
-                      [m.strip() for m in cfg.target_modules.split(",") if m.strip()])
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=0.0,
+        target_modules=cfg.target_modules
+        if cfg.target_modules == "all-linear"
+        else [m.strip() for m in cfg.target_modules.split(",") if m.strip()],
+    )
     try:
         model = get_peft_model(inner, lora)
     except ValueError as e:
@@ -171,11 +192,21 @@ def distill(lm, vector: torch.Tensor, vector_layer: int, out: str | Path, cfg: D
                 bar.set_postfix(steered=f"{ls:.3f}", neutral=f"{ln:.3f}")
                 bar.update(1)
         ev = _evaluate(lm, model, add, held, neut)
-        result = {"evaluation": ev, "final": curve[-1], "curve": curve[:: max(1, len(curve) // 100)],
-                  "config": config_to_dict(cfg), "vector": {"source": source, "layer": layer, "coef": cfg.coef,
-                                                             "norm": float(torch.as_tensor(vector).norm())},
-                  "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
-                  "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        result = {
+            "evaluation": ev,
+            "final": curve[-1],
+            "curve": curve[:: max(1, len(curve) // 100)],
+            "config": config_to_dict(cfg),
+            "vector": {
+                "source": source,
+                "layer": layer,
+                "coef": cfg.coef,
+                "norm": float(torch.as_tensor(vector).norm()),
+            },
+            "model_id": lm.model_id,
+            "model_fingerprint": lm.fingerprint,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         with atomic_dir(out, overwrite=force) as tmp:
             model.save_pretrained(str(tmp))
             (tmp / "distill.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -105,15 +105,18 @@ class _Builder:
         self.parser = parser
         self.flags: dict[str, str] = {o: "argparse" for a in parser._actions for o in a.option_strings}
 
-    def add(self, path: str, f: dataclasses.Field, tp: Any, default: Any, doc: str, note: str = "",
-            shown: str | None = None) -> None:
+    def add(
+        self, path: str, f: dataclasses.Field, tp: Any, default: Any, doc: str, note: str = "", shown: str | None = None
+    ) -> None:
         meta = f.metadata
         flag = meta["cli"] if isinstance(meta.get("cli"), str) else _flag(f.name)
         if flag in self.flags:
             if note:  # the same setting name in two methods of one family: one flag serves both
                 return
-            raise RuntimeError(f"flag {flag} for {path} collides with {self.flags[flag]}; give one of them "
-                               "metadata={'cli': '--other-name'}.")
+            raise RuntimeError(
+                f"flag {flag} for {path} collides with {self.flags[flag]}; give one of them "
+                "metadata={'cli': '--other-name'}."
+            )
         self.flags[flag] = path
         inner, optional = _unwrap_optional(tp)
         # The word that means None on the command line: the field's own (e.g. "calibrate"), else
@@ -156,7 +159,9 @@ class _Builder:
 
 def _owners(fam: Family, setting: str) -> list[str]:
     """The methods of `fam` whose config has a field named `setting`."""
-    return [n for n, m in fam.items() if m.config is not None and setting in {g.name for g in dataclasses.fields(m.config)}]
+    return [
+        n for n, m in fam.items() if m.config is not None and setting in {g.name for g in dataclasses.fields(m.config)}
+    ]
 
 
 def _walk(default: Any, prefix: str = ""):
@@ -202,16 +207,24 @@ def _owner_defaults(fam: Family, value: Any, setting: str, owners: list[str]) ->
     return ", ".join(f"{v} for {n}" for n, v in shown.items()) if len(set(shown.values())) > 1 else None
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: Any, *, prefix: str = "",
-                    _builder: _Builder | None = None) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser, default: Any, *, prefix: str = "", _builder: _Builder | None = None
+) -> None:
     """Add a flag for every field of the config instance `default` (nested ones flattened)."""
     b = _builder or _Builder(parser)
     docs = field_docs(type(default))
     for kind, path, f, tp, value in _walk(default, prefix):
         if kind == "family":
             for dest, sf, stp, sval, owner_cls, owners in _family_settings(f, path, value):
-                b.add(dest, sf, stp, sval, field_docs(owner_cls).get(sf.name, ""), note=", ".join(owners),
-                      shown=_owner_defaults(f.metadata["family"], value, sf.name, owners) if len(owners) > 1 else None)
+                b.add(
+                    dest,
+                    sf,
+                    stp,
+                    sval,
+                    field_docs(owner_cls).get(sf.name, ""),
+                    note=", ".join(owners),
+                    shown=_owner_defaults(f.metadata["family"], value, sf.name, owners) if len(owners) > 1 else None,
+                )
         elif kind == "nested":
             add_config_args(parser, value, prefix=f"{path}.", _builder=b)
         else:
@@ -222,7 +235,7 @@ def config_from_args(default: Any, ns: argparse.Namespace, *, prefix: str = "") 
     """The config `default` with every field the user set on the command line replaced."""
     changes: dict[str, Any] = {}
     families = []
-    for kind, path, f, tp, value in _walk(default, prefix):
+    for kind, path, f, _tp, value in _walk(default, prefix):
         if kind == "family":
             families.append((path, f))  # after the sibling that chooses the method is known
         elif kind == "nested":
@@ -237,7 +250,7 @@ def config_from_args(default: Any, ns: argparse.Namespace, *, prefix: str = "") 
         method = fam.get(chosen)
         value = getattr(default, f.name)
         mine = {g.name for g in dataclasses.fields(method.config)} if method.config else set()
-        given = {k[len(path) + 1:]: v for k, v in vars(ns).items() if k.startswith(path + ".") and v is not _UNSET}
+        given = {k[len(path) + 1 :]: v for k, v in vars(ns).items() if k.startswith(path + ".") and v is not _UNSET}
         stray = sorted(set(given) - mine)
         if stray:
             desc = "; ".join(f"{_flag(s)} is a setting of {', '.join(_owners(fam, s))}" for s in stray)

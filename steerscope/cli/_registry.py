@@ -18,8 +18,9 @@ and `steerscope.cli` (the package) imports them, so nothing imports back (tests/
 # `typing.get_type_hints` (config.field_types) resolves string annotations from module globals only.
 import functools
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..config import Config
 from ..errors import SteerscopeError
@@ -106,7 +107,9 @@ def build_parser(only: Iterable[str] | None = None) -> Parser:
         words = name.split()
         if len(words) == 2:
             if words[0] not in groups:
-                g = sub.add_parser(words[0], help=f"{words[0]} commands", description=f"steerscope {words[0]} commands.")
+                g = sub.add_parser(
+                    words[0], help=f"{words[0]} commands", description=f"steerscope {words[0]} commands."
+                )
                 groups[words[0]] = g.add_subparsers(dest=f"{words[0]}_command", metavar="COMMAND", parser_class=Parser)
                 groups[words[0]].required = True
             parent = groups[words[0]]

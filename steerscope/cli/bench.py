@@ -22,12 +22,16 @@ def bench_config() -> type:
     return BenchCommand
 
 
-@command("bench", "compare steering methods on the same concepts at matched side effects, in one report",
-         "For each concept (12 shipped, 6 by default, or your JSONL files): make each method's vector, measure "
-         "detection AUROC, search each coefficient so the per-token KL to the unsteered model on neutral rollouts hits "
-         "the budget, generate on held-out instructions and judge concept, relevance, fluency and selectivity "
-         "(offline, or an OpenAI-compatible judge too), A/B steerability where items ship. Writes results.jsonl and "
-         "report.html; rerun with the same --out to resume.", bench_config)
+@command(
+    "bench",
+    "compare steering methods on the same concepts at matched side effects, in one report",
+    "For each concept (12 shipped, 6 by default, or your JSONL files): make each method's vector, measure "
+    "detection AUROC, search each coefficient so the per-token KL to the unsteered model on neutral rollouts hits "
+    "the budget, generate on held-out instructions and judge concept, relevance, fluency and selectivity "
+    "(offline, or an OpenAI-compatible judge too), A/B steerability where items ship. Writes results.jsonl and "
+    "report.html; rerun with the same --out to resume.",
+    bench_config,
+)
 def cmd_bench(cfg) -> int:
     import json
     from pathlib import Path

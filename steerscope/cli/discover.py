@@ -32,11 +32,14 @@ def discover_config() -> type:
     return DiscoverCommand
 
 
-@command("discover", "find steering vectors without naming a behaviour (output KL by default; DCT, MELBO, Jacobian, baselines)",
-         "Unsupervised discovery: learn or compute K vectors of norm R at a source layer that change the model most: "
-         "its next-token distribution along its own reply (kl, the default, as in `run`), the target layer (DCT, MELBO, "
-         "Jacobian singular vectors), or baselines. Method settings apply to their method only.",
-         discover_config)
+@command(
+    "discover",
+    "find steering vectors without naming a behaviour (output KL by default; DCT, MELBO, Jacobian, baselines)",
+    "Unsupervised discovery: learn or compute K vectors of norm R at a source layer that change the model most: "
+    "its next-token distribution along its own reply (kl, the default, as in `run`), the target layer (DCT, MELBO, "
+    "Jacobian singular vectors), or baselines. Method settings apply to their method only.",
+    discover_config,
+)
 def cmd_discover(cfg) -> int:
     from ..directions.data import load_prompts
     from ..directions.discovery import discover
@@ -57,14 +60,21 @@ def cmd_discover(cfg) -> int:
     shutil.rmtree(ckpt, ignore_errors=True)
     h = vs.config.hyperparams
     cal = h.get("calibration")
-    print(f"{cfg.discover.method}: {len(vs)} vectors at layer {h['source']} (target {h['target']}), R = {h['R']:.4g}"
-          + (f" (calibrated: nonlinearity ratio {cal['ratio']})" if cal else "") + f", {len(prompts)} prompts, {elapsed:.1f} s")
+    print(
+        f"{cfg.discover.method}: {len(vs)} vectors at layer {h['source']} (target {h['target']}), R = {h['R']:.4g}"
+        + (f" (calibrated: nonlinearity ratio {cal['ratio']})" if cal else "")
+        + f", {len(prompts)} prompts, {elapsed:.1f} s"
+    )
     if "final_objective" in h:
         fo = h["final_objective"]
-        print(f"final objective per vector: min {min(fo):.4g}, median {sorted(fo)[len(fo) // 2]:.4g}, max {max(fo):.4g}")
+        print(
+            f"final objective per vector: min {min(fo):.4g}, median {sorted(fo)[len(fo) // 2]:.4g}, max {max(fo):.4g}"
+        )
     if "singular_values" in h:
-        print(f"singular values: {', '.join(f'{x:.4g}' for x in h['singular_values'])}; "
-              f"{'converged' if h['converged'] else 'NOT converged'} after {h['iterations']} iterations")
+        print(
+            f"singular values: {', '.join(f'{x:.4g}' for x in h['singular_values'])}; "
+            f"{'converged' if h['converged'] else 'NOT converged'} after {h['iterations']} iterations"
+        )
     print(f"saved to {out}")
     return 0
 
@@ -92,9 +102,13 @@ def norm_sweep_config() -> type:
     return NormSweepCommand
 
 
-@command("norm-sweep", "norm sweep: target-layer and completion change as R is scaled",
-         "Scale the vectors by several multiples of R and report the target-layer change, the share of completions "
-         "that change, and the number of distinct completions.", norm_sweep_config)
+@command(
+    "norm-sweep",
+    "norm sweep: target-layer and completion change as R is scaled",
+    "Scale the vectors by several multiples of R and report the target-layer change, the share of completions "
+    "that change, and the number of distinct completions.",
+    norm_sweep_config,
+)
 def cmd_norm_sweep(cfg) -> int:
     from ..directions.data import load_prompts
     from ..directions.vectors import VectorSet
@@ -107,8 +121,14 @@ def cmd_norm_sweep(cfg) -> int:
     vs = VectorSet.load(cfg.vector, lm, check_model=not cfg.allow_other_model)
     if cfg.index:
         idx = [vs.ids.index(vs[pick_index(i)].id) for i in cfg.index]
-        vs = VectorSet.create(lm, vs.vectors[idx], [vs.layers[i] for i in idx], vs.config.method,
-                              ids=[vs.ids[i] for i in idx], hyperparams=vs.config.hyperparams)
+        vs = VectorSet.create(
+            lm,
+            vs.vectors[idx],
+            [vs.layers[i] for i in idx],
+            vs.config.method,
+            ids=[vs.ids[i] for i in idx],
+            hyperparams=vs.config.hyperparams,
+        )
     print(format_sweep(norm_sweep(lm, prompts, vs, cfg.multiples, max_new_tokens=cfg.max_new_tokens, chat=cfg.chat)))
     return 0
 
@@ -128,9 +148,13 @@ def run_config() -> type:
     return RunCommand
 
 
-@command("run", "the main job: discover, generate, judge, cluster, write an HTML report",
-         "Discover vectors, generate under them, under matched-norm random controls and unsteered on training and "
-         "held-out prompts, measure, cluster, and write report.html. Rerun with the same --out to resume.", run_config)
+@command(
+    "run",
+    "the main job: discover, generate, judge, cluster, write an HTML report",
+    "Discover vectors, generate under them, under matched-norm random controls and unsteered on training and "
+    "held-out prompts, measure, cluster, and write report.html. Rerun with the same --out to resume.",
+    run_config,
+)
 def cmd_run(cfg) -> int:
     from ..jobs.run import run
 
@@ -157,10 +181,13 @@ class FindingsCommand(Config):
     """overwrite --out"""
 
 
-@command("findings", "list a run's behaviours found, or export one as a vector set",
-         "List the behaviour clusters of a run, significant findings first (the report's first section), or "
-         "write the vectors eliciting one of them to a vector folder for generate, select, export or sweep.",
-         FindingsCommand)
+@command(
+    "findings",
+    "list a run's behaviours found, or export one as a vector set",
+    "List the behaviour clusters of a run, significant findings first (the report's first section), or "
+    "write the vectors eliciting one of them to a vector folder for generate, select, export or sweep.",
+    FindingsCommand,
+)
 def cmd_findings(cfg: FindingsCommand) -> int:
     from ..jobs.findings import export_finding, load_findings
 
@@ -170,8 +197,10 @@ def cmd_findings(cfg: FindingsCommand) -> int:
         refuse_existing(cfg.out, cfg.force)
         vs = export_finding(cfg.run_dir, cfg.export, cfg.out, overwrite=cfg.force)
         f = vs.config.hyperparams["finding"]
-        print(f"wrote {cfg.out}: {len(vs)} vectors ({', '.join(vs.ids)}) eliciting finding {cfg.export} "
-              f"({', '.join(f['words'])}); try: steerscope generate --vector {cfg.out}")
+        print(
+            f"wrote {cfg.out}: {len(vs)} vectors ({', '.join(vs.ids)}) eliciting finding {cfg.export} "
+            f"({', '.join(f['words'])}); try: steerscope generate --vector {cfg.out}"
+        )
         return 0
     print_findings(load_findings(cfg.run_dir))
     return 0
@@ -182,8 +211,10 @@ def print_findings(found: list[dict], limit: int | None = None) -> None:
     if not found:
         print("no behaviour beat chance in this run (candidates that did not are in metrics.json and the report).")
     for f in found[:limit]:
-        sig = ("" if "significant" not in f else "significant, " if f["significant"] else "NOT significant, ")
-        print(f"{f['rank']}: {sig}{f['surface'] + ', ' if f.get('surface') else ''}{f['n_vectors']} vectors "
-              f"({', '.join(f['vectors'])}); words: {', '.join(f['words'])}\n"
-              f"   {f.get('reason') or 'distance %.2f' % f['distance']}\n"
-              f"   e.g. {f['typical'][:150]!r}")
+        sig = "" if "significant" not in f else "significant, " if f["significant"] else "NOT significant, "
+        print(
+            f"{f['rank']}: {sig}{f['surface'] + ', ' if f.get('surface') else ''}{f['n_vectors']} vectors "
+            f"({', '.join(f['vectors'])}); words: {', '.join(f['words'])}\n"
+            f"   {f.get('reason') or 'distance {:.2f}'.format(f['distance'])}\n"
+            f"   e.g. {f['typical'][:150]!r}"
+        )

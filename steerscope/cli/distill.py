@@ -29,16 +29,20 @@ def distill_config() -> type:
     return DistillCommand
 
 
-@command("distill", "distil a steering vector into a LoRA adapter (PEFT) and compare it with the vector",
-         "Train a LoRA adapter that reproduces the steered model (KL to the steered model on steered completions, "
-         "KL to the unsteered model on neutral rollouts), save it with peft, and report on held-out prompts how much "
-         "of the steering it reproduces and its side effects next to the vector's.", distill_config)
+@command(
+    "distill",
+    "distil a steering vector into a LoRA adapter (PEFT) and compare it with the vector",
+    "Train a LoRA adapter that reproduces the steered model (KL to the steered model on steered completions, "
+    "KL to the unsteered model on neutral rollouts), save it with peft, and report on held-out prompts how much "
+    "of the steering it reproduces and its side effects next to the vector's.",
+    distill_config,
+)
 def cmd_distill(cfg) -> int:
     from pathlib import Path
 
     from .._io import refuse_existing
-    from ..directions.vectors import VectorSet
     from ..adapters.distill import distill, merge_adapter
+    from ..directions.vectors import VectorSet
 
     refuse_existing(Path(cfg.out), cfg.force)
     if cfg.merged:
@@ -51,12 +55,16 @@ def cmd_distill(cfg) -> int:
     res = distill(lm, sv.vector, sv.layer, cfg.out, cfg.distill, source=f"{cfg.vector}#{sv.id}", force=cfg.force)
     ev = res["evaluation"]
     print(f"adapter saved to {cfg.out}")
-    print(f"held-out: KL(steered || unsteered) {ev['heldout_kl_steered_vs_unsteered']:.3f} -> KL(steered || adapter) "
-          f"{ev['heldout_kl_steered_vs_adapter']:.3f} ({100 * ev['reproduced_share']:.0f} % reproduced); greedy-token "
-          f"agreement with the steered model {100 * ev['heldout_token_agreement_adapter']:.0f} % "
-          f"(unsteered {100 * ev['heldout_token_agreement_unsteered']:.0f} %)")
-    print(f"side effects on neutral rollouts: KL(unsteered || adapter) {ev['neutral_kl_unsteered_vs_adapter']:.3f} vs "
-          f"KL(unsteered || vector) {ev['neutral_kl_unsteered_vs_vector']:.3f}")
+    print(
+        f"held-out: KL(steered || unsteered) {ev['heldout_kl_steered_vs_unsteered']:.3f} -> KL(steered || adapter) "
+        f"{ev['heldout_kl_steered_vs_adapter']:.3f} ({100 * ev['reproduced_share']:.0f} % reproduced); greedy-token "
+        f"agreement with the steered model {100 * ev['heldout_token_agreement_adapter']:.0f} % "
+        f"(unsteered {100 * ev['heldout_token_agreement_unsteered']:.0f} %)"
+    )
+    print(
+        f"side effects on neutral rollouts: KL(unsteered || adapter) {ev['neutral_kl_unsteered_vs_adapter']:.3f} vs "
+        f"KL(unsteered || vector) {ev['neutral_kl_unsteered_vs_vector']:.3f}"
+    )
     if cfg.merged:
         merge_adapter(lm, cfg.out, cfg.merged, force=cfg.force)
         print(f"merged checkpoint saved to {cfg.merged} (load it with --model {cfg.merged})")

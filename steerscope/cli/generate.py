@@ -72,8 +72,12 @@ def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> s
     return "\n".join(out)
 
 
-@command("generate", "steered and unsteered completions side by side",
-         "Generate steered and unsteered completions side by side (greedy by default).", generate_config)
+@command(
+    "generate",
+    "steered and unsteered completions side by side",
+    "Generate steered and unsteered completions side by side (greedy by default).",
+    generate_config,
+)
 def cmd_generate(cfg) -> int:
     from ..directions.data import load_prompts
     from ..directions.extract import mean_difference
@@ -89,7 +93,9 @@ def cmd_generate(cfg) -> int:
     if cfg.vector and cfg.contrast:
         raise SteerscopeError("use either --vector DIR or --contrast POS NEG, not both.")
     if not cfg.vector and not cfg.contrast:
-        raise SteerscopeError("nothing to steer with: pass --vector DIR (a saved vector set) or --contrast POSITIVE NEGATIVE.")
+        raise SteerscopeError(
+            "nothing to steer with: pass --vector DIR (a saved vector set) or --contrast POSITIVE NEGATIVE."
+        )
     positions = Positions.parse(cfg.positions)
     if cfg.save_vector and not cfg.force and Path(cfg.save_vector).exists():
         raise SteerscopeError(f"{cfg.save_vector} already exists; choose another path or pass --force.")
@@ -105,9 +111,22 @@ def cmd_generate(cfg) -> int:
             vs.save(cfg.save_vector, overwrite=cfg.force)
             say(f"saved the contrast vector to {cfg.save_vector}")
         vs_list = list(vs)
-    results = generate(lm, prompts, vectors=vs_list, layer=cfg.layer, coef=cfg.coef, positions=positions,
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                       chat=cfg.chat, system=cfg.system, include_unsteered=True, use_cache=cfg.kv_cache)
+    results = generate(
+        lm,
+        prompts,
+        vectors=vs_list,
+        layer=cfg.layer,
+        coef=cfg.coef,
+        positions=positions,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        chat=cfg.chat,
+        system=cfg.system,
+        include_unsteered=True,
+        use_cache=cfg.kv_cache,
+    )
     if cfg.json:
         for r in results:
             print(json.dumps(r.to_dict()))
@@ -117,8 +136,12 @@ def cmd_generate(cfg) -> int:
         if r.vector_id is None:
             continue
         print(f"\n=== prompt {r.prompt_index}: {r.prompt!r}")
-        print(_side_by_side("unsteered", base[r.prompt_index].text,
-                            f"steered: {r.vector_id} @ layer {r.layer}, coef {r.coef:g}", r.text))
+        print(
+            _side_by_side(
+                "unsteered",
+                base[r.prompt_index].text,
+                f"steered: {r.vector_id} @ layer {r.layer}, coef {r.coef:g}",
+                r.text,
+            )
+        )
     return 0
-
-

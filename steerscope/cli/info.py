@@ -13,8 +13,12 @@ def info_config() -> type:
     return InfoCommand
 
 
-@command("info", "show a model's layers, d_model, architecture and cache location",
-         "Show a model's layers, d_model, architecture, fingerprint and cache location.", info_config)
+@command(
+    "info",
+    "show a model's layers, d_model, architecture and cache location",
+    "Show a model's layers, d_model, architecture, fingerprint and cache location.",
+    info_config,
+)
 def cmd_info(cfg) -> int:
     from .._io import cache_root
     from ..models.embedded import default_cache_dir

@@ -22,12 +22,15 @@ def refine_config() -> type:
     return RefineCommand
 
 
-@command("refine", "search around good vectors (local ES, CMA-ES, cross-entropy) for a scorer, with a KL penalty",
-         "Start from chosen vectors (a folder from `findings --export`, a run's learned set; --ids or the --seeds best) "
-         "and search near them, R annealed up and down, for vectors whose completions score higher while the KL to the "
-         "unsteered model on neutral prompts stays within budget. One population is one batched generate call. Writes "
-         "OUT/vectors (refined), refine.json and report.html (held-out comparison, growth with R, sparsity); rerun to resume.",
-         refine_config)
+@command(
+    "refine",
+    "search around good vectors (local ES, CMA-ES, cross-entropy) for a scorer, with a KL penalty",
+    "Start from chosen vectors (a folder from `findings --export`, a run's learned set; --ids or the --seeds best) "
+    "and search near them, R annealed up and down, for vectors whose completions score higher while the KL to the "
+    "unsteered model on neutral prompts stays within budget. One population is one batched generate call. Writes "
+    "OUT/vectors (refined), refine.json and report.html (held-out comparison, growth with R, sparsity); rerun to resume.",
+    refine_config,
+)
 def cmd_refine(cfg) -> int:
     import json
     from pathlib import Path
@@ -37,9 +40,13 @@ def cmd_refine(cfg) -> int:
     report = refine(cfg.refine, cfg.out, force=cfg.force)
     ev = json.loads((Path(cfg.out) / "refine.json").read_text())
     h = ev["heldout"]
-    print(f"{ev['split']} score: refined {h['refined']['score']:.2f} (KL {h['refined']['kl']:.2f}), seed "
-          f"{ev['seed_id']} {h['seed']['score']:.2f} (KL {h['seed']['kl']:.2f}), unsteered {h['unsteered']['score']:.2f}")
+    print(
+        f"{ev['split']} score: refined {h['refined']['score']:.2f} (KL {h['refined']['kl']:.2f}), seed "
+        f"{ev['seed_id']} {h['seed']['score']:.2f} (KL {h['seed']['kl']:.2f}), unsteered {h['unsteered']['score']:.2f}"
+    )
     print(f"train fitness: {ev['train']['seed_fitness']:.3f} -> {ev['train']['refined_fitness']:.3f}")
-    print(f"vectors: {(Path(cfg.out) / 'vectors').resolve()}  (steerscope generate --vector {cfg.out}/vectors --index refined)")
+    print(
+        f"vectors: {(Path(cfg.out) / 'vectors').resolve()}  (steerscope generate --vector {cfg.out}/vectors --index refined)"
+    )
     print(f"report: {report.resolve()}")
     return 0

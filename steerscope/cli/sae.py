@@ -24,18 +24,24 @@ def sae_train_config() -> type:
     return SAETrainCommand
 
 
-@command("sae train", "train an SAE at one layer",
-         "Train a TopK, BatchTopK or ReLU SAE on residual activations streamed from the model; saved in the SAELens "
-         "layout. Checkpoints go to OUT.partial; rerunning the same command resumes.", sae_train_config)
+@command(
+    "sae train",
+    "train an SAE at one layer",
+    "Train a TopK, BatchTopK or ReLU SAE on residual activations streamed from the model; saved in the SAELens "
+    "layout. Checkpoints go to OUT.partial; rerunning the same command resumes.",
+    sae_train_config,
+)
 def cmd_sae_train(cfg) -> int:
     from ..jobs.sae import train_job
 
     refuse_existing(cfg.out, cfg.force)
     lm = cfg.model.load()
     sae, hist = train_job(lm, cfg.job, cfg.out, force=cfg.force)
-    print(f"{sae.cfg.arch} SAE, {sae.cfg.n_latents} latents at layer {sae.cfg.layer}: L0 {hist.l0[-1]:.1f}, "
-          f"FVU {hist.fvu[-1]:.3f}, dead {hist.dead_frac[-1]:.1%} after {cfg.job.train.steps} steps x "
-          f"{cfg.job.batch_size} tokens; saved to {cfg.out}")
+    print(
+        f"{sae.cfg.arch} SAE, {sae.cfg.n_latents} latents at layer {sae.cfg.layer}: L0 {hist.l0[-1]:.1f}, "
+        f"FVU {hist.fvu[-1]:.3f}, dead {hist.dead_frac[-1]:.1%} after {cfg.job.train.steps} steps x "
+        f"{cfg.job.batch_size} tokens; saved to {cfg.out}"
+    )
     return 0
 
 
@@ -54,9 +60,13 @@ def sae_corpus_config() -> type:
     return SAECorpusCommand
 
 
-@command("sae corpus", "sample a JSONL text corpus from the model itself (for training SAEs offline)",
-         "Sample documents from the model (chat answers to topic x task requests and continuations of prose "
-         "openings) into a JSONL file; resumable.", sae_corpus_config)
+@command(
+    "sae corpus",
+    "sample a JSONL text corpus from the model itself (for training SAEs offline)",
+    "Sample documents from the model (chat answers to topic x task requests and continuations of prose "
+    "openings) into a JSONL file; resumable.",
+    sae_corpus_config,
+)
 def cmd_sae_corpus(cfg) -> int:
     from ..sae.corpus import sample_corpus
 
@@ -90,15 +100,21 @@ def _load_sae(path: str, lm):
 
     sae = load_saelens(path)
     if sae.cfg.d_in != lm.d_model:
-        raise SteerscopeError(f"the SAE reads {sae.cfg.d_in}-dim activations but the model's d_model is {lm.d_model}; "
-                              "it was trained on another model (pass that model with --model).")
+        raise SteerscopeError(
+            f"the SAE reads {sae.cfg.d_in}-dim activations but the model's d_model is {lm.d_model}; "
+            "it was trained on another model (pass that model with --model)."
+        )
     lm.check_layer(sae.cfg.layer)
     return sae
 
 
-@command("sae eval", "L0, FVU, CE recovered, KL, dead latents (+ baselines)",
-         "Evaluate an SAE on text: L0, FVU, CE loss recovered, spliced KL, dead share; optionally PCA/ICA/random "
-         "baselines at the same sparsity.", sae_eval_config)
+@command(
+    "sae eval",
+    "L0, FVU, CE recovered, KL, dead latents (+ baselines)",
+    "Evaluate an SAE on text: L0, FVU, CE loss recovered, spliced KL, dead share; optionally PCA/ICA/random "
+    "baselines at the same sparsity.",
+    sae_eval_config,
+)
 def cmd_sae_eval(cfg) -> int:
     from ..sae.evaluate import baseline_dictionary, evaluate, sae_codec
     from ..sae.texts import load_texts
@@ -146,9 +162,13 @@ def sae_features_config() -> type:
     return SAEFeaturesCommand
 
 
-@command("sae features", "HTML page of each feature's top-activating contexts",
-         "Write an HTML page with the top-activating contexts of chosen features (default: the most frequently firing) "
-         "and the feature-density histogram.", sae_features_config)
+@command(
+    "sae features",
+    "HTML page of each feature's top-activating contexts",
+    "Write an HTML page with the top-activating contexts of chosen features (default: the most frequently firing) "
+    "and the feature-density histogram.",
+    sae_features_config,
+)
 def cmd_sae_features(cfg) -> int:
     from ..sae.features import render_features_page, top_contexts
     from ..sae.texts import load_texts
@@ -161,7 +181,9 @@ def cmd_sae_features(cfg) -> int:
     if feats and any(not 0 <= f < sae.cfg.n_latents for f in feats):
         raise SteerscopeError(f"--features must be in 0..{sae.cfg.n_latents - 1}.")
     ctx, freq = top_contexts(lm, sae, load_texts(cfg.text, lm, cfg.seed), feats, n_top=cfg.n_top, window=cfg.window)
-    html = render_features_page(ctx, freq, f"SAE features — {sae.cfg.arch}, {sae.cfg.n_latents} latents, layer {sae.cfg.layer}")
+    html = render_features_page(
+        ctx, freq, f"SAE features — {sae.cfg.arch}, {sae.cfg.n_latents} latents, layer {sae.cfg.layer}"
+    )
     write_text_atomic(out, html)
     print(f"wrote {out}: {len(ctx)} features")
     return 0

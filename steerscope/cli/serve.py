@@ -12,10 +12,14 @@ def serve_config() -> type:
     return ServeConfig
 
 
-@command("serve", "an OpenAI-compatible API with a steering vector per request, and a playground",
-         "Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions, "
-         "streaming or not) where each request carries its own steering, batched as rows; "
-         "/v1/vectors lists, uploads and removes vectors; / is a playground page.", serve_config)
+@command(
+    "serve",
+    "an OpenAI-compatible API with a steering vector per request, and a playground",
+    "Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, /v1/completions, "
+    "streaming or not) where each request carries its own steering, batched as rows; "
+    "/v1/vectors lists, uploads and removes vectors; / is a playground page.",
+    serve_config,
+)
 def cmd_serve(cfg) -> int:
     try:
         import fastapi  # noqa: F401

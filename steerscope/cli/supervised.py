@@ -27,9 +27,13 @@ def extract_config() -> type:
     return ExtractCommand
 
 
-@command("extract", "candidate directions from contrastive data, one per layer",
-         "Extract one candidate direction per layer (and read position) from contrastive pairs or two prompt sets, "
-         "with per-layer statistics.", extract_config)
+@command(
+    "extract",
+    "candidate directions from contrastive data, one per layer",
+    "Extract one candidate direction per layer (and read position) from contrastive pairs or two prompt sets, "
+    "with per-layer statistics.",
+    extract_config,
+)
 def cmd_extract(cfg) -> int:
     from ..directions.data import load_contrast, load_sets
     from ..directions.extract import extract, format_stats
@@ -79,9 +83,13 @@ def select_config() -> type:
     return SelectCommand
 
 
-@command("select", "pick the candidate with the best measured effect (refusal-direction style)",
-         "Score every candidate by adding it on B prompts, ablating it on A prompts and its KL on neutral prompts; "
-         "show the effect-vs-KL Pareto frontier and choose along it (KL budget or knee).", select_config)
+@command(
+    "select",
+    "pick the candidate with the best measured effect (refusal-direction style)",
+    "Score every candidate by adding it on B prompts, ablating it on A prompts and its KL on neutral prompts; "
+    "show the effect-vs-KL Pareto frontier and choose along it (KL budget or knee).",
+    select_config,
+)
 def cmd_select(cfg) -> int:
     from ..directions.data import load_prompts
     from ..directions.vectors import VectorSet
@@ -108,11 +116,14 @@ def cmd_select(cfg) -> int:
     if cfg.save_best:
         best = sel.best_candidate
         if best is None:
-            raise SteerscopeError("no candidate passed the filters, so nothing was saved; raise --kl-bound or use --choose knee.")
+            raise SteerscopeError(
+                "no candidate passed the filters, so nothing was saved; raise --kl-bound or use --choose knee."
+            )
         i = vs.ids.index(best.id)
         hyper = {**vs.config.hyperparams, "selection": sel.to_dict()}
-        VectorSet.create(lm, vs.vectors[i:i + 1], [vs.layers[i]], vs.config.method, ids=[best.id],
-                         hyperparams=hyper).save(cfg.save_best, overwrite=cfg.force)
+        VectorSet.create(
+            lm, vs.vectors[i : i + 1], [vs.layers[i]], vs.config.method, ids=[best.id], hyperparams=hyper
+        ).save(cfg.save_best, overwrite=cfg.force)
         say(f"saved the selected vector {best.id} to {cfg.save_best}")
     return 0
 
@@ -134,9 +145,13 @@ def orthogonalize_config() -> type:
     return OrthogonalizeCommand
 
 
-@command("orthogonalize", "write a checkpoint with a direction projected out of the weights",
-         "Weight orthogonalisation: project the direction out of the embeddings and every attention/MLP output "
-         "matrix; the result equals ablation through hooks.", orthogonalize_config)
+@command(
+    "orthogonalize",
+    "write a checkpoint with a direction projected out of the weights",
+    "Weight orthogonalisation: project the direction out of the embeddings and every attention/MLP output "
+    "matrix; the result equals ablation through hooks.",
+    orthogonalize_config,
+)
 def cmd_orthogonalize(cfg) -> int:
     from ..directions.vectors import VectorSet
     from ..interventions.orthogonalize import save_orthogonalized
@@ -168,8 +183,12 @@ class ExportCommand(Config):
     """overwrite --gguf"""
 
 
-@command("export", "write a llama.cpp control vector (GGUF)",
-         "Write vectors as a llama.cpp control vector: steerscope layer L = direction.L.", ExportCommand)
+@command(
+    "export",
+    "write a llama.cpp control vector (GGUF)",
+    "Write vectors as a llama.cpp control vector: steerscope layer L = direction.L.",
+    ExportCommand,
+)
 def cmd_export(cfg: ExportCommand) -> int:
     from ..directions.llamacpp import export_gguf
     from ..directions.vectors import VectorSet
@@ -180,10 +199,14 @@ def cmd_export(cfg: ExportCommand) -> int:
         pool = idx if idx is not None else range(len(vs))
         idx = [i for i in pool if vs.layers[i] in set(cfg.layers)]
         if not idx:
-            raise SteerscopeError(f"no vector of {cfg.vector} is at layers {cfg.layers}; its layers: {sorted(set(vs.layers))}.")
+            raise SteerscopeError(
+                f"no vector of {cfg.vector} is at layers {cfg.layers}; its layers: {sorted(set(vs.layers))}."
+            )
     res = export_gguf(vs, cfg.gguf, coef=cfg.coef, indices=idx, overwrite=cfg.force)
-    print(f"wrote {cfg.gguf}: direction.{{{','.join(map(str, res.layers))}}} x {cfg.coef:g} for {vs.config.model_type}; "
-          f"llama.cpp: --control-vector {cfg.gguf}")
+    print(
+        f"wrote {cfg.gguf}: direction.{{{','.join(map(str, res.layers))}}} x {cfg.coef:g} for {vs.config.model_type}; "
+        f"llama.cpp: --control-vector {cfg.gguf}"
+    )
     if res.left_out:
         say(f"left out: {res.left_out}")
     return 0
@@ -204,8 +227,12 @@ def import_config() -> type:
     return ImportCommand
 
 
-@command("import", "read a llama.cpp control vector (GGUF) into a vector folder",
-         "Read a llama.cpp control vector into a steerscope vector folder for the model.", import_config)
+@command(
+    "import",
+    "read a llama.cpp control vector (GGUF) into a vector folder",
+    "Read a llama.cpp control vector into a steerscope vector folder for the model.",
+    import_config,
+)
 def cmd_import(cfg) -> int:
     from ..directions.llamacpp import import_gguf
 

@@ -74,14 +74,20 @@ def run_point(name: str, argv: list[str], point_dir: str) -> dict:
     error = None
     if code != 0:
         lines = [l for l in (p / "sweep_log.txt").read_text().splitlines() if l.strip()]
-        error = next((l for l in reversed(lines) if "error" in l.lower()), lines[-1] if lines else f"exit status {code}")
+        error = next(
+            (l for l in reversed(lines) if "error" in l.lower()), lines[-1] if lines else f"exit status {code}"
+        )
     return {"code": code, "seconds": round(time.time() - t0, 2), "error": error}
 
 
-@command("sweep", "a grid of jobs (run, discover, SAE training, ...) as Ray tasks, with one merged report",
-         "Run a command over a grid of flag values as Ray tasks (local, or a cluster with --address); each point is "
-         "one job folder, a rerun skips finished points and resumes interrupted ones; OUT/sweep.html is the merged "
-         "report. The norm sweep of a vector is `steerscope norm-sweep`.", GridSweepCommand)
+@command(
+    "sweep",
+    "a grid of jobs (run, discover, SAE training, ...) as Ray tasks, with one merged report",
+    "Run a command over a grid of flag values as Ray tasks (local, or a cluster with --address); each point is "
+    "one job folder, a rerun skips finished points and resumes interrupted ones; OUT/sweep.html is the merged "
+    "report. The norm sweep of a vector is `steerscope norm-sweep`.",
+    GridSweepCommand,
+)
 def cmd_grid_sweep(cfg: GridSweepCommand) -> int:
     from ..jobs.grid_sweep import expand, load_grid, run_sweep
 

@@ -3,4 +3,12 @@
 from .extract import EXTRACTORS, ExtractConfig, extract, mean_difference
 from .vectors import SteeringVector, VectorSet, VectorSetConfig
 
-__all__ = ["SteeringVector", "VectorSet", "VectorSetConfig", "EXTRACTORS", "ExtractConfig", "extract", "mean_difference"]
+__all__ = [
+    "SteeringVector",
+    "VectorSet",
+    "VectorSetConfig",
+    "EXTRACTORS",
+    "ExtractConfig",
+    "extract",
+    "mean_difference",
+]

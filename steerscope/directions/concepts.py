@@ -62,7 +62,9 @@ class Concept:
 
     def counts(self) -> dict[str, int]:
         return {k: sum(len(v) for v in d.values()) for k, d in self.texts.items()} | {
-            "instruction": sum(len(v) for v in self.instructions.values()), "ab": len(self.ab)}
+            "instruction": sum(len(v) for v in self.instructions.values()),
+            "ab": len(self.ab),
+        }
 
 
 def builtin_names() -> list[str]:
@@ -82,12 +84,12 @@ def shared_instructions() -> list[str]:
     return [l.strip() for l in text.splitlines() if l.strip()]
 
 
-def report_instructions(c: "Concept", n: int) -> list[str]:
+def report_instructions(c: Concept, n: int) -> list[str]:
     """The concept's own report instructions, topped up to `n` from the shared pool (never one of
     its own instructions of any split)."""
     own = c.instructions["report"]
     seen = {x for sp in c.instructions.values() for x in sp}
-    return own + [x for x in shared_instructions() if x not in seen][:max(0, n - len(own))]
+    return own + [x for x in shared_instructions() if x not in seen][: max(0, n - len(own))]
 
 
 def _by_position(i: int, instruction: bool) -> str:
@@ -105,8 +107,10 @@ def load_concept(name_or_path: str | Path) -> Concept:
     else:
         path = Path(s)
         if not path.is_file():
-            raise SteerscopeError(f"unknown concept {s!r}: not a shipped concept ({', '.join(builtin_names())}) "
-                                  "and not a JSONL file; see `steerscope bench --help` for the schema.")
+            raise SteerscopeError(
+                f"unknown concept {s!r}: not a shipped concept ({', '.join(builtin_names())}) "
+                "and not a JSONL file; see `steerscope bench --help` for the schema."
+            )
         text, source = path.read_text(encoding="utf-8"), str(path)
     rows = jsonl_rows(text, source)
     meta = next((r for r in rows if r.get("kind") == "meta"), {})
@@ -136,12 +140,21 @@ def load_concept(name_or_path: str | Path) -> Concept:
     if not any(texts["negative"].values()):
         for i, t in enumerate(_shared_negatives()):
             texts["negative"][_by_position(i, False)].append(t)
-    c = Concept(name, meta.get("group", "custom"), meta.get("description", name),
-                meta.get("system_prompt") or f"In every answer, show this: {meta.get('description', name)}.",
-                texts, instructions, ab, source)
-    need = {"positive texts in train and report": c.pos("train") and c.pos("report"),
-            "negative texts in train and report": c.neg("train") and c.neg("report"),
-            "instructions in the report split": c.instructions["report"]}
+    c = Concept(
+        name,
+        meta.get("group", "custom"),
+        meta.get("description", name),
+        meta.get("system_prompt") or f"In every answer, show this: {meta.get('description', name)}.",
+        texts,
+        instructions,
+        ab,
+        source,
+    )
+    need = {
+        "positive texts in train and report": c.pos("train") and c.pos("report"),
+        "negative texts in train and report": c.neg("train") and c.neg("report"),
+        "instructions in the report split": c.instructions["report"],
+    }
     missing = [k for k, ok in need.items() if not ok]
     if missing:
         raise SteerscopeError(f"concept {name} ({source}) lacks {'; '.join(missing)}; add rows of those kinds.")

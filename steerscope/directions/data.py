@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import SteerscopeError
 
@@ -37,9 +37,13 @@ class ContrastSet:
 
     def __post_init__(self) -> None:
         if not self.a or not self.b:
-            raise SteerscopeError(f"contrast set {self.name!r} needs at least one text on each side (got {len(self.a)} and {len(self.b)}).")
+            raise SteerscopeError(
+                f"contrast set {self.name!r} needs at least one text on each side (got {len(self.a)} and {len(self.b)})."
+            )
         if self.paired and len(self.a) != len(self.b):
-            raise SteerscopeError(f"paired data needs as many positives as negatives (got {len(self.a)} and {len(self.b)}).")
+            raise SteerscopeError(
+                f"paired data needs as many positives as negatives (got {len(self.a)} and {len(self.b)})."
+            )
         for side, texts in (("A", self.a), ("B", self.b)):
             bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
             if bad:
@@ -48,11 +52,14 @@ class ContrastSet:
     def formatted(self, lm, chat: bool | None = None, system: str | None = None) -> tuple[list[str], list[str]]:
         """Model-ready strings. With a chat template, a bare text becomes the user message; a
         pair with a shared prompt becomes [user: prompt] + assistant answer."""
+
         def fmt(texts: list[str]) -> list[str]:
             if self.prompts is None:
                 return [lm.format_prompt(t, chat, system) for t in texts]
-            return [(lm.format_prompt(p, chat, system) + t) if p else lm.format_prompt(t, chat, system)
-                    for p, t in zip(self.prompts, texts)]
+            return [
+                (lm.format_prompt(p, chat, system) + t) if p else lm.format_prompt(t, chat, system)
+                for p, t in zip(self.prompts, texts)
+            ]
 
         return fmt(self.a), fmt(self.b)
 
@@ -60,11 +67,14 @@ class ContrastSet:
         return len(self.a)
 
 
-def from_pairs(positive: Sequence[str], negative: Sequence[str], prompts: Sequence[str | None] | None = None,
-               name: str = "pairs") -> ContrastSet:
+def from_pairs(
+    positive: Sequence[str], negative: Sequence[str], prompts: Sequence[str | None] | None = None, name: str = "pairs"
+) -> ContrastSet:
     if prompts is not None and len(prompts) != len(positive):
         raise SteerscopeError(f"{len(prompts)} prompts for {len(positive)} pairs; give one prompt per pair.")
-    return ContrastSet(list(positive), list(negative), paired=True, prompts=list(prompts) if prompts is not None else None, name=name)
+    return ContrastSet(
+        list(positive), list(negative), paired=True, prompts=list(prompts) if prompts is not None else None, name=name
+    )
 
 
 def from_sets(a: Sequence[str], b: Sequence[str], name: str = "sets") -> ContrastSet:
@@ -106,7 +116,9 @@ def load_pairs(path: str | Path) -> ContrastSet:
     rows = _rows(path)
     missing = [c for c in ("positive", "negative") if c not in rows[0]]
     if missing:
-        raise SteerscopeError(f"{path} lacks column(s) {missing}; it needs 'positive' and 'negative' (and optionally 'prompt').")
+        raise SteerscopeError(
+            f"{path} lacks column(s) {missing}; it needs 'positive' and 'negative' (and optionally 'prompt')."
+        )
     for n, r in enumerate(rows, 1):
         if not str(r.get("positive") or "").strip() or not str(r.get("negative") or "").strip():
             raise SteerscopeError(f"{path} row {n} has an empty positive or negative.")
@@ -122,7 +134,9 @@ def load_prompts(path_or_name: str | Path) -> list[str]:
     path = Path(path_or_name)
     if path.suffix == ".txt" or not path.suffix:
         if not path.is_file():
-            raise SteerscopeError(f"prompt file {path} does not exist (builtin prompt sets: {', '.join(_BUILTIN_PROMPTS)}).")
+            raise SteerscopeError(
+                f"prompt file {path} does not exist (builtin prompt sets: {', '.join(_BUILTIN_PROMPTS)})."
+            )
         lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
         if not lines:
             raise SteerscopeError(f"prompt file {path} is empty.")
@@ -162,5 +176,7 @@ def load_contrast(spec: str | Path) -> ContrastSet:
     if isinstance(spec, str) and spec in BUILTIN:
         return BUILTIN[spec]()
     if isinstance(spec, str) and not Path(spec).exists() and "." not in Path(spec).name:
-        raise SteerscopeError(f"unknown dataset {spec!r}; builtin: {', '.join(BUILTIN)}, or give a .jsonl/.csv pairs file.")
+        raise SteerscopeError(
+            f"unknown dataset {spec!r}; builtin: {', '.join(BUILTIN)}, or give a .jsonl/.csv pairs file."
+        )
     return load_pairs(spec)

@@ -14,8 +14,9 @@ difference projected on it, so all methods share diffmean's units and one `coef`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -56,7 +57,9 @@ def diffmean(a: torch.Tensor, b: torch.Tensor, paired: bool, cfg: None = None) -
 def pca_of_differences(a: torch.Tensor, b: torch.Tensor, paired: bool, cfg: None = None) -> torch.Tensor:
     """Top singular vector of the paired differences A_i - B_i (uncentred)."""
     if not paired:
-        raise SteerscopeError("method 'pca' needs paired data (A_i - B_i); use diffmean, pca_center or probe for two prompt sets.")
+        raise SteerscopeError(
+            "method 'pca' needs paired data (A_i - B_i); use diffmean, pca_center or probe for two prompt sets."
+        )
     diffs = a - b  # (N, d)
     _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
     return _scaled(vh[0], a, b)
@@ -73,7 +76,9 @@ def pca_centred(a: torch.Tensor, b: torch.Tensor, paired: bool, cfg: None = None
     return _scaled(vh[0], a, b)
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_probe(
+    x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-regularised logistic regression (LBFGS, float64). Returns (w, bias) in the original
     feature space. Features are centred and divided by ONE global scale, not per feature:
     per-feature scaling would rotate the weight vector away from the class-mean direction."""
@@ -168,13 +173,19 @@ def extract(lm, data: ContrastSet, config: ExtractConfig | None = None, progress
     cfg = config or ExtractConfig()
     fn = EXTRACTORS.get(cfg.method).fn
     if getattr(fn, "needs_pairs", False) and not data.paired:  # say so before the expensive pass
-        raise SteerscopeError(f"method {cfg.method!r} needs paired data; use diffmean, pca_center or probe for two prompt sets.")
+        raise SteerscopeError(
+            f"method {cfg.method!r} needs paired data; use diffmean, pca_center or probe for two prompt sets."
+        )
     layers = [lm.check_layer(l) for l in (cfg.layers if cfg.layers is not None else range(lm.n_layers))]
     P = read_positions(cfg.read)
     a_txt, b_txt = data.formatted(lm, cfg.chat, cfg.system)
     with bar(len(a_txt) + len(b_txt), "activations", "text", show=progress) as texts:
-        A = collect_activations(lm, a_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=texts)
-        B = collect_activations(lm, b_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=texts)
+        A = collect_activations(
+            lm, a_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=texts
+        )
+        B = collect_activations(
+            lm, b_txt, layers, read=cfg.read, formatted=True, batch_size=cfg.batch_size, progress=texts
+        )
         # (N, P, L, d) each
     vecs, cand_layers, ids, stats = [], [], [], []
     offsets = list(range(-P, 0)) if P > 1 else [None]
@@ -190,8 +201,15 @@ def extract(lm, data: ContrastSet, config: ExtractConfig | None = None, progress
                 st["separation"] = round(separation(a, b, v), 4)
                 st["probe_acc"] = round(probe_accuracy(a, b), 4)
             stats.append(st)
-    hyper = {**config_to_dict(cfg), "layers": layers, "data": data.name, "n_a": len(data.a), "n_b": len(data.b),
-             "paired": data.paired, "stats": stats}
+    hyper = {
+        **config_to_dict(cfg),
+        "layers": layers,
+        "data": data.name,
+        "n_a": len(data.a),
+        "n_b": len(data.b),
+        "paired": data.paired,
+        "stats": stats,
+    }
     return VectorSet.create(lm, torch.stack(vecs), cand_layers, cfg.method, ids=ids, hyperparams=hyper)
 
 
@@ -206,7 +224,9 @@ def format_stats(vs: VectorSet) -> str:
     return "\n".join([line(cols)] + [line(r) for r in rows])
 
 
-def mean_difference(lm, positive: Sequence[str], negative: Sequence[str], layers: int | Sequence[int], **settings) -> VectorSet:
+def mean_difference(
+    lm, positive: Sequence[str], negative: Sequence[str], layers: int | Sequence[int], **settings
+) -> VectorSet:
     """Difference of means between two text sets at `layers` (ActAdd, Turner et al. 2023; CAA,
     Rimsky et al. 2024): `extract` with method diffmean, so both share one set of defaults
     (`ExtractConfig`; e.g. read="mean"). `settings` are further ExtractConfig fields."""

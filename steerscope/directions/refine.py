@@ -26,8 +26,9 @@ share of the norm as R varies).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -109,12 +110,16 @@ def import_cma():
 def _span(start: Start) -> torch.Tensor:
     """(k, d) orthonormal basis of the seeds' span, the best seed's direction first."""
     if len(start.vectors) < 2:
-        raise SteerscopeError("cma and cem search the span of the seeds and need at least 2; pass --seeds 2 "
-                              "(or more --ids), or use --method local.")
+        raise SteerscopeError(
+            "cma and cem search the span of the seeds and need at least 2; pass --seeds 2 "
+            "(or more --ids), or use --method local."
+        )
     q, r = torch.linalg.qr(start.vectors.double().T)  # (d, k)
     keep = r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()
     if int(keep.sum()) < 2:
-        raise SteerscopeError("the seeds are parallel (their span is 1-dimensional); pick other --ids or use --method local.")
+        raise SteerscopeError(
+            "the seeds are parallel (their span is 1-dimensional); pick other --ids or use --method local."
+        )
     return q[:, keep].T.float()
 
 
@@ -125,8 +130,11 @@ def cma_search(evaluate: Evaluate, start: Start, cfg: SearchSettings) -> None:
     cma = import_cma()
     Q = _span(start)  # (k, d)
     x0 = (Q @ start.vectors[0]) / start.vectors[0].norm()  # (k,) unit
-    es = cma.CMAEvolutionStrategy(x0.double().tolist(), cfg.sigma,
-                                  {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9, "CMA_diagonal": False})
+    es = cma.CMAEvolutionStrategy(
+        x0.double().tolist(),
+        cfg.sigma,
+        {"popsize": cfg.population, "seed": cfg.seed + 1, "verbose": -9, "CMA_diagonal": False},
+    )
     for mult in schedule(cfg.anneal, cfg.generations):
         X = torch.from_numpy(np.asarray(es.ask(), dtype=np.float32))  # (P, k)
         f = evaluate(on_sphere(X @ Q, start.R * mult), mult)
@@ -171,8 +179,11 @@ def sparsity(vectors: dict[str, torch.Tensor], sae=None) -> dict[str, dict]:
         if dec is not None:
             cos = dec @ u  # (n_latents,)
             top = cos.abs().topk(min(5, cos.shape[0]))
-            row |= {"sae_k90": k90(cos), "n_latents": int(cos.shape[0]),
-                    "sae_top": [[int(i), round(float(cos[i]), 3)] for i in top.indices]}
+            row |= {
+                "sae_k90": k90(cos),
+                "n_latents": int(cos.shape[0]),
+                "sae_top": [[int(i), round(float(cos[i]), 3)] for i in top.indices],
+            }
         out[name] = row
     return out
 
@@ -184,6 +195,13 @@ def growth(best_per_mult: dict[float, torch.Tensor], best: torch.Tensor, top: in
     to the refined one."""
     mults = sorted(best_per_mult)
     dims = best.abs().topk(min(top, best.shape[0])).indices.tolist()
-    return {"mults": mults, "dims": dims,
-            "per_unit_R": {str(d): [round(float(best_per_mult[m][d] / best_per_mult[m].norm()), 5) for m in mults] for d in dims},
-            "cosine_to_refined": [round(float(torch.nn.functional.cosine_similarity(best_per_mult[m], best, 0)), 4) for m in mults]}
+    return {
+        "mults": mults,
+        "dims": dims,
+        "per_unit_R": {
+            str(d): [round(float(best_per_mult[m][d] / best_per_mult[m].norm()), 5) for m in mults] for d in dims
+        },
+        "cosine_to_refined": [
+            round(float(torch.nn.functional.cosine_similarity(best_per_mult[m], best, 0)), 4) for m in mults
+        ],
+    }

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .._version import __version__
 from .._io import atomic_dir
+from .._tensors import as_rows
+from .._version import __version__
 from ..config import check_format, upgrade_warning
 from ..errors import ModelMismatchError, SteerscopeError
-from .._tensors import as_rows
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -72,21 +73,39 @@ class VectorSet:
         self._validate()
 
     @classmethod
-    def create(cls, lm, vectors, layers: int | Sequence[int], method: str, *, ids: Sequence[str] | None = None,
-               hyperparams: dict[str, Any] | None = None, extras: dict[str, torch.Tensor] | None = None,
-               site: str = "resid_post") -> "VectorSet":
+    def create(
+        cls,
+        lm,
+        vectors,
+        layers: int | Sequence[int],
+        method: str,
+        *,
+        ids: Sequence[str] | None = None,
+        hyperparams: dict[str, Any] | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
+        site: str = "resid_post",
+    ) -> VectorSet:
         """Build a set for the loaded model `lm` (records its id and fingerprint)."""
         v = as_rows(torch.as_tensor(vectors).detach().float().cpu(), lm.d_model, "vector")
         K = v.shape[0]
         layer_list = [layers] * K if isinstance(layers, int) else list(layers)
         if len(layer_list) != K:
-            raise SteerscopeError(f"{K} vectors but {len(layer_list)} layers; give one layer per vector or a single int.")
+            raise SteerscopeError(
+                f"{K} vectors but {len(layer_list)} layers; give one layer per vector or a single int."
+            )
         layer_list = [lm.check_layer(l) for l in layer_list]
         cfg = VectorSetConfig(
-            model_id=lm.model_id, model_fingerprint=lm.fingerprint, model_type=lm.model_type,
-            n_layers=lm.n_layers, d_model=lm.d_model, method=method,
+            model_id=lm.model_id,
+            model_fingerprint=lm.fingerprint,
+            model_type=lm.model_type,
+            n_layers=lm.n_layers,
+            d_model=lm.d_model,
+            method=method,
             ids=list(ids) if ids is not None else [f"{method}-{i}" for i in range(K)],
-            layers=layer_list, norms=[], site=site, hyperparams=dict(hyperparams or {}),
+            layers=layer_list,
+            norms=[],
+            site=site,
+            hyperparams=dict(hyperparams or {}),
             created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         )
         return cls(v, cfg, extras)
@@ -114,10 +133,14 @@ class VectorSet:
     def __getitem__(self, i: int | str) -> SteeringVector:
         if isinstance(i, str):
             if i not in self.config.ids:
-                raise SteerscopeError(f"no vector with id {i!r}; ids: {', '.join(self.config.ids[:10])}{' ...' if len(self) > 10 else ''}.")
+                raise SteerscopeError(
+                    f"no vector with id {i!r}; ids: {', '.join(self.config.ids[:10])}{' ...' if len(self) > 10 else ''}."
+                )
             i = self.config.ids.index(i)
         if not -len(self) <= i < len(self):
-            raise SteerscopeError(f"vector index {i} is out of range; this set has {len(self)} vectors (0..{len(self) - 1}).")
+            raise SteerscopeError(
+                f"vector index {i} is out of range; this set has {len(self)} vectors (0..{len(self) - 1})."
+            )
         return SteeringVector(self.vectors[i], self.config.layers[i], self.config.ids[i])
 
     def __iter__(self):
@@ -148,7 +171,11 @@ class VectorSet:
         if check_model and c.model_fingerprint != lm.fingerprint:
             problems.append(f"weights fingerprint {c.model_fingerprint} vs {lm.fingerprint}")
         if problems:
-            hint = "" if hard else " Pass check_model=False (--allow-other-model) to use it anyway, e.g. on a fine-tune of the same base."
+            hint = (
+                ""
+                if hard
+                else " Pass check_model=False (--allow-other-model) to use it anyway, e.g. on a fine-tune of the same base."
+            )
             raise ModelMismatchError(
                 f"these vectors were made for {c.model_id!r} ({c.model_type}), not the loaded {lm.model_id!r}: {'; '.join(problems)}.{hint}"
             )
@@ -158,17 +185,21 @@ class VectorSet:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {"vectors": self.vectors.contiguous().float(),
-                   "layers": torch.tensor(self.config.layers, dtype=torch.int64)}
+        tensors = {
+            "vectors": self.vectors.contiguous().float(),
+            "layers": torch.tensor(self.config.layers, dtype=torch.int64),
+        }
         for k, t in self.extras.items():
             tensors[f"extra.{k}"] = t.detach().cpu().contiguous()
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "steerscope", "version": str(FORMAT_VERSION)})
+            save_file(
+                tensors, str(tmp / TENSORS_FILE), metadata={"format": "steerscope", "version": str(FORMAT_VERSION)}
+            )
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | Path, lm=None, *, check_model: bool = True) -> "VectorSet":
+    def load(cls, path: str | Path, lm=None, *, check_model: bool = True) -> VectorSet:
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -184,7 +215,9 @@ class VectorSet:
         check_format(str(path), raw.get("format_version"), FORMAT_VERSION, raw.get("steerscope_version"), "vector file")
         known = {f.name for f in fields(VectorSetConfig)}
         unknown = sorted(set(raw) - known)
-        upgrade_warning(str(path / CONFIG_FILE), raw.get("steerscope_version"), [], unknown)  # a newer minor: its extra keys
+        upgrade_warning(
+            str(path / CONFIG_FILE), raw.get("steerscope_version"), [], unknown
+        )  # a newer minor: its extra keys
         try:
             cfg = VectorSetConfig(**{k: v for k, v in raw.items() if k in known})
         except TypeError as e:
@@ -194,8 +227,10 @@ class VectorSet:
         except Exception as e:
             raise SteerscopeError(f"{path / TENSORS_FILE} is unreadable ({e}); the file is damaged.") from None
         if tensors["layers"].tolist() != cfg.layers:
-            raise SteerscopeError(f"{path}: layers in {CONFIG_FILE} and {TENSORS_FILE} disagree; the folder was edited by hand.")
-        extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+            raise SteerscopeError(
+                f"{path}: layers in {CONFIG_FILE} and {TENSORS_FILE} disagree; the folder was edited by hand."
+            )
+        extras = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
         vs = cls(tensors["vectors"], cfg, extras)
         if lm is not None:
             vs.check(lm, check_model=check_model)

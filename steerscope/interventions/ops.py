@@ -12,8 +12,8 @@ the batch is steered by row i of the parameter (K vectors x P prompts in one for
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -113,7 +113,7 @@ class Add(Intervention):
     kind: SiteKind = "resid_post"
 
     @classmethod
-    def of(cls, sv, coef: float = 1.0, positions: Positions = ALL) -> "Add":
+    def of(cls, sv, coef: float = 1.0, positions: Positions = ALL) -> Add:
         """Add a `SteeringVector` at its own layer."""
         return cls(sv.vector, layer=sv.layer, coef=coef, positions=positions)
 
@@ -146,8 +146,10 @@ class Ablate(Intervention):
         return [Site(l, "resid_post") for l in _layers(self.layer, lm)]
 
     def params(self, lm) -> dict[str, torch.Tensor]:
-        return {"direction": as_rows(self.direction, lm.d_model, "ablation direction", unit=True),
-                "strength": as_scalars(self.strength, "ablation strength")}
+        return {
+            "direction": as_rows(self.direction, lm.d_model, "ablation direction", unit=True),
+            "strength": as_scalars(self.strength, "ablation strength"),
+        }
 
 
 @INTERVENTIONS.register("clamp")
@@ -165,5 +167,7 @@ class Clamp(Intervention):
         return [Site(l, self.kind) for l in _layers(self.layer, lm)]
 
     def params(self, lm) -> dict[str, torch.Tensor]:
-        return {"direction": as_rows(self.direction, lm.d_model, "clamp direction", unit=True),
-                "value": as_scalars(self.value, "clamp value")}
+        return {
+            "direction": as_rows(self.direction, lm.d_model, "clamp direction", unit=True),
+            "value": as_scalars(self.value, "clamp value"),
+        }

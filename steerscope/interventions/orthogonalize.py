@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_dir
-from ..errors import SteerscopeError
 from .._tensors import as_rows
+from ..errors import SteerscopeError
 
 _LINEAR_WRITERS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox"}
 
@@ -32,8 +32,10 @@ def _project_out(module: nn.Module, r: torch.Tensor) -> None:
 
     W = module.weight
     if W.device.type == "meta":
-        raise SteerscopeError("weight orthogonalisation needs every weight in memory, but this model offloads some to "
-                              "disk; load it without disk offload (e.g. --device-map auto with enough --max-memory).")
+        raise SteerscopeError(
+            "weight orthogonalisation needs every weight in memory, but this model offloads some to "
+            "disk; load it without disk offload (e.g. --device-map auto with enough --max-memory)."
+        )
     r64 = r.to(W.device, torch.float64)  # each weight on its own device when the model is split
     w = W.data.to(torch.float64)
     if isinstance(module, nn.Embedding):  # (vocab, d): rows are written to the stream
@@ -43,7 +45,9 @@ def _project_out(module: nn.Module, r: torch.Tensor) -> None:
     elif isinstance(module, nn.Linear):  # (out = d, in)
         w = w - torch.outer(r64, r64 @ w)
     else:
-        raise SteerscopeError(f"cannot orthogonalise a {type(module).__name__}; only Linear, Conv1D and Embedding writers are supported.")
+        raise SteerscopeError(
+            f"cannot orthogonalise a {type(module).__name__}; only Linear, Conv1D and Embedding writers are supported."
+        )
     W.data.copy_(w.to(W.dtype))
     b = getattr(module, "bias", None)
     if b is not None and not isinstance(module, nn.Embedding):
@@ -68,7 +72,11 @@ def orthogonalized_model(lm, direction) -> nn.Module:
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
     blocks = model.get_submodule(lm.arch.spec.layers)
-    writers = [in_emb] + [b.get_submodule(lm.arch.spec.attn_out) for b in blocks] + [b.get_submodule(lm.arch.spec.mlp_out) for b in blocks]
+    writers = (
+        [in_emb]
+        + [b.get_submodule(lm.arch.spec.attn_out) for b in blocks]
+        + [b.get_submodule(lm.arch.spec.mlp_out) for b in blocks]
+    )
     if lm.model_type == "gpt2":
         writers.append(model.get_submodule("transformer.wpe"))  # learned positions are added to the stream too
     with torch.no_grad():

@@ -38,19 +38,19 @@ class Positions:
     k: int | None = None  # prompt_tail: how many of the last prompt tokens
 
     @staticmethod
-    def all() -> "Positions":
+    def all() -> Positions:
         return Positions("all")
 
     @staticmethod
-    def prompt() -> "Positions":
+    def prompt() -> Positions:
         return Positions("prompt")
 
     @staticmethod
-    def generated() -> "Positions":
+    def generated() -> Positions:
         return Positions("generated")
 
     @staticmethod
-    def range(start: int = 0, stop: int | None = None) -> "Positions":
+    def range(start: int = 0, stop: int | None = None) -> Positions:
         """Absolute token indices [start, stop) in each row's unpadded sequence (prompt and
         generated tokens counted together)."""
         if start < 0 or (stop is not None and stop < start):
@@ -58,14 +58,14 @@ class Positions:
         return Positions("range", start, stop)
 
     @staticmethod
-    def prompt_tail(k: int) -> "Positions":
+    def prompt_tail(k: int) -> Positions:
         """The last k prompt tokens (e.g. the post-instruction template tokens of a chat prompt)."""
         if k < 1:
             raise SteerscopeError(f"Positions.prompt_tail needs k >= 1, got {k}.")
         return Positions("prompt_tail", k=k)
 
     @staticmethod
-    def parse(spec: str) -> "Positions":
+    def parse(spec: str) -> Positions:
         """CLI form: all | prompt | generated | A:B | A: | last:K (the last K prompt tokens)."""
         s = spec.strip()
         if s in ("all", "prompt", "generated"):
@@ -83,7 +83,7 @@ class Positions:
                 pass
         raise SteerscopeError(f"cannot parse positions {spec!r}; use all, prompt, generated, A:B, A: or last:K.")
 
-    def mask(self, st: "StepState") -> torch.Tensor:
+    def mask(self, st: StepState) -> torch.Tensor:
         """(batch, pos) bool: True where this call's tokens are selected (never on padding)."""
         pos = st.abs_pos  # (B, T)
         if self.kind == "all":
@@ -161,7 +161,9 @@ class StepState:
         device = ref.device
         am = kwargs.get("attention_mask")
         if isinstance(am, dict) or (am is not None and am.dim() != 2):
-            raise SteerscopeError("steerscope needs a 2-D (batch, seq) attention mask to know which tokens are padding.")
+            raise SteerscopeError(
+                "steerscope needs a 2-D (batch, seq) attention mask to know which tokens are padding."
+            )
         # Never assume an empty cache: past_length raises, naming the transformers version, when
         # this call's cached-token count cannot be read (a cached step read as past = 0 steers
         # the wrong tokens of every left-padded row).

@@ -8,8 +8,8 @@ does not remove the added vector at layer L, but it is removed again at the inpu
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 from ..errors import SteerscopeError
 from ..models.hooks import hooks

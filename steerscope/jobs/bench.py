@@ -102,7 +102,7 @@ class BenchConfig(Config):
         return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BenchConfig":
+    def from_dict(cls, d: dict) -> BenchConfig:
         return config_from_dict(cls, d)
 
 
@@ -153,7 +153,11 @@ class BenchContext:
 
         norm = float(vector.norm())
         seen = self._matched_norms.get(layer, [])
-        cfg = self.cfg.kl if not seen or norm == 0 else dataclasses.replace(self.cfg.kl, start=statistics.median(seen) / norm)
+        cfg = (
+            self.cfg.kl
+            if not seen or norm == 0
+            else dataclasses.replace(self.cfg.kl, start=statistics.median(seen) / norm)
+        )
         m = match_kl(self.rollouts, vector, layer, cfg)
         if m.hit:
             self._matched_norms.setdefault(layer, []).append(m.coef * norm)
@@ -168,11 +172,18 @@ class BenchContext:
         coefs = [self.match(v, layer).coef for v in vectors]
         prompts = concept.instructions["choose"] or concept.instructions["report"][:3]
         svs = [SteeringVector(v, layer, f"c{i}") for i, v in enumerate(vectors)]
-        comps = generate(self.lm, prompts, vectors=svs, coef=coefs, include_unsteered=False,
-                         max_new_tokens=min(24, self.cfg.max_new_tokens), progress=False)
+        comps = generate(
+            self.lm,
+            prompts,
+            vectors=svs,
+            coef=coefs,
+            include_unsteered=False,
+            max_new_tokens=min(24, self.cfg.max_new_tokens),
+            progress=False,
+        )
         s = self.judge.scores([c.text for c in comps])[concept.name]
         n = len(prompts)
-        return [sum(s[i * n:(i + 1) * n]) / n for i in range(len(vectors))]
+        return [sum(s[i * n : (i + 1) * n]) / n for i in range(len(vectors))]
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -187,7 +198,9 @@ def _validate(cfg: BenchConfig) -> tuple[list[Concept], list[str]]:
     if 0.0 not in cfg.ab_multipliers:
         raise SteerscopeError("--ab-multipliers must include 0 (the unsteered model).")
     if "sae" in cfg.methods and cfg.sae is not None and not (Path(cfg.sae) / "cfg.json").is_file():
-        raise SteerscopeError(f"--sae {cfg.sae} is not an SAE folder (no cfg.json); train one with `steerscope sae train`.")
+        raise SteerscopeError(
+            f"--sae {cfg.sae} is not an SAE folder (no cfg.json); train one with `steerscope sae train`."
+        )
     if cfg.discovered is not None and not (Path(cfg.discovered) / "config.json").is_file():
         raise SteerscopeError(f"--discovered {cfg.discovered} is not a vector-set folder (no config.json).")
     from ..judging.judge import judge_from
@@ -197,9 +210,11 @@ def _validate(cfg: BenchConfig) -> tuple[list[Concept], list[str]]:
         try:
             import peft  # noqa: F401
         except ImportError:
-            raise SteerscopeError("method distill trains LoRA adapters with peft: pip install 'steerscope[distill]'.") from None
+            raise SteerscopeError(
+                "method distill trains LoRA adapters with peft: pip install 'steerscope[distill]'."
+            ) from None
     concepts = load_concepts(cfg.concepts)
-    neutral = load_prompts(cfg.neutral)[-cfg.n_neutral:]
+    neutral = load_prompts(cfg.neutral)[-cfg.n_neutral :]
     return concepts, neutral
 
 
@@ -222,12 +237,19 @@ def _concept_stage(concept: Concept) -> Stage:
         ctx.concept_seconds.append(time.perf_counter() - t)
         left = sum(1 for c in ctx.concepts if f"concept:{c.name}" not in ctx.artifacts) - 1
         mean = sum(ctx.concept_seconds) / len(ctx.concept_seconds)
-        _log(f"{concept.name} done in {ctx.concept_seconds[-1]:.0f} s" + (f"; {left} concept(s) left, about "
-                                                                         f"{left * mean / 60:.0f} min" if left else ""))
+        _log(
+            f"{concept.name} done in {ctx.concept_seconds[-1]:.0f} s"
+            + (f"; {left} concept(s) left, about {left * mean / 60:.0f} min" if left else "")
+        )
         return res
 
-    return Stage(f"concept:{concept.name}", f"concepts/{concept.name}.json", build, save_concept_result,
-                 lambda p, ctx: load_concept_result(p))
+    return Stage(
+        f"concept:{concept.name}",
+        f"concepts/{concept.name}.json",
+        build,
+        save_concept_result,
+        lambda p, ctx: load_concept_result(p),
+    )
 
 
 def _results(ctx: BenchContext) -> list[dict]:
@@ -243,10 +265,15 @@ def _report(ctx: BenchContext) -> Path:
     from ..report.bench import render_bench
 
     per = [ctx.artifacts[f"concept:{c.name}"] for c in ctx.concepts]
-    meta = {"config": ctx.cfg.to_dict(), "layer": ctx.layer, "model_id": ctx.lm.model_id,
-            "judges": {"offline": ctx.judge.name, "llm": ctx.llm_judge.name if ctx.llm_judge else None},
-            "judge_accuracy": {n: a.heldout_accuracy for n, a in ctx.judge.axes.items()},
-            "seconds": ctx.artifacts.get("_seconds", {}), "out": str(ctx.folder.out)}
+    meta = {
+        "config": ctx.cfg.to_dict(),
+        "layer": ctx.layer,
+        "model_id": ctx.lm.model_id,
+        "judges": {"offline": ctx.judge.name, "llm": ctx.llm_judge.name if ctx.llm_judge else None},
+        "judge_accuracy": {n: a.heldout_accuracy for n, a in ctx.judge.axes.items()},
+        "seconds": ctx.artifacts.get("_seconds", {}),
+        "out": str(ctx.folder.out),
+    }
     path = ctx.folder.path("report.html")
     write_text_atomic(path, render_bench(meta, per))
     return path
@@ -255,7 +282,9 @@ def _report(ctx: BenchContext) -> Path:
 def stages(ctx: BenchContext) -> list[Stage]:
     out = []
     if "discovered" in ctx.cfg.methods and ctx.cfg.discovered is None:
-        out.append(Stage("discover", "discovered", _discover, lambda vs, p: vs.save(p), lambda p, c: VectorSet.load(p, c.lm)))
+        out.append(
+            Stage("discover", "discovered", _discover, lambda vs, p: vs.save(p), lambda p, c: VectorSet.load(p, c.lm))
+        )
     out += [_concept_stage(c) for c in ctx.concepts]
     out.append(Stage("results", None, _results))  # the report follows, with this call's stage times
     return out
@@ -274,7 +303,9 @@ def bench(cfg: BenchConfig, out: str | Path, *, lm=None, force: bool = False) ->
 
         sae = load_saelens(cfg.sae)
         if sae.cfg.d_in != lm.d_model:
-            raise SteerscopeError(f"--sae reads {sae.cfg.d_in}-dim activations but the model's d_model is {lm.d_model}.")
+            raise SteerscopeError(
+                f"--sae reads {sae.cfg.d_in}-dim activations but the model's d_model is {lm.d_model}."
+            )
         lm.check_layer(sae.cfg.layer)
     folder = JobFolder(out, "bench", cfg, force=force, version=__version__)
     if folder.resumed:

@@ -19,14 +19,15 @@ cannot run for a concept returns `Arm.skip(reason)`, which the report shows inst
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..config import Family
-from ..directions.extract import ExtractConfig, extract
 from ..directions.data import from_sets
+from ..directions.extract import ExtractConfig, extract
 
 BENCH_METHODS: Family = Family("bench_methods", "bench method")
 VECTOR_METHODS = ("diffmean", "pca", "probe", "sae", "discovered")
@@ -44,13 +45,15 @@ class Arm:
     detector: Callable[[list[str]], list[float]] | None = None  # texts -> scores; default: max projection
 
     @classmethod
-    def skip(cls, method: str, reason: str) -> "Arm":
+    def skip(cls, method: str, reason: str) -> Arm:
         return cls(method, "skip", info={"skipped": reason})
 
 
 def _extract(ctx, concept, method: str) -> torch.Tensor:
     data = from_sets(concept.pos("train"), concept.neg("train"), name=concept.name)
-    vs = extract(ctx.lm, data, ExtractConfig(method=method, layers=[ctx.layer], chat=False, stats=False), progress=False)
+    vs = extract(
+        ctx.lm, data, ExtractConfig(method=method, layers=[ctx.layer], chat=False, stats=False), progress=False
+    )
     return vs[0].vector.float()
 
 
@@ -79,7 +82,7 @@ def _sae_acts(lm, sae, texts: list[str]) -> torch.Tensor:
 
     out = []
     for i in range(0, len(texts), 16):
-        enc = lm.encode(texts[i:i + 16], chat=False)
+        enc = lm.encode(texts[i : i + 16], chat=False)
         h = read_layer(lm, sae.cfg.layer, enc["input_ids"], enc["attention_mask"]).float()  # (B, T, d)
         acts = sae.encode(h.to(next(sae.parameters()).device))[0]  # (B, T, n_latents)
         valid = enc["attention_mask"].bool().to(acts.device)
@@ -107,9 +110,19 @@ def sae_arm(ctx, concept) -> Arm:
     def detector(texts: list[str]) -> list[float]:
         return _sae_acts(ctx.lm, sae, texts)[:, f].tolist()
 
-    return Arm("sae", "vector", d * float(diff[f].clamp_min(1e-6)), layer,
-               info={"feature": f, "candidates": cands, "choose_effects": [round(e, 4) for e in effects], "activation_gap": float(diff[f])},
-               detector=detector)
+    return Arm(
+        "sae",
+        "vector",
+        d * float(diff[f].clamp_min(1e-6)),
+        layer,
+        info={
+            "feature": f,
+            "candidates": cands,
+            "choose_effects": [round(e, 4) for e in effects],
+            "activation_gap": float(diff[f]),
+        },
+        detector=detector,
+    )
 
 
 @BENCH_METHODS.register("discovered")
@@ -127,9 +140,19 @@ def discovered_arm(ctx, concept) -> Arm:
             if best is None or sign * cos > best[0]:
                 best = (sign * cos, sign, sv)
     cos, sign, sv = best
-    return Arm("discovered", "vector", sign * sv.vector.float(), sv.layer,
-               info={"vector_id": sv.id, "sign": sign, "cosine_to_diffmean": round(cos, 4), "pool": len(vs),
-                     "method": vs.config.method})
+    return Arm(
+        "discovered",
+        "vector",
+        sign * sv.vector.float(),
+        sv.layer,
+        info={
+            "vector_id": sv.id,
+            "sign": sign,
+            "cosine_to_diffmean": round(cos, 4),
+            "pool": len(vs),
+            "method": vs.config.method,
+        },
+    )
 
 
 @BENCH_METHODS.register("prompting")

@@ -26,9 +26,10 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .._io import write_json_atomic, write_text_atomic
 from ..errors import SteerscopeError
@@ -79,7 +80,9 @@ def load_grid(path: str | Path) -> GridSpec:
         else:
             raw = json.loads(text)
     except Exception as e:
-        raise SteerscopeError(f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {' '.join(str(e).split())}") from None
+        raise SteerscopeError(
+            f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {' '.join(str(e).split())}"
+        ) from None
     if not isinstance(raw, dict):
         raise SteerscopeError(f"{p} must hold a mapping with command, base and grid.")
     unknown = set(raw) - {"command", "base", "grid", "resources", "max_retries"}
@@ -174,7 +177,11 @@ def _bench_headline(out: Path) -> dict[str, float]:
 
 
 HEADLINES: dict[str, Callable[[Path], dict[str, float]]] = {
-    "bench": _bench_headline, "run": _run_headline, "discover": _vectors_headline, "extract": _vectors_headline, "sae train": _sae_headline,
+    "bench": _bench_headline,
+    "run": _run_headline,
+    "discover": _vectors_headline,
+    "extract": _vectors_headline,
+    "sae train": _sae_headline,
 }
 
 
@@ -201,9 +208,18 @@ class SweepState:
         if old is None and out.exists() and any(out.iterdir()) and not force:
             raise SteerscopeError(f"{out} exists and is not a steerscope sweep; choose another --out or pass --force.")
         prev = (old or {}).get("points", {}) if old is not None and old.get("grid") == spec.to_dict() else {}
-        self.points = {p.key: {"values": p.values, "status": "done" if prev.get(p.key, {}).get("status") == "done" else "pending",
-                               **{k: v for k, v in prev.get(p.key, {}).items() if k in ("seconds", "headline", "attempts", "has_report") and
-                                  prev[p.key].get("status") == "done"}} for p in points}
+        self.points = {
+            p.key: {
+                "values": p.values,
+                "status": "done" if prev.get(p.key, {}).get("status") == "done" else "pending",
+                **{
+                    k: v
+                    for k, v in prev.get(p.key, {}).items()
+                    if k in ("seconds", "headline", "attempts", "has_report") and prev[p.key].get("status") == "done"
+                },
+            }
+            for p in points
+        }
         self.started = time.time()
         self.save()
 
@@ -225,14 +241,30 @@ class SweepState:
         return sum(done) / len(done) * left / running
 
     def save(self) -> None:
-        write_json_atomic(self.out / STATE, {"grid": self.spec.to_dict(), "points": self.points,
-                                             "counts": self.counts(), "eta_seconds": self.eta_seconds(),
-                                             "updated": time.time()})
+        write_json_atomic(
+            self.out / STATE,
+            {
+                "grid": self.spec.to_dict(),
+                "points": self.points,
+                "counts": self.counts(),
+                "eta_seconds": self.eta_seconds(),
+                "updated": time.time(),
+            },
+        )
 
 
 # ---- the executor ----------------------------------------------------------------------------------
-def run_sweep(spec: GridSpec, points: list[Point], out: Path, task, *, address: str | None = None,
-              num_cpus: int | None = None, force: bool = False, progress: bool = True) -> SweepState:
+def run_sweep(
+    spec: GridSpec,
+    points: list[Point],
+    out: Path,
+    task,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SweepState:
     """Run every unfinished point as a Ray task `task(command, argv, point_dir) -> dict` and keep
     `sweep.json` / `sweep.html` current. Returns the final state."""
     import ray
@@ -243,8 +275,12 @@ def run_sweep(spec: GridSpec, points: list[Point], out: Path, task, *, address: 
 
     def write() -> None:
         state.save()
-        write_text_atomic(out / REPORT, render_sweep(spec.to_dict(), state.points, state.counts(), state.eta_seconds(),
-                                                     time.time() - state.started))
+        write_text_atomic(
+            out / REPORT,
+            render_sweep(
+                spec.to_dict(), state.points, state.counts(), state.eta_seconds(), time.time() - state.started
+            ),
+        )
 
     for p in todo:  # a marker left by a killed earlier sweep would read as "running"
         (state.point_dir(p.key) / "sweep_running.json").unlink(missing_ok=True)
@@ -258,10 +294,14 @@ def run_sweep(spec: GridSpec, points: list[Point], out: Path, task, *, address: 
             kw["num_cpus"] = num_cpus
         ray.init(address=address, **kw)
     r = spec.resources
-    opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_retries": spec.max_retries,
-                            "retry_exceptions": False}
+    opts: dict[str, Any] = {
+        "num_cpus": r.num_cpus,
+        "num_gpus": r.num_gpus,
+        "max_retries": spec.max_retries,
+        "retry_exceptions": False,
+    }
     if r.memory_gb:
-        opts["memory"] = int(r.memory_gb * 2 ** 30)
+        opts["memory"] = int(r.memory_gb * 2**30)
     remote = ray.remote(task).options(**opts)
     refs = {remote.remote(spec.command, p.argv, str(state.point_dir(p.key))): p for p in todo}
     bar = progress_bar(len(points), "sweep", "point", show=progress, initial=len(points) - len(todo))

@@ -23,9 +23,13 @@ def _summary(lm, steered: list, unsteered: list, chat) -> dict:
     base = {c.prompt_index: c.text for c in unsteered}
     lp = completion_logprobs(lm, [c.prompt for c in steered], [c.token_ids for c in steered], chat=chat)
     lp0 = completion_logprobs(lm, [c.prompt for c in unsteered], [c.token_ids for c in unsteered], chat=chat)
-    return {"completions": len(steered), "logprob_real": nanmean(lp), "logprob_real_unsteered": nanmean(lp0),
-            "distinct2": nanmean([distinct_n(c.token_ids) for c in steered]),
-            "changed": nanmean([float(c.text != base[c.prompt_index]) for c in steered])}
+    return {
+        "completions": len(steered),
+        "logprob_real": nanmean(lp),
+        "logprob_real_unsteered": nanmean(lp0),
+        "distinct2": nanmean([distinct_n(c.token_ids) for c in steered]),
+        "changed": nanmean([float(c.text != base[c.prompt_index]) for c in steered]),
+    }
 
 
 def null_control(lm, cfg, train: list[str], prompts: list[str], real_completions: list, log) -> dict:
@@ -41,13 +45,25 @@ def null_control(lm, cfg, train: list[str], prompts: list[str], real_completions
     if cfg.keep_by == "completions":  # the same rule as the real run, judged by the copy itself
         from ..judging.keep import completion_ranker
 
-        rank = completion_ranker(null, train, d.resolve_layers(null.n_layers)[0], chat=chat, max_new_tokens=cfg.max_new_tokens)
+        rank = completion_ranker(
+            null, train, d.resolve_layers(null.n_layers)[0], chat=chat, max_new_tokens=cfg.max_new_tokens
+        )
     vs = discover(null, train, d, rank=rank)
     comps = generate(null, prompts, vectors=vs, include_unsteered=True, max_new_tokens=cfg.max_new_tokens, chat=chat)
     del null
-    real = _summary(lm, [c for c in real_completions if c.vector_id is not None],
-                    [c for c in real_completions if c.vector_id is None], chat)
+    real = _summary(
+        lm,
+        [c for c in real_completions if c.vector_id is not None],
+        [c for c in real_completions if c.vector_id is None],
+        chat,
+    )
     ctrl = _summary(lm, [c for c in comps if c.vector_id is not None], [c for c in comps if c.vector_id is None], chat)
     ex = [{"vector": c.vector_id, "prompt": c.prompt, "text": c.text} for c in comps if c.vector_id is not None][:6]
-    return {"kind": cfg.null_model, "R": vs.config.hyperparams.get("R"), "vectors": len(vs), "real": real, "null": ctrl,
-            "examples": ex}
+    return {
+        "kind": cfg.null_model,
+        "R": vs.config.hyperparams.get("R"),
+        "vectors": len(vs),
+        "real": real,
+        "null": ctrl,
+        "examples": ex,
+    }

@@ -59,7 +59,9 @@ def moved_share(base: Texts, steered: Texts, base_index: list[int], threshold: f
     return float((d > threshold).float().mean())
 
 
-def search(share_at, steps: int, max_random: float, lo: float = LOG2_RANGE[0], hi: float = LOG2_RANGE[1]) -> tuple[float, str]:
+def search(
+    share_at, steps: int, max_random: float, lo: float = LOG2_RANGE[0], hi: float = LOG2_RANGE[1]
+) -> tuple[float, str]:
     """The largest log2-multiple x in [lo, hi] with share_at(x) <= max_random, found by bracketing
     from 0 with steps of 1 and then bisecting; `share_at` is called at most `steps` times."""
     good, bad, calls = None, None, 0
@@ -83,21 +85,37 @@ def search(share_at, steps: int, max_random: float, lo: float = LOG2_RANGE[0], h
     while calls < steps and good is not None and bad is not None and bad - good > 0.2:
         probe((good + bad) / 2)
     if good is None:
-        return min(seen), (f"random vectors moved more than {max_random:.0%} of completions even at "
-                           f"{2 ** min(seen):.3g}x the calibrated R; kept the smallest tried")
-    edge = "" if bad is not None else f" (the search's upper end, {2 ** hi:g}x)" if good >= hi else " (steps spent)"
-    return good, (f"the largest R found where random vectors moved at most {max_random:.0%} of completions "
-                  f"({seen[good]:.0%})" + edge)
+        return min(seen), (
+            f"random vectors moved more than {max_random:.0%} of completions even at "
+            f"{2 ** min(seen):.3g}x the calibrated R; kept the smallest tried"
+        )
+    edge = "" if bad is not None else f" (the search's upper end, {2**hi:g}x)" if good >= hi else " (steps spent)"
+    return good, (
+        f"the largest R found where random vectors moved at most {max_random:.0%} of completions "
+        f"({seen[good]:.0%})" + edge
+    )
 
 
-def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, steps: int = 5,
-                 random_vectors: int = 16, max_new_tokens: int = 24, threshold: float = 0.35,
-                 max_random: float = MAX_RANDOM, log=None, progress: bool | None = None) -> GoldilocksResult:
+def goldilocks_R(
+    lm,
+    prompts: list[str],
+    cfg: DiscoverConfig,
+    *,
+    layer_range,
+    steps: int = 5,
+    random_vectors: int = 16,
+    max_new_tokens: int = 24,
+    threshold: float = 0.35,
+    max_random: float = MAX_RANDOM,
+    log=None,
+    progress: bool | None = None,
+) -> GoldilocksResult:
     """Calibrate R, then search for the largest R where random vectors mostly do not change the
     reply (module docstring). `steps=0`: the calibrated R as it is. `progress`: show bars (None:
     `progress.bar`'s default), one for the calibration, one over the R values tried."""
-    R0, _ = calibrate_R(layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed,
-                        progress=progress)
+    R0, _ = calibrate_R(
+        layer_range, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed, progress=progress
+    )
     if steps <= 0:
         return GoldilocksResult(R0, R0, [], "calibrated R (no R search)", max_random)
     n_rand = min(random_vectors, lm.d_model)
@@ -111,10 +129,17 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, st
         tried.update(1)
 
         def share_at(x: float) -> float:
-            m = 2.0 ** x
+            m = 2.0**x
             ctrl = VectorSet.create(lm, dirs * (R0 * m), layer, "random", ids=[f"control-{i}" for i in range(n_rand)])
-            steered = generate(lm, prompts, vectors=list(ctrl), include_unsteered=False, max_new_tokens=max_new_tokens,
-                               chat=cfg.chat, progress=False)
+            steered = generate(
+                lm,
+                prompts,
+                vectors=list(ctrl),
+                include_unsteered=False,
+                max_new_tokens=max_new_tokens,
+                chat=cfg.chat,
+                progress=False,
+            )
             share = moved_share(base, Texts.of([c.text for c in steered]), [c.prompt_index for c in steered], threshold)
             rows.append({"multiple": m, "R": R0 * m, "random": share, "random_completions": len(steered)})
             if log:
@@ -125,5 +150,4 @@ def goldilocks_R(lm, prompts: list[str], cfg: DiscoverConfig, *, layer_range, st
 
         x, reason = search(share_at, steps, max_random)
     rows.sort(key=lambda r: r["multiple"])
-    return GoldilocksResult(R0, R0 * 2.0 ** x, rows, reason, max_random)
-
+    return GoldilocksResult(R0, R0 * 2.0**x, rows, reason, max_random)

@@ -126,8 +126,17 @@ class Evaluator:
     generation (candidates, R multiple, fitness, score, KL) and checkpoints it, so that a
     deterministic search replays saved generations instead of recomputing them."""
 
-    def __init__(self, lm, cfg: RefineConfig, scorer, train: list[str], neutral: list[str], layer: int,
-                 budget: float, checkpoint: Checkpoint | None = None):
+    def __init__(
+        self,
+        lm,
+        cfg: RefineConfig,
+        scorer,
+        train: list[str],
+        neutral: list[str],
+        layer: int,
+        budget: float,
+        checkpoint: Checkpoint | None = None,
+    ):
         self.lm, self.cfg, self.scorer, self.train, self.layer, self.budget = lm, cfg, scorer, train, layer, budget
         self.neutral = neutral
         self.ckpt = checkpoint
@@ -142,18 +151,26 @@ class Evaluator:
     def completions(self, vectors: torch.Tensor, prompts: list[str]) -> list[list[str]]:
         """(P, len(prompts)) completion texts, one batched generate call."""
         svs = [SteeringVector(v, self.layer, f"c{i}") for i, v in enumerate(vectors)]
-        comps = generate(self.lm, prompts, vectors=svs, coef=1.0, include_unsteered=False,
-                         max_new_tokens=self.cfg.max_new_tokens, progress=False)
+        comps = generate(
+            self.lm,
+            prompts,
+            vectors=svs,
+            coef=1.0,
+            include_unsteered=False,
+            max_new_tokens=self.cfg.max_new_tokens,
+            progress=False,
+        )
         n = len(prompts)
-        return [[c.text for c in comps[i * n:(i + 1) * n]] for i in range(len(vectors))]
+        return [[c.text for c in comps[i * n : (i + 1) * n]] for i in range(len(vectors))]
 
     def measure(self, vectors: torch.Tensor, prompts: list[str]) -> tuple[Eval, list[list[str]]]:
         texts = self.completions(vectors, prompts)
         flat = [t for row in texts for t in row]
         # nanmean: a judge that failed on a completion gives NaN for it, not for the whole candidate
         s = self.scorer.score_texts(flat, prompts * len(vectors)).view(len(vectors), len(prompts)).nanmean(1)  # (P,)
-        kl = torch.tensor([float(torch.quantile(self.rollouts.kl(v, self.layer, 1.0), self.cfg.kl_quantile))
-                           for v in vectors])  # (P,)
+        kl = torch.tensor(
+            [float(torch.quantile(self.rollouts.kl(v, self.layer, 1.0), self.cfg.kl_quantile)) for v in vectors]
+        )  # (P,)
         return Eval(self.fitness(s, kl), s, kl), texts
 
     def fitness(self, score: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
@@ -163,27 +180,40 @@ class Evaluator:
         """Fitness of one generation's candidates (P, d) at R multiple `mult`."""
         g = len(self.history)
         vectors = vectors.float().cpu()
-        if g < len(self.saved) and self.saved[g]["candidates"].shape == vectors.shape and \
-                torch.allclose(self.saved[g]["candidates"], vectors, atol=1e-5):
+        if (
+            g < len(self.saved)
+            and self.saved[g]["candidates"].shape == vectors.shape
+            and torch.allclose(self.saved[g]["candidates"], vectors, atol=1e-5)
+        ):
             rec = self.saved[g]
         else:
             self.saved = self.saved[:g]  # a different search from here on: the rest is stale
             ev, texts = self.measure(vectors, self.train)
-            rec = {"candidates": vectors, "mult": mult, "fitness": ev.fitness, "score": ev.score, "kl": ev.kl,
-                   "texts": [row[0] for row in texts]}
+            rec = {
+                "candidates": vectors,
+                "mult": mult,
+                "fitness": ev.fitness,
+                "score": ev.score,
+                "kl": ev.kl,
+                "texts": [row[0] for row in texts],
+            }
             self.saved.append(rec)
             if self.ckpt is not None:
                 self.ckpt.save({"generations": self.saved})
         self.history.append(rec)
         best = int(rec["fitness"].argmax())
-        _log(f"generation {g + 1}: R x{mult:g}, best fitness {float(rec['fitness'][best]):.3f} (score "
-             f"{float(rec['score'][best]):.2f}, KL {float(rec['kl'][best]):.2f}), mean {float(rec['fitness'].mean()):.3f}")
+        _log(
+            f"generation {g + 1}: R x{mult:g}, best fitness {float(rec['fitness'][best]):.3f} (score "
+            f"{float(rec['score'][best]):.2f}, KL {float(rec['kl'][best]):.2f}), mean {float(rec['fitness'].mean()):.3f}"
+        )
         return rec["fitness"]
 
     def best(self) -> tuple[torch.Tensor, float, int]:
         """(vector, fitness, generation) of the best candidate seen."""
-        g, i = max(((g, int(r["fitness"].argmax())) for g, r in enumerate(self.history)),
-                   key=lambda gi: float(self.history[gi[0]]["fitness"][gi[1]]))
+        g, i = max(
+            ((g, int(r["fitness"].argmax())) for g, r in enumerate(self.history)),
+            key=lambda gi: float(self.history[gi[0]]["fitness"][gi[1]]),
+        )
         return self.history[g]["candidates"][i], float(self.history[g]["fitness"][i]), g
 
     def best_per_mult(self) -> dict[float, torch.Tensor]:
@@ -199,7 +229,24 @@ class Evaluator:
 
 def search_key(cfg: RefineConfig, start: Start, fingerprint: str, budget: float) -> str:
     """What the search checkpoint belongs to: the model, the seeds and every search setting."""
-    return config_key(fingerprint, start.ids, [round(float(x), 5) for x in start.vectors.flatten()[:64]], cfg.scorer,
-                      cfg.method, cfg.generations, cfg.population, cfg.sigma, cfg.anneal, cfg.prompts, cfg.n_train,
-                      cfg.max_new_tokens, cfg.neutral, cfg.n_neutral, cfg.kl_tokens, cfg.kl_quantile, budget,
-                      cfg.kl_weight, cfg.seed)
+    return config_key(
+        fingerprint,
+        start.ids,
+        [round(float(x), 5) for x in start.vectors.flatten()[:64]],
+        cfg.scorer,
+        cfg.method,
+        cfg.generations,
+        cfg.population,
+        cfg.sigma,
+        cfg.anneal,
+        cfg.prompts,
+        cfg.n_train,
+        cfg.max_new_tokens,
+        cfg.neutral,
+        cfg.n_neutral,
+        cfg.kl_tokens,
+        cfg.kl_quantile,
+        budget,
+        cfg.kl_weight,
+        cfg.seed,
+    )

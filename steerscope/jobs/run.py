@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .._version import __version__
 from .._io import write_json_atomic, write_text_atomic
+from .._version import __version__
 from ..checkpoint import JobFolder
 from ..config import Config, config_from_dict, config_to_dict
 from ..directions.data import load_prompts
@@ -119,7 +119,7 @@ class RunConfig(Config):
         return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         return config_from_dict(cls, d)
 
 
@@ -130,8 +130,16 @@ def _log(msg: str) -> None:
 class _RunContext:
     """What the stages share: the config, the model, the prompts, one LayerRange, artifacts."""
 
-    def __init__(self, cfg: RunConfig, folder: JobFolder, lm, train: list[str], heldout: list[str], neutral: list[str],
-                 scorers: list):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        folder: JobFolder,
+        lm,
+        train: list[str],
+        heldout: list[str],
+        neutral: list[str],
+        scorers: list,
+    ):
         self.cfg, self.folder, self.lm = cfg, folder, lm
         self.train, self.heldout, self.neutral, self.scorers = train, heldout, neutral, scorers
         self.artifacts: dict[str, Any] = {}
@@ -174,9 +182,11 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
 
     prompts = load_prompts(cfg.prompts)
     if len(prompts) < cfg.n_train + cfg.n_heldout:
-        raise SteerscopeError(f"{cfg.prompts} has {len(prompts)} prompts; the run needs --n-train + --n-heldout = "
-                              f"{cfg.n_train + cfg.n_heldout}.")
-    neutral = load_prompts(cfg.neutral)[-cfg.n_neutral:]
+        raise SteerscopeError(
+            f"{cfg.prompts} has {len(prompts)} prompts; the run needs --n-train + --n-heldout = "
+            f"{cfg.n_train + cfg.n_heldout}."
+        )
+    neutral = load_prompts(cfg.neutral)[-cfg.n_neutral :]
     s, t = cfg.discover.resolve_layers(lm.n_layers)
     lm.check_layer(s), lm.check_layer(t)
     if t <= s:
@@ -189,17 +199,28 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
         from ..judging.judge import judge_from
 
         judge_from(cfg, default_model="judge").check_reachable()
-    return prompts[:cfg.n_train], prompts[cfg.n_train:cfg.n_train + cfg.n_heldout], neutral, scorers
+    return prompts[: cfg.n_train], prompts[cfg.n_train : cfg.n_train + cfg.n_heldout], neutral, scorers
 
 
 def _choose_R(ctx: _RunContext) -> dict:
     d, cfg = ctx.cfg.discover, ctx.cfg
     if d.R is not None:
         return {"chosen": d.R, "given": True}
-    _log(f"choosing R: calibrating, then searching for the largest R where {cfg.r_random} random vectors move at most "
-         f"{cfg.r_max_random:.0%} of completions ({cfg.r_search_steps} steps)")
-    res = goldilocks_R(ctx.lm, ctx.train, d, layer_range=ctx.layer_range, steps=cfg.r_search_steps,
-                       random_vectors=cfg.r_random, threshold=cfg.cluster_threshold, max_random=cfg.r_max_random, log=_log)
+    _log(
+        f"choosing R: calibrating, then searching for the largest R where {cfg.r_random} random vectors move at most "
+        f"{cfg.r_max_random:.0%} of completions ({cfg.r_search_steps} steps)"
+    )
+    res = goldilocks_R(
+        ctx.lm,
+        ctx.train,
+        d,
+        layer_range=ctx.layer_range,
+        steps=cfg.r_search_steps,
+        random_vectors=cfg.r_random,
+        threshold=cfg.cluster_threshold,
+        max_random=cfg.r_max_random,
+        log=_log,
+    )
     _log(f"R = {res.chosen:.3g} ({res.reason})")
     return {**res.to_dict(), "given": False}
 
@@ -212,8 +233,9 @@ def _discover(ctx: _RunContext) -> VectorSet:
     if ctx.cfg.keep_by == "completions":
         from ..judging.keep import completion_ranker
 
-        rank = completion_ranker(ctx.lm, ctx.train, ctx.layer_range.source, chat=d.chat,
-                                 max_new_tokens=ctx.cfg.max_new_tokens)
+        rank = completion_ranker(
+            ctx.lm, ctx.train, ctx.layer_range.source, chat=d.chat, max_new_tokens=ctx.cfg.max_new_tokens
+        )
     return discover(ctx.lm, ctx.train, d, checkpoint_dir=partial, layer_range=ctx.layer_range, rank=rank)
 
 
@@ -227,18 +249,39 @@ def _generate(ctx: _RunContext) -> list[dict]:
     sets = {**{i: "learned" for i in learned.ids}, **{i: "random" for i in control.ids}}
     prompts = ctx.train + ctx.heldout
     P = len(prompts)
-    _log(f"generating {(len(learned) + len(control) + 1 + cfg.n_samples) * P} completions ({len(learned)} learned and "
-         f"{len(control)} random vectors, unsteered, {cfg.n_samples} samples per prompt at temperature "
-         f"{cfg.sample_temperature:g})")
-    res = generate(ctx.lm, prompts, vectors=list(learned) + list(control), include_unsteered=True,
-                   max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat)
+    _log(
+        f"generating {(len(learned) + len(control) + 1 + cfg.n_samples) * P} completions ({len(learned)} learned and "
+        f"{len(control)} random vectors, unsteered, {cfg.n_samples} samples per prompt at temperature "
+        f"{cfg.sample_temperature:g})"
+    )
+    res = generate(
+        ctx.lm,
+        prompts,
+        vectors=list(learned) + list(control),
+        include_unsteered=True,
+        max_new_tokens=cfg.max_new_tokens,
+        chat=cfg.discover.chat,
+    )
     rows = [{**r.to_dict(), "set": sets.get(r.vector_id, "unsteered")} for r in res]
     if cfg.n_samples:
         # One call: prompt i of draw s is row s * P + i, each with its own random stream.
-        drawn = generate(ctx.lm, prompts * cfg.n_samples, max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat,
-                         temperature=cfg.sample_temperature, seed=cfg.discover.seed)
-        rows += [{**r.to_dict(), "prompt_index": r.prompt_index % P, "vector_id": f"sample-{r.prompt_index // P}",
-                  "set": "sample"} for r in drawn]
+        drawn = generate(
+            ctx.lm,
+            prompts * cfg.n_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            chat=cfg.discover.chat,
+            temperature=cfg.sample_temperature,
+            seed=cfg.discover.seed,
+        )
+        rows += [
+            {
+                **r.to_dict(),
+                "prompt_index": r.prompt_index % P,
+                "vector_id": f"sample-{r.prompt_index // P}",
+                "set": "sample",
+            }
+            for r in drawn
+        ]
     return [{**r, "split": "train" if r["prompt_index"] < len(ctx.train) else "heldout"} for r in rows]
 
 
@@ -273,8 +316,8 @@ def _measured(ctx: _RunContext, parts) -> dict:
     from ..judging.change import Texts, distance
     from ..judging.cluster import cluster_texts
     from ..judging.findings import find_behaviours
-    from ..judging.significance import power
     from ..judging.norm_sweep import norm_sweep, sweep_to_dicts
+    from ..judging.significance import power
     from ..judging.vector_metrics import completion_logprobs, compute_vector_metrics, nanmean
 
     cfg, lm = ctx.cfg, ctx.lm
@@ -285,8 +328,13 @@ def _measured(ctx: _RunContext, parts) -> dict:
     rep = Texts.of([r["text"] for r in rows])  # every row, samples included: the clusters see them all
     steered_rows = [i for i, r in enumerate(rows) if r["set"] != "sample"]
     completions = _completions([rows[i] for i in steered_rows])
-    both = VectorSet.create(lm, torch.cat([learned.vectors, control.vectors]), learned.layers + control.layers,
-                            "run", ids=learned.ids + control.ids)
+    both = VectorSet.create(
+        lm,
+        torch.cat([learned.vectors, control.vectors]),
+        learned.layers + control.layers,
+        "run",
+        ids=learned.ids + control.ids,
+    )
     scorers = list(ctx.scorers)
     if cfg.judge_url:
         from ..judging.judge import judge_from
@@ -295,12 +343,22 @@ def _measured(ctx: _RunContext, parts) -> dict:
     h = learned.config.hyperparams
     _then(parts, "log-probabilities")
     # Log-probabilities under the unsteered model, once: per-vector naturalness and the findings' both use them.
-    lps = completion_logprobs(lm, [c.prompt for c in completions], [c.token_ids for c in completions], chat=cfg.discover.chat)
+    lps = completion_logprobs(
+        lm, [c.prompt for c in completions], [c.token_ids for c in completions], chat=cfg.discover.chat
+    )
     _then(parts, "vector metrics")
-    per_vector = compute_vector_metrics(lm, both, completions, neutral=ctx.neutral, layer_range=ctx.layer_range,
-                                        target_tokens=h.get("target_tokens", "all"), scorers=scorers, chat=cfg.discover.chat,
-                                        embeddings=dict(zip(map(id, completions), rep.meaning[steered_rows])),
-                                        logprobs=dict(zip(map(id, completions), lps)))
+    per_vector = compute_vector_metrics(
+        lm,
+        both,
+        completions,
+        neutral=ctx.neutral,
+        layer_range=ctx.layer_range,
+        target_tokens=h.get("target_tokens", "all"),
+        scorers=scorers,
+        chat=cfg.discover.chat,
+        embeddings=dict(zip(map(id, completions), rep.meaning[steered_rows])),
+        logprobs=dict(zip(map(id, completions), lps)),
+    )
     _then(parts, "distances")
     # Each row's behaviour distance from the greedy unsteered completion of its prompt.
     base = {r["prompt_index"]: i for i, r in enumerate(rows) if r["set"] == "unsteered"}
@@ -310,54 +368,113 @@ def _measured(ctx: _RunContext, parts) -> dict:
     d_all, d_moved = distance(steered, unsteered), distance(steered, unsteered, tails=False)
     for i, d in zip(other, d_all.tolist()):
         dist[i] = d
-    moved = {s: nanmean([float(d > cfg.cluster_threshold) for i, d in zip(other, d_moved.tolist()) if rows[i]["set"] == s])
-             for s in ("learned", "random", "sample")}
+    moved = {
+        s: nanmean([float(d > cfg.cluster_threshold) for i, d in zip(other, d_moved.tolist()) if rows[i]["set"] == s])
+        for s in ("learned", "random", "sample")
+    }
     _then(parts, "clustering")
     clustering = cluster_texts([r["text"] for r in rows], rep, cfg.cluster_threshold)
     clusters = [asdict(c) for c in clustering.clusters]
     _then(parts, "findings")
-    findings = find_behaviours(lm, rows, clustering.labels, clusters, dist, chat=cfg.discover.chat, alpha=cfg.alpha,
-                               logprobs=dict(zip(steered_rows, lps)))
+    findings = find_behaviours(
+        lm,
+        rows,
+        clustering.labels,
+        clusters,
+        dist,
+        chat=cfg.discover.chat,
+        alpha=cfg.alpha,
+        logprobs=dict(zip(steered_rows, lps)),
+    )
     for vid, m in per_vector.items():
         m["clusters"] = sorted({clustering.labels[i] for i, r in enumerate(rows) if r["vector_id"] == vid})
     summary = {}
     for s in ("learned", "random"):
         idx = [i for i, r in enumerate(rows) if r["set"] == s]
         vids = [v for v, k in sets.items() if k == s]
-        summary[s] = {"vectors": len(vids), "completions": len(idx),
-                      "distinct_completions": len({rows[i]["text"] for i in idx}),
-                      "clusters": len({clustering.labels[i] for i in idx}), "moved": moved[s],
-                      **{f"mean_{k}": nanmean([per_vector[v][k] for v in vids])
-                         for k in ("target_change", "kl_neutral", "logprob", "distinct2", "embed_distance", "changed")}}
-    top = sorted(learned.ids, key=lambda v: -per_vector[v]["embed_distance"])[:cfg.sweep_top]
+        summary[s] = {
+            "vectors": len(vids),
+            "completions": len(idx),
+            "distinct_completions": len({rows[i]["text"] for i in idx}),
+            "clusters": len({clustering.labels[i] for i in idx}),
+            "moved": moved[s],
+            **{
+                f"mean_{k}": nanmean([per_vector[v][k] for v in vids])
+                for k in ("target_change", "kl_neutral", "logprob", "distinct2", "embed_distance", "changed")
+            },
+        }
+    top = sorted(learned.ids, key=lambda v: -per_vector[v]["embed_distance"])[: cfg.sweep_top]
     unsteered_train = [c for c in completions if c.vector_id is None and c.prompt_index < len(ctx.train)]
     sweep = {}
     for layer in sorted({learned[v].layer for v in top}):  # one batched sweep per source layer (kl: one)
         ids = [v for v in top if learned[v].layer == layer]
         _then(parts, f"norm sweep, layer {layer}")
-        sub = VectorSet.create(lm, torch.stack([learned[v].vector for v in ids]), [layer] * len(ids), "sweep",
-                               ids=ids, hyperparams=h)
-        sweep.update({v: sweep_to_dicts(r) for v, r in norm_sweep(
-            lm, ctx.train, sub, cfg.sweep_multiples, max_new_tokens=cfg.max_new_tokens, chat=cfg.discover.chat,
-            layer_range=ctx.layer_range, unsteered=unsteered_train, each=True).items()})
+        sub = VectorSet.create(
+            lm, torch.stack([learned[v].vector for v in ids]), [layer] * len(ids), "sweep", ids=ids, hyperparams=h
+        )
+        sweep.update(
+            {
+                v: sweep_to_dicts(r)
+                for v, r in norm_sweep(
+                    lm,
+                    ctx.train,
+                    sub,
+                    cfg.sweep_multiples,
+                    max_new_tokens=cfg.max_new_tokens,
+                    chat=cfg.discover.chat,
+                    layer_range=ctx.layer_range,
+                    unsteered=unsteered_train,
+                    each=True,
+                ).items()
+            }
+        )
     sweep = {v: sweep[v] for v in top}
     parts.set_postfix()  # nothing runs now
     parts.update(1)
     n_samples = len({r["vector_id"] for r in rows if r["set"] == "sample"})
     testable = sum(f["testable"] for f in findings)
-    return {"vectors": per_vector, "sets": sets, "summary": summary, "sweep": sweep,
-            "findings": findings, "clusters": clusters, "labels": clustering.labels, "map": clustering.xy,
-            "null_model": {"alpha": cfg.alpha, "learned": len(learned), "random": len(control), "samples": n_samples,
-                           "temperature": cfg.sample_temperature, "testable": testable,
-                           "significant": sum(f["significant"] for f in findings),
-                           "power": power(cfg.alpha, len(learned), len(control), n_samples, testable)},
-            "moved": moved,
-            "discovery": {k: h.get(k) for k in ("method", "source", "target", "R", "target_tokens", "calibration",
-                                                 "final_objective", "singular_values", "steps_run", "iterations", "reads",
-                                                 "candidates", "kept_by")},
-            "goldilocks": ctx.artifacts["calibrate"],
-            "model": {"dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
-            "seconds": round(time.perf_counter() - ctx.t0, 1)}
+    return {
+        "vectors": per_vector,
+        "sets": sets,
+        "summary": summary,
+        "sweep": sweep,
+        "findings": findings,
+        "clusters": clusters,
+        "labels": clustering.labels,
+        "map": clustering.xy,
+        "null_model": {
+            "alpha": cfg.alpha,
+            "learned": len(learned),
+            "random": len(control),
+            "samples": n_samples,
+            "temperature": cfg.sample_temperature,
+            "testable": testable,
+            "significant": sum(f["significant"] for f in findings),
+            "power": power(cfg.alpha, len(learned), len(control), n_samples, testable),
+        },
+        "moved": moved,
+        "discovery": {
+            k: h.get(k)
+            for k in (
+                "method",
+                "source",
+                "target",
+                "R",
+                "target_tokens",
+                "calibration",
+                "final_objective",
+                "singular_values",
+                "steps_run",
+                "iterations",
+                "reads",
+                "candidates",
+                "kept_by",
+            )
+        },
+        "goldilocks": ctx.artifacts["calibrate"],
+        "model": {"dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
+        "seconds": round(time.perf_counter() - ctx.t0, 1),
+    }
 
 
 def _null(ctx: _RunContext) -> dict:
@@ -372,20 +489,45 @@ def _report(ctx: _RunContext) -> Path:
 
     report = ctx.folder.path("report.html")
     config = json.loads(ctx.folder.path("config.json").read_text())
-    write_text_atomic(report, render_report(config, ctx.artifacts["measure"], ctx.artifacts["generate"], str(ctx.folder.out),
-                                            null=ctx.artifacts.get("null")))
+    write_text_atomic(
+        report,
+        render_report(
+            config,
+            ctx.artifacts["measure"],
+            ctx.artifacts["generate"],
+            str(ctx.folder.out),
+            null=ctx.artifacts.get("null"),
+        ),
+    )
     return report
 
 
 STAGES = [
-    Stage("calibrate", "calibration.json", _choose_R, lambda m, p: write_json_atomic(p, m),
-          lambda p, ctx: json.loads(p.read_text())),
+    Stage(
+        "calibrate",
+        "calibration.json",
+        _choose_R,
+        lambda m, p: write_json_atomic(p, m),
+        lambda p, ctx: json.loads(p.read_text()),
+    ),
     Stage("discover", "vectors/learned", _discover, _save_vectors, lambda p, ctx: VectorSet.load(p, ctx.lm)),
-    Stage("control", "vectors/random",
-          lambda ctx: random_control(ctx.lm, ctx.artifacts["discover"], seed=ctx.cfg.discover.seed + 1, n=ctx.cfg.n_random),
-          lambda vs, p: vs.save(p), lambda p, ctx: VectorSet.load(p, ctx.lm)),
+    Stage(
+        "control",
+        "vectors/random",
+        lambda ctx: random_control(
+            ctx.lm, ctx.artifacts["discover"], seed=ctx.cfg.discover.seed + 1, n=ctx.cfg.n_random
+        ),
+        lambda vs, p: vs.save(p),
+        lambda p, ctx: VectorSet.load(p, ctx.lm),
+    ),
     Stage("generate", "completions.jsonl", _generate, _save_rows, lambda p, ctx: _load_rows(p)),
-    Stage("measure", "metrics.json", _measure, lambda m, p: write_json_atomic(p, m), lambda p, ctx: json.loads(p.read_text())),
+    Stage(
+        "measure",
+        "metrics.json",
+        _measure,
+        lambda m, p: write_json_atomic(p, m),
+        lambda p, ctx: json.loads(p.read_text()),
+    ),
     Stage("null", "null.json", _null, lambda m, p: write_json_atomic(p, m), lambda p, ctx: json.loads(p.read_text())),
     Stage("report", None, _report),
 ]

@@ -70,11 +70,15 @@ def train_job(lm, cfg: SAEJobConfig, out: str | Path, *, force: bool = False, pr
         raise SteerscopeError(f"--k {scfg.k} exceeds --n-latents {scfg.n_latents}.")
     if cfg.cache is None or not any(Path(cfg.cache).glob("acts-*.safetensors")):
         texts = load_texts(cfg.text, lm, cfg.train.seed)  # checked (and sampled) before any training
-    folder = JobFolder(partial, "SAE training", {"model": lm.fingerprint, **config_to_dict(cfg)}, force=force,
-                       version=__version__)
+    folder = JobFolder(
+        partial, "SAE training", {"model": lm.fingerprint, **config_to_dict(cfg)}, force=force, version=__version__
+    )
     state = load_checkpoint(partial, scfg, cfg.train)
     if state is not None:
-        print(f"resuming from the checkpoint at step {state['step']} in {partial} (pass --force to start over)", file=sys.stderr)
+        print(
+            f"resuming from the checkpoint at step {state['step']} in {partial} (pass --force to start over)",
+            file=sys.stderr,
+        )
     seed = cfg.train.seed
 
     def source(ctx):
@@ -89,18 +93,30 @@ def train_job(lm, cfg: SAEJobConfig, out: str | Path, *, force: bool = False, pr
         return shard_batches(cache, cfg.batch_size, seed=seed)
 
     def train(ctx):
-        return train_sae(ctx.artifacts["source"], scfg, cfg.train, progress=progress, checkpoint_dir=partial,
-                         checkpoint_every=cfg.checkpoint_every)
+        return train_sae(
+            ctx.artifacts["source"],
+            scfg,
+            cfg.train,
+            progress=progress,
+            checkpoint_dir=partial,
+            checkpoint_every=cfg.checkpoint_every,
+        )
 
     def save(ctx):
         sae, hist = ctx.artifacts["train"]
         save_saelens(sae, out, overwrite=force)
-        write_json_atomic(out / "training.json", {"steps": cfg.train.steps, "batch_size": cfg.batch_size, **asdict(hist),
-                                                  "config": config_to_dict(cfg)})
+        write_json_atomic(
+            out / "training.json",
+            {"steps": cfg.train.steps, "batch_size": cfg.batch_size, **asdict(hist), "config": config_to_dict(cfg)},
+        )
         return out
 
     ctx = _Ctx()
-    run_stages(folder, [Stage("source", None, source), Stage("train", None, train), Stage("save", None, save)], ctx,
-               log=lambda m: None)
+    run_stages(
+        folder,
+        [Stage("source", None, source), Stage("train", None, train), Stage("save", None, save)],
+        ctx,
+        log=lambda m: None,
+    )
     shutil.rmtree(partial, ignore_errors=True)
     return ctx.artifacts["train"]

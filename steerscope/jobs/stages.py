@@ -14,9 +14,10 @@ artifact, or computed and how long it took) is logged. A resumed job appends to 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..checkpoint import JobFolder
 from ..progress import LOG_NAME, duration, job_log, note, say
@@ -59,13 +60,17 @@ def run_stages(folder: JobFolder, stages: list[Stage], ctx: Any, log: Callable[[
                 if path is not None:
                     st.save(artifact, path)
             except BaseException as e:  # the log says where a job stopped, and why
-                note(f"{st.name}: stopped after {duration(time.perf_counter() - t0)} "
-                     f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+                note(
+                    f"{st.name}: stopped after {duration(time.perf_counter() - t0)} "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                )
                 raise
             ctx.artifacts[st.name] = artifact
             out.done.append(st.name)
             out.seconds[st.name] = round(time.perf_counter() - t0, 1)
             log(f"{st.name}: computed in {duration(out.seconds[st.name])}")  # where a job's time goes
-        note(f"=== {folder.kind} finished: {len(out.done)} stages computed, {len(out.reused)} reused, "
-             f"{duration(sum(out.seconds.values()))} ===")
+        note(
+            f"=== {folder.kind} finished: {len(out.done)} stages computed, {len(out.reused)} reused, "
+            f"{duration(sum(out.seconds.values()))} ==="
+        )
     return out

@@ -45,26 +45,36 @@ class Texts:
     groups: list[str]
 
     @classmethod
-    def of(cls, texts: list[str], meaning: torch.Tensor | None = None) -> "Texts":
+    def of(cls, texts: list[str], meaning: torch.Tensor | None = None) -> Texts:
         texts = list(texts)
         if not texts:
             z = torch.zeros(0, 384)
             return cls([], z, z, torch.zeros(0), [])
         m = embed(texts) if meaning is None else meaning
-        return cls(texts, m.float(), embed([tail(t) for t in texts]).float(),
-                   torch.tensor([upper_share(t) for t in texts]), [surface_group(t) for t in texts])
+        return cls(
+            texts,
+            m.float(),
+            embed([tail(t) for t in texts]).float(),
+            torch.tensor([upper_share(t) for t in texts]),
+            [surface_group(t) for t in texts],
+        )
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def select(self, idx: list[int]) -> "Texts":
-        return Texts([self.texts[i] for i in idx], self.meaning[idx], self.tail[idx], self.upper[idx],
-                     [self.groups[i] for i in idx])
+    def select(self, idx: list[int]) -> Texts:
+        return Texts(
+            [self.texts[i] for i in idx],
+            self.meaning[idx],
+            self.tail[idx],
+            self.upper[idx],
+            [self.groups[i] for i in idx],
+        )
 
     def features(self) -> torch.Tensor:
         """(n, 2 dim) unit vectors whose cosine distance is the mean of the meaning and tail
         distances: what the clusters group on."""
-        return torch.cat([self.meaning, self.tail], -1) / 2 ** 0.5
+        return torch.cat([self.meaning, self.tail], -1) / 2**0.5
 
 
 def distance(a: Texts, b: Texts, *, tails: bool = True) -> torch.Tensor:

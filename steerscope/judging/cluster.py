@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 
 _WORD = re.compile(r"[^\W\d_][^\W\d_']+")  # words of any alphabet ("lumière" is one word)
-_STOP = set("the a an and or of to in on for with is are was were be been it its this that i you he she we they my your "
-            "our their me him her them as at by from but not so if then than there here have has had do does did can "
-            "will would could should just also very about into over more most some any all what which who how when".split())
+_STOP = set(
+    "the a an and or of to in on for with is are was were be been it its this that i you he she we they my your "
+    "our their me him her them as at by from but not so if then than there here have has had do does did can "
+    "will would could should just also very about into over more most some any all what which who how when".split()
+)
 
 
 @dataclass
@@ -67,8 +69,11 @@ def cluster_texts(texts: list[str], embeddings=None, threshold: float = 0.35) ->
     elif plain:
         from sklearn.cluster import AgglomerativeClustering
 
-        sub = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
-                                      distance_threshold=threshold).fit_predict(feats[plain].numpy()).tolist()
+        sub = (
+            AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average", distance_threshold=threshold)
+            .fit_predict(feats[plain].numpy())
+            .tolist()
+        )
         for i, c in zip(plain, sub):
             keys[i] = ("meaning", c)
     # renumber by size, largest first
@@ -86,12 +91,23 @@ def cluster_texts(texts: list[str], embeddings=None, threshold: float = 0.35) ->
         n_in = sum(inside.values()) or 1
         score = {w: inside[w] * math.log(((inside[w] + 0.5) / n_in) / ((overall[w] + 0.5) / n_all)) for w in inside}
         kind, key = order[c]
-        clusters.append(Cluster(c, len(idx), typical, [w for w, _ in sorted(score.items(), key=lambda x: -x[1])[:5]],
-                                label(key) if kind == "surface" else ""))
+        clusters.append(
+            Cluster(
+                c,
+                len(idx),
+                typical,
+                [w for w, _ in sorted(score.items(), key=lambda x: -x[1])[:5]],
+                label(key) if kind == "surface" else "",
+            )
+        )
     centred = e - e.mean(0)
     if len(texts) >= 2:
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        xy = (centred @ vh[:2].T) if vh.shape[0] >= 2 else torch.cat([centred @ vh[:1].T, torch.zeros(len(texts), 1, dtype=e.dtype)], 1)
+        xy = (
+            (centred @ vh[:2].T)
+            if vh.shape[0] >= 2
+            else torch.cat([centred @ vh[:1].T, torch.zeros(len(texts), 1, dtype=e.dtype)], 1)
+        )
     else:
         xy = torch.zeros(1, 2, dtype=e.dtype)
     return Clustering(labels, clusters, [(float(x), float(y)) for x, y in xy])

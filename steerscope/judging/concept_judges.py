@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation import last_token_logits
 from ..directions.concepts import ABItem, Concept
+from ..generation import last_token_logits
 from .embed import embed
 from .judge import Judge
 
@@ -68,9 +68,11 @@ class EmbeddingJudge:
         for c in concepts:
             cp = torch.nn.functional.normalize(embed(c.pos("train")).mean(0), dim=0)
             cn = torch.nn.functional.normalize(embed(c.neg("train")).mean(0), dim=0)
-            def s(texts: list[str]) -> torch.Tensor:
+
+            def s(texts: list[str], cp=cp, cn=cn) -> torch.Tensor:  # bound now: used in this iteration
                 e = embed(texts)  # (n, 384)
                 return e @ cp - e @ cn
+
             thr = _best_threshold(s(c.pos("choose")), s(c.neg("choose")))
             rp, rn = s(c.pos("report")), s(c.neg("report"))
             acc = float(((rp > thr).float().mean() + (rn <= thr).float().mean()) / 2)
@@ -92,11 +94,11 @@ def relevance(steered: list[str], unsteered: list[str]) -> list[float]:
 
 RUBRICS = {
     "concept": "Rate how clearly the RESPONSE shows this concept: {concept}. 0 = not at all, 1 = somewhat, "
-               "2 = clearly. Reply with the number only.",
+    "2 = clearly. Reply with the number only.",
     "instruction": "Rate how well the RESPONSE addresses the PROMPT, ignoring style and topic drift. "
-                   "0 = not at all, 1 = partly, 2 = fully. Reply with the number only.",
+    "0 = not at all, 1 = partly, 2 = fully. Reply with the number only.",
     "fluency": "Rate the fluency of the RESPONSE. 0 = broken or repetitive, 1 = somewhat fluent, "
-               "2 = fluent. Reply with the number only.",
+    "2 = fluent. Reply with the number only.",
 }
 
 
@@ -146,8 +148,15 @@ def ab_prompts(items: list[ABItem]) -> tuple[list[str], list[bool]]:
 
 
 @torch.no_grad()
-def ab_curve(lm, items: list[ABItem], vector: torch.Tensor | None, layer: int, multipliers: list[float],
-             unit: float = 1.0, system: str | None = None) -> dict:
+def ab_curve(
+    lm,
+    items: list[ABItem],
+    vector: torch.Tensor | None,
+    layer: int,
+    multipliers: list[float],
+    unit: float = 1.0,
+    system: str | None = None,
+) -> dict:
     """P(behaviour answer) per item at coefficients `multipliers` x `unit` (the matched
     coefficient, so slopes compare across methods), read at the answer token after "(" (CAA's
     protocol) and renormalised over the two letters. Slopes are per unit multiplier."""
@@ -167,10 +176,15 @@ def ab_curve(lm, items: list[ABItem], vector: torch.Tensor | None, layer: int, m
     P = torch.stack(probs)  # (n_coefs, n_items)
     x = torch.tensor(coefs, dtype=torch.float32)
     xc = x - x.mean()
-    denom = float((xc ** 2).sum()) or 1.0
+    denom = float((xc**2).sum()) or 1.0
     item_slopes = (xc[:, None] * (P - P.mean(0))).sum(0) / denom  # (n_items,)
     mean = P.mean(1)
-    return {"multipliers": coefs, "unit": unit, "p_behaviour": mean.tolist(), "per_item": P.T.tolist(),
-            "slope": float((xc * (mean - mean.mean())).sum() / denom),
-            "anti_steerable": float((item_slopes < 0).float().mean()),
-            "p_at_0": float(mean[coefs.index(0.0)]) if 0.0 in coefs else math.nan}
+    return {
+        "multipliers": coefs,
+        "unit": unit,
+        "p_behaviour": mean.tolist(),
+        "per_item": P.T.tolist(),
+        "slope": float((xc * (mean - mean.mean())).sum() / denom),
+        "anti_steerable": float((item_slopes < 0).float().mean()),
+        "p_at_0": float(mean[coefs.index(0.0)]) if 0.0 in coefs else math.nan,
+    }

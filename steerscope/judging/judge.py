@@ -22,9 +22,11 @@ from pathlib import Path
 from ..errors import SteerscopeError
 from .metrics import Metric
 
-DEFAULT_RUBRIC = ("Rate how strongly the RESPONSE departs from a plain, helpful answer to the PROMPT "
-                  "(new persona, topic, style, refusal, or nonsense), from 0 (not at all) to 10 (completely). "
-                  "Reply with the number only.")
+DEFAULT_RUBRIC = (
+    "Rate how strongly the RESPONSE departs from a plain, helpful answer to the PROMPT "
+    "(new persona, topic, style, refusal, or nonsense), from 0 (not at all) to 10 (completely). "
+    "Reply with the number only."
+)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -54,13 +56,22 @@ class Judge:
         return hashlib.sha256(json.dumps([self.model, self.rubric, prompt, text]).encode()).hexdigest()
 
     def _request(self, prompt: str, text: str) -> float | None:
-        body = json.dumps({"model": self.model, "temperature": 0, "messages": [
-            {"role": "system", "content": self.rubric},
-            {"role": "user", "content": f"PROMPT:\n{prompt}\n\nRESPONSE:\n{text}"}]}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "messages": [
+                    {"role": "system", "content": self.rubric},
+                    {"role": "user", "content": f"PROMPT:\n{prompt}\n\nRESPONSE:\n{text}"},
+                ],
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if os.environ.get(self.key_env):
             headers["Authorization"] = f"Bearer {os.environ[self.key_env]}"
-        req = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", data=body, headers=headers, method="POST")
+        req = urllib.request.Request(
+            self.url.rstrip("/") + "/chat/completions", data=body, headers=headers, method="POST"
+        )
         for attempt in range(self.retries + 1):
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -69,7 +80,7 @@ class Judge:
                 return float(m.group()) if m else None
             except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError):
                 if attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
+                    time.sleep(self.backoff * 2**attempt)
         self.failures += 1
         return None
 
@@ -86,9 +97,12 @@ class Judge:
     def metric(self) -> Metric:
         """A text Metric that scores each completion against the prompt it answered."""
         nan = float("nan")
-        return Metric(f"judge:{self.model}", "text",
-                      lambda texts, prompts: [nan if (s := self.score(p, t)) is None else s for t, p in zip(texts, prompts)],
-                      needs_prompts=True)
+        return Metric(
+            f"judge:{self.model}",
+            "text",
+            lambda texts, prompts: [nan if (s := self.score(p, t)) is None else s for t, p in zip(texts, prompts)],
+            needs_prompts=True,
+        )
 
     def check_reachable(self) -> None:
         """Fail before any expensive work when the endpoint does not answer at all."""
@@ -98,9 +112,13 @@ class Judge:
         import socket
 
         try:
-            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=min(5.0, self.timeout)).close()
+            socket.create_connection(
+                (u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=min(5.0, self.timeout)
+            ).close()
         except OSError as e:
-            raise SteerscopeError(f"the judge at {self.url} is unreachable ({e.strerror or e}); start it or fix --judge-url.") from None
+            raise SteerscopeError(
+                f"the judge at {self.url} is unreachable ({e.strerror or e}); start it or fix --judge-url."
+            ) from None
 
 
 def judge_from(cfg, cache_path: str | Path | None = None, *, default_model: str | None = None) -> Judge | None:
@@ -117,5 +135,10 @@ def judge_from(cfg, cache_path: str | Path | None = None, *, default_model: str 
         raise SteerscopeError("--judge-url needs --judge-model (the model name the endpoint serves).")
     # bench has no judge_rubric: its LLMJudge sets one rubric per rating axis on copies of this judge
     rubric = getattr(cfg, "judge_rubric", None) or DEFAULT_RUBRIC
-    return Judge(cfg.judge_url, model, rubric=rubric, key_env=cfg.judge_key_env,
-                 cache_path=Path(cache_path) if cache_path is not None else None)
+    return Judge(
+        cfg.judge_url,
+        model,
+        rubric=rubric,
+        key_env=cfg.judge_key_env,
+        cache_path=Path(cache_path) if cache_path is not None else None,
+    )

@@ -43,8 +43,16 @@ class CompletionRanker:
     """Callable (n, d) vectors -> (n,) scores, higher kept; `last` holds the per-candidate
     change, surprise and completions of the latest call, to inspect why a candidate was kept."""
 
-    def __init__(self, lm, prompts: list[str], layer: int, *, chat: bool | None = None, max_new_tokens: int = 32,
-                 naturalness_weight: float = NATURALNESS_WEIGHT):
+    def __init__(
+        self,
+        lm,
+        prompts: list[str],
+        layer: int,
+        *,
+        chat: bool | None = None,
+        max_new_tokens: int = 32,
+        naturalness_weight: float = NATURALNESS_WEIGHT,
+    ):
         self.lm, self.prompts, self.layer, self.chat = lm, list(prompts), layer, chat
         self.max_new_tokens, self.weight = max_new_tokens, naturalness_weight
         self.last: dict = {}
@@ -52,8 +60,15 @@ class CompletionRanker:
     @torch.no_grad()
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         P = len(self.prompts)
-        rows = generate(self.lm, self.prompts, vectors=vectors, layer=self.layer, include_unsteered=True,
-                        max_new_tokens=self.max_new_tokens, chat=self.chat)  # shown: tens of seconds for kl's 24
+        rows = generate(
+            self.lm,
+            self.prompts,
+            vectors=vectors,
+            layer=self.layer,
+            include_unsteered=True,
+            max_new_tokens=self.max_new_tokens,
+            chat=self.chat,
+        )  # shown: tens of seconds for kl's 24
         steered = rows[P:]  # the P unsteered rows come first, then vector by vector, prompt by prompt
         rep = Texts.of([r.text for r in rows])  # P unsteered, then n * P steered
         n = len(vectors)
@@ -62,8 +77,11 @@ class CompletionRanker:
         # An empty completion (EOS at once) has no log-probability; it is ranked as unnatural.
         surprise = torch.tensor([-x if math.isfinite(x) else 10.0 for x in lp]).view(n, P)  # (n, P) nats
         score = change.mean(-1) - self.weight * surprise.mean(-1)  # (n,)
-        self.last = {"change": change.mean(-1).tolist(), "surprise": surprise.mean(-1).tolist(),
-                     "texts": [[r.text for r in steered[i * P:(i + 1) * P]] for i in range(n)]}
+        self.last = {
+            "change": change.mean(-1).tolist(),
+            "surprise": surprise.mean(-1).tolist(),
+            "texts": [[r.text for r in steered[i * P : (i + 1) * P]] for i in range(n)],
+        }
         return score
 
 

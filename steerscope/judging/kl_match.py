@@ -81,7 +81,7 @@ class Rollouts:
         # positions that predict a rollout token: the last prompt token .. the second-to-last token
         sel = torch.zeros(len(seqs), T, dtype=torch.bool)
         for b, c in enumerate(self.completions):
-            sel[b, T - len(c) - 1:T - 1] = True
+            sel[b, T - len(c) - 1 : T - 1] = True
         return ids, mask, sel.to(lm.device)  # (P, T) each
 
     def _logp(self, interventions, packed=None) -> torch.Tensor:
@@ -114,8 +114,13 @@ class Rollouts:
         return self._kl(self._logp([Add(vector, layer=layer, coef=coef, positions=positions)]))
 
 
-def match_kl(rollouts: Rollouts, vector: torch.Tensor, layer: int, cfg: KLMatchConfig = KLMatchConfig(),
-             positions: Positions = ALL) -> KLMatch:
+def match_kl(
+    rollouts: Rollouts,
+    vector: torch.Tensor,
+    layer: int,
+    cfg: KLMatchConfig = KLMatchConfig(),
+    positions: Positions = ALL,
+) -> KLMatch:
     """The coefficient c >= 0 at which the `cfg.quantile` of the per-token KL is `cfg.target`.
 
     Bracket by doubling/halving from `cfg.start`, then bisect in log space. `hit` is False when

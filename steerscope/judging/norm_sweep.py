@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..directions.vectors import VectorSet
 from ..errors import SteerscopeError
-
 from ..generation import generate
 from ..models.layer_range import LayerRange
-from ..directions.vectors import VectorSet
 
 
 @dataclass
@@ -29,9 +28,19 @@ class SweepRow:
     example: str
 
 
-def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0, 2.0, 4.0), *, target: int | None = None,
-               max_new_tokens: int = 24, chat: bool | None = None, layer_range: LayerRange | None = None,
-               unsteered: list | None = None, each: bool = False) -> list[SweepRow] | dict[str, list[SweepRow]]:
+def norm_sweep(
+    lm,
+    prompts: list[str],
+    vs: VectorSet,
+    multiples=(0.25, 0.5, 1.0, 2.0, 4.0),
+    *,
+    target: int | None = None,
+    max_new_tokens: int = 24,
+    chat: bool | None = None,
+    layer_range: LayerRange | None = None,
+    unsteered: list | None = None,
+    each: bool = False,
+) -> list[SweepRow] | dict[str, list[SweepRow]]:
     """One row per multiple, over all vectors of `vs` (or, with `each`, one list per vector id).
     `layer_range` (same prompts, the vectors' layer -> target) and `unsteered` completions are
     reused when given (a run has both already). Every (multiple, vector, prompt) completion comes
@@ -40,14 +49,29 @@ def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0,
     if any(l != source for l in vs.layers):
         raise SteerscopeError("norm_sweep needs vectors at one source layer; pick them with --index.")
     t = target if target is not None else vs.config.hyperparams.get("target", min(lm.n_layers - 1, source + 1))
-    lr = layer_range if layer_range is not None and (layer_range.source, layer_range.target) == (source, t) \
+    lr = (
+        layer_range
+        if layer_range is not None and (layer_range.source, layer_range.target) == (source, t)
         else LayerRange(lm, prompts, source, t, chat=chat)
+    )
     tmask = lr.target_mask(vs.config.hyperparams.get("target_tokens", "all"))  # (P, T)
     base_norm = lr.z_target.float().norm(dim=-1)[tmask].mean()
-    base = unsteered if unsteered is not None else generate(lm, prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False)
+    base = (
+        unsteered
+        if unsteered is not None
+        else generate(lm, prompts, max_new_tokens=max_new_tokens, chat=chat, progress=False)
+    )
     multiples = [float(m) for m in multiples]
-    res = generate(lm, prompts, vectors=[sv for _ in multiples for sv in vs], coef=[m for m in multiples for _ in vs],
-                   max_new_tokens=max_new_tokens, chat=chat, include_unsteered=False, progress=False)
+    res = generate(
+        lm,
+        prompts,
+        vectors=[sv for _ in multiples for sv in vs],
+        coef=[m for m in multiples for _ in vs],
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        include_unsteered=False,
+        progress=False,
+    )
     P, K = len(prompts), len(vs)
     groups = {vid: [[vid] for _ in multiples] for vid in vs.ids} if each else {"": [list(vs.ids) for _ in multiples]}
     out: dict[str, list[SweepRow]] = {}
@@ -60,15 +84,25 @@ def norm_sweep(lm, prompts: list[str], vs: VectorSet, multiples=(0.25, 0.5, 1.0,
                 delta = lr.delta(vs.vectors[keep].to(lm.device) * m).norm(dim=-1)  # (k*P, T)
             change = float(delta[tmask.repeat(len(keep), 1)].mean() / base_norm)
             changed = sum(r.token_ids != base[r.prompt_index].token_ids for r in sub) / len(sub)
-            out[key].append(SweepRow(m, float(vs.vectors[keep].norm(dim=-1).mean()) * m, change, changed,
-                                     len({tuple(r.token_ids) for r in sub}), sub[0].text[:80]))
+            out[key].append(
+                SweepRow(
+                    m,
+                    float(vs.vectors[keep].norm(dim=-1).mean()) * m,
+                    change,
+                    changed,
+                    len({tuple(r.token_ids) for r in sub}),
+                    sub[0].text[:80],
+                )
+            )
     return out if each else out[""]
 
 
 def format_sweep(rows: list[SweepRow]) -> str:
     head = f"{'x R':>6} {'|v|':>8} {'target change':>14} {'changed':>8} {'distinct':>9}  example (vector 0, prompt 0)"
-    lines = [head] + [f"{r.multiple:>6g} {r.mean_norm:>8.3g} {r.target_change:>14.3f} {r.changed:>8.0%} {r.distinct:>9}  {r.example!r}"
-                      for r in rows]
+    lines = [head] + [
+        f"{r.multiple:>6g} {r.mean_norm:>8.3g} {r.target_change:>14.3f} {r.changed:>8.0%} {r.distinct:>9}  {r.example!r}"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

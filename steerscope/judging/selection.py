@@ -25,9 +25,10 @@ log-odds of refusal-start tokens at the last position, as in Arditi et al.), the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -113,65 +114,129 @@ class Selection:
         fmt = lambda x: "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))  # noqa: E731
         rows = []
         for i, c in enumerate(self.candidates):
-            r = [c.id, c.layer, c.induce, c.bypass, c.kl_add, c.kl_ablate, c.effect, "F" if c.frontier else "",
-                 "*" if i == self.best else ("yes" if c.kept else "no"), c.reason]
+            r = [
+                c.id,
+                c.layer,
+                c.induce,
+                c.bypass,
+                c.kl_add,
+                c.kl_ablate,
+                c.effect,
+                "F" if c.frontier else "",
+                "*" if i == self.best else ("yes" if c.kept else "no"),
+                c.reason,
+            ]
             if self.prefilter:
                 r.insert(6, c.prefilter)
             rows.append([fmt(x) for x in r])
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         line = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))  # noqa: E731
         c = self.config
-        top = (f"metric {self.metric}: baseline on A {self.baseline_a:.4f}, on B {self.baseline_b:.4f}; mode={c.mode}, "
-               f"coef={c.coef:g}, choose={c.choose}" + (f" (KL budget {c.kl_bound:g})" if c.choose == "budget" else "")
-               + (f"; prefilter {self.prefilter}, {c.shortlist} generated" if self.prefilter else ""))
+        top = (
+            f"metric {self.metric}: baseline on A {self.baseline_a:.4f}, on B {self.baseline_b:.4f}; mode={c.mode}, "
+            f"coef={c.coef:g}, choose={c.choose}"
+            + (f" (KL budget {c.kl_bound:g})" if c.choose == "budget" else "")
+            + (f"; prefilter {self.prefilter}, {c.shortlist} generated" if self.prefilter else "")
+        )
         best = self.best_candidate
-        tail = (f"selected: {best.id} (layer {best.layer}, effect {best.effect:.4f}, {self.kl_key} {getattr(best, self.kl_key):.4f})"
-                if best else "selected: none (no candidate passed the filters within the budget; see the notes)")
+        tail = (
+            f"selected: {best.id} (layer {best.layer}, effect {best.effect:.4f}, {self.kl_key} {getattr(best, self.kl_key):.4f})"
+            if best
+            else "selected: none (no candidate passed the filters within the budget; see the notes)"
+        )
         return "\n".join([top, line(head)] + [line(r) for r in rows] + [tail])
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
-        return {"metric": self.metric, "config": config_to_dict(self.config), "baseline_a": self.baseline_a,
-                "baseline_b": self.baseline_b, "best": self.best, "prefilter": self.prefilter, "warning": self.warning,
-                "candidates": [asdict(c) for c in self.candidates]}
+        return {
+            "metric": self.metric,
+            "config": config_to_dict(self.config),
+            "baseline_a": self.baseline_a,
+            "baseline_b": self.baseline_b,
+            "best": self.best,
+            "prefilter": self.prefilter,
+            "warning": self.warning,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(Path(path), self.to_dict())
 
 
-def _logit_scores(lm, metric: Metric, prompts: list[str], vs: VectorSet | None, mode: str, cfg: SelectConfig,
-                  desc: str) -> torch.Tensor:
+def _logit_scores(
+    lm, metric: Metric, prompts: list[str], vs: VectorSet | None, mode: str, cfg: SelectConfig, desc: str
+) -> torch.Tensor:
     """(K,) mean logit metric over prompts per candidate (or (1,) unsteered when vs is None)."""
     n = (len(vs) if vs is not None else 1) * len(prompts)
     with bar(n, desc, "row") as rows:
-        s = last_token_logits(lm, prompts, vectors=vs, coef=cfg.coef, mode=mode, chat=cfg.chat, batch_size=cfg.batch_size,
-                              include_unsteered=vs is None, reduce=lambda lg, _: metric.score_logits(lg), progress=rows)
+        s = last_token_logits(
+            lm,
+            prompts,
+            vectors=vs,
+            coef=cfg.coef,
+            mode=mode,
+            chat=cfg.chat,
+            batch_size=cfg.batch_size,
+            include_unsteered=vs is None,
+            reduce=lambda lg, _: metric.score_logits(lg),
+            progress=rows,
+        )
     return s.mean(1)
 
 
-def _text_scores(lm, metric: Metric, prompts: list[str], vs: VectorSet | None, mode: str, cfg: SelectConfig) -> torch.Tensor:
-    res = generate(lm, prompts, vectors=vs, coef=cfg.coef, mode=mode, include_unsteered=vs is None, chat=cfg.chat,
-                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+def _text_scores(
+    lm, metric: Metric, prompts: list[str], vs: VectorSet | None, mode: str, cfg: SelectConfig
+) -> torch.Tensor:
+    res = generate(
+        lm,
+        prompts,
+        vectors=vs,
+        coef=cfg.coef,
+        mode=mode,
+        include_unsteered=vs is None,
+        chat=cfg.chat,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+    )
     k = len(vs) if vs is not None else 1
     return metric.score_texts([r.text for r in res], [r.prompt for r in res]).reshape(k, len(prompts)).mean(1)
 
 
 def _kl(lm, neutral: list[str], vs: VectorSet, mode: str, cfg: SelectConfig) -> torch.Tensor:
-    base = torch.log_softmax(last_token_logits(lm, neutral, chat=cfg.chat, include_unsteered=True,
-                                               batch_size=cfg.batch_size)[0].double(), -1)  # (P, V)
+    base = torch.log_softmax(
+        last_token_logits(lm, neutral, chat=cfg.chat, include_unsteered=True, batch_size=cfg.batch_size)[0].double(), -1
+    )  # (P, V)
 
     def kl(logits: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
         return kl_divergence(base.to(logits.device)[pi], logits)
 
     with bar(len(vs) * len(neutral), f"KL ({mode})", "row") as rows:
-        return last_token_logits(lm, neutral, vectors=vs, coef=cfg.coef, mode=mode, chat=cfg.chat, batch_size=cfg.batch_size,
-                                 reduce=kl, progress=rows).mean(1)  # (K,)
+        return last_token_logits(
+            lm,
+            neutral,
+            vectors=vs,
+            coef=cfg.coef,
+            mode=mode,
+            chat=cfg.chat,
+            batch_size=cfg.batch_size,
+            reduce=kl,
+            progress=rows,
+        ).mean(1)  # (K,)
 
 
 def _subset(vs: VectorSet, idx: list[int]) -> VectorSet:
-    return VectorSet(vs.vectors[idx], type(vs.config)(**{**vs.config.__dict__, "ids": [vs.ids[i] for i in idx],
-                                                         "layers": [vs.layers[i] for i in idx], "norms": []}))
+    return VectorSet(
+        vs.vectors[idx],
+        type(vs.config)(
+            **{
+                **vs.config.__dict__,
+                "ids": [vs.ids[i] for i in idx],
+                "layers": [vs.layers[i] for i in idx],
+                "norms": [],
+            }
+        ),
+    )
 
 
 def pareto_frontier(points: list[tuple[float, float]]) -> list[int]:
@@ -201,8 +266,15 @@ def knee(points: list[tuple[float, float]], front: list[int]) -> int | None:
     return front[max(range(len(front)), key=lambda j: dist[j])]
 
 
-def select(lm, vs: VectorSet, metric: str | Metric, a_prompts: Sequence[str], b_prompts: Sequence[str],
-           neutral_prompts: Sequence[str], config: SelectConfig | None = None) -> Selection:
+def select(
+    lm,
+    vs: VectorSet,
+    metric: str | Metric,
+    a_prompts: Sequence[str],
+    b_prompts: Sequence[str],
+    neutral_prompts: Sequence[str],
+    config: SelectConfig | None = None,
+) -> Selection:
     cfg = config or SelectConfig()
     for name, p in (("A", a_prompts), ("B", b_prompts), ("neutral", neutral_prompts)):
         if not p:
@@ -251,7 +323,7 @@ def select(lm, vs: VectorSet, metric: str | Metric, a_prompts: Sequence[str], b_
         within = sorted((i for i in eligible if float(kl_mode[i]) <= cfg.kl_bound), key=lambda i: -pre_eff[i])
         overall = sorted(eligible, key=lambda i: -pre_eff[i])
         short: list[int] = []
-        for i in within[:max(1, cfg.shortlist // 2)] + overall:
+        for i in within[: max(1, cfg.shortlist // 2)] + overall:
             if i not in short and len(short) < cfg.shortlist:
                 short.append(i)
         short = sorted(short)
@@ -271,10 +343,20 @@ def select(lm, vs: VectorSet, metric: str | Metric, a_prompts: Sequence[str], b_
             reasons.append("adding does not induce")
         if sv.layer >= max_layer:
             reasons.append(f"layer in last {100 * (1 - cfg.max_layer_frac):.0f} %")
-        sel.candidates.append(CandidateScore(sv.id, sv.layer, induce, None if j is None or byp is None else float(byp[j]),
-                                             None if kl_add is None else float(kl_add[i]),
-                                             None if kl_abl is None else float(kl_abl[i]), not reasons, "; ".join(reasons),
-                                             None if pre_eff is None else pre_eff[i], eff.get(i)))
+        sel.candidates.append(
+            CandidateScore(
+                sv.id,
+                sv.layer,
+                induce,
+                None if j is None or byp is None else float(byp[j]),
+                None if kl_add is None else float(kl_add[i]),
+                None if kl_abl is None else float(kl_abl[i]),
+                not reasons,
+                "; ".join(reasons),
+                None if pre_eff is None else pre_eff[i],
+                eff.get(i),
+            )
+        )
     _choose(sel)
     return sel
 
@@ -293,7 +375,7 @@ def _choose(sel: Selection) -> None:
     else:
         within = [i for i in front if getattr(sel.candidates[i], key) <= cfg.kl_bound]
         sel.best = within[-1] if within else None
-    for i, c in enumerate(sel.candidates):
+    for c in sel.candidates:
         if c.kept and cfg.choose == "budget" and getattr(c, key) > cfg.kl_bound:
             c.reason = f"KL {getattr(c, key):.3f} > {cfg.kl_bound:g}"
     gap = abs(sel.baseline_a - sel.baseline_b)
@@ -302,17 +384,27 @@ def _choose(sel: Selection) -> None:
     alt = ""
     if better:
         top = max(better, key=lambda c: c.effect)
-        alt = (f"; {top.id} reaches effect {top.effect:.3f} at {key} {getattr(top, key):.3f}: "
-               + ("raise --kl-bound or use --choose knee" if cfg.choose == "budget" else "raise the KL you accept"))
+        alt = f"; {top.id} reaches effect {top.effect:.3f} at {key} {getattr(top, key):.3f}: " + (
+            "raise --kl-bound or use --choose knee" if cfg.choose == "budget" else "raise the KL you accept"
+        )
     if gap == 0:
-        sel.warning = (f"{sel.metric} scores A and B the same without steering ({sel.baseline_a:.3f}): it does not "
-                       "measure this behaviour on this model, so no choice is meaningful; try a logit metric such as "
-                       "logodds:I,Sorry or a scorer that separates the sets.")
+        sel.warning = (
+            f"{sel.metric} scores A and B the same without steering ({sel.baseline_a:.3f}): it does not "
+            "measure this behaviour on this model, so no choice is meaningful; try a logit metric such as "
+            "logodds:I,Sorry or a scorer that separates the sets."
+        )
     elif best is None:
-        sel.warning = "no candidate was chosen" + (f" within the KL budget {cfg.kl_bound:g}" if cfg.choose == "budget" else "") + alt + "."
+        sel.warning = (
+            "no candidate was chosen"
+            + (f" within the KL budget {cfg.kl_bound:g}" if cfg.choose == "budget" else "")
+            + alt
+            + "."
+        )
     elif gap > 0 and best.effect < cfg.warn_ratio * gap:
-        sel.warning = (f"the selected {best.id} barely beats the baseline: effect {best.effect:.3f} is "
-                       f"{100 * best.effect / gap:.0f} % of the A-B gap {gap:.3f}{alt}.")
+        sel.warning = (
+            f"the selected {best.id} barely beats the baseline: effect {best.effect:.3f} is "
+            f"{100 * best.effect / gap:.0f} % of the A-B gap {gap:.3f}{alt}."
+        )
 
 
 def mean_projection(lm, prompts: Sequence[str], direction: torch.Tensor, layer: int, chat: bool | None = None) -> float:

@@ -98,9 +98,20 @@ def test_clusters(rows: list[dict], labels: list[int], *, alpha: float = 0.05) -
         stats[c] = (k, j, fisher_greater(k, n, j, m), min_p(k + j, n, m) <= alpha)
     testable = [c for c in stats if stats[c][3]]
     qs = dict(zip(testable, benjamini_hochberg([stats[c][2] for c in testable])))
-    return {c: ClusterTest(c, stats[c][0], len(s["random"]), len(s["sample"]), c in greedy, stats[c][2],
-                           qs.get(c, 1.0), c in qs, qs.get(c, 1.0) <= alpha)
-            for c, s in found.items()}
+    return {
+        c: ClusterTest(
+            c,
+            stats[c][0],
+            len(s["random"]),
+            len(s["sample"]),
+            c in greedy,
+            stats[c][2],
+            qs.get(c, 1.0),
+            c in qs,
+            qs.get(c, 1.0) <= alpha,
+        )
+        for c, s in found.items()
+    }
 
 
 def min_learned_for(alpha: float, n: int, m: int, tests: int = 1) -> int | None:
@@ -119,16 +130,23 @@ def power(alpha: float, n: int, n_random: int, n_samples: int, tests: int) -> st
     alone = min_learned_for(alpha, n, m, 1)
     worst = min_learned_for(alpha, n, m, max(1, tests))
     one = fisher_greater(1, n, 0, m)
-    parts = [f"Each behaviour is tested on {n} learned vectors against {n_random} random vectors of the same norms "
-             f"and {n_samples} unsteered draws at temperature (Fisher's exact test per vector, false discoveries "
-             f"controlled at {alpha:g} over {tests} testable cluster{'s' if tests != 1 else ''})."]
+    parts = [
+        f"Each behaviour is tested on {n} learned vectors against {n_random} random vectors of the same norms "
+        f"and {n_samples} unsteered draws at temperature (Fisher's exact test per vector, false discoveries "
+        f"controlled at {alpha:g} over {tests} testable cluster{'s' if tests != 1 else ''})."
+    ]
     if alone is None:
         parts.append("At these counts no behaviour can be significant: give more vectors (--n-vectors) or controls.")
     else:
-        parts.append(f"A behaviour that no control shows needs at least {alone} of the {n} learned vectors to be "
-                     f"significant on its own" + (f", and {worst} if it is the weakest of {tests} tested" if worst and worst != alone else "")
-                     + f". One vector alone can never be (p = {one:.2f} at best): a behaviour seen under a single "
-                     f"vector may be real, but these counts cannot tell it from chance.")
-    parts.append("The test compares how often vectors show a behaviour, not how strongly; a behaviour the controls "
-                 "show now and then needs correspondingly more learned vectors.")
+        parts.append(
+            f"A behaviour that no control shows needs at least {alone} of the {n} learned vectors to be "
+            f"significant on its own"
+            + (f", and {worst} if it is the weakest of {tests} tested" if worst and worst != alone else "")
+            + f". One vector alone can never be (p = {one:.2f} at best): a behaviour seen under a single "
+            f"vector may be real, but these counts cannot tell it from chance."
+        )
+    parts.append(
+        "The test compares how often vectors show a behaviour, not how strongly; a behaviour the controls "
+        "show now and then needs correspondingly more learned vectors."
+    )
     return " ".join(parts)

@@ -29,10 +29,32 @@ from ..errors import SteerscopeError
 _WORD = re.compile(r"[^\W\d_]+")
 _ITEM = re.compile(r"(?m)^\s*(?:\d{1,2}[.)]|[-*\u2022])\s+\S")
 MIN_LANG_PROB = 0.8
-_NAMES = {"fr": "French", "es": "Spanish", "de": "German", "it": "Italian", "pt": "Portuguese", "nl": "Dutch",
-          "ru": "Russian", "zh": "Chinese", "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "he": "Hebrew",
-          "pl": "Polish", "sv": "Swedish", "tr": "Turkish", "hi": "Hindi", "la": "Latin", "da": "Danish",
-          "no": "Norwegian", "fi": "Finnish", "el": "Greek", "cs": "Czech", "ro": "Romanian", "ca": "Catalan"}
+_NAMES = {
+    "fr": "French",
+    "es": "Spanish",
+    "de": "German",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+    "ru": "Russian",
+    "zh": "Chinese",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "ar": "Arabic",
+    "he": "Hebrew",
+    "pl": "Polish",
+    "sv": "Swedish",
+    "tr": "Turkish",
+    "hi": "Hindi",
+    "la": "Latin",
+    "da": "Danish",
+    "no": "Norwegian",
+    "fi": "Finnish",
+    "el": "Greek",
+    "cs": "Czech",
+    "ro": "Romanian",
+    "ca": "Catalan",
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,7 +62,9 @@ def _identifier():
     try:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
     except ImportError:
-        raise SteerscopeError("judging needs the language identifier py3langid: pip install 'steerscope[eval]'.") from None
+        raise SteerscopeError(
+            "judging needs the language identifier py3langid: pip install 'steerscope[eval]'."
+        ) from None
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 

@@ -1,14 +1,14 @@
 """Per-vector metrics for a set of steered completions.
 
-    target_change   mean ||Z_t(v) - Z_t(0)|| / mean ||Z_t(0)|| over the target tokens of the prompts
-    kl_neutral      mean KL(p_base || p_steered) of the next token at the last position of neutral
-                    prompts (side effects; Arditi et al. use 0.1 as a bound)
-    logprob         mean log-probability per token of the steered completion under the UNsteered
-                    model (naturalness; AxBench's fluency proxy is its exponentiated negative)
-    distinct2       distinct bigrams / bigrams of the completion's tokens (1 = no repetition)
-    embed_distance  1 - cosine(embedding(steered), embedding(unsteered)) for the same prompt
-    changed         share of prompts whose completion differs from the unsteered one
-    score:<name>    mean of each text scorer (refusal phrases, VADER sentiment, regex, judge, ...)
+target_change   mean ||Z_t(v) - Z_t(0)|| / mean ||Z_t(0)|| over the target tokens of the prompts
+kl_neutral      mean KL(p_base || p_steered) of the next token at the last position of neutral
+                prompts (side effects; Arditi et al. use 0.1 as a bound)
+logprob         mean log-probability per token of the steered completion under the UNsteered
+                model (naturalness; AxBench's fluency proxy is its exponentiated negative)
+distinct2       distinct bigrams / bigrams of the completion's tokens (1 = no repetition)
+embed_distance  1 - cosine(embedding(steered), embedding(unsteered)) for the same prompt
+changed         share of prompts whose completion differs from the unsteered one
+score:<name>    mean of each text scorer (refusal phrases, VADER sentiment, regex, judge, ...)
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ from .metrics import Metric, kl_divergence
 
 
 def distinct_n(ids: list[int], n: int = 2) -> float:
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
 @torch.no_grad()
-def completion_logprobs(lm, prompts: list[str], completions: list[list[int]], *, chat: bool | None = None,
-                        batch_size: int = 16) -> list[float]:
+def completion_logprobs(
+    lm, prompts: list[str], completions: list[list[int]], *, chat: bool | None = None, batch_size: int = 16
+) -> list[float]:
     """Mean log-probability per token of each completion given its prompt, unsteered model."""
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        ps, cs = prompts[i:i + batch_size], completions[i:i + batch_size]
+        ps, cs = prompts[i : i + batch_size], completions[i : i + batch_size]
         prompt_ids = [lm.encode([p], chat=chat)["input_ids"][0].tolist() for p in ps]
         seqs = [p + c for p, c in zip(prompt_ids, cs)]
         ids, mask = lm.left_pad(seqs)  # (B, T)
@@ -42,20 +43,29 @@ def completion_logprobs(lm, prompts: list[str], completions: list[list[int]], *,
         K = min(T, max(len(c) for c in cs) + 1)
         logits = lm.last_logits(ids, mask, k=K)  # (B, K, V)
         logp = torch.log_softmax(logits.float(), -1)
-        for b, (p, c) in enumerate(zip(prompt_ids, cs)):
+        for b, c in enumerate(cs):
             if not c:
                 out.append(float("nan"))
                 continue
             start = K - len(c)  # first completion column; predicted from column start - 1
-            lp = logp[b, start - 1:K - 1].gather(-1, torch.tensor(c, device=logp.device)[:, None])
+            lp = logp[b, start - 1 : K - 1].gather(-1, torch.tensor(c, device=logp.device)[:, None])
             out.append(float(lp.mean()))
     return out
 
 
-def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: list[str], layer_range: LayerRange | None,
-                           target_tokens: str = "all", scorers: list[Metric] = (), chat: bool | None = None,
-                           embeddings: dict[int, torch.Tensor] | None = None,
-                           logprobs: dict[int, float] | None = None) -> dict[str, dict[str, float]]:
+def compute_vector_metrics(
+    lm,
+    vs,
+    completions: list[Completion],
+    *,
+    neutral: list[str],
+    layer_range: LayerRange | None,
+    target_tokens: str = "all",
+    scorers: list[Metric] = (),
+    chat: bool | None = None,
+    embeddings: dict[int, torch.Tensor] | None = None,
+    logprobs: dict[int, float] | None = None,
+) -> dict[str, dict[str, float]]:
     """Metrics for every vector of `vs` from `completions` (which include the unsteered rows,
     vector_id None). `embeddings` maps id(completion) -> its embedding, `logprobs` id(completion)
     -> its `completion_logprobs`, when precomputed."""
@@ -84,9 +94,18 @@ def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: li
     if logprobs is not None and all(id(c) in logprobs for c in steered):
         lp_of = logprobs
     else:
-        lp_of = dict(zip(map(id, steered), completion_logprobs(lm, [c.prompt for c in steered], [c.token_ids for c in steered],
-                                                               chat=chat)))
-    score_of = {s.name: dict(zip(map(id, steered), s.score_texts([c.text for c in steered], [c.prompt for c in steered]).tolist())) for s in scorers}
+        lp_of = dict(
+            zip(
+                map(id, steered),
+                completion_logprobs(lm, [c.prompt for c in steered], [c.token_ids for c in steered], chat=chat),
+            )
+        )
+    score_of = {
+        s.name: dict(
+            zip(map(id, steered), s.score_texts([c.text for c in steered], [c.prompt for c in steered]).tolist())
+        )
+        for s in scorers
+    }
     for k, vid in enumerate(vs.ids):
         rows = by_vec[vid]
         m = metrics[vid]
@@ -94,10 +113,20 @@ def compute_vector_metrics(lm, vs, completions: list[Completion], *, neutral: li
         m["kl_neutral"] = float(kl[k])
         m["logprob"] = nanmean([lp_of[id(c)] for c in rows])
         m["distinct2"] = nanmean([distinct_n(c.token_ids) for c in rows])
-        m["embed_distance"] = nanmean([1 - float(embeddings[id(c)] @ embeddings[id(base[(c.prompt_index, c.prompt)])])
-                                     for c in rows if (c.prompt_index, c.prompt) in base])
-        m["changed"] = nanmean([float(c.token_ids != base[(c.prompt_index, c.prompt)].token_ids)
-                              for c in rows if (c.prompt_index, c.prompt) in base])
+        m["embed_distance"] = nanmean(
+            [
+                1 - float(embeddings[id(c)] @ embeddings[id(base[(c.prompt_index, c.prompt)])])
+                for c in rows
+                if (c.prompt_index, c.prompt) in base
+            ]
+        )
+        m["changed"] = nanmean(
+            [
+                float(c.token_ids != base[(c.prompt_index, c.prompt)].token_ids)
+                for c in rows
+                if (c.prompt_index, c.prompt) in base
+            ]
+        )
         for s in scorers:
             m[f"score:{s.name}"] = nanmean([score_of[s.name][id(c)] for c in rows])
     return metrics

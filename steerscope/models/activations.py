@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 
@@ -12,8 +12,11 @@ from ..errors import SteerscopeError
 from .hooks import StopForward, hooks
 from .registry import Site, SiteKind
 
+
 @contextmanager
-def record(lm, layers: Sequence[int], kind: SiteKind = "resid_post", detach: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+def record(
+    lm, layers: Sequence[int], kind: SiteKind = "resid_post", detach: bool = True
+) -> Iterator[dict[int, torch.Tensor]]:
     """Record the activation at `Site(layer, kind)` for each layer during the block.
 
     Yields a dict layer -> (batch, pos, d_model) tensor from the latest forward call.
@@ -39,9 +42,18 @@ def read_positions(read: str) -> int:
 
 
 @torch.no_grad()
-def collect_activations(lm, texts: Sequence[str], layers: Sequence[int], *, read: str = "last", chat: bool | None = False,
-                        formatted: bool = False, batch_size: int = 16, kind: SiteKind = "resid_post",
-                        progress=None) -> torch.Tensor:
+def collect_activations(
+    lm,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    read: str = "last",
+    chat: bool | None = False,
+    formatted: bool = False,
+    batch_size: int = 16,
+    kind: SiteKind = "resid_post",
+    progress=None,
+) -> torch.Tensor:
     """(N, P, L, d) float64 activations: P read positions per text, L layers, all layers from one
     forward pass per batch (the one activation collector in steerscope).
 
@@ -55,7 +67,7 @@ def collect_activations(lm, texts: Sequence[str], layers: Sequence[int], *, read
     layers = [lm.check_layer(l) for l in layers]
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = lm.encode(list(texts[i:i + batch_size]), chat=chat, formatted=formatted)
+        enc = lm.encode(list(texts[i : i + batch_size]), chat=chat, formatted=formatted)
         mask = enc["attention_mask"].bool()  # (B, T)
         if P > 1 and int(mask.sum(-1).min()) < P:
             raise SteerscopeError(f"read={read!r} needs at least {P} tokens per text; a text is shorter.")
@@ -97,10 +109,12 @@ def read_layer(lm, layer: int, ids: torch.Tensor, mask: torch.Tensor, site: str 
     return store["x"]
 
 
-NEUTRAL_TEXTS = ("The weather today is mild and the streets are quiet.",
-                 "Please summarise the main points of the meeting.",
-                 "A recipe needs flour, water, salt and time.",
-                 "Explain how a bicycle stays upright.")
+NEUTRAL_TEXTS = (
+    "The weather today is mild and the streets are quiet.",
+    "Please summarise the main points of the meeting.",
+    "A recipe needs flour, water, salt and time.",
+    "Explain how a bicycle stays upright.",
+)
 
 
 @torch.no_grad()

@@ -35,10 +35,11 @@ def incompatible(what: str) -> IncompatibleTransformers:
     return IncompatibleTransformers(
         f"{what} (transformers {transformers_version()}). steerscope cannot steer exactly with this "
         "release; install the tested versions (`pip install -r requirements.lock`) or a transformers "
-        "version inside the range in pyproject.toml, and report this message.")
+        "version inside the range in pyproject.toml, and report this message."
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_params(cls: type) -> frozenset[str]:
     # inspect follows functools.wraps (__wrapped__), so deprecation decorators show the real names
     return frozenset(inspect.signature(cls.forward).parameters)
@@ -98,12 +99,14 @@ def past_length(args: tuple, kwargs: dict, n_new: int, mask_width: int | None) -
         raise incompatible(
             f"a forward call with {n_new} new tokens and an attention mask over {mask_width} carries no KV cache "
             f"or cache_position that steerscope can read (keywords: {', '.join(sorted(kwargs))}), so the number "
-            "of cached tokens, and with it every steered position, is unknown")
+            "of cached tokens, and with it every steered position, is unknown"
+        )
     if mask_width is not None:
         static = bool(getattr(cache, "is_compileable", False))
         if mask_width < past + n_new or (not static and mask_width != past + n_new):
             raise incompatible(
-                f"the attention mask covers {mask_width} tokens but the cache reports {past} cached + {n_new} new")
+                f"the attention mask covers {mask_width} tokens but the cache reports {past} cached + {n_new} new"
+            )
     return past
 
 
@@ -120,19 +123,25 @@ def check_positions(kwargs: dict, abs_pos: torch.Tensor, valid: torch.Tensor, pa
     if past == 0:
         first = valid.long().argmax(-1, keepdim=True)  # (B, 1) each row's first real token
         if bool((pid.gather(-1, first) != 0)[valid.any(-1, keepdim=True)].any()):
-            raise incompatible("a forward call with no readable KV cache has position_ids that do not start at 0 "
-                               f"(first row: {pid[0].tolist()[:8]}): it continues a cache steerscope cannot see")
+            raise incompatible(
+                "a forward call with no readable KV cache has position_ids that do not start at 0 "
+                f"(first row: {pid[0].tolist()[:8]}): it continues a cache steerscope cannot see"
+            )
         return
     if bool((pid != abs_pos)[valid].any()):
-        raise incompatible("the model's position_ids disagree with the token positions derived from the cache "
-                           f"and attention mask (first row: {pid[0].tolist()[:8]} vs {abs_pos[0].tolist()[:8]})")
+        raise incompatible(
+            "the model's position_ids disagree with the token positions derived from the cache "
+            f"and attention mask (first row: {pid[0].tolist()[:8]} vs {abs_pos[0].tolist()[:8]})"
+        )
 
 
 def cache_layers(cache) -> list:
     """The per-layer key/value holders of a DynamicCache, which the server pads and joins."""
     layers = getattr(cache, "layers", None)
-    if layers is None or not all(isinstance(getattr(l, "keys", None), torch.Tensor)
-                                 and isinstance(getattr(l, "values", None), torch.Tensor) for l in layers):
+    if layers is None or not all(
+        isinstance(getattr(l, "keys", None), torch.Tensor) and isinstance(getattr(l, "values", None), torch.Tensor)
+        for l in layers
+    ):
         raise incompatible(f"{type(cache).__name__} has no .layers whose .keys/.values are tensors")
     return list(layers)
 

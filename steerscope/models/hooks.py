@@ -8,8 +8,9 @@ tuples and keyword arguments, and never edits a tensor in place.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,10 @@ def _post_wrapper(fn: TensorFn):
             return fn(output)
         if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
             return (fn(output[0]),) + tuple(output[1:])
-        raise SteerscopeError(f"steerscope cannot hook {type(module).__name__}: unexpected output type {type(output).__name__}; "
-                              "register the architecture with the right module paths (register_architecture).")
+        raise SteerscopeError(
+            f"steerscope cannot hook {type(module).__name__}: unexpected output type {type(output).__name__}; "
+            "register the architecture with the right module paths (register_architecture)."
+        )
 
     return hook
 
@@ -45,8 +48,10 @@ def _pre_wrapper(fn: TensorFn):
             return (fn(args[0]),) + tuple(args[1:]), kwargs
         if isinstance(kwargs.get("hidden_states"), torch.Tensor):
             return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-        raise SteerscopeError(f"steerscope cannot find the hidden states passed to {type(module).__name__}; "
-                              "register the architecture with the right module paths (register_architecture).")
+        raise SteerscopeError(
+            f"steerscope cannot find the hidden states passed to {type(module).__name__}; "
+            "register the architecture with the right module paths (register_architecture)."
+        )
 
     return hook
 

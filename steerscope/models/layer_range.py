@@ -20,8 +20,8 @@ falls back to full rows if an architecture does not match.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -114,8 +114,18 @@ class LayerRange:
         enc       the tokenised prompts
     """
 
-    def __init__(self, lm, prompts: list[str], source: int, target: int, *, chat: bool | None = None,
-                 share_prefix: bool = True, min_prefix: int = 4, formatted: bool = False):
+    def __init__(
+        self,
+        lm,
+        prompts: list[str],
+        source: int,
+        target: int,
+        *,
+        chat: bool | None = None,
+        share_prefix: bool = True,
+        min_prefix: int = 4,
+        formatted: bool = False,
+    ):
         self.lm = lm
         self.source, self.target = lm.check_layer(source), lm.check_layer(target)
         if self.target <= self.source:
@@ -126,7 +136,9 @@ class LayerRange:
         self.valid = self.enc["attention_mask"].bool()
         self.P = self.valid.shape[0]
         self._calls: list[tuple[tuple, dict]] = []
-        split = PrefixSplit.find(self.enc["input_ids"], self.enc["attention_mask"], min_prefix) if share_prefix else None
+        split = (
+            PrefixSplit.find(self.enc["input_ids"], self.enc["attention_mask"], min_prefix) if share_prefix else None
+        )
         self._split = split
         self._want_prefix = split.C if split is not None else 0
         self.shared_prefix = 0  # tokens actually shared (0 = plain rows), set by capture()
@@ -184,7 +196,9 @@ class LayerRange:
 
         def record():
             cache = DynamicCache()
-            pre = self._record(input_ids=pre_ids, attention_mask=torch.ones_like(pre_ids), **with_cache(self.lm.model, cache))
+            pre = self._record(
+                input_ids=pre_ids, attention_mask=torch.ones_like(pre_ids), **with_cache(self.lm.model, cache)
+            )
             return pre, self._record(input_ids=suf_ids, attention_mask=full_mask, **with_cache(self.lm.model, cache))
 
         recorded, why = guarded(record)
@@ -210,7 +224,7 @@ class LayerRange:
             return self._run_shared(theta)
         K, P = theta.shape[0], self.P
         x = _steered(self.h_source, self.valid, theta)  # (K*P, T, d)
-        for block, (args, kwargs) in zip(self.lm.arch.blocks[self.source + 1:self.target + 1], self._calls):
+        for block, (args, kwargs) in zip(self.lm.arch.blocks[self.source + 1 : self.target + 1], self._calls):
             out = block(x, *_tile(args, P, K), **_tile(kwargs, P, K))
             x = out[0] if isinstance(out, tuple) else out
         return x
@@ -220,7 +234,7 @@ class LayerRange:
         pre = self._h_pre.expand(K, -1, -1) + theta.to(self._h_pre.dtype)[:, None, :]  # (K, C, d): all real tokens
         suf = _steered(self._h_suf, self._suf_valid, theta)  # (K*P, T-C, d)
         kv = PrefixKV(P, C)
-        blocks = self.lm.arch.blocks[self.source + 1:self.target + 1]
+        blocks = self.lm.arch.blocks[self.source + 1 : self.target + 1]
         for block, (a1, k1), (a2, k2) in zip(blocks, self._calls_pre, self._calls_suf):
             kv.mode = "prefix"
             out = block(pre, *_swap_cache(_tile(a1, 1, K), kv), **_swap_cache(_tile(k1, 1, K), kv))

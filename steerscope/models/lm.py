@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -100,8 +100,9 @@ class LM:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, prompts: Sequence[str], chat: bool | None = False, system: str | None = None,
-               formatted: bool = False) -> dict[str, torch.Tensor]:
+    def encode(
+        self, prompts: Sequence[str], chat: bool | None = False, system: str | None = None, formatted: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Tokenise and LEFT-pad a batch: {"input_ids", "attention_mask"} on the model's device.
 
         `formatted=True`: the texts already went through `format_prompt` (no template, no
@@ -136,8 +137,8 @@ class LM:
         mask = torch.zeros((len(rows), T), dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
             if len(r):
-                ids[i, T - len(r):] = r.to(self.device)
-                mask[i, T - len(r):] = 1
+                ids[i, T - len(r) :] = r.to(self.device)
+                mask[i, T - len(r) :] = 1
         return ids, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
@@ -147,11 +148,12 @@ class LM:
         `input_ids`); the new tokens get the positions of its last columns."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
 
-    def last_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, k: int = 1,
-                    **kw) -> torch.Tensor:
+    def last_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, k: int = 1, **kw
+    ) -> torch.Tensor:
         """(B, k, vocab) logits at the last `k` positions only (model dtype), through `forward`.
 
         The unembedding is a fifth of a small model's forward and B x T x vocab floats, so it runs
@@ -182,8 +184,6 @@ def weights_fingerprint(model: torch.nn.Module, n: int = 2048) -> str:
         h.update(f"{name}:{tuple(p.shape)};".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
 
 
 # ---- a Hugging Face checkpoint folder --------------------------------------------------------

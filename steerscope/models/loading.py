@@ -23,8 +23,16 @@ from .placement import dispatch, parse_device_map, parse_max_memory, placement_k
 
 # `from steerscope.models.loading import LM, load_model, ...` keeps working: these names are
 # imported above for use here, none of their modules imports this one.
-__all__ = ["LM", "ModelConfig", "load_model", "load_organism", "weights_fingerprint", "parse_dtype", "auto_dtype",
-           "check_device"]
+__all__ = [
+    "LM",
+    "ModelConfig",
+    "load_model",
+    "load_organism",
+    "weights_fingerprint",
+    "parse_dtype",
+    "auto_dtype",
+    "check_device",
+]
 
 
 def load_organism(name: str, dtype: torch.dtype, device: str | torch.device, place: dict | None = None) -> LM:
@@ -41,9 +49,16 @@ def load_organism(name: str, dtype: torch.dtype, device: str | torch.device, pla
     return LM(lm.model, lm.tokenizer, model_id=f"{PREFIX}{name}", fingerprint=fp, source=str(org.path))
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", device_map: str | dict | None = None, max_memory: str | dict | None = None,
-               quantize: str | None = None, offload_folder: str | None = None) -> LM:
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    quantize: str | None = None,
+    offload_folder: str | None = None,
+) -> LM:
     """Load a causal LM for steering.
 
     Args:
@@ -78,7 +93,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
             raise
         except Exception as e:
             raise ModelLoadError(f"could not load the checkpoint in {path}: {type(e).__name__}: {e}") from e
-        return LM(model, tok, model_id=str(path.resolve()), fingerprint=weights_fingerprint(model), source=str(path.resolve()))
+        return LM(
+            model, tok, model_id=str(path.resolve()), fingerprint=weights_fingerprint(model), source=str(path.resolve())
+        )
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model path {name!r} does not exist.")
     # A hub id: use the local HF cache only, so a missing model fails at once with a clear message
@@ -129,5 +146,12 @@ class ModelConfig(Config):
             raise SteerscopeError("--max-memory only applies with --device-map; add --device-map auto.")
 
     def load(self) -> LM:
-        return load_model(self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
-                          max_memory=self.max_memory, quantize=self.quantize, offload_folder=self.offload_folder)
+        return load_model(
+            self.model,
+            dtype=self.dtype,
+            device=self.device,
+            device_map=self.device_map,
+            max_memory=self.max_memory,
+            quantize=self.quantize,
+            offload_folder=self.offload_folder,
+        )

@@ -30,8 +30,13 @@ def null_copy(lm: LM, kind: str, seed: int = 0) -> LM:
         raise SteerscopeError(f"unknown null model {kind!r}; choose {' or '.join(NULL_KINDS)}.")
     if getattr(lm.model, "hf_device_map", None):
         raise SteerscopeError("a null-model control needs the model in one piece; load it without --device-map.")
-    out = LM(copy.deepcopy(lm.model), lm.tokenizer, model_id=f"{lm.model_id} [{kind}d blocks]",
-             fingerprint="", source=lm.source)
+    out = LM(
+        copy.deepcopy(lm.model),
+        lm.tokenizer,
+        model_id=f"{lm.model_id} [{kind}d blocks]",
+        fingerprint="",
+        source=lm.source,
+    )
     g = torch.Generator().manual_seed(seed)
     n = 0
     for block in out.arch.blocks:

@@ -40,14 +40,18 @@ def parse_device_map(spec: str | dict | None) -> str | dict | None:
     try:
         dm = json.loads(text)
     except ValueError:
-        raise SteerscopeError(f"--device-map {spec!r}: use {', '.join(STRATEGIES)}, a JSON object "
-                              "{\"module\": device} or a file holding one.") from None
+        raise SteerscopeError(
+            f"--device-map {spec!r}: use {', '.join(STRATEGIES)}, a JSON object "
+            '{"module": device} or a file holding one.'
+        ) from None
     if not isinstance(dm, dict) or not dm:
-        raise SteerscopeError(f"--device-map {spec!r}: the JSON must be a non-empty object {{\"module\": device}}.")
+        raise SteerscopeError(f'--device-map {spec!r}: the JSON must be a non-empty object {{"module": device}}.')
     for k, v in dm.items():
         ok = isinstance(v, int) or (isinstance(v, str) and (v in ("cpu", "disk", "mps") or v.startswith("cuda:")))
         if not ok:
-            raise SteerscopeError(f"--device-map: module {k!r} is mapped to {v!r}; use a GPU index, cuda:N, cpu, mps or disk.")
+            raise SteerscopeError(
+                f"--device-map: module {k!r} is mapped to {v!r}; use a GPU index, cuda:N, cpu, mps or disk."
+            )
     return dm
 
 
@@ -72,14 +76,19 @@ def placement_kwargs(device_map, max_memory, quantize: str | None, offload_folde
     kw: dict[str, Any] = {}
     if quantize is not None:
         if not torch.cuda.is_available():
-            raise SteerscopeError(f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); use --dtype bfloat16 on this machine.")
+            raise SteerscopeError(
+                f"--quantize {quantize} needs a CUDA GPU (bitsandbytes); use --dtype bfloat16 on this machine."
+            )
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise SteerscopeError("--quantize needs bitsandbytes: pip install bitsandbytes.") from None
-        kw["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if quantize == "8bit" else
-                                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
+        kw["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantize == "8bit"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+        )
         device_map = device_map or "auto"
     if device_map is not None:
         kw["device_map"] = device_map
@@ -98,8 +107,9 @@ def dispatch(model: torch.nn.Module, device_map, max_memory=None, offload_folder
     if isinstance(device_map, str):
         no_split = getattr(model, "_no_split_modules", None) or []
         if device_map in ("balanced", "balanced_low_0", "auto"):
-            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
-                                             low_zero=device_map == "balanced_low_0")
+            max_memory = get_balanced_memory(
+                model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            )
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     if "disk" in device_map.values() and offload_folder is None:
         raise SteerscopeError("the device map offloads to disk: pass --offload-folder DIR.")

@@ -20,8 +20,9 @@ what they share:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -34,7 +35,7 @@ def common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
     """Length of the token prefix shared by every left-padded row, leaving each row >= 1 own token."""
     n = mask.sum(-1)
     T = ids.shape[1]
-    rows = [ids[i, T - int(n[i]):] for i in range(ids.shape[0])]
+    rows = [ids[i, T - int(n[i]) :] for i in range(ids.shape[0])]
     C = 0
     limit = int(n.min()) - 1
     while C < limit and all(int(r[C]) == int(rows[0][C]) for r in rows):
@@ -53,7 +54,7 @@ class PrefixSplit:
     pad: torch.Tensor  # (P,) each row's left padding in the original layout
 
     @classmethod
-    def find(cls, ids: torch.Tensor, mask: torch.Tensor, min_prefix: int = 4) -> "PrefixSplit | None":
+    def find(cls, ids: torch.Tensor, mask: torch.Tensor, min_prefix: int = 4) -> PrefixSplit | None:
         """The split of `ids`/`mask` (P, T), or None when the rows share fewer than `min_prefix`
         tokens or the batch is not left-padded (the layout below assumes it)."""
         if ids.shape[0] < 2 or not bool(mask[:, -1].all()):
@@ -66,9 +67,9 @@ class PrefixSplit:
         first = int(pad[0])
         rows = range(ids.shape[0])
         # Each row keeps its own padding, then its tokens after the prefix: left-padded to T-C.
-        suffix_ids = torch.stack([torch.cat([ids[i, :int(pad[i])], ids[i, int(pad[i]) + C:]]) for i in rows])
-        suffix_mask = torch.stack([torch.cat([mask[i, :int(pad[i])], mask[i, int(pad[i]) + C:]]) for i in rows])
-        return cls(C, ids[0, first:first + C], suffix_ids, suffix_mask, pad)
+        suffix_ids = torch.stack([torch.cat([ids[i, : int(pad[i])], ids[i, int(pad[i]) + C :]]) for i in rows])
+        suffix_mask = torch.stack([torch.cat([mask[i, : int(pad[i])], mask[i, int(pad[i]) + C :]]) for i in rows])
+        return cls(C, ids[0, first : first + C], suffix_ids, suffix_mask, pad)
 
     def suffixes(self, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The suffix ids (B, S) of prompts `rows` (default: all, in order) and the attention mask
@@ -123,8 +124,12 @@ def guarded(fn: Callable[..., T_], *args) -> tuple[T_ | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def verified(shared: Callable[[], torch.Tensor], plain: Callable[[], torch.Tensor], dtype: torch.dtype,
-             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, str | None]:
+def verified(
+    shared: Callable[[], torch.Tensor],
+    plain: Callable[[], torch.Tensor],
+    dtype: torch.dtype,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, str | None]:
     """The self-check, run once per use: the shared path's result and None when it reproduces the
     plain one; else the plain result and why sharing must be switched off."""
     out, why = guarded(shared)
@@ -151,8 +156,10 @@ class PrefixKV:
             self.kv[layer_idx] = (key, value)
             return key, value
         pk, pv = self.kv[layer_idx]
-        return (torch.cat([pk.repeat_interleave(self.P, dim=0), key], dim=-2),
-                torch.cat([pv.repeat_interleave(self.P, dim=0), value], dim=-2))
+        return (
+            torch.cat([pk.repeat_interleave(self.P, dim=0), key], dim=-2),
+            torch.cat([pv.repeat_interleave(self.P, dim=0), value], dim=-2),
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0 if self.mode == "prefix" else self.C

@@ -47,12 +47,20 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec(
-    base="model", layers="model.layers", embed="model.embed_tokens",
-    attn_out="self_attn.o_proj", mlp_out="mlp.down_proj", final_norm="model.norm",
+    base="model",
+    layers="model.layers",
+    embed="model.embed_tokens",
+    attn_out="self_attn.o_proj",
+    mlp_out="mlp.down_proj",
+    final_norm="model.norm",
 )
 _POST_NORM = ArchSpec(
-    base="model", layers="model.layers", embed="model.embed_tokens",
-    attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm", final_norm="model.norm",
+    base="model",
+    layers="model.layers",
+    embed="model.embed_tokens",
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    final_norm="model.norm",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -66,12 +74,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": _POST_NORM,
     "olmo2": _POST_NORM,
     "gpt2": ArchSpec(
-        base="transformer", layers="transformer.h", embed="transformer.wte",
-        attn_out="attn.c_proj", mlp_out="mlp.c_proj", final_norm="transformer.ln_f",
+        base="transformer",
+        layers="transformer.h",
+        embed="transformer.wte",
+        attn_out="attn.c_proj",
+        mlp_out="mlp.c_proj",
+        final_norm="transformer.ln_f",
     ),
     "gpt_neox": ArchSpec(
-        base="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-        attn_out="attention.dense", mlp_out="mlp.dense_4h_to_h", final_norm="gpt_neox.final_layer_norm",
+        base="gpt_neox",
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        attn_out="attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
         lm_head="embed_out",
     ),
 }
@@ -80,9 +96,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 def register_architecture(model_type: str, spec: ArchSpec, *, replace: bool = False) -> None:
     """Teach steerscope a new `config.model_type`. Example::
 
-        register_architecture("mymodel", ArchSpec(base="model", layers="model.layers",
-            embed="model.embed_tokens", attn_out="self_attn.o_proj", mlp_out="mlp.down_proj",
-            final_norm="model.norm"))
+    register_architecture("mymodel", ArchSpec(base="model", layers="model.layers",
+        embed="model.embed_tokens", attn_out="self_attn.o_proj", mlp_out="mlp.down_proj",
+        final_norm="model.norm"))
     """
     if model_type in ARCHITECTURES and not replace:
         raise SteerscopeError(f"architecture {model_type!r} is already registered; pass replace=True to override it.")
@@ -143,7 +159,9 @@ class Arch:
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise LayerError(f"layer must be an int in 0..{n - 1}, got {layer!r}.")
         if not -n <= layer < n:
-            raise LayerError(f"layer {layer} is out of range: this model has {n} layers, valid layers are 0..{n - 1} (or -{n}..-1).")
+            raise LayerError(
+                f"layer {layer} is out of range: this model has {n} layers, valid layers are 0..{n - 1} (or -{n}..-1)."
+            )
         return layer % n
 
     def resolve(self, site: Site) -> tuple[nn.Module, Literal["pre", "post"]]:

@@ -38,12 +38,14 @@ def _card(f: dict, run_dir_hint: str) -> str:
     links = " ".join(f'<a class="tag" href="#card-{escape(v)}">{escape(v)}</a>' for v in f["vectors"])
     cls = "finding" if f.get("significant") else "finding weak"
     flag = f' · <b class="flag">{escape(f["single"])}</b>' if f.get("single") else ""
-    return (f'<div class="{cls}" id="finding-{f["rank"]}" data-rank="{f["rank"]}" data-significant="{int(bool(f.get("significant")))}">'
-            f'<h3>#{f["rank"] + 1} · {surface_tag(f)}{escape(", ".join(f["words"]) or "(no distinctive words)")}{flag}</h3>'
-            f'<div class="typical">{escape(_one_line(f["typical"]))}</div>'
-            f'<div class="facts"><b>Why here:</b> {escape(f.get("reason", ""))}<br>vectors: {links}<br>'
-            f'export: <code>steerscope findings --run {escape(run_dir_hint)} --export {f["rank"]} --out finding-{f["rank"]}</code>'
-            f'</div></div>')
+    return (
+        f'<div class="{cls}" id="finding-{f["rank"]}" data-rank="{f["rank"]}" data-significant="{int(bool(f.get("significant")))}">'
+        f"<h3>#{f['rank'] + 1} · {surface_tag(f)}{escape(', '.join(f['words']) or '(no distinctive words)')}{flag}</h3>"
+        f'<div class="typical">{escape(_one_line(f["typical"]))}</div>'
+        f'<div class="facts"><b>Why here:</b> {escape(f.get("reason", ""))}<br>vectors: {links}<br>'
+        f"export: <code>steerscope findings --run {escape(run_dir_hint)} --export {f['rank']} --out finding-{f['rank']}</code>"
+        f"</div></div>"
+    )
 
 
 def findings_section(findings: list[dict], run_dir_hint: str = "RUN", null_model: dict | None = None) -> str:
@@ -55,18 +57,28 @@ def findings_section(findings: list[dict], run_dir_hint: str = "RUN", null_model
     weak = [f for f in findings if not f["significant"]]
     power = f'<p class="power" id="power">{escape(null_model["power"])}</p>' if null_model else ""
     if not sig:
-        out = ['<div class="nofinding" id="no-findings"><b>No behaviour beat chance.</b> No cluster of learned-vector '
-               'completions appeared under significantly more learned vectors than random vectors of the same norms and '
-               'unsteered samples. Try more vectors (--n-vectors), other layers, or an explicit --R; the vector table '
-               'below still ranks what each vector did.</div>']
+        out = [
+            '<div class="nofinding" id="no-findings"><b>No behaviour beat chance.</b> No cluster of learned-vector '
+            "completions appeared under significantly more learned vectors than random vectors of the same norms and "
+            "unsteered samples. Try more vectors (--n-vectors), other layers, or an explicit --R; the vector table "
+            "below still ranks what each vector did.</div>"
+        ]
     else:
         cards = [_card(f, run_dir_hint) for f in sig]
-        out = cards[:5] + ([f'<details id="more-findings"><summary>{len(cards) - 5} more significant findings</summary>'
-                            f'{"".join(cards[5:])}</details>'] if len(cards) > 5 else [])
+        out = cards[:5] + (
+            [
+                f'<details id="more-findings"><summary>{len(cards) - 5} more significant findings</summary>'
+                f"{''.join(cards[5:])}</details>"
+            ]
+            if len(cards) > 5
+            else []
+        )
     if weak:
-        out.append(f'<details id="not-significant"><summary>{len(weak)} cluster{"s" if len(weak) != 1 else ""} under learned '
-                   f'vectors that did not beat chance (not significant)</summary>{"".join(_card(f, run_dir_hint) for f in weak)}'
-                   '</details>')
+        out.append(
+            f'<details id="not-significant"><summary>{len(weak)} cluster{"s" if len(weak) != 1 else ""} under learned '
+            f"vectors that did not beat chance (not significant)</summary>{''.join(_card(f, run_dir_hint) for f in weak)}"
+            "</details>"
+        )
     return "".join(out) + power
 
 
@@ -101,9 +113,12 @@ def goldilocks_plot(g: dict | None, moved: dict | None = None) -> str:
         learned = svg.coloured(f"learned vectors moved {moved['learned']:.0%}", svg.BLUE)
         run_note = f" In the run at that R, {learned} of their completions and random ones {moved['random']:.0%}."
     chosen = svg.coloured(f"Chosen: R = {_f(g['chosen'], '.3g')}", svg.GREEN)
-    return (f'<figure id="goldilocks">{c.svg()}'
-            f'<figcaption style="font-size:12px;max-width:{W}px">Choosing R: share of completions whose behaviour moved '
-            f'under {svg.coloured("random", svg.GREY)} vectors at each R the search tried (multiples of the '
-            f'calibrated R = {_f(g["calibrated"], ".3g")}, {escape(str(rows[0].get("random_completions", "?")))} completions each; '
-            f'{svg.coloured(f"threshold {thr:.0%}", svg.RED)}). {chosen} ({escape(g.get("reason", ""))}).'
-            + run_note + '</figcaption></figure>')
+    return (
+        f'<figure id="goldilocks">{c.svg()}'
+        f'<figcaption style="font-size:12px;max-width:{W}px">Choosing R: share of completions whose behaviour moved '
+        f"under {svg.coloured('random', svg.GREY)} vectors at each R the search tried (multiples of the "
+        f"calibrated R = {_f(g['calibrated'], '.3g')}, {escape(str(rows[0].get('random_completions', '?')))} completions each; "
+        f"{svg.coloured(f'threshold {thr:.0%}', svg.RED)}). {chosen} ({escape(g.get('reason', ''))})."
+        + run_note
+        + "</figcaption></figure>"
+    )

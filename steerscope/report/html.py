@@ -18,8 +18,14 @@ from . import svg
 from .findings import CSS as FINDINGS_CSS
 from .findings import findings_section, goldilocks_plot, surface_tag
 
-COLUMNS = [("target_change", "target Δ"), ("kl_neutral", "KL neutral"), ("logprob", "log p"), ("distinct2", "distinct-2"),
-           ("embed_distance", "embed dist"), ("changed", "changed")]
+COLUMNS = [
+    ("target_change", "target Δ"),
+    ("kl_neutral", "KL neutral"),
+    ("logprob", "log p"),
+    ("distinct2", "distinct-2"),
+    ("embed_distance", "embed dist"),
+    ("changed", "changed"),
+]
 
 CSS = """
 body{font-family:system-ui,-apple-system,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -66,8 +72,14 @@ def _scatter(points, labels, sets, clusters) -> str:
     if not points:
         return "<p>no completions</p>"
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    c = svg.Chart(W, H, svg.linear(min(xs), max(xs), pad, W - pad), svg.linear(min(ys), max(ys), H - pad, pad), id="cluster-map",
-                  class_="plot")
+    c = svg.Chart(
+        W,
+        H,
+        svg.linear(min(xs), max(xs), pad, W - pad),
+        svg.linear(min(ys), max(ys), H - pad, pad),
+        id="cluster-map",
+        class_="plot",
+    )
     for (x, y), label, s in zip(points, labels, sets):
         col = svg.color(label)
         if s == "random":
@@ -78,11 +90,16 @@ def _scatter(points, labels, sets, clusters) -> str:
             c.triangle(x, y)
         else:
             c.dot(x, y, col, r=5, opacity=0.8)
-    legend = "".join(f'<li><span class="tag" style="background:{svg.color(k["id"])};color:#fff">{k["id"]}</span>'
-                     f'{k["size"]} completions — {surface_tag(k)}<i>{escape(", ".join(k["words"]))}</i>: “{escape(k["typical"][:120])}”</li>'
-                     for k in clusters)
-    return (c.svg() + '<p>● learned ■ random △ unsteered ○ unsteered sample; colour = behaviour cluster (first two principal '
-            f'components of the completion embeddings)</p><ol start="0" style="font-size:13px">{legend}</ol>')
+    legend = "".join(
+        f'<li><span class="tag" style="background:{svg.color(k["id"])};color:#fff">{k["id"]}</span>'
+        f"{k['size']} completions — {surface_tag(k)}<i>{escape(', '.join(k['words']))}</i>: “{escape(k['typical'][:120])}”</li>"
+        for k in clusters
+    )
+    return (
+        c.svg()
+        + "<p>● learned ■ random △ unsteered ○ unsteered sample; colour = behaviour cluster (first two principal "
+        f'components of the completion embeddings)</p><ol start="0" style="font-size:13px">{legend}</ol>'
+    )
 
 
 def _sweep_plot(vid: str, rows: list[dict]) -> str:
@@ -98,8 +115,10 @@ def _sweep_plot(vid: str, rows: list[dict]) -> str:
         c.line(pts, col).dots(pts, col)
     c.xticks(ms, lambda m: f"{m:g}×", dy=H - 8 - (H - pad)).yticks([0, ymax], lambda v: f"{v:.2g}", x=pad - 3)
     c.text(pad, 14, vid, 11)
-    return (f'<figure>{c.svg()}<figcaption style="font-size:12px">{svg.coloured("share of completions changed", svg.RED)}, '
-            f'{svg.coloured("target-layer change", svg.BLUE)} vs multiple of R</figcaption></figure>')
+    return (
+        f'<figure>{c.svg()}<figcaption style="font-size:12px">{svg.coloured("share of completions changed", svg.RED)}, '
+        f"{svg.coloured('target-layer change', svg.BLUE)} vs multiple of R</figcaption></figure>"
+    )
 
 
 def null_section(null: dict | None) -> str:
@@ -107,19 +126,29 @@ def null_section(null: dict | None) -> str:
     if not null:
         return ""
     r, n = null["real"], null["null"]
-    rows = [("steered completions", "completions", "{:.0f}"), ("changed vs its own unsteered", "changed", "{:.2f}"),
-            ("log p / token under the real model (steered)", "logprob_real", "{:.2f}"),
-            ("log p / token under the real model (its unsteered)", "logprob_real_unsteered", "{:.2f}"),
-            ("distinct bigrams (1 = no repetition)", "distinct2", "{:.2f}")]
-    body = "".join(f"<tr><td class='l'>{escape(t)}</td><td>{f.format(r[k])}</td><td>{f.format(n[k])}</td></tr>" for t, k, f in rows)
-    ex = "".join(f"<tr><td class='l'>{escape(e['vector'])}</td><td class='l'>{escape(e['text'])}</td></tr>" for e in null["examples"])
+    rows = [
+        ("steered completions", "completions", "{:.0f}"),
+        ("changed vs its own unsteered", "changed", "{:.2f}"),
+        ("log p / token under the real model (steered)", "logprob_real", "{:.2f}"),
+        ("log p / token under the real model (its unsteered)", "logprob_real_unsteered", "{:.2f}"),
+        ("distinct bigrams (1 = no repetition)", "distinct2", "{:.2f}"),
+    ]
+    body = "".join(
+        f"<tr><td class='l'>{escape(t)}</td><td>{f.format(r[k])}</td><td>{f.format(n[k])}</td></tr>" for t, k, f in rows
+    )
+    ex = "".join(
+        f"<tr><td class='l'>{escape(e['vector'])}</td><td class='l'>{escape(e['text'])}</td></tr>"
+        for e in null["examples"]
+    )
     natural = r["logprob_real"] - n["logprob_real"]
-    return (f"<h2 id='null-control'>Natural behaviours or artefacts? Control on a {escape(null['kind'])}d copy</h2>"
-            f"<p class='lead'>The same discovery on a copy of the model whose block weights were {escape(null['kind'])}d "
-            f"({null['vectors']} vectors, its own calibrated R = {_fmt(null['R'])}). What the real model's vectors elicit is "
-            f"{natural:.2f} nats/token {'more' if natural >= 0 else 'less'} natural (log p under the unsteered real model) "
-            f"than what the copy's vectors elicit.</p><table><tr><th class='l'></th><th>real model</th><th>null copy</th></tr>{body}</table>"
-            f"<details><summary>completions elicited in the null copy</summary><table>{ex}</table></details>")
+    return (
+        f"<h2 id='null-control'>Natural behaviours or artefacts? Control on a {escape(null['kind'])}d copy</h2>"
+        f"<p class='lead'>The same discovery on a copy of the model whose block weights were {escape(null['kind'])}d "
+        f"({null['vectors']} vectors, its own calibrated R = {_fmt(null['R'])}). What the real model's vectors elicit is "
+        f"{natural:.2f} nats/token {'more' if natural >= 0 else 'less'} natural (log p under the unsteered real model) "
+        f"than what the copy's vectors elicit.</p><table><tr><th class='l'></th><th>real model</th><th>null copy</th></tr>{body}</table>"
+        f"<details><summary>completions elicited in the null copy</summary><table>{ex}</table></details>"
+    )
 
 
 def _model_dtype(metrics: dict) -> str:
@@ -131,20 +160,35 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
     sets, vecs = metrics["sets"], metrics["vectors"]
     score_cols = sorted({k for m in vecs.values() for k in m if k.startswith("score:")})
     cols = COLUMNS + [(k, k[6:]) for k in score_cols]
-    head = ('<tr><th class="l" data-key="id" data-type="str">vector</th><th class="l" data-key="set" data-type="str">set</th>'
-            + "".join(f'<th data-key="{escape(k)}" data-type="num">{escape(n)}</th>' for k, n in cols)
-            + '<th class="l" data-key="clusters" data-type="str">clusters</th></tr>')
+    head = (
+        '<tr><th class="l" data-key="id" data-type="str">vector</th><th class="l" data-key="set" data-type="str">set</th>'
+        + "".join(f'<th data-key="{escape(k)}" data-type="num">{escape(n)}</th>' for k, n in cols)
+        + '<th class="l" data-key="clusters" data-type="str">clusters</th></tr>'
+    )
     body = []
     for vid, m in vecs.items():
         cells = "".join(f'<td data-v="{m.get(k, float("nan"))}">{_fmt(m.get(k, float("nan")))}</td>' for k, _ in cols)
         cl = ",".join(map(str, m.get("clusters", [])))
-        body.append(f'<tr class="{sets[vid]}"><td class="l" data-v="{escape(vid)}"><a href="#card-{escape(vid)}">{escape(vid)}</a></td>'
-                    f'<td class="l" data-v="{sets[vid]}">{sets[vid]}</td>{cells}<td class="l" data-v="{cl}">{cl}</td></tr>')
+        body.append(
+            f'<tr class="{sets[vid]}"><td class="l" data-v="{escape(vid)}"><a href="#card-{escape(vid)}">{escape(vid)}</a></td>'
+            f'<td class="l" data-v="{sets[vid]}">{sets[vid]}</td>{cells}<td class="l" data-v="{cl}">{cl}</td></tr>'
+        )
     summary = metrics["summary"]
-    keys = ["vectors", "completions", "distinct_completions", "clusters"] + [k for k in summary.get("learned", {}) if k.startswith("mean_")]
-    compare = ("<table id='learned-vs-random'><tr><th class='l'></th>" + "".join(f"<th>{s}</th>" for s in summary) + "</tr>"
-               + "".join(f"<tr><td class='l'>{k.replace('_', ' ')}</td>" + "".join(f"<td>{_fmt(summary[s][k])}</td>" for s in summary)
-                         + "</tr>" for k in keys) + "</table>")
+    keys = ["vectors", "completions", "distinct_completions", "clusters"] + [
+        k for k in summary.get("learned", {}) if k.startswith("mean_")
+    ]
+    compare = (
+        "<table id='learned-vs-random'><tr><th class='l'></th>"
+        + "".join(f"<th>{s}</th>" for s in summary)
+        + "</tr>"
+        + "".join(
+            f"<tr><td class='l'>{k.replace('_', ' ')}</td>"
+            + "".join(f"<td>{_fmt(summary[s][k])}</td>" for s in summary)
+            + "</tr>"
+            for k in keys
+        )
+        + "</table>"
+    )
     by_vec = defaultdict(list)
     for r in rows:
         by_vec[r["vector_id"]].append(r)
@@ -153,37 +197,52 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
     for vid in vecs:
         m = vecs[vid]
         tags = "".join(f'<span class="tag">{escape(n)} {_fmt(m.get(k, float("nan")))}</span>' for k, n in cols)
-        trs = "".join(f'<tr><td>{escape(r["split"])}: {escape(r["prompt"])}</td><td>{escape(base[r["prompt_index"]]["text"])}</td>'
-                      f'<td>{escape(r["text"])}</td></tr>' for r in sorted(by_vec[vid], key=lambda r: r["prompt_index"]))
-        cards.append(f'<div class="card vector-card {sets[vid]}" id="card-{escape(vid)}" data-vector="{escape(vid)}">'
-                     f'<b class="{sets[vid]}">{escape(vid)}</b> ({sets[vid]}) {tags}'
-                     f'<table><tr><th class="l" style="width:22%">prompt</th><th class="l">unsteered</th><th class="l">steered</th></tr>'
-                     f'{trs}</table></div>')
+        trs = "".join(
+            f"<tr><td>{escape(r['split'])}: {escape(r['prompt'])}</td><td>{escape(base[r['prompt_index']]['text'])}</td>"
+            f"<td>{escape(r['text'])}</td></tr>"
+            for r in sorted(by_vec[vid], key=lambda r: r["prompt_index"])
+        )
+        cards.append(
+            f'<div class="card vector-card {sets[vid]}" id="card-{escape(vid)}" data-vector="{escape(vid)}">'
+            f'<b class="{sets[vid]}">{escape(vid)}</b> ({sets[vid]}) {tags}'
+            f'<table><tr><th class="l" style="width:22%">prompt</th><th class="l">unsteered</th><th class="l">steered</th></tr>'
+            f"{trs}</table></div>"
+        )
     d = metrics.get("discovery", {})
     sweeps = "".join(_sweep_plot(v, r) for v, r in metrics.get("sweep", {}).items()) or "<p>no sweep</p>"
-    n_learned = sum(v == 'learned' for v in sets.values())
+    n_learned = sum(v == "learned" for v in sets.values())
     by = "for changed, natural completions" if d.get("kept_by") == "completions" else "by entropy"  # kl's two rules
     kept = f" (kept from {d['candidates']} candidates {by})" if (d.get("candidates") or 0) > n_learned else ""
-    title = (f"{escape(str(d.get('method')))}: {n_learned} vectors{kept}, layer "
-             f"{d.get('source')} → {escape(str(d.get('reads') or d.get('target')))}, R = {_fmt(d.get('R'))}")
+    title = (
+        f"{escape(str(d.get('method')))}: {n_learned} vectors{kept}, layer "
+        f"{d.get('source')} → {escape(str(d.get('reads') or d.get('target')))}, R = {_fmt(d.get('R'))}"
+    )
     found = metrics.get("findings")
     n_found = sum(bool(f.get("significant", True)) for f in found or [])
     nm = metrics.get("null_model")
-    lead = (f"{n_found} behaviour{'s' if n_found != 1 else ''} found that beat chance" + (
+    lead = (
+        f"{n_found} behaviour{'s' if n_found != 1 else ''} found that beat chance"
+        + (
             f" (false-discovery rate {nm['alpha']:g}, against {nm['random']} random vectors and {nm['samples']} unsteered "
-            f"samples per prompt)" if nm else "") if found is not None else "measured before findings existed")
+            f"samples per prompt)"
+            if nm
+            else ""
+        )
+        if found is not None
+        else "measured before findings existed"
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>steerscope run — {title}</title>
 <style>{CSS}{FINDINGS_CSS}{svg.CSS}</style></head><body>
 <h1>steerscope run — {title}</h1>
-<p>model {escape(str(((config['config'].get('model') or {}).get('model')) or 'SmolLM2-135M-Instruct (embedded)'))}{_model_dtype(metrics)}, steerscope {escape(config.get('steerscope_version', ''))},
-{len(rows)} completions, {_fmt(metrics.get('seconds', float('nan')))} s. <b>{lead}.</b></p>
-<h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir, metrics.get('null_model'))}
-<h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get('goldilocks'), metrics.get('moved'))}</div>
+<p>model {escape(str(((config["config"].get("model") or {}).get("model")) or "SmolLM2-135M-Instruct (embedded)"))}{_model_dtype(metrics)}, steerscope {escape(config.get("steerscope_version", ""))},
+{len(rows)} completions, {_fmt(metrics.get("seconds", float("nan")))} s. <b>{lead}.</b></p>
+<h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir, metrics.get("null_model"))}
+<h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get("goldilocks"), metrics.get("moved"))}</div>
 {null_section(null)}
-<h2>Behaviour clusters</h2>{_scatter(metrics.get('map', []), metrics.get('labels', []), [r['set'] for r in rows], metrics.get('clusters', []))}
+<h2>Behaviour clusters</h2>{_scatter(metrics.get("map", []), metrics.get("labels", []), [r["set"] for r in rows], metrics.get("clusters", []))}
 <h2>Norm sweep</h2><div class="plots">{sweeps}</div>
-<h2>Completions</h2>{''.join(cards)}
+<h2>Completions</h2>{"".join(cards)}
 <h2>Vectors</h2><details id="vector-table"><summary>all {len(vecs)} vectors: metrics table (click to open; click a column to sort)</summary>
-<table id="summary"><thead>{head}</thead><tbody>{''.join(body)}</tbody></table></details>
+<table id="summary"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></details>
 <h2>Run configuration</h2><pre>{escape(json.dumps(config, indent=2))}</pre>
 <script>{JS}</script></body></html>"""

@@ -80,14 +80,26 @@ class Chart:
 
     # pixels
     def rule(self, x1: float, y1: float, x2: float, y2: float, stroke: str = AXIS, dash: str | None = None) -> Chart:
-        self.parts.append(f'<line x1="{_n(x1)}" y1="{_n(y1)}" x2="{_n(x2)}" y2="{_n(y2)}"{_attrs(stroke=stroke, stroke_dasharray=dash)}/>')
+        self.parts.append(
+            f'<line x1="{_n(x1)}" y1="{_n(y1)}" x2="{_n(x2)}" y2="{_n(y2)}"{_attrs(stroke=stroke, stroke_dasharray=dash)}/>'
+        )
         return self
 
-    def text(self, x: float, y: float, s, size: int = 10, anchor: str | None = None, fill: str | None = None,
-             rotate: bool = False) -> Chart:
+    def text(
+        self,
+        x: float,
+        y: float,
+        s,
+        size: int = 10,
+        anchor: str | None = None,
+        fill: str | None = None,
+        rotate: bool = False,
+    ) -> Chart:
         turn = f"rotate(-90 {_n(x)} {_n(y)})" if rotate else None
-        self.parts.append(f'<text x="{_n(x)}" y="{_n(y)}"{_attrs(font_size=size, text_anchor=anchor, fill=fill, transform=turn)}>'
-                          f'{escape(str(s))}</text>')
+        self.parts.append(
+            f'<text x="{_n(x)}" y="{_n(y)}"{_attrs(font_size=size, text_anchor=anchor, fill=fill, transform=turn)}>'
+            f"{escape(str(s))}</text>"
+        )
         return self
 
     # data values
@@ -127,8 +139,17 @@ class Chart:
         self.parts.append(f'<polyline points="{xy}" fill="none"{_attrs(stroke=stroke, stroke_width=width)}/>')
         return self
 
-    def dot(self, x, y, fill: str | None, r: float = 3, title=None, stroke: str | None = None, stroke_width: float | None = None,
-            opacity: float | None = None) -> Chart:
+    def dot(
+        self,
+        x,
+        y,
+        fill: str | None,
+        r: float = 3,
+        title=None,
+        stroke: str | None = None,
+        stroke_width: float | None = None,
+        opacity: float | None = None,
+    ) -> Chart:
         """A circle at a data point; `title` is its hover text."""
         a = _attrs(r=r, fill=fill or "none", stroke=stroke, stroke_width=stroke_width, opacity=opacity)
         tip = "/>" if title is None else f"><title>{escape(str(title))}</title></circle>"
@@ -142,25 +163,34 @@ class Chart:
 
     def square(self, x, y, fill: str, size: float = 8, opacity: float | None = None) -> Chart:
         px, py = self.x(x) - size / 2, self.y(y) - size / 2
-        self.parts.append(f'<rect x="{_n(px)}" y="{_n(py)}"{_attrs(width=size, height=size, fill=fill, opacity=opacity)}/>')
+        self.parts.append(
+            f'<rect x="{_n(px)}" y="{_n(py)}"{_attrs(width=size, height=size, fill=fill, opacity=opacity)}/>'
+        )
         return self
 
     def triangle(self, x, y, stroke: str = "#000") -> Chart:
         """A hollow triangle pointing up, centred a little above the point."""
-        self.parts.append(f'<path d="M{_n(self.x(x))},{_n(self.y(y) - 6)} l6,10 l-12,0 z" fill="none"{_attrs(stroke=stroke)}/>')
+        self.parts.append(
+            f'<path d="M{_n(self.x(x))},{_n(self.y(y) - 6)} l6,10 l-12,0 z" fill="none"{_attrs(stroke=stroke)}/>'
+        )
         return self
 
     def svg(self) -> str:
         # No xmlns: inline SVG in HTML needs none, and a report holds no URL at all (tests check it).
         attrs = {**self.attrs, "class_": ("chart " + self.attrs.get("class_", "")).strip()}
-        return (f'<svg width="{self.w}" height="{self.h}" viewBox="0 0 {self.w} {self.h}"'
-                f'{_attrs(**attrs)}>{"".join(self.parts)}</svg>')
+        return (
+            f'<svg width="{self.w}" height="{self.h}" viewBox="0 0 {self.w} {self.h}"'
+            f"{_attrs(**attrs)}>{''.join(self.parts)}</svg>"
+        )
 
 
 def key(items) -> str:
     """A colour key: (name, colour) pairs as swatches, for the charts under it."""
-    return '<div class="key">' + "".join(f'<span><i style="background:{escape(c)}"></i>{escape(str(n))}</span>'
-                                         for n, c in items) + "</div>"
+    return (
+        '<div class="key">'
+        + "".join(f'<span><i style="background:{escape(c)}"></i>{escape(str(n))}</span>' for n, c in items)
+        + "</div>"
+    )
 
 
 def coloured(s, c: str) -> str:
@@ -172,9 +202,17 @@ def no_data(w: int = 300) -> str:
     return Chart(w, 60, linear(0, 1, 0, w), linear(0, 1, 60, 0)).text(10, 30, "no data", 12).svg()
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, colors: dict[str, str],
-               w: int = 300, h: int = 210, diag: bool = False, vline: float | None = None,
-               ylim: tuple[float, float] | None = None) -> str:
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    xlabel: str,
+    ylabel: str,
+    colors: dict[str, str],
+    w: int = 300,
+    h: int = 210,
+    diag: bool = False,
+    vline: float | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> str:
     """Labelled axes with the ends of each range, one line per series (points marked when a series
     has 8 or fewer, with their values on hover); `diag` the y = x chance line, `vline` a dashed
     reference x. Points that are not finite numbers are left out; a series' colour comes from

@@ -3,9 +3,32 @@
 from .archs import SAE_ARCHS
 from .model import SAE, SAEConfig, SAEOutput
 from .steering import ClampFeature, feature_vectors
-from .train import (ActivationBuffer, ShardBatches, TensorBatches, TrainConfig, cache_activations, load_checkpoint,
-                    shard_batches, tensor_batches, train_sae)
+from .train import (
+    ActivationBuffer,
+    ShardBatches,
+    TensorBatches,
+    TrainConfig,
+    cache_activations,
+    load_checkpoint,
+    shard_batches,
+    tensor_batches,
+    train_sae,
+)
 
-__all__ = ["SAE_ARCHS", "SAE", "SAEConfig", "SAEOutput", "ClampFeature", "feature_vectors", "ActivationBuffer", "ShardBatches",
-           "TensorBatches", "TrainConfig", "cache_activations", "load_checkpoint", "shard_batches", "tensor_batches",
-           "train_sae"]
+__all__ = [
+    "SAE_ARCHS",
+    "SAE",
+    "SAEConfig",
+    "SAEOutput",
+    "ClampFeature",
+    "feature_vectors",
+    "ActivationBuffer",
+    "ShardBatches",
+    "TensorBatches",
+    "TrainConfig",
+    "cache_activations",
+    "load_checkpoint",
+    "shard_batches",
+    "tensor_batches",
+    "train_sae",
+]

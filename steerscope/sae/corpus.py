@@ -28,26 +28,92 @@ from ..models.compat import with_cache
 from ..progress import bar as progress_bar
 
 TOPICS = (
-    "volcanoes", "bread baking", "the Roman empire", "honeybees", "chess openings", "black holes", "tax forms",
-    "a rainy harbour town", "jazz", "photosynthesis", "medieval castles", "electric cars", "friendship",
-    "the water cycle", "a lost dog", "space travel", "gardening in winter", "the stock market", "dinosaurs",
-    "a job interview", "coral reefs", "learning to swim", "the printing press", "coffee", "mountain climbing",
-    "a birthday party", "vaccines", "the French revolution", "origami", "a haunted library", "machine learning",
-    "recycling", "a train journey", "ancient Egypt", "penguins", "public speaking", "the moon landing",
-    "a village market", "sleep", "earthquakes", "poetry", "a family dinner", "solar panels", "the ocean floor",
-    "a detective", "football", "spices", "the immune system", "a thunderstorm", "libraries", "bicycles",
-    "the Silk Road", "a robot", "cheese", "climate", "the human heart", "a first day at school", "glaciers",
-    "painting", "a small bakery", "prime numbers", "owls", "the internet", "a desert", "kindness", "tea",
+    "volcanoes",
+    "bread baking",
+    "the Roman empire",
+    "honeybees",
+    "chess openings",
+    "black holes",
+    "tax forms",
+    "a rainy harbour town",
+    "jazz",
+    "photosynthesis",
+    "medieval castles",
+    "electric cars",
+    "friendship",
+    "the water cycle",
+    "a lost dog",
+    "space travel",
+    "gardening in winter",
+    "the stock market",
+    "dinosaurs",
+    "a job interview",
+    "coral reefs",
+    "learning to swim",
+    "the printing press",
+    "coffee",
+    "mountain climbing",
+    "a birthday party",
+    "vaccines",
+    "the French revolution",
+    "origami",
+    "a haunted library",
+    "machine learning",
+    "recycling",
+    "a train journey",
+    "ancient Egypt",
+    "penguins",
+    "public speaking",
+    "the moon landing",
+    "a village market",
+    "sleep",
+    "earthquakes",
+    "poetry",
+    "a family dinner",
+    "solar panels",
+    "the ocean floor",
+    "a detective",
+    "football",
+    "spices",
+    "the immune system",
+    "a thunderstorm",
+    "libraries",
+    "bicycles",
+    "the Silk Road",
+    "a robot",
+    "cheese",
+    "climate",
+    "the human heart",
+    "a first day at school",
+    "glaciers",
+    "painting",
+    "a small bakery",
+    "prime numbers",
+    "owls",
+    "the internet",
+    "a desert",
+    "kindness",
+    "tea",
 )
 TASKS = (
-    "Write a short story about {}.", "Explain {} to a ten-year-old.", "Give me three facts about {}.",
-    "Write a poem about {}.", "What are the pros and cons of {}?", "Describe {} in detail.",
-    "Write a diary entry about {}.", "What should a beginner know about {}?",
+    "Write a short story about {}.",
+    "Explain {} to a ten-year-old.",
+    "Give me three facts about {}.",
+    "Write a poem about {}.",
+    "What are the pros and cons of {}?",
+    "Describe {} in detail.",
+    "Write a diary entry about {}.",
+    "What should a beginner know about {}?",
 )
 OPENINGS = (
-    "The history of {} begins", "Chapter one. It was", "Most people do not realise that {}",
-    "Dear friend, I am writing to tell you about {}", "In the morning, the", "A guide to {}:",
-    "Once upon a time, near", "Scientists studying {} have found",
+    "The history of {} begins",
+    "Chapter one. It was",
+    "Most people do not realise that {}",
+    "Dear friend, I am writing to tell you about {}",
+    "In the morning, the",
+    "A guide to {}:",
+    "Once upon a time, near",
+    "Scientists studying {} have found",
 )
 
 
@@ -83,7 +149,11 @@ def sample_batch(lm, texts: list[str], max_new_tokens: int, temperature: float, 
     for _ in range(max_new_tokens):
         probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1).cpu()  # (B, V)
         u = torch.rand(len(texts), 1, generator=g)
-        nxt = torch.searchsorted(probs.cumsum(-1), u * probs.sum(-1, keepdim=True)).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        nxt = (
+            torch.searchsorted(probs.cumsum(-1), u * probs.sum(-1, keepdim=True))
+            .squeeze(-1)
+            .clamp(max=probs.shape[-1] - 1)
+        )
         nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
         new.append(nxt)
         done |= torch.isin(nxt, eos)
@@ -115,7 +185,9 @@ class CorpusConfig(Config):
     """random seed"""
 
 
-def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool | None = None, force: bool = False) -> int:
+def sample_corpus(
+    lm, path, cfg: CorpusConfig | None = None, *, progress: bool | None = None, force: bool = False
+) -> int:
     """Append sampled documents to the JSONL file `path` until it holds `cfg.docs`; returns the count.
 
     Resumable: finished batches already in the file are kept and skipped (batch b is sampled with
@@ -124,14 +196,26 @@ def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool |
     settings (or another model) is refused unless `force`, which starts the file over.
     """
     cfg = cfg or CorpusConfig()
-    n_docs, batch_size, max_new_tokens, temperature, seed = cfg.docs, cfg.batch_size, cfg.max_new_tokens, cfg.temperature, cfg.seed
+    n_docs, batch_size, max_new_tokens, temperature, seed = (
+        cfg.docs,
+        cfg.batch_size,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.seed,
+    )
     path = Path(path)
-    state = Checkpoint(path.with_name(f".{path.name}.state"), config_key(lm.fingerprint, {**key_settings(cfg), "docs": None}), "corpus",
-                       force=force)
+    state = Checkpoint(
+        path.with_name(f".{path.name}.state"),
+        config_key(lm.fingerprint, {**key_settings(cfg), "docs": None}),
+        "corpus",
+        force=force,
+    )
     if force:
         path.unlink(missing_ok=True)
     if path.exists() and state.load() is None and path.stat().st_size:
-        raise SteerscopeError(f"{path} exists and was not made by `steerscope sae corpus`; choose another --out or pass --force.")
+        raise SteerscopeError(
+            f"{path} exists and was not made by `steerscope sae corpus`; choose another --out or pass --force."
+        )
     state.save({"docs": n_docs})
     raw = path.read_text() if path.exists() else ""
     lines = raw.splitlines()
@@ -142,15 +226,17 @@ def sample_corpus(lm, path, cfg: CorpusConfig | None = None, *, progress: bool |
         except (json.JSONDecodeError, KeyError, TypeError):
             break  # a torn write at the end
     done_batches = len(texts) // batch_size
-    keep = texts[:done_batches * batch_size]
+    keep = texts[: done_batches * batch_size]
     if len(keep) != len(lines) or (raw and not raw.endswith("\n")):
         write_text_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in keep))
     prompts = corpus_prompts(max(n_docs, len(keep)), seed)
     n_batches = -(-n_docs // batch_size)
-    with progress_bar(n_batches, "sampling corpus", "batch", show=progress, initial=min(done_batches, n_batches)) as bar, \
-            path.open("a") as f:
+    with (
+        progress_bar(n_batches, "sampling corpus", "batch", show=progress, initial=min(done_batches, n_batches)) as bar,
+        path.open("a") as f,
+    ):
         for b in range(done_batches, n_batches):
-            chunk = prompts[b * batch_size:(b + 1) * batch_size]
+            chunk = prompts[b * batch_size : (b + 1) * batch_size]
             # chat requests go through the chat template when the model has one, else stay plain text
             formatted = [lm.format_prompt(p, chat=True) if c and lm.has_chat_template else p for p, c in chunk]
             conts = sample_batch(lm, formatted, max_new_tokens, temperature, torch.Generator().manual_seed(seed + b))

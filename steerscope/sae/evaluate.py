@@ -16,8 +16,8 @@ dictionaries with the same sparsity by keeping each token's k largest-magnitude 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -51,6 +51,7 @@ def sae_codec(sae) -> Encoder:
         sae.to(x.device)  # the SAE runs where the activations are
         out = sae(x)
         return out.acts, out.recon
+
     return f
 
 
@@ -93,18 +94,28 @@ def baseline_dictionary(kind: str, x: torch.Tensor, k: int, seed: int = 0) -> En
         top = c.abs().topk(min(k, c.shape[1]), dim=-1).indices
         sparse = torch.zeros_like(c).scatter(-1, top, c.gather(-1, top))
         return sparse.float(), (sparse @ dec.to(xb.device) + mu.to(xb.device)).float()
+
     return f
 
 
 @torch.no_grad()
-def evaluate(lm, codec: Encoder, texts: list[str], layer: int, *, site: str = "resid_post", n_latents: int | None = None,
-             context: int = 128, batch: int = 8) -> SAEEval:
+def evaluate(
+    lm,
+    codec: Encoder,
+    texts: list[str],
+    layer: int,
+    *,
+    site: str = "resid_post",
+    n_latents: int | None = None,
+    context: int = 128,
+    batch: int = 8,
+) -> SAEEval:
     layer = lm.check_layer(layer)
     module, kind = lm.arch.resolve(Site(layer, site))  # type: ignore[arg-type]
     tot = {"n": 0, "l0": 0.0, "err": 0.0, "ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl": 0.0, "ntok": 0}
     xs, fires = [], None
     for i in range(0, len(texts), batch):
-        enc = lm.tokenizer(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=context)
+        enc = lm.tokenizer(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=context)
         ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
         keep = mask.bool() & (mask.cumsum(-1) > 1)  # real tokens except the first of each text
         with record(lm, [layer], kind=site) as r:
@@ -118,11 +129,12 @@ def evaluate(lm, codec: Encoder, texts: list[str], layer: int, *, site: str = "r
         tot["err"] += float((x - recon).square().sum())
         tot["n"] += len(x)
 
-        def splice(values):
+        def splice(values, keep=keep):
             def fn(h):
                 out = h.clone()
                 out[keep.to(h.device)] = values.to(h.device, h.dtype)
                 return out
+
             return fn
 
         with hooks([(module, kind, splice(recon))]):
@@ -143,7 +155,20 @@ def evaluate(lm, codec: Encoder, texts: list[str], layer: int, *, site: str = "r
     denom = ce["ce_zero"] - ce["ce_clean"]
     freq = fires.float() / tot["n"]
     n_lat = n_latents or len(freq)
-    density = torch.histc(torch.log10(freq[freq > 0]), bins=12, min=-6, max=0).long().tolist() if (freq > 0).any() else [0] * 12
-    return SAEEval(tot["n"], tot["l0"] / tot["n"], fvu, ce["ce_clean"], ce["ce_sae"], ce["ce_zero"],
-                   (ce["ce_zero"] - ce["ce_sae"]) / denom if denom else float("nan"), tot["kl"] / tot["n"],
-                   float((freq == 0).sum()) / n_lat, density)
+    density = (
+        torch.histc(torch.log10(freq[freq > 0]), bins=12, min=-6, max=0).long().tolist()
+        if (freq > 0).any()
+        else [0] * 12
+    )
+    return SAEEval(
+        tot["n"],
+        tot["l0"] / tot["n"],
+        fvu,
+        ce["ce_clean"],
+        ce["ce_sae"],
+        ce["ce_zero"],
+        (ce["ce_zero"] - ce["ce_sae"]) / denom if denom else float("nan"),
+        tot["kl"] / tot["n"],
+        float((freq == 0).sum()) / n_lat,
+        density,
+    )

@@ -24,8 +24,18 @@ class Context:
 
 
 @torch.no_grad()
-def top_contexts(lm, sae, texts: list[str], features: list[int] | None = None, *, n_top: int = 8, window: int = 8,
-                 context: int = 128, batch: int = 8, n_auto: int = 24) -> tuple[dict[int, list[Context]], torch.Tensor]:
+def top_contexts(
+    lm,
+    sae,
+    texts: list[str],
+    features: list[int] | None = None,
+    *,
+    n_top: int = 8,
+    window: int = 8,
+    context: int = 128,
+    batch: int = 8,
+    n_auto: int = 24,
+) -> tuple[dict[int, list[Context]], torch.Tensor]:
     """({feature: contexts, highest first}, firing frequency per latent). `features=None` picks
     the `n_auto` most frequently firing latents."""
     layer, tok = sae.cfg.layer, lm.tokenizer
@@ -36,7 +46,7 @@ def top_contexts(lm, sae, texts: list[str], features: list[int] | None = None, *
     all_ids: list[list[int]] = []
     per_batch = []
     for i in range(0, len(texts), batch):
-        enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=context)
+        enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=context)
         ids, mask = enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device)
         keep = mask.bool() & (mask.cumsum(-1) > 1)
         h = read_layer(lm, layer, ids, mask, sae.cfg.site)  # (B, T, d) on its block's device
@@ -64,7 +74,14 @@ def top_contexts(lm, sae, texts: list[str], features: list[int] | None = None, *
         ctxs = []
         for a, t, p in items:
             ids = all_ids[t]
-            ctxs.append(Context(a, tok.decode(ids[max(0, p - window):p]), tok.decode(ids[p:p + 1]), tok.decode(ids[p + 1:p + 1 + window])))
+            ctxs.append(
+                Context(
+                    a,
+                    tok.decode(ids[max(0, p - window) : p]),
+                    tok.decode(ids[p : p + 1]),
+                    tok.decode(ids[p + 1 : p + 1 + window]),
+                )
+            )
         out[f] = ctxs
     return out, freq
 
@@ -74,16 +91,26 @@ def render_features_page(contexts: dict[int, list[Context]], freq: torch.Tensor,
     dead = int((freq == 0).sum())
     W, H = 480, 160
     mx = max(hist + [1])
-    bars = "".join(f'<rect x="{20 + i * 36}" y="{H - 20 - h / mx * (H - 40):.1f}" width="30" height="{h / mx * (H - 40):.1f}" '
-                   f'fill="#4e79a7"><title>{int(h)} latents</title></rect>'
-                   f'<text x="{35 + i * 36}" y="{H - 6}" font-size="9" text-anchor="middle">{-6 + i * 0.5:g}</text>'
-                   for i, h in enumerate(hist))
+    bars = "".join(
+        f'<rect x="{20 + i * 36}" y="{H - 20 - h / mx * (H - 40):.1f}" width="30" height="{h / mx * (H - 40):.1f}" '
+        f'fill="#4e79a7"><title>{int(h)} latents</title></rect>'
+        f'<text x="{35 + i * 36}" y="{H - 6}" font-size="9" text-anchor="middle">{-6 + i * 0.5:g}</text>'
+        for i, h in enumerate(hist)
+    )
     cards = []
     for f, ctxs in contexts.items():
-        rows = "".join(f'<tr><td>{c.activation:.3g}</td><td class="ctx">{escape(c.left)}<mark>{escape(c.token)}</mark>'
-                       f'{escape(c.right)}</td></tr>' for c in ctxs) or "<tr><td colspan=2>never fires on this text</td></tr>"
-        cards.append(f'<div class="feature" data-feature="{f}"><h3>feature {f} <small>fires on {float(freq[f]):.2%} of tokens'
-                     f'</small></h3><table>{rows}</table></div>')
+        rows = (
+            "".join(
+                f'<tr><td>{c.activation:.3g}</td><td class="ctx">{escape(c.left)}<mark>{escape(c.token)}</mark>'
+                f"{escape(c.right)}</td></tr>"
+                for c in ctxs
+            )
+            or "<tr><td colspan=2>never fires on this text</td></tr>"
+        )
+        cards.append(
+            f'<div class="feature" data-feature="{f}"><h3>feature {f} <small>fires on {float(freq[f]):.2%} of tokens'
+            f"</small></h3><table>{rows}</table></div>"
+        )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{escape(title)}</title><style>
 body{{font-family:system-ui,sans-serif;margin:24px;max-width:1100px}}table{{border-collapse:collapse;font-size:13px;width:100%}}
 td{{border-bottom:1px solid #eee;padding:3px 6px;vertical-align:top}}td.ctx{{white-space:pre-wrap;font-family:monospace}}
@@ -91,4 +118,4 @@ mark{{background:#ffd54f}}.feature{{border:1px solid #ddd;border-radius:6px;padd
 </style></head><body><h1>{escape(title)}</h1>
 <h2>Feature density</h2><svg id="density" width="{W}" height="{H}">{bars}</svg>
 <p>log10 firing frequency per latent; {dead} latents never fired ({dead / len(freq):.1%}).</p>
-<h2>Top-activating contexts</h2>{''.join(cards)}</body></html>"""
+<h2>Top-activating contexts</h2>{"".join(cards)}</body></html>"""

@@ -18,27 +18,44 @@ from pathlib import Path
 
 import torch
 
-from .._version import __version__
 from .._io import atomic_dir
+from .._version import __version__
 from ..errors import SteerscopeError
 from .archs import SAE_ARCHS, arch_by_saelens
 from .model import SAE, SAEConfig
-
 
 
 def save_saelens(sae: SAE, path: str | Path, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
     c = sae.cfg
-    cfg = {"architecture": c.rule.saelens, "d_in": c.d_in, "d_sae": c.n_latents, "k": c.k if c.rule.uses_k else None,
-           "dtype": "float32", "device": "cpu", "model_name": c.model_id, "hook_name": f"blocks.{c.layer}.hook_{c.site}",
-           "hook_layer": c.layer, "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "steerscope": {"model_type": c.model_type, "site": c.site, "layer": c.layer, "version": __version__,
-                          "k": c.k, "l1_coef": c.l1_coef}}
+    cfg = {
+        "architecture": c.rule.saelens,
+        "d_in": c.d_in,
+        "d_sae": c.n_latents,
+        "k": c.k if c.rule.uses_k else None,
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": c.model_id,
+        "hook_name": f"blocks.{c.layer}.hook_{c.site}",
+        "hook_layer": c.layer,
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "steerscope": {
+            "model_type": c.model_type,
+            "site": c.site,
+            "layer": c.layer,
+            "version": __version__,
+            "k": c.k,
+            "l1_coef": c.l1_coef,
+        },
+    }
     tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec}
     tensors.update(c.rule.extra_tensors(sae))
     with atomic_dir(Path(path), overwrite=overwrite) as tmp:
-        save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(tmp / "sae_weights.safetensors"))
+        save_file(
+            {k: v.detach().float().contiguous() for k, v in tensors.items()}, str(tmp / "sae_weights.safetensors")
+        )
         (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return Path(path)
 
@@ -58,12 +75,24 @@ def load_saelens(path: str | Path) -> SAE:
         known = ", ".join(m.fn.saelens for _, m in SAE_ARCHS.items())
         raise SteerscopeError(f"{path}: architecture {cfg.get('architecture')!r} is not supported ({known}).")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise SteerscopeError(f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights.")
+        raise SteerscopeError(
+            f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights."
+        )
     ss = cfg.get("steerscope", {})
     layer = ss.get("layer", cfg.get("hook_layer", -1))
-    sae = SAE(SAEConfig(cfg["d_in"], cfg["d_sae"], arch=arch, k=cfg.get("k") or ss.get("k", 32), l1_coef=ss.get("l1_coef", 5.0),
-                        model_id=cfg.get("model_name", ""), model_type=ss.get("model_type", ""), layer=layer,
-                        site=ss.get("site", "resid_post")))
+    sae = SAE(
+        SAEConfig(
+            cfg["d_in"],
+            cfg["d_sae"],
+            arch=arch,
+            k=cfg.get("k") or ss.get("k", 32),
+            l1_coef=ss.get("l1_coef", 5.0),
+            model_id=cfg.get("model_name", ""),
+            model_type=ss.get("model_type", ""),
+            layer=layer,
+            site=ss.get("site", "resid_post"),
+        )
+    )
     try:
         t = load_file(str(path / "sae_weights.safetensors"))
         with torch.no_grad():
@@ -71,8 +100,10 @@ def load_saelens(path: str | Path) -> SAE:
                 getattr(sae, k).copy_(t[k])
             sae.cfg.rule.load_extra(sae, t)
     except Exception as e:  # truncated file, missing tensor, wrong shape
-        raise SteerscopeError(f"{path / 'sae_weights.safetensors'} does not hold this SAE's weights "
-                              f"({type(e).__name__}: {str(e)[:120]}); the folder is damaged.") from None
+        raise SteerscopeError(
+            f"{path / 'sae_weights.safetensors'} does not hold this SAE's weights "
+            f"({type(e).__name__}: {str(e)[:120]}); the folder is damaged."
+        ) from None
     if not all(bool(torch.isfinite(getattr(sae, k)).all()) for k in ("W_enc", "W_dec", "b_enc", "b_dec")):
         raise SteerscopeError(f"{path}: the SAE weights contain NaN or inf values.")
     return sae.eval()

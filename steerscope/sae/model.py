@@ -1,8 +1,8 @@
 """Sparse autoencoders on residual-stream activations.
 
-    pre  = (x - b_dec) W_enc + b_enc                      # (B, n_latents)
-    acts = sparsify(pre)                                  # the architecture's rule (`sae.archs`)
-    x_hat = acts W_dec + b_dec                            # W_dec rows: unit norm during training
+pre  = (x - b_dec) W_enc + b_enc                      # (B, n_latents)
+acts = sparsify(pre)                                  # the architecture's rule (`sae.archs`)
+x_hat = acts W_dec + b_dec                            # W_dec rows: unit norm during training
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..config import Config
 from ..errors import SteerscopeError
 from .archs import SAE_ARCHS
+
 
 @dataclass(frozen=True)
 class SAEConfig(Config):

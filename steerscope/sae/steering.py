@@ -9,6 +9,7 @@ computed without the error term can be cancelled by it (SAELens `use_error_term`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from ..directions.vectors import VectorSet
@@ -28,9 +29,15 @@ def feature_vectors(lm, sae: SAE, features: list[int], *, unit: bool = True) -> 
     rows = sae.W_dec.detach()[features].float()
     if unit:
         rows = rows / rows.norm(dim=-1, keepdim=True)
-    return VectorSet.create(lm, rows, sae.cfg.layer, "sae_feature", ids=[f"feature-{f}" for f in features],
-                            hyperparams={"sae_arch": sae.cfg.arch, "n_latents": n, "features": features, "unit": unit},
-                            site=sae.cfg.site)
+    return VectorSet.create(
+        lm,
+        rows,
+        sae.cfg.layer,
+        "sae_feature",
+        ids=[f"feature-{f}" for f in features],
+        hyperparams={"sae_arch": sae.cfg.arch, "n_latents": n, "features": features, "unit": unit},
+        site=sae.cfg.site,
+    )
 
 
 @INTERVENTIONS.register("sae_clamp")
@@ -50,7 +57,9 @@ class ClampFeature(Intervention):
     def hook_specs(self, lm, state) -> list:
         sae, i, value = self.sae, self.feature, float(self.value)
         if sae.cfg.d_in != lm.d_model:
-            raise SteerscopeError(f"the SAE reads {sae.cfg.d_in}-dim activations but this model's d_model is {lm.d_model}.")
+            raise SteerscopeError(
+                f"the SAE reads {sae.cfg.d_in}-dim activations but this model's d_model is {lm.d_model}."
+            )
         if not 0 <= i < sae.cfg.n_latents:
             raise SteerscopeError(f"feature {i} is outside 0..{sae.cfg.n_latents - 1}.")
         positions = self.positions

@@ -29,7 +29,9 @@ def load_texts(spec: str, lm=None, seed: int = 0) -> list[str]:
         else:
             texts = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
     except (ValueError, KeyError, TypeError) as e:
-        raise SteerscopeError(f"{path} is not a JSONL file with a 'text' field on every line ({type(e).__name__}: {e}).") from None
+        raise SteerscopeError(
+            f"{path} is not a JSONL file with a 'text' field on every line ({type(e).__name__}: {e})."
+        ) from None
     if not texts:
         raise SteerscopeError(f"{path} holds no text.")
     return texts

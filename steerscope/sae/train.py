@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -38,9 +38,21 @@ class ActivationBuffer:
     tokens with norm above `max_norm_multiple` x the median are dropped.
     """
 
-    def __init__(self, lm, texts: list[str], layer: int, *, batch_size: int = 1024, buffer_tokens: int = 32768,
-                 context: int = 128, lm_batch: int = 8, drop_first: bool = True, max_norm_multiple: float | None = 10.0,
-                 seed: int = 0, loop: bool = True):
+    def __init__(
+        self,
+        lm,
+        texts: list[str],
+        layer: int,
+        *,
+        batch_size: int = 1024,
+        buffer_tokens: int = 32768,
+        context: int = 128,
+        lm_batch: int = 8,
+        drop_first: bool = True,
+        max_norm_multiple: float | None = 10.0,
+        seed: int = 0,
+        loop: bool = True,
+    ):
         if not texts:
             raise SteerscopeError("the SAE needs text: give at least one document.")
         self.lm, self.texts, self.layer = lm, list(texts), lm.check_layer(layer)
@@ -59,13 +71,13 @@ class ActivationBuffer:
                 if not self.loop:
                     return []
                 self._doc = 0
-            chunk = self.texts[self._doc:self._doc + self.lm_batch]
+            chunk = self.texts[self._doc : self._doc + self.lm_batch]
             self._doc += len(chunk)
             # Long texts are cut into windows of `context` tokens rather than truncated, so no text
             # is wasted; each window starts a fresh sequence (its first token is dropped below).
             windows = []
             for ids_ in self.lm.tokenizer(chunk, add_special_tokens=True)["input_ids"]:
-                windows += [ids_[i:i + self.context] for i in range(0, len(ids_), self.context) if len(ids_) - i > 1]
+                windows += [ids_[i : i + self.context] for i in range(0, len(ids_), self.context) if len(ids_) - i > 1]
             if windows:
                 return windows
         raise SteerscopeError("no text is longer than one token; give real documents.")
@@ -98,7 +110,7 @@ class ActivationBuffer:
             self.buf = torch.cat([self.buf, more])
         self.buf = self.buf[torch.randperm(len(self.buf), generator=self.g)]
 
-    def __iter__(self) -> "ActivationBuffer":
+    def __iter__(self) -> ActivationBuffer:
         return self
 
     def __next__(self) -> torch.Tensor:
@@ -107,7 +119,7 @@ class ActivationBuffer:
             self._served = 0
         if len(self.buf) < self.batch_size:
             raise StopIteration
-        out, self.buf = self.buf[:self.batch_size], self.buf[self.batch_size:]
+        out, self.buf = self.buf[: self.batch_size], self.buf[self.batch_size :]
         self._served += self.batch_size
         return out
 
@@ -119,13 +131,21 @@ class ActivationBuffer:
     def state_dict(self) -> dict:
         """Everything needed to continue the stream exactly: position in the texts, the buffer's
         contents and the shuffling generator."""
-        return {"doc": self._doc, "tokens_seen": self.tokens_seen, "g": self.g.get_state(), "buf": self.buf.clone(),
-                "served": -1 if self._served is None else self._served, "texts": self._texts_key()}
+        return {
+            "doc": self._doc,
+            "tokens_seen": self.tokens_seen,
+            "g": self.g.get_state(),
+            "buf": self.buf.clone(),
+            "served": -1 if self._served is None else self._served,
+            "texts": self._texts_key(),
+        }
 
     def load_state_dict(self, st: dict) -> None:
         if st["texts"] != self._texts_key():
-            raise SteerscopeError("the text source differs from the one the checkpoint was made with; "
-                                  "resume with the same texts, or start over (--force).")
+            raise SteerscopeError(
+                "the text source differs from the one the checkpoint was made with; "
+                "resume with the same texts, or start over (--force)."
+            )
         self._doc, self.tokens_seen, self.buf = st["doc"], st["tokens_seen"], st["buf"]
         self.g.set_state(st["g"])
         self._served = None if st["served"] < 0 else st["served"]
@@ -142,13 +162,13 @@ class TensorBatches:
         self.g = torch.Generator().manual_seed(seed)
         self.perm, self.i = torch.randperm(len(x), generator=self.g), 0
 
-    def __iter__(self) -> "TensorBatches":
+    def __iter__(self) -> TensorBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
         if self.i + self.batch_size > len(self.x):  # next epoch
             self.perm, self.i = torch.randperm(len(self.x), generator=self.g), 0
-        out = self.x[self.perm[self.i:self.i + self.batch_size]]
+        out = self.x[self.perm[self.i : self.i + self.batch_size]]
         self.i += self.batch_size
         return out
 
@@ -213,8 +233,14 @@ def _checkpoint(folder, cfg: SAEConfig, tcfg: TrainConfig) -> Checkpoint:
     return Checkpoint(folder, config_key(cfg, tcfg), "SAE training run")
 
 
-def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig | None = None,
-              progress: bool | None = False, checkpoint_dir=None, checkpoint_every: int = 250) -> tuple[SAE, TrainHistory]:
+def train_sae(
+    batches: Iterator[torch.Tensor],
+    cfg: SAEConfig,
+    tcfg: TrainConfig | None = None,
+    progress: bool | None = False,
+    checkpoint_dir=None,
+    checkpoint_every: int = 250,
+) -> tuple[SAE, TrainHistory]:
     """Train an SAE on `batches` of (B, d_in) activations.
 
     With `checkpoint_dir`, the full training state (weights, optimiser, schedule, dead-latent
@@ -227,12 +253,14 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
     sae = SAE(cfg, seed=t.seed)
     hist = TrainHistory()
     it = iter(batches)
-    lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(cfg.n_latents / 2 ** 14)
+    lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(cfg.n_latents / 2**14)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, t))
     ckpt = _checkpoint(checkpoint_dir, cfg, t)
     if checkpoint_dir is not None and not hasattr(it, "state_dict"):
-        raise SteerscopeError("checkpointing needs a resumable batch source (ActivationBuffer, TensorBatches, ShardBatches).")
+        raise SteerscopeError(
+            "checkpointing needs a resumable batch source (ActivationBuffer, TensorBatches, ShardBatches)."
+        )
     state = ckpt.load()
     start, first = 0, None
     if state is None:
@@ -263,7 +291,9 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
                 try:
                     batch = next(it)
                 except StopIteration:
-                    raise SteerscopeError(f"the activation source ran out after {step} steps; give more text or fewer steps.") from None
+                    raise SteerscopeError(
+                        f"the activation source ran out after {step} steps; give more text or fewer steps."
+                    ) from None
             x = batch.to(dev).float() * scale  # (B, d)
             out = sae(x)
             err = (x - out.recon).square().sum(-1)
@@ -285,8 +315,17 @@ def train_sae(batches: Iterator[torch.Tensor], cfg: SAEConfig, tcfg: TrainConfig
             if step % 20 == 0:
                 bar.set_postfix(L0=f"{l0:.1f}", FVU=f"{hist.fvu[-1]:.3f}")
             if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < t.steps:
-                ckpt.save({"step": step + 1, "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                           "since_fired": since_fired, "hist": asdict(hist), "batches": it.state_dict()})
+                ckpt.save(
+                    {
+                        "step": step + 1,
+                        "sae": sae.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "since_fired": since_fired,
+                        "hist": asdict(hist),
+                        "batches": it.state_dict(),
+                    }
+                )
             bar.update(1)
     sae.eval()
     cfg.rule.finish(sae)
@@ -318,7 +357,9 @@ def cache_activations(buffer: ActivationBuffer, folder, shard_tokens: int = 6553
     def flush(x):
         nonlocal shard
         tmp = folder / f".acts-{shard:05d}.tmp"
-        save_file({"acts": x.contiguous()}, str(tmp), metadata={"layer": str(buffer.layer), "model": buffer.lm.model_id})
+        save_file(
+            {"acts": x.contiguous()}, str(tmp), metadata={"layer": str(buffer.layer), "model": buffer.lm.model_id}
+        )
         os.replace(tmp, folder / f"acts-{shard:05d}.safetensors")
         shard += 1
 
@@ -353,7 +394,7 @@ class ShardBatches:
         self.i = 0  # rows of `x` served
         self._resume: dict | None = None  # state at the start of the current shard
 
-    def __iter__(self) -> "ShardBatches":
+    def __iter__(self) -> ShardBatches:
         return self
 
     def _load_next(self, carry: torch.Tensor) -> None:
@@ -370,8 +411,8 @@ class ShardBatches:
 
     def __next__(self) -> torch.Tensor:
         while self.i + self.batch_size > len(self.x):
-            self._load_next(self.x[self.i:])
-        out = self.x[self.i:self.i + self.batch_size]
+            self._load_next(self.x[self.i :])
+        out = self.x[self.i : self.i + self.batch_size]
         self.i += self.batch_size
         return out
 
@@ -380,7 +421,9 @@ class ShardBatches:
 
     def load_state_dict(self, st: dict) -> None:
         if st["n_files"] != len(self.files):
-            raise SteerscopeError(f"the checkpoint was made on {st['n_files']} shards, the folder holds {len(self.files)}.")
+            raise SteerscopeError(
+                f"the checkpoint was made on {st['n_files']} shards, the folder holds {len(self.files)}."
+            )
         if st["shard"] is None:
             return
         r = st["shard"]

@@ -36,15 +36,24 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ..errors import SteerscopeError
 from .config import ServeConfig
 from .engine import Engine
-from .protocol import DoneEvent, GenRequest, QueueFull, TokenEvent
 from .guard import Guard
+from .protocol import DoneEvent, GenRequest, QueueFull, TokenEvent
 from .schema import ChatBody, CompletionBody, UploadBody, parse_body
 from .store import RequestError, VectorStore, parse_steering
 
+
 def _err(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
-            429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
+    kind = {
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        409: "conflict_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+    }.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status
+    )
 
 
 def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key: str | None = None):
@@ -88,14 +97,31 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
     @app.get("/health")
     async def health():
         ok = engine.alive
-        return JSONResponse({"status": "ok" if ok else "engine stopped", "model": lm.model_id,
-                             "running_rows": engine.busy_rows, "waiting": engine.inbox.qsize()},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "engine stopped",
+                "model": lm.model_id,
+                "running_rows": engine.busy_rows,
+                "waiting": engine.inbox.qsize(),
+            },
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": lm.model_id, "object": "model", "created": 0, "owned_by": "steerscope",
-                                            "n_layers": lm.n_layers, "d_model": lm.d_model}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": lm.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "steerscope",
+                    "n_layers": lm.n_layers,
+                    "d_model": lm.d_model,
+                }
+            ],
+        }
 
     @app.get("/v1/vectors")
     async def list_vectors():
@@ -105,8 +131,10 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
     async def upload(request: Request):
         body = parse_body(UploadBody, await body_of(request))
         name = await asyncio.to_thread(store.upload, body)
-        return JSONResponse({"object": "vector_set", "name": name,
-                             "data": [d for d in store.describe() if d["name"] == name]}, status_code=201)
+        return JSONResponse(
+            {"object": "vector_set", "name": name, "data": [d for d in store.describe() if d["name"] == name]},
+            status_code=201,
+        )
 
     @app.delete("/v1/vectors/{name}")
     async def delete(name: str):
@@ -116,18 +144,25 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
     def gen_request(body, prompt_ids: list[int], sink) -> GenRequest:
         """A validated body (`schema`) checked against the model and the server's limits."""
         if body.model is not None and body.model not in names:
-            raise RequestError(f"model {body.model!r} is not served here; use {lm.model_id!r} (GET /v1/models).", 404, "model")
+            raise RequestError(
+                f"model {body.model!r} is not served here; use {lm.model_id!r} (GET /v1/models).", 404, "model"
+            )
         if body.n not in (None, 1):
             raise RequestError("only n=1 is supported; send several requests (they are batched together).", param="n")
         mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         mt = cfg.default_max_tokens if mt is None else mt
         if not 1 <= mt <= cfg.max_tokens_limit:
-            raise RequestError(f"max_tokens must be an integer in 1..{cfg.max_tokens_limit} (--max-tokens-limit), got {mt!r}.",
-                               param="max_tokens")
+            raise RequestError(
+                f"max_tokens must be an integer in 1..{cfg.max_tokens_limit} (--max-tokens-limit), got {mt!r}.",
+                param="max_tokens",
+            )
         context = _context_length(lm)
         if context is not None and len(prompt_ids) + mt > context:
-            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({mt}) exceeds the model's context "
-                               f"of {context} tokens; shorten the prompt or lower max_tokens.", param="max_tokens")
+            raise RequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({mt}) exceeds the model's context "
+                f"of {context} tokens; shorten the prompt or lower max_tokens.",
+                param="max_tokens",
+            )
         temperature = 0.0 if body.temperature is None else body.temperature
         top_p = 1.0 if body.top_p is None else body.top_p
         # Sampling with no seed draws one (returned in the response, so the text can be reproduced).
@@ -138,20 +173,35 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
         logprobs = None
         if isinstance(body, ChatBody):
             if body.top_logprobs is not None and not body.logprobs:
-                raise RequestError("top_logprobs needs \"logprobs\": true.", param="top_logprobs")
+                raise RequestError('top_logprobs needs "logprobs": true.', param="top_logprobs")
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         elif body.logprobs is not None:
             logprobs = body.logprobs
         steering = parse_steering(store, lm, body.steering, body.projection, cfg.max_vectors_per_request)
-        return GenRequest(prompt_ids, steering, mt, sink, temperature, top_p, seed, tuple(stop), bool(body.ignore_eos),
-                          body.presence_penalty or 0.0, body.frequency_penalty or 0.0, logprobs)
+        return GenRequest(
+            prompt_ids,
+            steering,
+            mt,
+            sink,
+            temperature,
+            top_p,
+            seed,
+            tuple(stop),
+            bool(body.ignore_eos),
+            body.presence_penalty or 0.0,
+            body.frequency_penalty or 0.0,
+            logprobs,
+        )
 
     async def run(request: Request, chat: bool):
         body = parse_body(ChatBody if chat else CompletionBody, await body_of(request))
         prompt_ids = await asyncio.to_thread(_prompt_ids, lm, body, chat, engine.tokenizer_lock)
         if len(prompt_ids) > cfg.max_prompt_tokens:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most {cfg.max_prompt_tokens} "
-                               "(--max-prompt-tokens).", param="messages" if chat else "prompt")
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this server takes at most {cfg.max_prompt_tokens} "
+                "(--max-prompt-tokens).",
+                param="messages" if chat else "prompt",
+            )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req = gen_request(body, prompt_ids, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
@@ -164,8 +214,11 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
         lp = _LogprobFormat(chat) if req.logprobs is not None else None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(events, req, meta, chat, usage, lp), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _sse(events, req, meta, chat, usage, lp),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         text, tokens, projections, token_events = [], [], [], []
         checked = time.monotonic()
         try:
@@ -191,16 +244,34 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
             req.cancelled.set()  # no-op when finished; stops the row when this handler is cancelled
         if e.finish_reason == "error":
             return _err(f"generation failed: {e.error}", e.status)
-        extra = {"token_ids": tokens, "projections": projections if req.steering.probe is not None else None,
-                 "seed": req.seed}
+        extra = {
+            "token_ids": tokens,
+            "projections": projections if req.steering.probe is not None else None,
+            "seed": req.seed,
+        }
         content = "".join(text)
         logprobs = lp.whole(token_events) if lp is not None else None
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": e.finish_reason,
-                   "logprobs": logprobs}
-                  if chat else {"index": 0, "text": content, "finish_reason": e.finish_reason, "logprobs": logprobs})
-        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens,
-                          "total_tokens": e.prompt_tokens + e.completion_tokens}, "steerscope": extra}
+        choice = (
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": e.finish_reason,
+                "logprobs": logprobs,
+            }
+            if chat
+            else {"index": 0, "text": content, "finish_reason": e.finish_reason, "logprobs": logprobs}
+        )
+        return {
+            **meta,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": e.prompt_tokens,
+                "completion_tokens": e.completion_tokens,
+                "total_tokens": e.prompt_tokens + e.completion_tokens,
+            },
+            "steerscope": extra,
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -238,7 +309,9 @@ def _prompt_ids(lm, body, chat: bool, tok_lock) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
-            raise RequestError("prompt must be one non-empty string (send several requests for several prompts).", param="prompt")
+            raise RequestError(
+                "prompt must be one non-empty string (send several requests for several prompts).", param="prompt"
+            )
         with tok_lock:
             enc = lm.encode([prompt], chat=False)
     return enc["input_ids"][0].tolist()
@@ -257,7 +330,12 @@ class _LogprobFormat:
         if self.chat:
             top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in e.top_logprobs or ()]
             return {"token": s, "logprob": e.logprob, "bytes": list(s.encode()), "top_logprobs": top}
-        out = {"token": s, "token_logprob": e.logprob, "top_logprobs": dict(e.top_logprobs or ()), "text_offset": self.offset}
+        out = {
+            "token": s,
+            "token_logprob": e.logprob,
+            "top_logprobs": dict(e.top_logprobs or ()),
+            "text_offset": self.offset,
+        }
         self.offset += len(s)
         return out
 
@@ -265,8 +343,12 @@ class _LogprobFormat:
         rows = [self.entry(e) for e in events]
         if self.chat:
             return {"content": rows}
-        return {"tokens": [r["token"] for r in rows], "token_logprobs": [r["token_logprob"] for r in rows],
-                "top_logprobs": [r["top_logprobs"] for r in rows], "text_offset": [r["text_offset"] for r in rows]}
+        return {
+            "tokens": [r["token"] for r in rows],
+            "token_logprobs": [r["token_logprob"] for r in rows],
+            "top_logprobs": [r["top_logprobs"] for r in rows],
+            "text_offset": [r["text_offset"] for r in rows],
+        }
 
 
 async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, usage: bool, lp: _LogprobFormat | None):
@@ -274,10 +356,19 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
     cancels the generator here, which cancels the row at the engine's next step."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, extra: dict | None = None, role: bool = False,
-              logprobs: dict | None = None) -> str:
+    def chunk(
+        text: str | None,
+        finish: str | None,
+        extra: dict | None = None,
+        role: bool = False,
+        logprobs: dict | None = None,
+    ) -> str:
         if chat:
-            delta = ({"role": "assistant", "content": ""} if role else {"content": text}) if text is not None or role else {}
+            delta = (
+                ({"role": "assistant", "content": ""} if role else {"content": text})
+                if text is not None or role
+                else {}
+            )
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
@@ -293,8 +384,12 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
             e = await events.get()
             if isinstance(e, TokenEvent):
                 logprobs = lp.whole([e]) if lp is not None and e.token_id is not None else None
-                yield chunk(e.text, None, {"token_id": e.token_id, "projection": e.projection, "seed": req.seed},
-                            logprobs=logprobs)
+                yield chunk(
+                    e.text,
+                    None,
+                    {"token_id": e.token_id, "projection": e.projection, "seed": req.seed},
+                    logprobs=logprobs,
+                )
             else:
                 break
         if e.finish_reason == "error":
@@ -303,8 +398,11 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
         else:
             yield chunk(None, e.finish_reason)
             if usage:
-                u = {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens,
-                     "total_tokens": e.prompt_tokens + e.completion_tokens}
+                u = {
+                    "prompt_tokens": e.prompt_tokens,
+                    "completion_tokens": e.completion_tokens,
+                    "total_tokens": e.prompt_tokens + e.completion_tokens,
+                }
                 yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': u})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
@@ -314,20 +412,28 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
 class Server:
     """A running server on a background thread (tests, benchmarks, notebooks)::
 
-        with Server(lm, ServeConfig(port=0), store) as s:
-            openai.OpenAI(base_url=s.url + "/v1", api_key="-")...
+    with Server(lm, ServeConfig(port=0), store) as s:
+        openai.OpenAI(base_url=s.url + "/v1", api_key="-")...
     """
 
     def __init__(self, lm, cfg: ServeConfig, store: VectorStore | None = None, api_key: str | None = None):
         import uvicorn
 
         self.lm, self.cfg = lm, cfg
-        self.store = store or VectorStore(lm, check_model=not cfg.allow_other_model, max_steer_ratio=cfg.max_steer_ratio)
-        self.engine = Engine(lm, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000, max_queue=cfg.max_queue,
-                             use_cache=cfg.kv_cache)
+        self.store = store or VectorStore(
+            lm, check_model=not cfg.allow_other_model, max_steer_ratio=cfg.max_steer_ratio
+        )
+        self.engine = Engine(
+            lm,
+            max_batch=cfg.max_batch,
+            window_s=cfg.batch_window_ms / 1000,
+            max_queue=cfg.max_queue,
+            use_cache=cfg.kv_cache,
+        )
         self.app = create_app(lm, self.store, self.engine, cfg, api_key)
-        self.uv = uvicorn.Server(uvicorn.Config(self.app, host=cfg.host, port=cfg.port, log_level="warning",
-                                                timeout_graceful_shutdown=2))
+        self.uv = uvicorn.Server(
+            uvicorn.Config(self.app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=2)
+        )
         self.thread = None
 
     @property
@@ -339,7 +445,7 @@ class Server:
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "Server":
+    def start(self, timeout: float = 30.0) -> Server:
         import threading
 
         self.engine.start()
@@ -349,7 +455,9 @@ class Server:
         while not self.uv.started:
             if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
                 self.engine.stop()
-                raise SteerscopeError(f"the server did not start on {self.cfg.host}:{self.cfg.port} (port in use? try --port 0).")
+                raise SteerscopeError(
+                    f"the server did not start on {self.cfg.host}:{self.cfg.port} (port in use? try --port 0)."
+                )
             time.sleep(0.02)
         return self
 
@@ -365,7 +473,7 @@ class Server:
             self.thread.join(timeout=10)
         self.engine.stop()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -56,10 +56,14 @@ class ServeConfig(Config):
         if self.api_key_env is not None:
             key = os.environ.get(self.api_key_env, "")
             if not key:
-                raise SteerscopeError(f"--api-key-env {self.api_key_env}: that environment variable is empty or unset; export it first.")
+                raise SteerscopeError(
+                    f"--api-key-env {self.api_key_env}: that environment variable is empty or unset; export it first."
+                )
         if self.host not in LOOPBACK and key is None:
-            raise SteerscopeError(f"refusing to bind {self.host} without an API key: pass --api-key-env VAR "
-                                  "(clients then send `Authorization: Bearer $VAR`) or keep --host 127.0.0.1.")
+            raise SteerscopeError(
+                f"refusing to bind {self.host} without an API key: pass --api-key-env VAR "
+                "(clients then send `Authorization: Bearer $VAR`) or keep --host 127.0.0.1."
+            )
         if self.default_max_tokens > self.max_tokens_limit:
             raise SteerscopeError("--default-max-tokens is larger than --max-tokens-limit; lower it.")
         return key

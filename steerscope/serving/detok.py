@@ -47,7 +47,7 @@ class Row:
         text = self.decode()
         hits = [i for i in (text.find(s, max(0, len(self.sent) - len(s))) for s in self.req.stop) if i >= 0]
         if hits:
-            self._emit(token, text[:min(hits)], projection)
+            self._emit(token, text[: min(hits)], projection)
             return self.finish("stop", flush=False)
         # Hold back an incomplete UTF-8 character and any tail that could start a stop string.
         safe = len(text.rstrip("\ufffd"))
@@ -56,12 +56,12 @@ class Row:
                 if text[:safe].endswith(s[:k]):
                     safe -= k
                     break
-        self._emit(token, text[:max(safe, len(self.sent))], projection)
+        self._emit(token, text[: max(safe, len(self.sent))], projection)
         if len(self.ids) >= self.req.max_tokens:
             self.finish("length")
 
     def _emit(self, token: int | None, upto: str, projection: float | None) -> None:
-        new = upto[len(self.sent):] if upto.startswith(self.sent) else ""
+        new = upto[len(self.sent) :] if upto.startswith(self.sent) else ""
         self.sent += new
         lp = self._lp if token is not None else None
         self._send(TokenEvent(token, new, projection, *(lp or (None, None, None))))

@@ -91,11 +91,18 @@ def _lpad(t: torch.Tensor, T: int, dim: int) -> torch.Tensor:
 class Engine:
     """The worker. `submit(req)` from any thread; `start()`/`stop()` around its life."""
 
-    def __init__(self, lm, *, max_batch: int = 32, window_s: float = 0.005, max_queue: int = 256,
-                 use_cache: bool = True):
+    def __init__(
+        self, lm, *, max_batch: int = 32, window_s: float = 0.005, max_queue: int = 256, use_cache: bool = True
+    ):
         if max_batch < 1 or max_queue < 1:
             raise SteerscopeError("max_batch and max_queue must be >= 1.")
-        self.lm, self.max_batch, self.window_s, self.max_queue, self.use_cache = lm, max_batch, window_s, max_queue, use_cache
+        self.lm, self.max_batch, self.window_s, self.max_queue, self.use_cache = (
+            lm,
+            max_batch,
+            window_s,
+            max_queue,
+            use_cache,
+        )
         self.eos = lm.eos_ids  # empty: rows end at a stop string or max_tokens
         self.inbox: queue.Queue[GenRequest] = queue.Queue()
         self.rows: list[Row] = []
@@ -109,7 +116,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     # ---- life ----------------------------------------------------------------------------------
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="steerscope-engine", daemon=True)
         self._thread.start()
         return self
@@ -224,13 +231,21 @@ class Engine:
         logits = penalised(logits, [(r.ids, r.req.presence_penalty, r.req.frequency_penalty) for r in rows])
         # Rows are independent in the forward pass: a row whose steering overflowed fails alone.
         for i in (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist():
-            rows[i].finish("error", "the steered forward pass gave non-finite logits: the steering is too strong "
-                                    "for this model; lower `coef`.", status=422)
+            rows[i].finish(
+                "error",
+                "the steered forward pass gave non-finite logits: the steering is too strong "
+                "for this model; lower `coef`.",
+                status=422,
+            )
         tokens = logits.argmax(-1).tolist()  # greedy rows (what transformers' greedy decoding picks)
         hot = [i for i, r in enumerate(rows) if r.gen is not None and not r.done]
         if hot:
-            drawn = sample_rows(logits[hot], [rows[i].gen for i in hot], [rows[i].req.temperature for i in hot],
-                                [rows[i].req.top_p for i in hot]).tolist()
+            drawn = sample_rows(
+                logits[hot],
+                [rows[i].gen for i in hot],
+                [rows[i].req.temperature for i in hot],
+                [rows[i].req.top_p for i in hot],
+            ).tolist()
             for i, t in zip(hot, drawn):
                 tokens[i] = t
         for i, (r, t) in enumerate(zip(rows, tokens)):
@@ -274,8 +289,13 @@ class Engine:
         mine, theirs = cache_layers(self.cache), cache_layers(cache)
         # Every new tensor is built before any is assigned: a failure half-way (out of memory)
         # leaves the running batch as it was, and only the joining rows fail.
-        kv = [(torch.cat([_lpad(a.keys, T, 2), _lpad(b.keys, T, 2)]), torch.cat([_lpad(a.values, T, 2), _lpad(b.values, T, 2)]))
-              for a, b in zip(mine, theirs)]  # keys/values (B, heads, T, head_dim)
+        kv = [
+            (
+                torch.cat([_lpad(a.keys, T, 2), _lpad(b.keys, T, 2)]),
+                torch.cat([_lpad(a.values, T, 2), _lpad(b.values, T, 2)]),
+            )
+            for a, b in zip(mine, theirs)
+        ]  # keys/values (B, heads, T, head_dim)
         joined_mask = torch.cat([_lpad(self.mask, T, 1), _lpad(mask, T, 1)])
         for a, (k, v) in zip(mine, kv):
             a.keys, a.values = k, v

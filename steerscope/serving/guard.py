@@ -24,7 +24,7 @@ def _host_only(value: str) -> str:
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
-        rest = value[end + 1:] if end > 0 else "?"
+        rest = value[end + 1 :] if end > 0 else "?"
         return value[1:end] if rest == "" or (rest[0] == ":" and rest[1:].isdigit()) else ""
     if value.count(":") == 1:
         host, port = value.split(":")
@@ -66,12 +66,18 @@ class Guard:
         else:
             host = _host_only(headers.get("host", ""))
             if host not in LOOPBACK:
-                return (f"Host {headers.get('host', '')!r} is not a loopback address; this server has no API key, so it "
-                        "answers only requests addressed to 127.0.0.1, localhost or [::1] (--api-key-env to serve others).", 403)
+                return (
+                    f"Host {headers.get('host', '')!r} is not a loopback address; this server has no API key, so it "
+                    "answers only requests addressed to 127.0.0.1, localhost or [::1] (--api-key-env to serve others).",
+                    403,
+                )
             origin = headers.get("origin")
             if origin is not None and not is_loopback_origin(origin):
-                return (f"cross-origin request from {origin!r} refused: without an API key only pages served from "
-                        "loopback may call this server (--api-key-env to allow others).", 403)
+                return (
+                    f"cross-origin request from {origin!r} refused: without an API key only pages served from "
+                    "loopback may call this server (--api-key-env to allow others).",
+                    403,
+                )
         if method in ("POST", "PUT", "PATCH"):
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":

@@ -3,7 +3,7 @@ frequency penalties, and log-probabilities (the chosen token's and the top k).""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

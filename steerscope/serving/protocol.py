@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import SteerscopeError
 from ..interventions.rows import AblateSpec, AddSpec, RowSteering

@@ -9,7 +9,7 @@ checked afterwards, in `app.py` and `store.py`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,7 +28,7 @@ class InlineVector(BaseModel):
     """the layer it is added at (required for an addition; unused for an ablation)"""
 
 
-VectorRef = Union[str, InlineVector]
+VectorRef = str | InlineVector
 
 
 class SteeringItem(BaseModel):
@@ -136,8 +136,22 @@ def parse_body(model: type[BaseModel], body: dict) -> BaseModel:
 
 
 # pydantic names a union member in an error's location by its type: these are not fields.
-_TAGS = {"str", "int", "float", "bool", "dict[any,any]", "InlineVector", "Projection", "TextPart", "SteeringItem",
-         "StreamOptions", "list[str]", "list[TextPart]", "function-after", "constrained-float"}
+_TAGS = {
+    "str",
+    "int",
+    "float",
+    "bool",
+    "dict[any,any]",
+    "InlineVector",
+    "Projection",
+    "TextPart",
+    "SteeringItem",
+    "StreamOptions",
+    "list[str]",
+    "list[TextPart]",
+    "function-after",
+    "constrained-float",
+}
 
 
 def _is_tag(p) -> bool:

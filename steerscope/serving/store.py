@@ -64,9 +64,12 @@ class VectorStore:
         `max_steer_ratio` x the model's residual norm at its layer."""
         limit = self.max_steer_ratio * float(self.resid_norms[layer])
         if not math.isfinite(norm) or norm > limit:
-            raise RequestError(f"`{param}`: {what} = {norm:.3g}, over {self.max_steer_ratio:g} x the model's residual "
-                               f"norm at layer {layer} ({float(self.resid_norms[layer]):.3g}); lower it "
-                               "(the server's limit: --max-steer-ratio).", param=param)
+            raise RequestError(
+                f"`{param}`: {what} = {norm:.3g}, over {self.max_steer_ratio:g} x the model's residual "
+                f"norm at layer {layer} ({float(self.resid_norms[layer]):.3g}); lower it "
+                "(the server's limit: --max-steer-ratio).",
+                param=param,
+            )
 
     def vectors(self, ref: Any, param: str, need_layer: bool = True) -> list[SteeringVector]:
         """The vectors a request names: a stored name (`resolve`) or an inline vector."""
@@ -82,8 +85,11 @@ class VectorStore:
         raw = _b64(iv.data, f"{param}.data")
         d = self.lm.d_model
         if len(raw) != 4 * d:
-            raise RequestError(f"`{param}.data` holds {len(raw)} bytes; this model needs {d} float32 values "
-                               f"({4 * d} bytes, little-endian).", param=f"{param}.data")
+            raise RequestError(
+                f"`{param}.data` holds {len(raw)} bytes; this model needs {d} float32 values "
+                f"({4 * d} bytes, little-endian).",
+                param=f"{param}.data",
+            )
         v = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32))
         if not bool(torch.isfinite(v).all()):
             raise RequestError(f"`{param}.data` has NaN or infinite values.", param=f"{param}.data")
@@ -91,8 +97,10 @@ class VectorStore:
         if layer is None and need_layer:
             raise RequestError(f"`{param}.layer` is required for an inline vector.", param=f"{param}.layer")
         if layer is not None and not 0 <= layer < self.lm.n_layers:
-            raise RequestError(f"`{param}.layer` must be an integer in 0..{self.lm.n_layers - 1}, got {layer!r}.",
-                               param=f"{param}.layer")
+            raise RequestError(
+                f"`{param}.layer` must be an integer in 0..{self.lm.n_layers - 1}, got {layer!r}.",
+                param=f"{param}.layer",
+            )
         if layer is not None:
             self.check_size(float(v.double().norm()), layer, f"{param}.data", "the inline vector's norm")
         return SteeringVector(v, 0 if layer is None else layer, "inline")
@@ -124,10 +132,14 @@ class VectorStore:
         "safetensors": base64} or {"name", "gguf": base64}; "replace": true overwrites a set of the same name."""
         name = body.name
         if not NAME.match(name):
-            raise RequestError("`name` must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit.", param="name")
+            raise RequestError(
+                "`name` must be 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit.", param="name"
+            )
         replace = body.replace
         if name in self._sets and not replace:
-            raise RequestError(f"a vector set named {name!r} exists; DELETE it first or send \"replace\": true.", 409, "name")
+            raise RequestError(
+                f'a vector set named {name!r} exists; DELETE it first or send "replace": true.', 409, "name"
+            )
         with tempfile.TemporaryDirectory(prefix="steerscope-upload-") as tmp:
             if body.gguf is not None:
                 f = Path(tmp) / f"{name}.gguf"
@@ -137,10 +149,14 @@ class VectorStore:
                 except RequestError:
                     raise
                 except SteerscopeError as e:
-                    raise RequestError(f"the uploaded control vector was rejected: {_hide(e, tmp)}", param="gguf") from None
+                    raise RequestError(
+                        f"the uploaded control vector was rejected: {_hide(e, tmp)}", param="gguf"
+                    ) from None
             if body.safetensors is None or body.config is None:
-                raise RequestError("send {\"name\", \"config\": <config.json object>, \"safetensors\": <base64>} "
-                                   "or {\"name\", \"gguf\": <base64>}.")
+                raise RequestError(
+                    'send {"name", "config": <config.json object>, "safetensors": <base64>} '
+                    'or {"name", "gguf": <base64>}.'
+                )
             folder = Path(tmp) / name
             folder.mkdir()
             (folder / CONFIG_FILE).write_text(json.dumps(body.config))
@@ -148,7 +164,9 @@ class VectorStore:
             try:
                 vs = VectorSet.load(folder, self.lm, check_model=self.check_model)
             except SteerscopeError as e:
-                raise RequestError(f"the uploaded vector set was rejected: {_hide(e, tmp)}", param="safetensors") from None
+                raise RequestError(
+                    f"the uploaded vector set was rejected: {_hide(e, tmp)}", param="safetensors"
+                ) from None
             return self._put(name, _Entry(vs, "upload", False), replace)
 
     def _put(self, name: str, entry: _Entry, replace: bool) -> str:
@@ -156,7 +174,9 @@ class VectorStore:
             self.check_size(float(sv.vector.double().norm()), sv.layer, "vectors", f"the norm of vector {sv.id!r}")
         with self._lock:
             if name in self._sets and not replace:
-                raise RequestError(f"a vector set named {name!r} exists; DELETE it first or send \"replace\": true.", 409, "name")
+                raise RequestError(
+                    f'a vector set named {name!r} exists; DELETE it first or send "replace": true.', 409, "name"
+                )
             if name not in self._sets and len(self._sets) >= self.max_sets:
                 raise RequestError(f"the server holds {self.max_sets} vector sets already; DELETE one first.", 409)
             self._sets[name] = entry
@@ -171,22 +191,34 @@ class VectorStore:
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
             items = list(self._sets.items())
-        return [{"name": n, "object": "vector_set", "method": e.vs.config.method, "source": e.source,
-                 "control_vector": e.control, "vectors": [{"id": i, "layer": l, "norm": nm, "ref": f"{n}/{i}"}
-                                                          for i, l, nm in zip(e.vs.ids, e.vs.layers, e.vs.config.norms)]}
-                for n, e in items]
+        return [
+            {
+                "name": n,
+                "object": "vector_set",
+                "method": e.vs.config.method,
+                "source": e.source,
+                "control_vector": e.control,
+                "vectors": [
+                    {"id": i, "layer": l, "norm": nm, "ref": f"{n}/{i}"}
+                    for i, l, nm in zip(e.vs.ids, e.vs.layers, e.vs.config.norms)
+                ],
+            }
+            for n, e in items
+        ]
 
     def resolve(self, ref: Any, param: str) -> list[SteeringVector]:
         """The vectors a reference names (see the module docstring)."""
         if not isinstance(ref, str) or not ref:
-            raise RequestError(f"`{param}` must be a vector name such as \"SET\" or \"SET/ID\".", param=param)
+            raise RequestError(f'`{param}` must be a vector name such as "SET" or "SET/ID".', param=param)
         name, _, which = ref.partition("/")
         with self._lock:
             e = self._sets.get(name)
             names = sorted(self._sets)  # read under the lock: an upload may change the dict meanwhile
         if e is None:
             known = ", ".join(names[:10]) or "none loaded"
-            raise RequestError(f"unknown vector {ref!r} in `{param}`; known sets: {known} (GET /v1/vectors).", param=param)
+            raise RequestError(
+                f"unknown vector {ref!r} in `{param}`; known sets: {known} (GET /v1/vectors).", param=param
+            )
         vs = e.vs
         if which:
             key: int | str = int(which) if which.lstrip("-").isdigit() and which not in vs.ids else which
@@ -196,8 +228,11 @@ class VectorStore:
                 raise RequestError(f"`{param}`: {err}", param=param) from None
         if len(vs) == 1 or e.control:
             return list(vs)
-        raise RequestError(f"`{param}`: set {name!r} has {len(vs)} vectors; name one as \"{name}/ID\" "
-                           f"(ids: {', '.join(vs.ids[:8])}{' ...' if len(vs) > 8 else ''}).", param=param)
+        raise RequestError(
+            f'`{param}`: set {name!r} has {len(vs)} vectors; name one as "{name}/ID" '
+            f"(ids: {', '.join(vs.ids[:8])}{' ...' if len(vs) > 8 else ''}).",
+            param=param,
+        )
 
 
 def _hide(e: Exception, tmp: str) -> str:
@@ -228,25 +263,31 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
         positions = _positions(item.positions, where)
         if item.ablate is not None:
             if item.vector is not None or item.layer is not None or "coef" in item.model_fields_set:
-                raise RequestError(f"`{where}`: an ablation takes only \"ablate\" (and \"positions\").", param=where)
+                raise RequestError(f'`{where}`: an ablation takes only "ablate" (and "positions").', param=where)
             for sv in store.vectors(item.ablate, f"{where}.ablate", need_layer=False):
                 if float(sv.vector.norm()) == 0.0:
                     raise RequestError(f"`{where}.ablate`: vector {sv.id!r} is zero and has no direction.", param=where)
                 ablations.append(AblateSpec(sv.vector, positions))
             continue
         if item.vector is None:
-            raise RequestError(f"`{where}` needs \"vector\" (or \"ablate\").", param=where)
+            raise RequestError(f'`{where}` needs "vector" (or "ablate").', param=where)
         layer = item.layer
         if layer is not None and not 0 <= layer < lm.n_layers:
-            raise RequestError(f"`{where}.layer` must be an integer in 0..{lm.n_layers - 1}, got {layer!r}.", param=f"{where}.layer")
+            raise RequestError(
+                f"`{where}.layer` must be an integer in 0..{lm.n_layers - 1}, got {layer!r}.", param=f"{where}.layer"
+            )
         for sv in store.vectors(item.vector, f"{where}.vector", need_layer=layer is None):
             L = sv.layer if layer is None else layer
-            store.check_size(float(sv.vector.double().norm()) * abs(item.coef), L, f"{where}.coef",
-                             f"coef x |vector {sv.id!r}|")
+            store.check_size(
+                float(sv.vector.double().norm()) * abs(item.coef), L, f"{where}.coef", f"coef x |vector {sv.id!r}|"
+            )
             adds.append(AddSpec(sv.vector, L, float(item.coef), positions))
     if len(adds) + len(ablations) > max_vectors:
-        raise RequestError(f"the request uses {len(adds) + len(ablations)} vectors; this server allows {max_vectors} "
-                           "per request (--max-vectors-per-request).", param="steering")
+        raise RequestError(
+            f"the request uses {len(adds) + len(ablations)} vectors; this server allows {max_vectors} "
+            "per request (--max-vectors-per-request).",
+            param="steering",
+        )
     probe = None
     if projection is not None:
         ref, layer = (projection.vector, projection.layer) if hasattr(projection, "vector") else (projection, None)
@@ -265,10 +306,10 @@ def _positions(spec: Any, where: str) -> Positions:
     if spec is None or spec == "all":
         return ALL
     if not isinstance(spec, str):
-        raise RequestError(f"`{where}.positions` must be a string: all, prompt, generated, A:B or last:K.", param=f"{where}.positions")
+        raise RequestError(
+            f"`{where}.positions` must be a string: all, prompt, generated, A:B or last:K.", param=f"{where}.positions"
+        )
     try:
         return Positions.parse(spec)
     except SteerscopeError as e:
         raise RequestError(f"`{where}.positions`: {e}", param=f"{where}.positions") from None
-
-

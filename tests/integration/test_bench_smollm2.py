@@ -16,8 +16,21 @@ pytestmark = pytest.mark.integration
 
 def test_bench_on_smollm2(tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "--concepts", "french", "--methods", "diffmean,prompting", "--n-neutral", "4",
-            "--max-new-tokens", "16", "--curve", "1,3", "--out", str(out)]
+    argv = [
+        "bench",
+        "--concepts",
+        "french",
+        "--methods",
+        "diffmean,prompting",
+        "--n-neutral",
+        "4",
+        "--max-new-tokens",
+        "16",
+        "--curve",
+        "1,3",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "mean score" in printed and "report:" in printed

@@ -20,7 +20,9 @@ def test_melbo_vectors_elicit_more_distinct_completions_than_random(capsys):
     rand = ss.generate(lm, prompts, vectors=control, max_new_tokens=24, include_unsteered=False)
     n_learned, n_random = len({r.text for r in learned}), len({r.text for r in rand})
     with capsys.disabled():
-        print(f"\n[SmolLM2 MELBO, 8 vectors x 2 prompts, R=4] distinct greedy completions: learned {n_learned}, random {n_random}")
+        print(
+            f"\n[SmolLM2 MELBO, 8 vectors x 2 prompts, R=4] distinct greedy completions: learned {n_learned}, random {n_random}"
+        )
     assert n_learned > n_random
     curves = vs.extras["curves"]
     assert (curves[:, -1] > curves[:, 0]).all()

@@ -30,8 +30,13 @@ def smol():
 
 @pytest.fixture(scope="module")
 def happy_dir(smol, tmp_path_factory):
-    vs = ss.directions.mean_difference(smol, ["I love this, it is wonderful", "What a joyful day"],
-                                       ["I hate this, it is awful", "What a miserable day"], [8], chat=False)
+    vs = ss.directions.mean_difference(
+        smol,
+        ["I love this, it is wonderful", "What a joyful day"],
+        ["I hate this, it is awful", "What a miserable day"],
+        [8],
+        chat=False,
+    )
     return vs.save(tmp_path_factory.mktemp("vec") / "happy")
 
 
@@ -64,8 +69,13 @@ def test_server_rows_equal_requests_sent_alone(smol, happy_dir):
 
         def ask(req):
             p, c = req
-            r = client.completions.create(model="steerscope", prompt=p, max_tokens=12, temperature=0,
-                                          extra_body={"steering": [{"vector": "happy", "coef": c}]})
+            r = client.completions.create(
+                model="steerscope",
+                prompt=p,
+                max_tokens=12,
+                temperature=0,
+                extra_body={"steering": [{"vector": "happy", "coef": c}]},
+            )
             return r.model_extra["steerscope"]["token_ids"]
 
         alone = [ask(r) for r in reqs]
@@ -73,7 +83,9 @@ def test_server_rows_equal_requests_sent_alone(smol, happy_dir):
             together = list(ex.map(ask, reqs))
         assert s.engine.stats["max_rows"] > 1 and s.engine.stats["errors"] == 0
     same = sum(a == b for a, b in zip(alone, together))
-    assert same == len(reqs), f"{len(reqs) - same} of {len(reqs)} concurrent requests differ from the same request alone"
+    assert same == len(reqs), (
+        f"{len(reqs) - same} of {len(reqs)} concurrent requests differ from the same request alone"
+    )
     assert len({tuple(a) for a in alone}) > 4  # the coefficients change the output
 
 
@@ -82,7 +94,14 @@ def test_run_smoke(tmp_path):
     from steerscope.directions.discovery import DiscoverConfig
     from steerscope.jobs.run import RunConfig, run
 
-    cfg = RunConfig(n_train=2, n_heldout=1, n_neutral=2, max_new_tokens=8, sweep_multiples=[1.0], sweep_top=1,
-                    discover=DiscoverConfig.of("melbo", n_vectors=2, steps=5, R=4.0))
+    cfg = RunConfig(
+        n_train=2,
+        n_heldout=1,
+        n_neutral=2,
+        max_new_tokens=8,
+        sweep_multiples=[1.0],
+        sweep_top=1,
+        discover=DiscoverConfig.of("melbo", n_vectors=2, steps=5, R=4.0),
+    )
     report = run(cfg, tmp_path / "run")
     assert report.is_file() and json.loads((tmp_path / "run" / "metrics.json").read_text())["vectors"]

@@ -11,8 +11,17 @@ pytestmark = pytest.mark.integration
 
 
 def test_full_run_on_smollm2(tmp_path):
-    cfg = RunConfig(n_train=2, n_heldout=1, n_neutral=4, max_new_tokens=16, sweep_multiples=[1.0, 2.0], sweep_top=1,
-                    n_random=4, n_samples=2, discover=DiscoverConfig.of("melbo", n_vectors=4, steps=20, R=4.0))
+    cfg = RunConfig(
+        n_train=2,
+        n_heldout=1,
+        n_neutral=4,
+        max_new_tokens=16,
+        sweep_multiples=[1.0, 2.0],
+        sweep_top=1,
+        n_random=4,
+        n_samples=2,
+        discover=DiscoverConfig.of("melbo", n_vectors=4, steps=20, R=4.0),
+    )
     report = run(cfg, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(m["vectors"]) == 8 and m["discovery"]["source"] == 8 and m["discovery"]["target"] == 22
@@ -20,4 +29,8 @@ def test_full_run_on_smollm2(tmp_path):
     assert m["summary"]["learned"]["completions"] == 12 and len(m["clusters"]) >= 1
     assert m["null_model"]["samples"] == 2 and all(0 <= f["q"] <= 1 for f in m["findings"])
     html = report.read_text()
-    assert html.count('class="card vector-card') == 8 and "<svg" in html and "http" not in html.split("<body>")[1].split("Run configuration")[0]
+    assert (
+        html.count('class="card vector-card') == 8
+        and "<svg" in html
+        and "http" not in html.split("<body>")[1].split("Run configuration")[0]
+    )

@@ -33,14 +33,35 @@ def smol():
 
 @pytest.fixture(scope="module")
 def happy_dir(smol, tmp_path_factory):
-    vs = mean_difference(smol, ["I love this, it is wonderful and happy", "What a joyful, delightful day"],
-                         ["I hate this, it is awful and sad", "What a miserable, dreadful day"], [8], chat=False)
+    vs = mean_difference(
+        smol,
+        ["I love this, it is wonderful and happy", "What a joyful, delightful day"],
+        ["I hate this, it is awful and sad", "What a miserable, dreadful day"],
+        [8],
+        chat=False,
+    )
     return vs.save(tmp_path_factory.mktemp("vec") / "happy")
 
 
 def _cli_generate(capsys, happy_dir, *extra) -> dict:
-    assert main(["generate", "--vector", str(happy_dir), "--coef", str(COEF), "--prompt", PROMPT,
-                 "--max-new-tokens", "24", "--json", *extra]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--vector",
+                str(happy_dir),
+                "--coef",
+                str(COEF),
+                "--prompt",
+                PROMPT,
+                "--max-new-tokens",
+                "24",
+                "--json",
+                *extra,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.strip()]
     return next(r for r in rows if r["vector_id"] is not None)
 
@@ -56,11 +77,16 @@ def test_server_equals_cli_generate(smol, happy_dir, capsys):
         with Server(smol, ServeConfig(port=0, kv_cache=kv_cache)) as s:
             s.store.load_path(happy_dir)
             client = openai.OpenAI(base_url=s.url + "/v1", api_key="-")
-            r = client.chat.completions.create(model="steerscope", messages=msgs, max_tokens=24, temperature=0, extra_body=extra)
+            r = client.chat.completions.create(
+                model="steerscope", messages=msgs, max_tokens=24, temperature=0, extra_body=extra
+            )
             assert r.model_extra["steerscope"]["token_ids"] == ref["token_ids"], f"kv_cache={kv_cache}"
             assert r.choices[0].message.content == ref["text"]
-            chunks = list(client.chat.completions.create(model="steerscope", messages=msgs, max_tokens=24, temperature=0,
-                                                         extra_body=extra, stream=True))
+            chunks = list(
+                client.chat.completions.create(
+                    model="steerscope", messages=msgs, max_tokens=24, temperature=0, extra_body=extra, stream=True
+                )
+            )
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref["text"]
     assert count_hooks(smol.model) == 0
 
@@ -68,8 +94,10 @@ def test_server_equals_cli_generate(smol, happy_dir, capsys):
 def _wait_both(driver, timeout=120):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        run, a, b = driver.execute_script("return [document.body.dataset.run, document.getElementById('out-steered').dataset.done,"
-                                          " document.getElementById('out-base').dataset.done]")
+        run, a, b = driver.execute_script(
+            "return [document.body.dataset.run, document.getElementById('out-steered').dataset.done,"
+            " document.getElementById('out-base').dataset.done]"
+        )
         if run and a == run and b == run:
             return
         time.sleep(0.1)
@@ -120,7 +148,9 @@ def test_playground_in_chromium(smol, happy_dir, tmp_path):
             driver.save_screenshot(str(shots / "playground-from-url.png"))
             # upload a vector folder's two files through the page; it becomes selectable
             driver.find_element(By.ID, "upload-name").send_keys("joy")
-            driver.find_element(By.ID, "upload").send_keys(f"{happy_dir / 'config.json'}\n{happy_dir / 'vectors.safetensors'}")
+            driver.find_element(By.ID, "upload").send_keys(
+                f"{happy_dir / 'config.json'}\n{happy_dir / 'vectors.safetensors'}"
+            )
             t0 = time.monotonic()
             while "uploaded" not in driver.find_element(By.ID, "upload-note").text and time.monotonic() - t0 < 20:
                 time.sleep(0.1)

@@ -21,8 +21,13 @@ def smol():
 
 @pytest.fixture(scope="module")
 def love(smol):
-    return mean_difference(smol, ["I love you, you are wonderful", "love and joy"],
-                           ["I hate you, you are awful", "hate and anger"], layers=[6], chat=False)
+    return mean_difference(
+        smol,
+        ["I love you, you are wonderful", "love and joy"],
+        ["I hate you, you are awful", "hate and anger"],
+        layers=[6],
+        chat=False,
+    )
 
 
 def test_loads_from_cache(smol):

@@ -66,13 +66,15 @@ class DiscoverConfig(Config):
         if self.method_config is None and m.config is not None:
             object.__setattr__(self, "method_config", m.config())
         elif m.config is not None and not isinstance(self.method_config, m.config):
-            raise SteerscopeError(f"method {self.method!r} takes a {m.config.__name__}, got {type(self.method_config).__name__}.")
+            raise SteerscopeError(
+                f"method {self.method!r} takes a {m.config.__name__}, got {type(self.method_config).__name__}."
+            )
         if self.R is not None and self.R <= 0:
             raise SteerscopeError(f"R must be positive, got {self.R}; omit it (or --R calibrate) to calibrate.")
         parse_last(self.target_tokens, allow_all=True, what="target tokens (--target-tokens):")
 
     @classmethod
-    def of(cls, method: str = "kl", **settings) -> "DiscoverConfig":
+    def of(cls, method: str = "kl", **settings) -> DiscoverConfig:
         """`DiscoverConfig.of("melbo", n_vectors=8, R=4.0, steps=60)`: shared and method settings
         in one call, each routed to its config."""
         m = DISCOVERY.get(method)
@@ -82,7 +84,9 @@ class DiscoverConfig(Config):
         if unknown:
             raise SteerscopeError(f"{method} has no setting(s) {', '.join(unknown)}.")
         mc = m.config(**{k: v for k, v in settings.items() if k in own}) if m.config else None
-        return cls(method=method, method_config=mc, **{k: v for k, v in settings.items() if k in shared and k not in own})
+        return cls(
+            method=method, method_config=mc, **{k: v for k, v in settings.items() if k in shared and k not in own}
+        )
 
     def resolve_layers(self, n_layers: int) -> tuple[int, int]:
         # A method may place its vectors elsewhere by default (a class attribute of its config, not a
@@ -93,9 +97,17 @@ class DiscoverConfig(Config):
         return s, t
 
 
-def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, checkpoint_dir: str | Path | None = None,
-             progress: bool | None = None, layer_range: LayerRange | None = None, force: bool = False,
-             rank=None) -> VectorSet:
+def discover(
+    lm,
+    prompts: list[str],
+    config: DiscoverConfig | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool | None = None,
+    layer_range: LayerRange | None = None,
+    force: bool = False,
+    rank=None,
+) -> VectorSet:
     """Run a discovery method; the result records R, layers, the config and method diagnostics
     (MELBO training curves, Jacobian singular values) in its hyper-parameters and extras.
 
@@ -115,17 +127,31 @@ def discover(lm, prompts: list[str], config: DiscoverConfig | None = None, *, ch
     calibration = None
     R = cfg.R
     if R is None:
-        R, trace = calibrate_R(lr_, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed,
-                               progress=progress)
+        R, trace = calibrate_R(
+            lr_, target_ratio=cfg.calibrate_ratio, target_tokens=cfg.target_tokens, seed=cfg.seed, progress=progress
+        )
         calibration = {"ratio": cfg.calibrate_ratio, "R": R, "trace": trace[-5:]}
     key_cfg = {**config_to_dict(cfg), "R": R, "source": s, "target": t}
     key = config_key(lm.fingerprint, list(prompts), {**key_settings(cfg), "R": R, "source": s, "target": t})
     ckpt = Checkpoint(checkpoint_dir, key, "discovery run", force=force) if checkpoint_dir else None
     ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, progress, rank)
     res: Discovered = method.fn(ctx, cfg.method_config)
-    hyper = {**key_cfg, "n_prompts": len(prompts), "prompts": list(prompts)[:50], "calibration": calibration, **res.info}
-    return VectorSet.create(lm, res.vectors, s, cfg.method, ids=[f"{cfg.method}-{i}" for i in range(len(res.vectors))],
-                            hyperparams=hyper, extras=res.extras)
+    hyper = {
+        **key_cfg,
+        "n_prompts": len(prompts),
+        "prompts": list(prompts)[:50],
+        "calibration": calibration,
+        **res.info,
+    }
+    return VectorSet.create(
+        lm,
+        res.vectors,
+        s,
+        cfg.method,
+        ids=[f"{cfg.method}-{i}" for i in range(len(res.vectors))],
+        hyperparams=hyper,
+        extras=res.extras,
+    )
 
 
 def random_control(lm, vs: VectorSet, seed: int = 12345, n: int | None = None) -> VectorSet:
@@ -135,9 +161,25 @@ def random_control(lm, vs: VectorSet, seed: int = 12345, n: int | None = None) -
     idx = [i % len(vs) for i in range(n)]
     norms = vs.vectors.norm(dim=-1, keepdim=True)[idx]  # (n, 1)
     dirs = random_directions(n, lm.d_model, seed)
-    return VectorSet.create(lm, dirs * norms, [vs.layers[i] for i in idx], "random", ids=[f"control-{i}" for i in range(n)],
-                            hyperparams={"control_for": vs.config.method, "seed": seed, "R": vs.config.hyperparams.get("R")})
+    return VectorSet.create(
+        lm,
+        dirs * norms,
+        [vs.layers[i] for i in idx],
+        "random",
+        ids=[f"control-{i}" for i in range(n)],
+        hyperparams={"control_for": vs.config.method, "seed": seed, "R": vs.config.hyperparams.get("R")},
+    )
 
 
-__all__ = ["DiscoverConfig", "DISCOVERY", "Discovered", "DiscoveryContext", "discover", "random_control", "calibrate_R",
-           "jacobian_singular_vectors", "train_melbo", "MelboConfig"]
+__all__ = [
+    "DiscoverConfig",
+    "DISCOVERY",
+    "Discovered",
+    "DiscoveryContext",
+    "discover",
+    "random_control",
+    "calibrate_R",
+    "jacobian_singular_vectors",
+    "train_melbo",
+    "MelboConfig",
+]

@@ -1,12 +1,12 @@
 """Baselines and controls: PCA of source-layer activations and random vectors of matched norm.
 
-    pca                top-k principal components of the (token x d_model) activations at the
-                       source layer (centred), times R
-    pca_onmanifold     the same PCs restricted to the span of the top-m right singular vectors of
-                       the UNcentred token x activation matrix (the directions activations
-                       actually occupy), re-orthonormalised
-    random             Gaussian directions, orthonormalised (QR), times R: the control
-    random_onmanifold  random directions inside that top-m span, orthonormalised, times R
+pca                top-k principal components of the (token x d_model) activations at the
+                   source layer (centred), times R
+pca_onmanifold     the same PCs restricted to the span of the top-m right singular vectors of
+                   the UNcentred token x activation matrix (the directions activations
+                   actually occupy), re-orthonormalised
+random             Gaussian directions, orthonormalised (QR), times R: the control
+random_onmanifold  random directions inside that top-m span, orthonormalised, times R
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from .base import DISCOVERY, Discovered, DiscoveryContext
 def _orthonormal_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows of x made orthonormal in order (Gram-Schmidt via QR, signs kept)."""
     q, r = torch.linalg.qr(x.T)
-    return (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(1, dtype=q.dtype, device=q.device))).T
+    return (
+        q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(1, dtype=q.dtype, device=q.device))
+    ).T
 
 
 def random_directions(k: int, d: int, seed: int) -> torch.Tensor:
@@ -49,10 +51,12 @@ def top_subspace(x: torch.Tensor, m: int) -> torch.Tensor:
 def pca(layer_range, k: int, manifold_rank: int | None = None) -> tuple[torch.Tensor, dict]:
     x = source_tokens(layer_range)
     if k > min(x.shape):
-        raise SteerscopeError(f"pca: {k} components from {x.shape[0]} tokens x {x.shape[1]} dims is not possible; use fewer vectors or more prompts.")
+        raise SteerscopeError(
+            f"pca: {k} components from {x.shape[0]} tokens x {x.shape[1]} dims is not possible; use fewer vectors or more prompts."
+        )
     _, s, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     dirs = vh[:k]
-    info = {"explained_variance": (s[:k] ** 2 / (s ** 2).sum()).tolist()}
+    info = {"explained_variance": (s[:k] ** 2 / (s**2).sum()).tolist()}
     if manifold_rank is not None:
         basis = top_subspace(x, manifold_rank)  # (m, d)
         inside = (dirs @ basis.T) @ basis  # projection on the span
@@ -64,7 +68,9 @@ def pca(layer_range, k: int, manifold_rank: int | None = None) -> tuple[torch.Te
 def random_onmanifold(layer_range, k: int, manifold_rank: int, seed: int) -> tuple[torch.Tensor, dict]:
     basis = top_subspace(source_tokens(layer_range), manifold_rank)  # (m, d)
     if k > manifold_rank:
-        raise SteerscopeError(f"{k} orthogonal vectors do not fit in a rank-{manifold_rank} subspace; raise manifold_rank.")
+        raise SteerscopeError(
+            f"{k} orthogonal vectors do not fit in a rank-{manifold_rank} subspace; raise manifold_rank."
+        )
     g = torch.Generator().manual_seed(seed)
     coeffs = torch.randn(k, manifold_rank, generator=g, dtype=torch.float64).to(basis.device)
     return _orthonormal_rows(coeffs @ basis).float(), {"manifold_rank": manifold_rank}

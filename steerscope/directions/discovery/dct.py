@@ -125,7 +125,11 @@ def dct(ctx: DiscoveryContext, cfg: DCTConfig) -> Discovered:
                 GV.append(gv)
                 causal = causal + term.detach()
             objective.append(float(causal))
-            if cfg.dct_tol > 0 and len(objective) > 1 and objective[-1] - objective[-2] < cfg.dct_tol * abs(objective[-2]):
+            if (
+                cfg.dct_tol > 0
+                and len(objective) > 1
+                and objective[-1] - objective[-2] < cfg.dct_tol * abs(objective[-2])
+            ):
                 bar.update(cfg.dct_iters - len(objective) + 1)
                 break
             U = _normalise(cfg.beta * torch.cat(GU) + (1 - cfg.beta) * U)
@@ -140,6 +144,13 @@ def dct(ctx: DiscoveryContext, cfg: DCTConfig) -> Discovered:
     alpha = torch.linalg.lstsq(Kmat, causal.double()[:, None]).solution[:, 0].float()
     order = torch.argsort(alpha.square(), descending=True)
     objective.append(float(causal.sum()))
-    return Discovered(R * V[order].cpu(), {"output_directions": U[order].cpu(), "alpha": alpha[order].cpu()},
-                      {"alpha": alpha[order].tolist(), "causal": causal[order].tolist(), "objective": objective,
-                       "iterations": len(objective) - 1})
+    return Discovered(
+        R * V[order].cpu(),
+        {"output_directions": U[order].cpu(), "alpha": alpha[order].cpu()},
+        {
+            "alpha": alpha[order].tolist(),
+            "causal": causal[order].tolist(),
+            "objective": objective,
+            "iterations": len(objective) - 1,
+        },
+    )

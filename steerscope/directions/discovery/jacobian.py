@@ -51,14 +51,26 @@ def jacobian(ctx: DiscoveryContext, cfg: JacobianConfig) -> Discovered:
     s = ctx.settings
     n = -(-s.n_vectors // 2) if cfg.both_signs else s.n_vectors
     with ctx.bar(cfg.power_iters, "jacobian") as bar:
-        res = jacobian_singular_vectors(ctx.layer_range, n, target_tokens=s.target_tokens, oversample=cfg.oversample,
-                                        iters=cfg.power_iters, tol=cfg.tol, seed=s.seed, progress=bar)
+        res = jacobian_singular_vectors(
+            ctx.layer_range,
+            n,
+            target_tokens=s.target_tokens,
+            oversample=cfg.oversample,
+            iters=cfg.power_iters,
+            tol=cfg.tol,
+            seed=s.seed,
+            progress=bar,
+        )
     vecs, sv = res.vectors.cpu(), res.singular_values.cpu()
     if cfg.both_signs:  # v1, -v1, v2, -v2, ...: (n, 2, d) -> (2n, d), cut to K
-        vecs = torch.stack([vecs, -vecs], 1).flatten(0, 1)[:s.n_vectors]
-        sv = sv.repeat_interleave(2)[:s.n_vectors]
-    info = {"singular_values": sv.tolist(), "residuals": res.residuals.tolist(),
-            "iterations": res.iterations, "converged": res.converged}
+        vecs = torch.stack([vecs, -vecs], 1).flatten(0, 1)[: s.n_vectors]
+        sv = sv.repeat_interleave(2)[: s.n_vectors]
+    info = {
+        "singular_values": sv.tolist(),
+        "residuals": res.residuals.tolist(),
+        "iterations": res.iterations,
+        "converged": res.converged,
+    }
     return Discovered(ctx.R * vecs, {"singular_values": sv, "history": torch.tensor(res.history)}, info)
 
 
@@ -75,11 +87,21 @@ class JacobianResult:
 def _masked_delta(layer_range, mask: torch.Tensor):
     def f(theta: torch.Tensor) -> torch.Tensor:  # (K, d) -> (K*P, T, d)
         return layer_range.delta(theta) * mask.repeat(theta.shape[0], 1)[..., None]
+
     return f
 
 
-def jacobian_singular_vectors(layer_range, n: int, *, target_tokens: str = "all", oversample: int = 4, iters: int = 50,
-                              tol: float = 1e-4, seed: int = 0, progress=None) -> JacobianResult:
+def jacobian_singular_vectors(
+    layer_range,
+    n: int,
+    *,
+    target_tokens: str = "all",
+    oversample: int = 4,
+    iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    progress=None,
+) -> JacobianResult:
     lm = layer_range.lm
     d = lm.d_model
     k = min(n + oversample, d)
@@ -94,12 +116,14 @@ def jacobian_singular_vectors(layer_range, n: int, *, target_tokens: str = "all"
         layer_range.capture()  # back to masks for the model's own attention implementation
 
 
-def _subspace_iteration(f, d: int, n: int, k: int, iters: int, tol: float, seed: int, progress, device) -> JacobianResult:
+def _subspace_iteration(
+    f, d: int, n: int, k: int, iters: int, tol: float, seed: int, progress, device
+) -> JacobianResult:
     zero = torch.zeros(k, d, device=device)
     _, vjp_fn = torch.func.vjp(f, zero)  # linearisation point theta = 0, reused every iteration
     V = random_directions(k, d, seed).to(device)  # (k, d) orthonormal rows
     history, converged = [], False
-    for it in range(1, iters + 1):
+    for it in range(1, iters + 1):  # noqa: B007 (`it` is returned: the iterations used)
         _, JV = torch.func.jvp(f, (zero,), (V,))  # row block i: J v_i
         W = vjp_fn(JV)[0]  # (k, d): J^T J v_i
         H = V.double() @ W.double().T  # Rayleigh-Ritz: V^T (J^T J) V
@@ -138,9 +162,17 @@ def _jv(layer_range, V: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return JV.detach()
 
 
-def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, target_tokens: str = "all",
-                seed: int = 0, grid: int = 25, iters: int = 30,
-                progress: bool | None = None) -> tuple[float, list[tuple[float, float]]]:
+def calibrate_R(
+    layer_range,
+    *,
+    target_ratio: float = 0.5,
+    n_probe: int = 8,
+    target_tokens: str = "all",
+    seed: int = 0,
+    grid: int = 25,
+    iters: int = 30,
+    progress: bool | None = None,
+) -> tuple[float, list[tuple[float, float]]]:
     """The R where ratio(R) crosses `target_ratio` on its way up. Returns (R, [(R, ratio), ...]).
 
     The ratio is scanned on a geometric grid from 1e-3 to 1e3 times the median token norm at
@@ -170,12 +202,16 @@ def calibrate_R(layer_range, *, target_ratio: float = 0.5, n_probe: int = 8, tar
                 passes.update(1)
             i_min = min(range(grid), key=lambda i: trace[i][1])
             if trace[i_min][1] >= target_ratio:
-                raise SteerscopeError(f"cannot calibrate R: the nonlinearity ratio never falls below {target_ratio} "
-                                      f"(lowest {trace[i_min][1]:.3g} at R={trace[i_min][0]:.3g}); numerical noise in "
-                                      f"{str(lm.dtype)[6:]} may dominate: use float32 or pass R explicitly.")
+                raise SteerscopeError(
+                    f"cannot calibrate R: the nonlinearity ratio never falls below {target_ratio} "
+                    f"(lowest {trace[i_min][1]:.3g} at R={trace[i_min][0]:.3g}); numerical noise in "
+                    f"{str(lm.dtype)[6:]} may dominate: use float32 or pass R explicitly."
+                )
             up = next((j for j in range(i_min + 1, grid) if trace[j][1] > target_ratio), None)
             if up is None:
-                raise SteerscopeError(f"cannot calibrate R: the ratio stays below {target_ratio} up to R={Rs[-1]:.3g}; pass R explicitly.")
+                raise SteerscopeError(
+                    f"cannot calibrate R: the ratio stays below {target_ratio} up to R={Rs[-1]:.3g}; pass R explicitly."
+                )
             lo, hi = Rs[up - 1], Rs[up]
             for _ in range(iters):
                 mid = math.sqrt(lo * hi)

@@ -102,8 +102,9 @@ class KLConfig(Config):
 
 
 @torch.no_grad()
-def greedy_replies(lm, prompts: list[str], n: int, *, chat: bool | None = None,
-                   formatted: bool = False) -> tuple[list[str], list[str]]:
+def greedy_replies(
+    lm, prompts: list[str], n: int, *, chat: bool | None = None, formatted: bool = False
+) -> tuple[list[str], list[str]]:
     """(prompt texts, prompt texts followed by the model's own greedy reply of up to `n` tokens),
     both as text that `lm.encode(..., formatted=True)` reads back: the prompt is encoded exactly
     as a run encodes it (chat template or BOS included), then decoded with its special tokens.
@@ -156,8 +157,9 @@ class OutputKL:
         self.lm, self.lr, self.mask = lm, lr, mask  # mask (P, T)
         self.head = lm.model.get_output_embeddings()
         # Gemma-2 style models cap their logits in the head's caller; do the same.
-        self.cap = getattr(getattr(lm.model.config, "get_text_config", lambda: lm.model.config)(),
-                           "final_logit_softcapping", None)
+        self.cap = getattr(
+            getattr(lm.model.config, "get_text_config", lambda: lm.model.config)(), "final_logit_softcapping", None
+        )
         self.n = mask.sum().clamp_min(1)
         self.weights = position_weights(mask, first_share)  # (M,), sums to 1
         with torch.no_grad():
@@ -189,11 +191,12 @@ class OutputKL:
 
 # A run builds the objective once per Goldilocks multiple and once more for the vectors, on the same
 # LayerRange; the greedy replies and the range to the output (~4 s on SmolLM2) do not depend on R.
-_BUILT: "weakref.WeakKeyDictionary[LayerRange, dict]" = weakref.WeakKeyDictionary()
+_BUILT: weakref.WeakKeyDictionary[LayerRange, dict] = weakref.WeakKeyDictionary()
 
 
-def output_kl_objective(lm, layer_range: LayerRange, reply_tokens: int, target_tokens: str,
-                        first_share: float | None = None) -> OutputKL:
+def output_kl_objective(
+    lm, layer_range: LayerRange, reply_tokens: int, target_tokens: str, first_share: float | None = None
+) -> OutputKL:
     """The objective on `layer_range`'s prompts, from its source layer to the model's output
     (built once per range and settings). `first_share`: the weight of the reply's first token
     (read at the prompt's last position) in each prompt's KL; None or reply_tokens = 0: every
@@ -217,8 +220,11 @@ def _build(lm, lr0: LayerRange, reply_tokens: int, target_tokens: str, first_sha
         lr = LayerRange(lm, texts, lr0.source, last, formatted=True)
         mask = reply_mask(lr, n_prompt)
     else:
-        lr = lr0 if lr0.target == last else LayerRange(lm, lr0.prompts, lr0.source, last, chat=lr0.chat,
-                                                       formatted=lr0.formatted)
+        lr = (
+            lr0
+            if lr0.target == last
+            else LayerRange(lm, lr0.prompts, lr0.source, last, chat=lr0.chat, formatted=lr0.formatted)
+        )
         mask = lr.target_mask(target_tokens)
     return OutputKL(lm, lr, mask, first_share)
 
@@ -232,10 +238,22 @@ def kl(ctx: DiscoveryContext, cfg: KLConfig) -> Discovered:
     chunks = -(-n // (cfg.vectors_per_batch or n))
     lr = cfg.lr if cfg.lr is not None else 0.15 * ctx.R / math.sqrt(lm.d_model)
     with ctx.bar(cfg.steps * chunks, "kl") as bar:
-        res = train_melbo(objective.lr, n_vectors=n, R=ctx.R, steps=cfg.steps, lr=lr, orthogonal=cfg.orthogonal,
-                          chunk=cfg.vectors_per_batch, seed=s.seed, checkpoint=ctx.checkpoint,
-                          checkpoint_every=cfg.checkpoint_every, progress=bar, plateau=cfg.plateau,
-                          window=cfg.plateau_window, objective=objective)
+        res = train_melbo(
+            objective.lr,
+            n_vectors=n,
+            R=ctx.R,
+            steps=cfg.steps,
+            lr=lr,
+            orthogonal=cfg.orthogonal,
+            chunk=cfg.vectors_per_batch,
+            seed=s.seed,
+            checkpoint=ctx.checkpoint,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=bar,
+            plateau=cfg.plateau,
+            window=cfg.plateau_window,
+            objective=objective,
+        )
     # train_melbo returns vectors and curves on the CPU; the scores come back there too.
     info: dict = {}
     if n > s.n_vectors and ctx.rank is not None:
@@ -243,10 +261,22 @@ def kl(ctx: DiscoveryContext, cfg: KLConfig) -> Discovered:
     else:
         score = torch.cat([objective.entropy(c) for c in res.vectors.split(cfg.vectors_per_batch or n)]).float().cpu()
         by = "entropy"
-    keep = score.argsort(descending=True, stable=True)[:s.n_vectors].sort().values  # in training order
+    keep = score.argsort(descending=True, stable=True)[: s.n_vectors].sort().values  # in training order
     if n > s.n_vectors:
-        info = {"candidates": n, "kept": keep.tolist(), "kept_by": by, "candidate_score": [round(float(e), 4) for e in score]}
-    return Discovered(res.vectors[keep], {"curves": res.curves[keep]},
-                      {"final_objective": final_values(res.curves)[keep].tolist(), "steps_run": res.steps_run,
-                       "objective": "KL(steered || unsteered) along the reply, nats", "reads": "output",  # target: R only
-                       **info})
+        info = {
+            "candidates": n,
+            "kept": keep.tolist(),
+            "kept_by": by,
+            "candidate_score": [round(float(e), 4) for e in score],
+        }
+    return Discovered(
+        res.vectors[keep],
+        {"curves": res.curves[keep]},
+        {
+            "final_objective": final_values(res.curves)[keep].tolist(),
+            "steps_run": res.steps_run,
+            "objective": "KL(steered || unsteered) along the reply, nats",
+            "reads": "output",  # target: R only
+            **info,
+        },
+    )

@@ -21,8 +21,9 @@ resumes from it and gives the same vectors as an uninterrupted run.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -65,12 +66,29 @@ def melbo(ctx: DiscoveryContext, cfg: MelboConfig) -> Discovered:
     s = ctx.settings
     chunks = -(-s.n_vectors // (cfg.vectors_per_batch or s.n_vectors))
     with ctx.bar(cfg.steps * chunks, "melbo") as bar:
-        res = train_melbo(ctx.layer_range, n_vectors=s.n_vectors, R=ctx.R, p=cfg.p, q=cfg.q, target_tokens=s.target_tokens,
-                          steps=cfg.steps, lr=cfg.lr, orthogonal=cfg.orthogonal, chunk=cfg.vectors_per_batch, seed=s.seed,
-                          checkpoint=ctx.checkpoint, checkpoint_every=cfg.checkpoint_every, progress=bar,
-                          plateau=cfg.plateau, window=cfg.plateau_window)
-    return Discovered(res.vectors, {"curves": res.curves}, {"final_objective": final_values(res.curves).tolist(),
-                                                            "steps_run": res.steps_run})
+        res = train_melbo(
+            ctx.layer_range,
+            n_vectors=s.n_vectors,
+            R=ctx.R,
+            p=cfg.p,
+            q=cfg.q,
+            target_tokens=s.target_tokens,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            orthogonal=cfg.orthogonal,
+            chunk=cfg.vectors_per_batch,
+            seed=s.seed,
+            checkpoint=ctx.checkpoint,
+            checkpoint_every=cfg.checkpoint_every,
+            progress=bar,
+            plateau=cfg.plateau,
+            window=cfg.plateau_window,
+        )
+    return Discovered(
+        res.vectors,
+        {"curves": res.curves},
+        {"final_objective": final_values(res.curves).tolist(), "steps_run": res.steps_run},
+    )
 
 
 class MelboResult(NamedTuple):
@@ -90,8 +108,8 @@ def plateaued(curve: torch.Tensor, step: int, window: int, tol: float) -> bool:
     (relative) over the window before it. `curve` (K, steps) holds steps 0..step."""
     if tol <= 0 or step + 1 < 2 * window or (step + 1) % window:
         return False
-    total = curve[:, :step + 1].sum(0)  # (steps so far,)
-    last, before = total[-window:].mean(), total[-2 * window:-window].mean()
+    total = curve[:, : step + 1].sum(0)  # (steps so far,)
+    last, before = total[-window:].mean(), total[-2 * window : -window].mean()
     return bool(last - before < tol * before.abs().clamp_min(1e-12))
 
 
@@ -114,22 +132,74 @@ def _project(theta: torch.Tensor, earlier: torch.Tensor | None, orthogonal: bool
     return R * theta / theta.norm(dim=-1, keepdim=True)
 
 
-def train_melbo(layer_range, *, n_vectors: int, R: float, p: float = 2.0, q: float = 1.0, target_tokens: str = "all",
-                steps: int = 300, lr: float | None = None, orthogonal: bool = True, chunk: int | None = None,
-                seed: int = 0, checkpoint: Checkpoint | None = None, checkpoint_every: int = 25,
-                progress=None, callback: Callable[[int, int], None] | None = None, plateau: float = 0.0,
-                window: int = 20, objective: Callable[[torch.Tensor], torch.Tensor] | None = None) -> MelboResult:
+def train_melbo(
+    layer_range,
+    *,
+    n_vectors: int,
+    R: float,
+    p: float = 2.0,
+    q: float = 1.0,
+    target_tokens: str = "all",
+    steps: int = 300,
+    lr: float | None = None,
+    orthogonal: bool = True,
+    chunk: int | None = None,
+    seed: int = 0,
+    checkpoint: Checkpoint | None = None,
+    checkpoint_every: int = 25,
+    progress=None,
+    callback: Callable[[int, int], None] | None = None,
+    plateau: float = 0.0,
+    window: int = 20,
+    objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> MelboResult:
     """Train K vectors; `callback(chunk, step)` runs after every step (tests use it to kill a run).
     `plateau` > 0 stops a chunk early when its objective flattens (see `plateaued`).
     `objective(theta (K, d)) -> (K,)` replaces MELBO's (p, q, target_tokens unused then): the same
     projected ascent, orthogonality, plateau rule and checkpoints for another objective (kl.py)."""
     with frozen_weights(layer_range.lm):
-        return _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
-                      checkpoint_every, progress, callback, plateau, window, objective)
+        return _train(
+            layer_range,
+            n_vectors,
+            R,
+            p,
+            q,
+            target_tokens,
+            steps,
+            lr,
+            orthogonal,
+            chunk,
+            seed,
+            checkpoint,
+            checkpoint_every,
+            progress,
+            callback,
+            plateau,
+            window,
+            objective,
+        )
 
 
-def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal, chunk, seed, checkpoint,
-           checkpoint_every, progress, callback, plateau, window, objective):
+def _train(
+    layer_range,
+    n_vectors,
+    R,
+    p,
+    q,
+    target_tokens,
+    steps,
+    lr,
+    orthogonal,
+    chunk,
+    seed,
+    checkpoint,
+    checkpoint_every,
+    progress,
+    callback,
+    plateau,
+    window,
+    objective,
+):
     lr_ = lr if lr is not None else 0.01 * R / math.sqrt(layer_range.lm.d_model)
     d = layer_range.lm.d_model
     chunk = chunk or n_vectors
@@ -181,8 +251,18 @@ def _train(layer_range, n_vectors, R, p, q, target_tokens, steps, lr, orthogonal
                 if step % 10 == 0 or step == steps - 1:
                     progress.set_postfix(chunk=f"{c + 1}/{n_chunks}", objective=f"{float(obj.detach().mean()):.4g}")
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                ckpt.save({"chunk": c, "step": step + 1, "done": done, "curves": curves, "theta": theta.detach(),
-                           "opt": opt.state_dict(), "curve": curve, "steps_run": steps_run})
+                ckpt.save(
+                    {
+                        "chunk": c,
+                        "step": step + 1,
+                        "done": done,
+                        "curves": curves,
+                        "theta": theta.detach(),
+                        "opt": opt.state_dict(),
+                        "curve": curve,
+                        "steps_run": steps_run,
+                    }
+                )
             if callback is not None:
                 callback(c, step)
             if plateaued(curve, step, window, plateau):
