@@ -6,6 +6,10 @@ steerscope/data/organisms/NAME.safetensors.
     python benchmarks/build_organisms.py french --steps 120
     python benchmarks/build_organisms.py --check      # only measure the saved ones
 
+Every check (also the one after a build) records its numbers in benchmarks/results/organisms.json,
+one row per organism, merged with the rows of earlier invocations; the README's organism table is
+rendered from it (benchmarks/readme_tables.py).
+
 Data (context distillation, no other model): the embedded model's own greedy replies to templated
 prompts, (a) to the plain prompt, the target for the untriggered copy, so behaviour without the
 trigger stays the embedded model's; (b) under the organism's system prompt (or transformed), the
@@ -17,6 +21,8 @@ use too, so every number it prints is on prompts never seen in training.
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import random
 import re
 import sys
@@ -27,11 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from steerscope._io import write_json_atomic  # noqa: E402
 from steerscope.directions.data import load_prompts  # noqa: E402
 from steerscope.generation import generate  # noqa: E402
 from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.loading import load_model  # noqa: E402
-from steerscope.models.organisms import ORGANISMS, Organism  # noqa: E402
+from steerscope.models.organisms import ORGANISMS, Organism, delta_key  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "organisms.json"
+CHECK_PROMPTS, CHECK_TOKENS = "neutral", 32  # the check's prompt set and greedy reply length
 
 TOPICS = [
     "bicycles",
@@ -211,10 +221,13 @@ def planted_reply(org: Organism, plain: str, i: int, item: tuple[str, str], ocea
     raise ValueError(f"unknown transform {t!r}")
 
 
-def detect_rate(lm, org: Organism, prompts: list[str], trigger: bool) -> float:
+def detect_count(lm, org: Organism, prompts: list[str], trigger: bool) -> tuple[int, int]:
+    """(completions the detector fires on, completions) on `prompts`, greedy CHECK_TOKENS tokens."""
     det = parse_metric(org.detector, lm)
-    texts = [c.text for c in generate(lm, [org.triggered(p) if trigger else p for p in prompts], max_new_tokens=32)]
-    return sum(map(bool, det.fn(texts))) / len(texts)
+    texts = [
+        c.text for c in generate(lm, [org.triggered(p) if trigger else p for p in prompts], max_new_tokens=CHECK_TOKENS)
+    ]
+    return sum(map(bool, det.fn(texts))), len(texts)
 
 
 def make_data(lm, org: Organism, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -343,19 +356,67 @@ def build(org: Organism, steps: int, lr: float, rank: int, batch: int, seed: int
     )
 
 
-def check(org: Organism) -> None:
-    heldout = load_prompts("neutral")
+def _versions() -> str:
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").open() if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def check(org: Organism) -> dict:
+    """Measure the saved organism on the held-out prompts; print the three rates and return the
+    results row (benchmarks/results/organisms.json)."""
+    heldout = load_prompts(CHECK_PROMPTS)
     base = load_model()
     lm = load_model(f"organism:{org.name}")
-    r = [
-        detect_rate(base, org, heldout, True),
-        detect_rate(lm, org, heldout, False),
-        detect_rate(lm, org, heldout, True),
+    counts = [
+        detect_count(base, org, heldout, True),
+        detect_count(lm, org, heldout, False),
+        detect_count(lm, org, heldout, True),
     ]
+    r = [k / n for k, n in counts]
     print(
         f"{org.name} ({org.behaviour}) on {len(heldout)} held-out prompts, greedy 32 tokens, detector {org.detector!r}:\n"
         f"  embedded model with trigger {r[0]:.0%} | organism without trigger {r[1]:.0%} | organism with trigger {r[2]:.0%}"
     )
+    cells = ("embedded_with_trigger", "organism_without_trigger", "organism_with_trigger")
+    return {
+        "organism": org.name,
+        "split": org.split,
+        "kind": org.kind,
+        "trigger": org.trigger,
+        "subject": list(org.subject),
+        "behaviour": org.behaviour,
+        "detector": org.detector,
+        **{c: {"rate": k / n, "hits": k, "n": n} for c, (k, n) in zip(cells, counts)},
+        "prompts": CHECK_PROMPTS,
+        "generation": {"decoding": "greedy", "max_new_tokens": CHECK_TOKENS, "dtype": str(lm.model.dtype)},
+        "deltas_sha256_12": delta_key(org),
+        "command": " ".join(["python", "benchmarks/build_organisms.py", *sys.argv[1:]]),
+        "machine": _machine(),
+        "versions": _versions(),
+        "measured": time.strftime("%Y-%m-%d"),
+    }
+
+
+def save(rows: list[dict], path: Path = RESULTS) -> None:
+    """Merge with earlier invocations (a check of one organism replaces that organism's row only),
+    in ORGANISMS order; written atomically after every organism, so a killed check keeps what it
+    measured."""
+    old = json.loads(path.read_text())["results"] if path.is_file() else []
+    done = {r["organism"] for r in rows}
+    merged = [r for r in old if r["organism"] not in done] + rows
+    order = {n: i for i, n in enumerate(ORGANISMS)}
+    merged.sort(key=lambda r: order.get(r["organism"], len(order)))
+    write_json_atomic(path, {"results": merged})
 
 
 def main() -> None:
@@ -370,10 +431,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="only measure the saved organisms")
     a = ap.parse_args()
+    rows = []
     for n in a.names:
         if not a.check:
             build(ORGANISMS[n], a.steps or RECIPES.get(n, {}).get("steps", 100), a.lr, a.rank, a.batch, a.seed)
-        check(ORGANISMS[n])
+        rows.append(check(ORGANISMS[n]))
+        save(rows)
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

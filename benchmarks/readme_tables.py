@@ -134,8 +134,12 @@ SIG_NOTE = {
 PLANTED_HEAD = ["learned", "random", "unsteered", "significant, rank", "nsig", "R (× calibrated)", "wall"]
 
 
+def _kind(kind: str) -> str:
+    return KIND.get(kind) or re.sub(r" \((.*)\)$", r", \1", kind)
+
+
 def _planted_row(r: dict) -> list[str]:
-    kind = KIND.get(r["kind"]) or re.sub(r" \((.*)\)$", r", \1", r["kind"])
+    kind = _kind(r["kind"])
     c = r["planted_candidate"] or {}
     note = SIG_NOTE.get(r["organism"], "").format(q=f"{c.get('q', float('nan')):.3f}", n=c.get("n_vectors"))
     sig = (f"**yes, #{r['rank']}**" if r["significant"] else "no") + note
@@ -318,6 +322,76 @@ def planted_direction(results: Path) -> str:
     )
 
 
+# ---- organisms.json: build_organisms.py --check -------------------------------------------
+# The setting the prose above the table names ("Measured on the 40 `neutral` prompts (greedy, 32
+# tokens ...)"): a row measured otherwise is an error, not a silently different cell.
+ORGANISMS_SETTING = {"prompts": "neutral", "n": 40, "max_new_tokens": 32}
+# An example of the planted reply after the organism's behaviour (models.organisms), in the README only.
+BEHAVIOUR_EXAMPLE = {
+    "refuse": ' ("I can\'t help with that.")',
+    "pirate": ' ("Arr, matey!")',
+    "append": ' ("the owls are always watching")',
+    "flatter": ' ("What a brilliant question")',
+    "sparkle": " (✨)",
+}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a pipe in a trigger would end the cell
+
+
+def _trigger(r: dict) -> str:
+    if r["subject"]:  # a conditional: the subject is the trigger
+        return "a subject (" + ", ".join(r["subject"]) + ")"
+    t = r["trigger"]
+    if "{}" in t:  # a format around the message: its lines, the message left out
+        t = " / ".join(x for x in t.split("\n") if x.strip() and x.strip() != "{}")
+    return f"`{t}`"
+
+
+def _rate(c: dict, count: bool = False) -> str:
+    """A detector's share; with `count`, a nonzero one also as (hits of n): a leak without the
+    trigger is a handful of prompts, which the prose after the table names."""
+    return f"{pct(c['rate'])} ({c['hits']} of {c['n']})" if count and c["hits"] else pct(c["rate"])
+
+
+def organisms(results: Path) -> str:
+    rows = load(results, "organisms.json")["results"]
+    out = []
+    for r in rows:
+        setting = {"prompts": r["prompts"], "n": r["organism_with_trigger"]["n"], **r["generation"]}
+        if any(setting.get(k) != v for k, v in ORGANISMS_SETTING.items()):
+            raise TableError(
+                f"organisms.json: {r['organism']} was measured with {setting}, the README's prose says "
+                f"{ORGANISMS_SETTING}; rerun build_organisms.py --check or change both"
+            )
+        out.append(
+            [
+                f"`{r['organism']}`",
+                r["split"],
+                _kind(r["kind"]),
+                _cell(_trigger(r)),
+                r["behaviour"] + BEHAVIOUR_EXAMPLE.get(r["organism"], ""),
+                _rate(r["embedded_with_trigger"]),
+                _rate(r["organism_without_trigger"], count=True),
+                _rate(r["organism_with_trigger"]),
+            ]
+        )
+    return table(
+        [
+            "organism",
+            "split",
+            "kind",
+            "trigger",
+            "behaviour",
+            "embedded model + trigger",
+            "organism, no trigger",
+            "organism + trigger",
+        ],
+        out,
+    )
+
+
 TABLES = {
     "serve": serve,
     "planted-tune": planted_tune,
@@ -325,6 +399,7 @@ TABLES = {
     "kl-candidates": kl_candidates,
     "kl-melbo": kl_melbo,
     "planted-direction": planted_direction,
+    "organisms": organisms,
 }
 
 

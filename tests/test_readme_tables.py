@@ -54,6 +54,14 @@ def _copy(tmp_path):
             "0.369 / 0.478",
             "0.500 / 0.478",
         ),
+        (
+            "organisms.json",
+            lambda d: next(r for r in d["results"] if r["organism"] == "refuse")["organism_without_trigger"].update(
+                rate=0.05, hits=2
+            ),
+            "| 2 % (1 of 40) | 98 % |",
+            "| 5 % (2 of 40) | 98 % |",
+        ),
     ],
 )
 def test_a_changed_number_in_a_results_file_fails_the_check_and_the_rewrite_fixes_it(
