@@ -74,7 +74,7 @@ lock: test-latest
 	mv $(LOCK).new $(LOCK)
 	@echo "wrote $(LOCK); run make test on it before committing"
 
-# Not in .ci/run yet: the tree is formatted once, then CI checks it.
+# The first step of .ci/run: ruff's rules (pyproject.toml) and the tree as `ruff format` writes it.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -39,8 +39,8 @@ class DiscoverConfig(Config):
     method: str = field(default="kl", metadata={"choices": DISCOVERY})
     """discovery method (kl, output KL, is the default of `discover` and `run` alike)"""
     source: int | None = field(default=None, metadata={"min": 0})
-    """layer the vectors are added at (auto: round(n_layers / 4); kl: round(0.4 x n_layers), where
-    its pools held the planted behaviours more often, KLConfig.source_fraction)"""
+    """layer the vectors are added at (auto: the method's own: kl round(0.4 x n_layers), where its pools
+    held the planted behaviours more often, KLConfig.source_fraction; the others round(n_layers / 4))"""
     target: int | None = field(default=None, metadata={"min": 1})
     """layer whose change is measured (auto: n_layers - 8, at least source + 1)"""
     n_vectors: int = field(default=16, metadata={"min": 1})
