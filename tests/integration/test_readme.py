@@ -37,6 +37,7 @@ def test_readme_has_examples():
     assert kinds.count("python") >= 2 and kinds.count("bash") >= 4
 
 
+@pytest.mark.timeout(1800)  # every README command in order: 203 s alone on 2 cores, past 600 s when shared
 def test_readme_examples_run(tmp_path, capsys):
     cwd = os.getcwd()
     os.chdir(tmp_path)
