@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import ALL_ARCHS, PROMPTS, rand_vec, tiny_lm
 
 import steerscope as ss
-from steerscope.interventions import INTERVENTIONS, Ablate, Add, Clamp, Positions
+from steerscope.interventions import INTERVENTIONS, Ablate, Add, Clamp, Condition, Conditional, Positions
 from steerscope.models import Site, count_hooks, hooks, record
 from steerscope.sae import ClampFeature
 
@@ -39,6 +41,17 @@ CASES = {
         1,
     ),
     "sae_clamp": (lambda lm, pos, rows=None: ClampFeature(_sae(lm), feature=3, value=25.0, positions=pos), 1),
+    # CAST: the condition read at layer 0; per-row thresholds -1 / 1 / -1 make row 1 never fire
+    # (cos > 1 is impossible) while rows 0 and 2 always do, so a batch mixes gated and steered rows.
+    "conditional": (
+        lambda lm, pos, rows=None: Conditional(
+            Add(rand_vec(lm, rows=rows), layer=1, coef=2.0, positions=pos),
+            Condition(
+                rand_vec(lm, seed=9), layer=0, threshold=torch.tensor([-1.0, 1.0, -1.0])[:rows] if rows else -1.0
+            ),
+        ),
+        1,
+    ),
     "combo": (
         lambda lm, pos, rows=None: [
             Ablate(rand_vec(lm, seed=5), layer=2, positions=pos),
@@ -158,14 +171,18 @@ def _row(iv, i):
     """The same intervention with every per-row parameter reduced to row i."""
     if isinstance(iv, list):
         return [_row(x, i) for x in iv]
-    kw = {k: v for k, v in iv.__dict__.items()}
-    for k in ("vector", "direction", "value", "coef", "strength"):
+    if isinstance(iv, Conditional):
+        conds = [iv.condition] if isinstance(iv.condition, Condition) else list(iv.condition)
+        conds = [_row(c, i) for c in conds]
+        return Conditional(_row(iv.behaviour, i), conds, combine=iv.combine, positions=iv.positions)
+    kw = {f.name: getattr(iv, f.name) for f in dataclasses.fields(iv) if f.init}
+    for k in ("vector", "direction", "value", "coef", "strength", "threshold"):
         v = kw.get(k)
         if (
             isinstance(v, torch.Tensor)
             and v.dim() >= 1
             and v.shape[0] == len(PROMPTS)
-            and (k in ("value", "coef", "strength") or v.dim() == 2)
+            and (k in ("value", "coef", "strength", "threshold") or v.dim() == 2)
         ):
             kw[k] = v[i]
     return type(iv)(**kw)
