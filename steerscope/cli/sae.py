@@ -27,8 +27,8 @@ def sae_train_config() -> type:
 @command(
     "sae train",
     "train an SAE at one layer",
-    "Train a TopK, BatchTopK or ReLU SAE on residual activations streamed from the model; saved in the SAELens "
-    "layout. Checkpoints go to OUT.partial; rerunning the same command resumes.",
+    "Train a TopK, BatchTopK, ReLU or binding (--slots) SAE on residual activations streamed from the model; saved in "
+    "the SAELens layout. Checkpoints go to OUT.partial; rerunning the same command resumes.",
     sae_train_config,
 )
 def cmd_sae_train(cfg) -> int:

@@ -1,6 +1,7 @@
 """Sparse autoencoders on the residual stream (architectures in the `SAE_ARCHS` family)."""
 
 from .archs import SAE_ARCHS
+from .binding import BindingSAE
 from .model import SAE, SAEConfig, SAEOutput
 from .steering import ClampFeature, feature_vectors
 from .train import (
@@ -18,6 +19,7 @@ from .train import (
 __all__ = [
     "SAE_ARCHS",
     "SAE",
+    "BindingSAE",
     "SAEConfig",
     "SAEOutput",
     "ClampFeature",

@@ -8,6 +8,8 @@ loss is, how it is initialised, and how it is written in the SAELens layout.
                it is saved in JumpReLU form: a latent fires when pre > threshold, the threshold an
                EMA of the smallest activation kept in training, so outputs do not depend on the batch
     relu       ReLU + L1 penalty (the baseline), penalty weighted by decoder row norms
+    binding    TopK with a tied decoder W_dec = [D ; D M_1 ; ...]: slot s of feature i is D_i moved by
+               one shared learned map M_s (`sae.binding`; its own SAE subclass through `Arch.module`)
 
 A new architecture is one class here (or in its own file) with `@SAE_ARCHS.register(name)`; the
 SAE tests iterate over the family.
@@ -29,6 +31,8 @@ class Arch:
     saelens = ""  # the SAELens `architecture` name
     init_scale = 1.0  # encoder initialised as init_scale x the decoder's transpose
     uses_k = True
+    uses_slots = False
+    module = None  # an SAE subclass for a structured decoder (binding), else the plain SAE
 
     @staticmethod
     def check(cfg) -> None:

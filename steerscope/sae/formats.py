@@ -5,6 +5,8 @@ JumpReLU `threshold` (d_sae). cfg.json fields (SAELens names):
     architecture       "topk" (k in cfg), "jumprelu" (BatchTopK's inference form), "standard" (ReLU)
     d_in, d_sae, k     sizes and sparsity
     dtype, device      "float32", "cpu"
+    binding            saved as "topk" with W_dec materialised, plus D (n_base, d_in) and M_1.. (d_in, d_in);
+                       steerscope.arch "binding" and steerscope.slots rebuild W_dec = [D ; D M_1 ; ...]
     model_name         the model id; hook_name "blocks.{L}.hook_resid_post", hook_layer L
     apply_b_dec_to_input true (x - b_dec is encoded), normalize_activations "none" (the input
                        scaling used in training is folded into the weights)
@@ -48,6 +50,8 @@ def save_saelens(sae: SAE, path: str | Path, overwrite: bool = False) -> Path:
             "version": __version__,
             "k": c.k,
             "l1_coef": c.l1_coef,
+            "arch": c.arch,
+            "slots": c.slots,
         },
     }
     tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec}
@@ -70,7 +74,9 @@ def load_saelens(path: str | Path) -> SAE:
         cfg = json.loads((path / "cfg.json").read_text())
     except ValueError as e:
         raise SteerscopeError(f"{path / 'cfg.json'} is not valid JSON ({e}); the SAE folder is damaged.") from None
-    arch = arch_by_saelens(cfg.get("architecture"))
+    ss = cfg.get("steerscope", {})
+    # steerscope's own arch name wins: a binding SAE is SAELens "topk" with a structured decoder
+    arch = ss.get("arch") if ss.get("arch") in SAE_ARCHS else arch_by_saelens(cfg.get("architecture"))
     if arch is None:
         known = ", ".join(m.fn.saelens for _, m in SAE_ARCHS.items())
         raise SteerscopeError(f"{path}: architecture {cfg.get('architecture')!r} is not supported ({known}).")
@@ -78,7 +84,6 @@ def load_saelens(path: str | Path) -> SAE:
         raise SteerscopeError(
             f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights."
         )
-    ss = cfg.get("steerscope", {})
     layer = ss.get("layer", cfg.get("hook_layer", -1))
     sae = SAE(
         SAEConfig(
@@ -87,6 +92,7 @@ def load_saelens(path: str | Path) -> SAE:
             arch=arch,
             k=cfg.get("k") or ss.get("k", 32),
             l1_coef=ss.get("l1_coef", 5.0),
+            slots=ss.get("slots", 2),
             model_id=cfg.get("model_name", ""),
             model_type=ss.get("model_type", ""),
             layer=layer,
@@ -96,8 +102,10 @@ def load_saelens(path: str | Path) -> SAE:
     try:
         t = load_file(str(path / "sae_weights.safetensors"))
         with torch.no_grad():
+            own = dict(sae.named_parameters(recurse=False))  # W_dec is computed in a structured decoder
             for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
-                getattr(sae, k).copy_(t[k])
+                if k in own:
+                    own[k].copy_(t[k])
             sae.cfg.rule.load_extra(sae, t)
     except Exception as e:  # truncated file, missing tensor, wrong shape
         raise SteerscopeError(

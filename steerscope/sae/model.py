@@ -36,6 +36,8 @@ class SAEConfig(Config):
     """weight of the AuxK loss"""
     l1_coef: float = field(default=5.0, metadata={"min": 0})
     """L1 coefficient lambda (relu; Anthropic's April 2024 recipe uses ~5)"""
+    slots: int = field(default=2, metadata={"min": 2})
+    """binding: dictionary slots, n_latents = slots x n_base (W_dec = [D ; D M_1 ; ...])"""
     model_id: str = field(default="", metadata={"cli": False})
     """the model it was trained on (SAELens `model_name`)"""
     model_type: str = field(default="", metadata={"cli": False})
@@ -49,6 +51,8 @@ class SAEConfig(Config):
         super().__post_init__()
         if self.d_in < 1 or self.n_latents < 1:
             raise SteerscopeError(f"an SAE needs d_in >= 1 and n_latents >= 1, got {self.d_in} and {self.n_latents}.")
+        if self.slots != 2 and not self.rule.uses_slots:
+            raise SteerscopeError(f"--slots applies only to --arch binding, not {self.arch}.")
         SAE_ARCHS.get(self.arch).fn.check(self)
 
     @property
@@ -64,19 +68,31 @@ class SAEOutput(NamedTuple):
 
 
 class SAE(nn.Module):
+    def __new__(cls, cfg: SAEConfig | None = None, *args, **kwargs):
+        # An architecture with a structured decoder (binding: W_dec = [D ; D M]) has its own subclass
+        # (`Arch.module`); SAE(cfg) builds it, so the trainer and the loader need no special case.
+        sub = cfg.rule.module if isinstance(cfg, SAEConfig) else None
+        if sub is not None and not issubclass(cls, sub):
+            cls = sub
+        return super().__new__(cls)
+
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(cfg.n_latents, cfg.d_in, generator=g)
-        w = w / w.norm(dim=-1, keepdim=True)
-        self.W_dec = nn.Parameter(w)  # (n, d) unit rows
+        w = self._init_decoder(w / w.norm(dim=-1, keepdim=True), g)  # (n, d) unit rows
         # (d, n): encoder initialised as (a multiple of) the decoder's transpose
         self.W_enc = nn.Parameter(w.T.clone() * cfg.rule.init_scale)
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("threshold", torch.zeros(()))  # batchtopk inference form
         self.inference = False  # batchtopk: JumpReLU with `threshold` instead of batch-level top-k
+
+    def _init_decoder(self, w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Register the decoder's parameters from unit rows `w` (n, d); returns the (n, d) decoder."""
+        self.W_dec = nn.Parameter(w)
+        return w
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(acts, pre), both (B, n)."""
@@ -101,6 +117,11 @@ class SAE(nn.Module):
         if self.W_dec.grad is not None:
             w = self.W_dec
             self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def divide_decoder_(self, scale: float) -> None:
+        """Divide the decoder by `scale` in place (folding the input scale)."""
+        self.W_dec.div_(scale)
 
     def aux_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al. 2024, A.2): the k_aux largest pre-activations among dead latents

@@ -338,7 +338,7 @@ def fold_input_scale(sae: SAE, scale: float) -> None:
     """Make an SAE trained on x * scale read and write raw x (acts unchanged)."""
     sae.W_enc.mul_(scale)
     sae.b_dec.div_(scale)
-    sae.W_dec.div_(scale)
+    sae.divide_decoder_(scale)
 
 
 def cache_activations(buffer: ActivationBuffer, folder, shard_tokens: int = 65536) -> int:
