@@ -175,86 +175,21 @@ def test_supervised_workflow(ckpt, tmp_path, capsys):
     capsys.readouterr()
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello\nHow are you\nTell me more\n")
-    assert (
-        main(
-            [
-                "select",
-                "--vector",
-                str(tmp_path / "cand"),
-                "--metric",
-                "logodds:a,e",
-                "--a",
-                str(prompts),
-                "--b",
-                str(prompts),
-                "--neutral",
-                str(prompts),
-                "--kl-bound",
-                "1000",
-                "--max-layer-frac",
-                "1",
-                "--table",
-                str(tmp_path / "t.json"),
-                *m,
-            ]
-        )
-        == 0
-    )
+    default = ["select", "--vector", str(tmp_path / "cand"), "--metric", "logodds:a,e", "--a", str(prompts)]
+    default += ["--b", str(prompts), "--neutral", str(prompts), *m]
+    select = [*default, "--kl-bound", "1000", "--max-layer-frac", "1"]
+    assert main([*select, "--table", str(tmp_path / "t.json")]) == 0
     out = capsys.readouterr()
     assert "induce" in out.out and "kl_add" in out.out and (tmp_path / "t.json").is_file()
     table = json.loads((tmp_path / "t.json").read_text())
     assert [c["id"] for c in table["candidates"]] == ["diffmean-L1", "diffmean-L2"]
     if table["best"] is not None:  # when a candidate passes, --save-best writes it as its own folder
-        assert (
-            main(
-                [
-                    "select",
-                    "--vector",
-                    str(tmp_path / "cand"),
-                    "--metric",
-                    "logodds:a,e",
-                    "--a",
-                    str(prompts),
-                    "--b",
-                    str(prompts),
-                    "--neutral",
-                    str(prompts),
-                    "--kl-bound",
-                    "1000",
-                    "--max-layer-frac",
-                    "1",
-                    "--save-best",
-                    str(tmp_path / "best"),
-                    *m,
-                ]
-            )
-            == 0
-        )
+        assert main([*select, "--save-best", str(tmp_path / "best")]) == 0
         assert json.loads((tmp_path / "best" / "config.json").read_text())["ids"] == [
             table["candidates"][table["best"]]["id"]
         ]
-    else:
-        assert (
-            main(
-                [
-                    "select",
-                    "--vector",
-                    str(tmp_path / "cand"),
-                    "--metric",
-                    "logodds:a,e",
-                    "--a",
-                    str(prompts),
-                    "--b",
-                    str(prompts),
-                    "--neutral",
-                    str(prompts),
-                    "--save-best",
-                    str(tmp_path / "best"),
-                    *m,
-                ]
-            )
-            == 2
-        )
+    else:  # no candidate passed: --save-best has nothing to write
+        assert main([*default, "--save-best", str(tmp_path / "best")]) == 2
     assert main(["export", "--vector", str(tmp_path / "cand"), "--gguf", str(tmp_path / "cv.gguf")]) == 0
     assert "direction.{1,2}" in capsys.readouterr().out
     assert main(["import", "--gguf", str(tmp_path / "cv.gguf"), "--out", str(tmp_path / "back"), *m]) == 0

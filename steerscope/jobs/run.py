@@ -130,6 +130,8 @@ def _log(msg: str) -> None:
 class _RunContext:
     """What the stages share: the config, the model, the prompts, one LayerRange, artifacts."""
 
+    log = staticmethod(_log)  # the run's messages, for the stages in other modules (run_measure)
+
     def __init__(
         self,
         cfg: RunConfig,

@@ -2,7 +2,7 @@
 completion (learned, random, unsteered samples), the findings tested against both controls, the
 learned-vs-random summary and the norm sweeps, as one dict (the run's metrics.json).
 
-`ctx` is the run's stage context (`jobs.run._RunContext`: cfg, lm, layer_range, artifacts, t0).
+`ctx` is the run's stage context (`jobs.run._RunContext`: cfg, lm, layer_range, artifacts, t0, log).
 """
 
 from __future__ import annotations
@@ -14,11 +14,7 @@ import torch
 
 from ..directions.vectors import VectorSet
 from ..generation import Completion
-from ..progress import bar, say
-
-
-def _log(msg: str) -> None:
-    say(f"steerscope run: {msg}")  # stderr and the job log
+from ..progress import bar
 
 
 def completions_of(rows: list[dict]) -> list[Completion]:
@@ -52,7 +48,7 @@ def _measured(ctx, parts) -> dict:
     cfg, lm = ctx.cfg, ctx.lm
     learned, control, rows = ctx.artifacts["discover"], ctx.artifacts["control"], ctx.artifacts["generate"]
     sets = {**{i: "learned" for i in learned.ids}, **{i: "random" for i in control.ids}}
-    _log("measuring, clustering, testing findings and sweeping")
+    ctx.log("measuring, clustering, testing findings and sweeping")
     parts.set_postfix(now="embedding")
     rep = Texts.of([r["text"] for r in rows])  # every row, samples included: the clusters see them all
     steered_rows = [i for i, r in enumerate(rows) if r["set"] != "sample"]
