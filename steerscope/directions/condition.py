@@ -1,0 +1,68 @@
+"""Condition vectors (CAST, Lee et al. 2025) as saved files, and the `when` of a steering entry.
+
+A condition set is a `VectorSet` with method "condition": one vector per candidate layer (ids
+`condition-L{layer}`), each the direction a prompt's mean hidden state at that layer is compared
+with. Its hyperparams hold, per layer, the threshold that best separated the two prompt sets on a
+validation split and its side:
+
+    hyperparams = {"condition": {"<layer>": {"threshold": t, "above": true, "auc": a, ...}},
+                   "best_layer": L, ...}
+
+`when_condition` turns a set plus a steering entry's `when` ({"condition": NAME, "layer": L,
+"threshold": t, "above": true}; layer, threshold and above default to the file's) into the
+`interventions.conditional.Condition` the per-row machinery gates on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SteerscopeError
+from ..interventions.conditional import Condition
+from .vectors import VectorSet
+
+METHOD = "condition"
+
+
+def layer_id(layer: int) -> str:
+    return f"condition-L{layer}"
+
+
+@dataclass(frozen=True)
+class When:
+    """A steering entry's gate, as a user writes it (every field but the set is optional)."""
+
+    condition: str
+    """the condition set: a saved folder (CLI) or a stored vector name (server)"""
+    layer: int | None = None
+    """condition layer (default: the set's best layer)"""
+    threshold: float | None = None
+    """cosine threshold (default: the one the set found at that layer)"""
+    above: bool | None = None
+    """steer when the score is above the threshold (default: the set's side at that layer)"""
+
+
+def is_condition_set(vs: VectorSet) -> bool:
+    return vs.config.method == METHOD and isinstance(vs.config.hyperparams.get("condition"), dict)
+
+
+def when_condition(vs: VectorSet, when: When) -> Condition:
+    """The `Condition` a `when` entry asks for; one clear error naming the field otherwise."""
+    if not is_condition_set(vs):
+        raise SteerscopeError(
+            f"when.condition: {when.condition!r} is not a condition set (method {vs.config.method!r}); "
+            "make one with `steerscope condition --sets ON OFF`."
+        )
+    per_layer = {int(k): v for k, v in vs.config.hyperparams["condition"].items()}
+    layer = when.layer if when.layer is not None else vs.config.hyperparams.get("best_layer")
+    if layer not in per_layer or layer_id(layer) not in vs.ids:
+        raise SteerscopeError(
+            f"when.layer: {when.condition!r} has no condition vector at layer {layer}; "
+            f"it has layers {', '.join(map(str, sorted(per_layer)))}."
+        )
+    saved = per_layer[layer]
+    threshold = when.threshold if when.threshold is not None else saved.get("threshold")
+    above = when.above if when.above is not None else saved.get("above", True)
+    if threshold is None:
+        raise SteerscopeError(f"when.threshold: {when.condition!r} records none at layer {layer}; give one.")
+    return Condition(vs[layer_id(layer)].vector, layer=layer, threshold=float(threshold), above=bool(above))
