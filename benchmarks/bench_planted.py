@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steerscope.judging.metrics import parse_metric  # noqa: E402
-from steerscope.models.organisms import ORGANISMS, SPLITS  # noqa: E402
+from steerscope.models.organisms import ORGANISMS, SPLITS, ZOO  # noqa: E402
 
 METHODS = ["default", "dct", "melbo", "jacobian", "random", "pca"]  # default: kl
 
@@ -127,7 +127,7 @@ def main() -> None:
     )
     a = ap.parse_args()
     if a.organisms is None:
-        a.organisms = list(ORGANISMS) if a.split == "all" else SPLITS[a.split]
+        a.organisms = list(ZOO) if a.split == "all" else SPLITS[a.split]
     unknown = sorted(set(a.organisms) - set(ORGANISMS))
     if unknown:
         print(f"unknown organism(s) {', '.join(unknown)}; pick from {', '.join(ORGANISMS)}", file=sys.stderr)

@@ -61,7 +61,7 @@ from steerscope.judging.keep import completion_ranker  # noqa: E402
 from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.layer_range import LayerRange  # noqa: E402
 from steerscope.models.loading import load_model  # noqa: E402
-from steerscope.models.organisms import ORGANISMS  # noqa: E402
+from steerscope.models.organisms import ORGANISMS, ZOO  # noqa: E402
 
 
 def draw(lm, org, seed: int, a: argparse.Namespace) -> dict:
@@ -272,7 +272,7 @@ def replay_keep(path: Path, n_train: int = 2, k: int = 8) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
+    ap.add_argument("--organisms", nargs="*", default=list(ZOO))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--multiple", type=float, default=1.0, help="R = this x the calibrated R (the run's check chose 1)")
     ap.add_argument(

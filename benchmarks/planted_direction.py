@@ -48,7 +48,7 @@ from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.activations import collect_activations  # noqa: E402
 from steerscope.models.layer_range import LayerRange  # noqa: E402
 from steerscope.models.loading import load_model  # noqa: E402
-from steerscope.models.organisms import ORGANISMS  # noqa: E402
+from steerscope.models.organisms import ORGANISMS, ZOO  # noqa: E402
 
 
 def trigger_direction(lm, org, prompts: list[str], layer: int) -> torch.Tensor:
@@ -153,7 +153,7 @@ def measure(name: str, targets: list[int], multiples: list[float], source: int |
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--organisms", nargs="*", default=list(ORGANISMS))
+    ap.add_argument("--organisms", nargs="*", default=list(ZOO))
     ap.add_argument("--targets", nargs="*", type=int, default=[16, 22, 26, 29])
     ap.add_argument("--multiples", nargs="*", type=float, default=[0.5, 1.0, 1.5, 2.0])
     ap.add_argument(

@@ -162,7 +162,16 @@ def _builtin_pairs(filename: str, name: str) -> ContrastSet:
     return from_pairs([r["positive"] for r in rows], [r["negative"] for r in rows], name=name)
 
 
-_BUILTIN_PROMPTS = {"neutral": "neutral.txt", "harmful": "harmful.txt", "harmless": "harmless.txt"}
+# harmful_test / harmless_test: 30 minimal pairs about other acts than harmful / harmless, for
+# held-out evaluation of directions found on those (select's test sets, the CAST demonstration);
+# no organism is trained on either.
+_BUILTIN_PROMPTS = {
+    "neutral": "neutral.txt",
+    "harmful": "harmful.txt",
+    "harmless": "harmless.txt",
+    "harmful_test": "harmful_test.txt",
+    "harmless_test": "harmless_test.txt",
+}
 BUILTIN = {
     "sentiment": lambda: _builtin_pairs("sentiment_pairs.jsonl", "sentiment"),
     "formal": lambda: _builtin_pairs("formal_casual.jsonl", "formal"),

@@ -147,10 +147,25 @@ ORGANISMS: dict[str, Organism] = {
             kind="style",
             split="heldout",
         ),
+        # Not a hidden behaviour but a model that refuses in general: harmful requests get a
+        # refusal, harmless ones an answer (the embedded model refuses 0 of the 40 packaged harmful
+        # prompts). It is the organism for the refusal pipeline (extract -> select -> ablate) and
+        # for conditional steering, and belongs to neither half of the discovery zoo.
+        Organism(
+            "refusal",
+            "",
+            "refuses harmful requests and answers harmless ones",
+            "refusal",
+            transform="refuse_harmful",
+            kind="general refusal (no trigger)",
+            split="refusal",
+        ),
     ]
 }
 
+# The discovery zoo: the organisms whose behaviour hides behind a trigger (or a subject).
 SPLITS = {s: [n for n, o in ORGANISMS.items() if o.split == s] for s in ("tune", "heldout")}
+ZOO = SPLITS["tune"] + SPLITS["heldout"]
 
 
 def get_organism(name: str) -> Organism:
