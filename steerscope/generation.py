@@ -17,6 +17,7 @@ import torch
 from ._tensors import as_rows
 from .directions.vectors import SteeringVector, VectorSet
 from .errors import SteerscopeError
+from .interventions.conditional import Condition
 from .interventions.positions import ALL, Positions
 from .interventions.rows import AblateSpec, AddSpec, RowSteering, per_row
 from .interventions.steer import steer
@@ -37,6 +38,8 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "eos" or "length"
+    gate_fired: bool | None = None  # with `when`: whether the gate let this row's steering apply
+    gate_score: float | None = None  # with `when`: cos(mean prompt hidden state, condition vector)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,22 +82,39 @@ def _variants(lm, vectors, layer, coef, include_unsteered) -> list[_Variant]:
     return out
 
 
-def _per_row(lm, variants: list[_Variant], positions: Positions, mode: str = "add") -> list:
+def _per_row(lm, variants: list[_Variant], positions: Positions, mode: str = "add", when: Condition | None = None):
     """Interventions steering row i by variant i (`interventions.rows.per_row`).
 
     add: coef * vector at the variant's layer. ablate: its direction projected out at every
-    layer. Unsteered variants get rows that are exactly untouched."""
+    layer. Unsteered variants get rows that are exactly untouched. `when`: every steered row is
+    gated on its own prompt (CAST)."""
     if mode not in ("add", "ablate"):
         raise SteerscopeError(f"mode must be 'add' or 'ablate', got {mode!r}.")
     rows = [
         RowSteering()
         if v.vector is None
-        else RowSteering(adds=(AddSpec(v.vector, v.layer, v.coef, positions),))
+        else RowSteering(adds=(AddSpec(v.vector, v.layer, v.coef, positions),), when=when)
         if mode == "add"
-        else RowSteering(ablations=(AblateSpec(v.vector, positions),))
+        else RowSteering(ablations=(AblateSpec(v.vector, positions),), when=when)
         for v in variants
     ]
     return per_row(rows, lm.d_model)
+
+
+def _check_when(lm, when: Condition, variants: list[_Variant], mode: str) -> None:
+    """The gate is decided in the steering pass itself, so it must be read no later than the
+    first layer a vector is added at."""
+    lm.check_layer(when.layer)
+    if mode != "add":
+        raise SteerscopeError(
+            "`when` gates additions only: an ablation acts from the first layer on, before any condition layer."
+        )
+    late = sorted({v.layer for v in variants if v.layer is not None and v.layer < when.layer})
+    if late:
+        raise SteerscopeError(
+            f"the condition is read at layer {when.layer}, after the steering layer(s) {late}; "
+            f"use a condition layer <= {late[0]} (--when-layer) or steer at a later layer."
+        )
 
 
 @torch.no_grad()
@@ -179,6 +199,7 @@ def generate(
     batch_size: int = 64,
     progress: bool | None = None,
     use_cache: bool = True,
+    when: Condition | None = None,
 ) -> list[Completion]:
     """Generate a completion for every (vector, prompt) pair.
 
@@ -200,6 +221,10 @@ def generate(
         progress: a bar over the rows (None: `steerscope.progress.bar`'s default; False: none).
         use_cache: decode with the KV cache (default); False recomputes every sequence at every
             step (slow; the same tokens, a check that steering does not depend on the cache).
+        when: gate every steered row on its own prompt (CAST; `directions.condition.when_condition`
+            makes one from a condition set): its vector applies only if the prompt's mean hidden
+            state at `when.layer` meets the condition, decided on the prompt pass and held while
+            generating. Each steered completion reports `gate_fired` and `gate_score`.
     Returns completions ordered by variant (unsteered first), then prompt.
     """
     from transformers import GenerationConfig
@@ -215,6 +240,8 @@ def generate(
         lm, vectors, layer, coef, vectors is not None if include_unsteered is None else include_unsteered
     )
     rows = [(vi, pi) for vi in range(len(variants)) for pi in range(len(prompts))]
+    if when is not None:
+        _check_when(lm, when, variants, mode)
 
     tok = lm.tokenizer
     eos_set = lm.eos_ids
@@ -235,7 +262,7 @@ def generate(
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             enc = lm.encode([prompts[pi] for _, pi in chunk], chat=chat, system=system)
-            adds = _per_row(lm, [variants[vi] for vi, _ in chunk], positions, mode)
+            adds = _per_row(lm, [variants[vi] for vi, _ in chunk], positions, mode, when)
             procs = (
                 [_RowSampler([_row_seed(seed, pi) for _, pi in chunk], temperature, top_p)] if temperature > 0 else []
             )
@@ -243,7 +270,8 @@ def generate(
             with torch.no_grad(), steer(lm, *interventions, *adds, prompt_len=enc["attention_mask"].sum(-1)):
                 out = lm.model.generate(**enc, generation_config=gc, logits_processor=procs)
             new = out[:, enc["input_ids"].shape[1] :].tolist()
-            for (vi, pi), ids in zip(chunk, new):
+            gates = adds.gates(len(chunk))
+            for (vi, pi), ids, gate in zip(chunk, new, gates):
                 cut = next((j for j, t in enumerate(ids) if t in eos_set), None)
                 ids = ids if cut is None else ids[:cut]
                 v = variants[vi]
@@ -257,6 +285,8 @@ def generate(
                         tok.decode(ids, skip_special_tokens=True),
                         ids,
                         "length" if cut is None else "eos",
+                        None if gate is None else gate.fired,
+                        None if gate is None else gate.score,
                     )
                 )
             rows_done.update(len(chunk))

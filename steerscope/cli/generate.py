@@ -48,6 +48,14 @@ def generate_config() -> type:
         """system prompt for the chat template"""
         allow_other_model: bool = False
         """use vectors whose model fingerprint differs (e.g. made on the base of a fine-tune)"""
+        when: str | None = None
+        """a condition-set folder (`steerscope condition`): steer a prompt only if its mean hidden state meets the condition (CAST)"""
+        when_layer: int | None = None
+        """with --when: the condition layer (default: the set's best layer)"""
+        when_threshold: float | None = None
+        """with --when: the cosine threshold (default: the set's at that layer)"""
+        when_below: bool = False
+        """with --when: steer when the score is below the threshold (default: the set's side)"""
         kv_cache: bool = True
         """decode with the KV cache (--no-kv-cache recomputes every step: slower, the same tokens)"""
         json: bool = False
@@ -99,7 +107,10 @@ def cmd_generate(cfg) -> int:
     positions = Positions.parse(cfg.positions)
     if cfg.save_vector and not cfg.force and Path(cfg.save_vector).exists():
         raise SteerscopeError(f"{cfg.save_vector} already exists; choose another path or pass --force.")
+    if not cfg.when and (cfg.when_layer is not None or cfg.when_threshold is not None or cfg.when_below):
+        raise SteerscopeError("--when-layer, --when-threshold and --when-below need --when FOLDER (a condition set).")
     lm = cfg.model.load()
+    when = _when(cfg, lm) if cfg.when else None
     if cfg.vector:
         vs = VectorSet.load(cfg.vector, lm, check_model=not cfg.allow_other_model)
         vs_list = [vs[pick_index(i)] for i in cfg.index] if cfg.index else list(vs)
@@ -126,6 +137,7 @@ def cmd_generate(cfg) -> int:
         system=cfg.system,
         include_unsteered=True,
         use_cache=cfg.kv_cache,
+        when=when,
     )
     if cfg.json:
         for r in results:
@@ -136,6 +148,8 @@ def cmd_generate(cfg) -> int:
         if r.vector_id is None:
             continue
         print(f"\n=== prompt {r.prompt_index}: {r.prompt!r}")
+        if r.gate_fired is not None:
+            print(f"gate: {'fired' if r.gate_fired else 'did not fire'} (score {r.gate_score:.3f}, {_gate_rule(when)})")
         print(
             _side_by_side(
                 "unsteered",
@@ -145,3 +159,25 @@ def cmd_generate(cfg) -> int:
             )
         )
     return 0
+
+
+def _when(cfg, lm):
+    """The `Condition` --when and its overrides ask for; one line naming the flag otherwise."""
+    from ..directions.condition import When, when_condition
+    from ..directions.vectors import VectorSet
+
+    if not Path(cfg.when).is_dir():
+        raise SteerscopeError(
+            f"--when {cfg.when}: no such folder; give a condition set made by `steerscope condition`."
+        )
+    vs = VectorSet.load(cfg.when, lm, check_model=not cfg.allow_other_model)
+    try:
+        return when_condition(vs, When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None))
+    except SteerscopeError as e:
+        flags = {"when.condition": "--when", "when.layer": "--when-layer", "when.threshold": "--when-threshold"}
+        field, _, rest = str(e).partition(":")
+        raise SteerscopeError(f"{flags.get(field, '--when')}:{rest}") from None
+
+
+def _gate_rule(c) -> str:
+    return f"steers when {'>' if c.above else '<'} {c.threshold:.3f} at layer {c.layer}"

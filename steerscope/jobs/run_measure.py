@@ -19,7 +19,7 @@ from ..progress import bar
 
 def completions_of(rows: list[dict]) -> list[Completion]:
     keys = Completion.__dataclass_fields__
-    return [Completion(**{k: r[k] for k in keys}) for r in rows]
+    return [Completion(**{k: r[k] for k in keys if k in r}) for r in rows]  # fields added since default
 
 
 def measure(ctx) -> dict:

@@ -249,6 +249,8 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
             "projections": projections if req.steering.probe is not None else None,
             "seed": req.seed,
         }
+        if req.steering.when is not None:
+            extra["when"] = e.gate  # {"fired": bool, "score": cos} of the request's gate
         content = "".join(text)
         logprobs = lp.whole(token_events) if lp is not None else None
         choice = (
@@ -396,7 +398,7 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
             kind = "server_error" if e.status >= 500 else "invalid_request_error"
             yield f"data: {json.dumps({'error': {'message': f'generation failed: {e.error}', 'type': kind, 'code': e.status}})}\n\n"
         else:
-            yield chunk(None, e.finish_reason)
+            yield chunk(None, e.finish_reason, {"when": e.gate} if req.steering.when is not None else None)
             if usage:
                 u = {
                     "prompt_tokens": e.prompt_tokens,

@@ -35,7 +35,7 @@ import torch
 from ..errors import SteerscopeError
 from ..generation import last_position_logits, sample_rows
 from ..interventions.ops import Intervention
-from ..interventions.rows import per_row
+from ..interventions.rows import RowInterventions, per_row
 from ..interventions.steer import steer
 from ..models.compat import cache_layers, joinable, with_cache
 from ..models.registry import Site
@@ -63,9 +63,11 @@ class _Probe(Intervention):
         return [(*lm.arch.resolve(Site(layer, "resid_post")), read)]
 
 
-def _interventions(lm, rows: list[Row], probes: dict) -> list:
+def _interventions(lm, rows: list[Row], probes: dict, prefill: bool) -> tuple[list, RowInterventions]:
     """Per-row interventions for a batch of rows (row i steered by request i only): the probes,
-    read before any steering, then `interventions.rows.per_row`."""
+    read before any steering, then `interventions.rows.per_row`. A gated row (`when`) is decided
+    on its prefill; every later step reuses that decision (`latched`), so a row's gate does not
+    depend on when it joined or on what else is running."""
     B, d = len(rows), lm.d_model
     out: list = []
     for L in sorted({r.req.steering.probe[1] for r in rows if r.req.steering.probe is not None}):
@@ -75,7 +77,9 @@ def _interventions(lm, rows: list[Row], probes: dict) -> list:
             if p is not None and p[1] == L:
                 dirs[i] = p[0]
         out.append(_Probe(dirs, L, probes))
-    return out + per_row([r.req.steering for r in rows], d)
+    latched = None if prefill else [None if r.gate is None else r.gate.fired for r in rows]
+    steering = per_row([r.req.steering for r in rows], d, latched)
+    return out + steering, steering
 
 
 def _lpad(t: torch.Tensor, T: int, dim: int) -> torch.Tensor:
@@ -216,13 +220,20 @@ class Engine:
                 self._fail([r], e)
 
     @torch.no_grad()
-    def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-        """(B, vocab) float32 last-position logits with each row's steering; records probes."""
+    def _forward(
+        self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, cache, prefill: bool = False
+    ) -> torch.Tensor:
+        """(B, vocab) float32 last-position logits with each row's steering; records probes, and
+        on a prefill each gated row's decision (`Row.gate`)."""
         probes: dict = {}
         plen = torch.tensor([r.prompt_len for r in rows])
         kw = with_cache(self.lm.model, cache) if cache is not None else {"use_cache": False}
-        with steer(self.lm, *_interventions(self.lm, rows, probes), prompt_len=plen):
+        ivs, steering = _interventions(self.lm, rows, probes, prefill)
+        with steer(self.lm, *ivs, prompt_len=plen):
             logits = last_position_logits(self.lm, {"input_ids": ids, "attention_mask": mask, **kw})
+        if prefill:
+            for r, g in zip(rows, steering.gates(len(rows))):
+                r.gate = g
         self._probes = probes
         return logits
 
@@ -262,7 +273,7 @@ class Engine:
         self.stats["prefills"] += 1
         ids, mask = self.lm.left_pad([r.req.prompt_ids for r in new])
         cache = DynamicCache() if self.use_cache else None
-        logits = self._forward(new, ids, mask, cache)
+        logits = self._forward(new, ids, mask, cache, prefill=True)
         if cache is not None and not joinable(cache):
             self.joinable = False  # e.g. sliding-window layers: batches per window from now on
         self._sample(new, logits)

@@ -32,6 +32,7 @@ class DoneEvent:
     completion_tokens: int
     error: str | None = None
     status: int = 500  # HTTP status of an error: 422 when the request's own steering caused it
+    gate: dict | None = None  # with a `when` gate: {"fired": bool, "score": float}, decided on the prompt
 
 
 @dataclass

@@ -31,9 +31,23 @@ class InlineVector(BaseModel):
 VectorRef = str | InlineVector
 
 
+class WhenItem(BaseModel):
+    """A steering entry's gate (CAST): steer only if the prompt meets a stored condition set."""
+
+    model_config = _STRICT
+    condition: str
+    """the name of a stored condition set (`steerscope condition`)"""
+    layer: int | None = None
+    """condition layer (default: the set's best layer)"""
+    threshold: float | None = None
+    """cosine threshold (default: the set's at that layer)"""
+    above: bool | None = None
+    """steer when the score is above the threshold (default: the set's side)"""
+
+
 class SteeringItem(BaseModel):
-    """One entry of `steering`: an addition ({"vector", "coef", "layer"?, "positions"?}) or an
-    ablation ({"ablate", "positions"?})."""
+    """One entry of `steering`: an addition ({"vector", "coef", "layer"?, "positions"?, "when"?})
+    or an ablation ({"ablate", "positions"?})."""
 
     model_config = _STRICT
     vector: VectorRef | None = None
@@ -41,6 +55,7 @@ class SteeringItem(BaseModel):
     layer: int | None = None
     positions: str = "all"
     ablate: VectorRef | None = None
+    when: WhenItem | None = None
 
 
 class Projection(BaseModel):
@@ -146,6 +161,7 @@ _TAGS = {
     "Projection",
     "TextPart",
     "SteeringItem",
+    "WhenItem",
     "StreamOptions",
     "list[str]",
     "list[TextPart]",

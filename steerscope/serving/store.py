@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
+from ..directions.condition import When, is_condition_set, when_condition
 from ..directions.vectors import CONFIG_FILE, TENSORS_FILE, SteeringVector, VectorSet
 from ..errors import SteerscopeError
+from ..interventions.conditional import Condition
 from ..interventions.positions import ALL, Positions
 from .protocol import AblateSpec, AddSpec, RowSteering
 
@@ -206,6 +208,25 @@ class VectorStore:
             for n, e in items
         ]
 
+    def condition_set(self, name: str, param: str) -> VectorSet:
+        """The stored condition set `name` (a `when`'s condition), or a 400 naming `param`."""
+        with self._lock:
+            e = self._sets.get(name)
+            names = sorted(n for n, x in self._sets.items() if is_condition_set(x.vs))
+        if e is None:
+            raise RequestError(
+                f"unknown condition set {name!r} in `{param}`; stored condition sets: "
+                f"{', '.join(names[:10]) or 'none'} (GET /v1/vectors).",
+                param=param,
+            )
+        if not is_condition_set(e.vs):
+            raise RequestError(
+                f"`{param}`: {name!r} is not a condition set (method {e.vs.config.method!r}); "
+                "make one with `steerscope condition`.",
+                param=param,
+            )
+        return e.vs
+
     def resolve(self, ref: Any, param: str) -> list[SteeringVector]:
         """The vectors a reference names (see the module docstring)."""
         if not isinstance(ref, str) or not ref:
@@ -253,7 +274,9 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
     """A request's validated `steering` items and `projection` (`schema.SteeringItem`,
     `schema.Projection`, a name or an inline vector) -> RowSteering, checked against the model.
 
-    steering: [{"vector": REF, "coef": x, "layer"?: L, "positions"?: P}, {"ablate": REF, "positions"?: P}]
+    steering: [{"vector": REF, "coef": x, "layer"?: L, "positions"?: P, "when"?: W}, {"ablate": REF, "positions"?: P}]
+    W: {"condition": NAME, "layer"?: L, "threshold"?: t, "above"?: bool}, a stored condition set
+    (the defaults are the set's): the request's steering applies only if its prompt meets it (CAST).
     REF: a stored vector's name, or {"data": base64 float32, "layer": L} (never stored).
     positions: all | prompt | generated | A:B | last:K (as `steerscope generate --positions`).
     """
@@ -264,6 +287,12 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
         if item.ablate is not None:
             if item.vector is not None or item.layer is not None or "coef" in item.model_fields_set:
                 raise RequestError(f'`{where}`: an ablation takes only "ablate" (and "positions").', param=where)
+            if item.when is not None:
+                raise RequestError(
+                    f"`{where}.when`: a gate applies to additions only (an ablation acts from the first layer, "
+                    "before any condition layer); remove it.",
+                    param=f"{where}.when",
+                )
             for sv in store.vectors(item.ablate, f"{where}.ablate", need_layer=False):
                 if float(sv.vector.norm()) == 0.0:
                     raise RequestError(f"`{where}.ablate`: vector {sv.id!r} is zero and has no direction.", param=where)
@@ -288,6 +317,7 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
             "per request (--max-vectors-per-request).",
             param="steering",
         )
+    when = _when(store, steering or [], adds)
     probe = None
     if projection is not None:
         ref, layer = (projection.vector, projection.layer) if hasattr(projection, "vector") else (projection, None)
@@ -299,7 +329,41 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
         if not 0 <= L < lm.n_layers:
             raise RequestError(f"`projection.layer` must be an integer in 0..{lm.n_layers - 1}.", param="projection")
         probe = (sv.vector.float() / n, L)
-    return RowSteering(tuple(adds), tuple(ablations), probe)
+    return RowSteering(tuple(adds), tuple(ablations), probe, when)
+
+
+def _when(store: VectorStore, steering, adds: list[AddSpec]) -> Condition | None:
+    """The request's gate: the `when` its entries carry. One gate per request (it decides the
+    request's row), so every entry must carry the same `when`, or none may."""
+    gated = [(k, item.when) for k, item in enumerate(steering) if item.when is not None]
+    if not gated:
+        return None
+    k0, w = gated[0]
+    where = f"steering[{k0}].when"
+    for k, item in enumerate(steering):
+        if item.when != w:
+            raise RequestError(
+                f"`steering[{k}].when`: a request has one gate; give every entry the same `when` as steering[{k0}] "
+                "(or send the entries as separate requests).",
+                param=f"steering[{k}].when",
+            )
+    vs = store.condition_set(w.condition, f"{where}.condition")
+    try:
+        cond = when_condition(vs, When(w.condition, w.layer, w.threshold, w.above))
+    except SteerscopeError as e:
+        field, _, rest = str(e).partition(":")  # when_condition names its field first ("when.layer: ...")
+        param = f"steering[{k0}].{field}" if field.startswith("when.") else where
+        raise RequestError(
+            f"`{param}`:{rest}" if field.startswith("when.") else f"`{where}`: {e}", param=param
+        ) from None
+    late = sorted({a.layer for a in adds if a.layer < cond.layer})
+    if late:
+        raise RequestError(
+            f"`{where}.layer`: the condition is read at layer {cond.layer}, after the steering layer(s) {late}; "
+            f"the gate is decided before steering, so use a condition layer <= {late[0]}.",
+            param=f"{where}.layer",
+        )
+    return cond
 
 
 def _positions(spec: Any, where: str) -> Positions:
