@@ -1,4 +1,4 @@
-"""`steerscope extract | select | orthogonalize | export | import`: supervised directions."""
+"""`steerscope extract | condition | select | orthogonalize | export | import`: supervised directions."""
 
 from dataclasses import dataclass, field
 
@@ -47,6 +47,66 @@ def cmd_extract(cfg) -> int:
     print(format_stats(vs))
     vs.save(cfg.out, overwrite=cfg.force)
     say(f"saved {len(vs)} candidate vectors to {cfg.out}")
+    return 0
+
+
+def condition_config() -> type:
+    from ..directions.condition_fit import ConditionFitConfig
+
+    @dataclass(frozen=True)
+    class ConditionCommand(with_model()):
+        sets: list[str] = field(default_factory=list, metadata={"nargs": 2, "metavar": ("ON", "OFF")})
+        """two prompt files or builtins (harmful, harmless, neutral): ON should trigger the behaviour, OFF not"""
+        condition: ConditionFitConfig = field(default_factory=ConditionFitConfig)
+        """how to fit"""
+        out: str = field(default="", metadata={"required": True})
+        """output condition-set folder (with report.html)"""
+        force: bool = False
+        """overwrite --out"""
+
+    return ConditionCommand
+
+
+@command(
+    "condition",
+    "find a CAST condition vector and its threshold per layer, with an ROC report",
+    "Conditional steering (CAST, Lee et al. 2025): per layer, a condition vector from the prompts' mean hidden "
+    "states (ON vs OFF) and the cosine threshold and side that best separate a held-out split; saves the set "
+    "(one vector per layer, the best layer chosen) and report.html with ROC curves.",
+    condition_config,
+)
+def cmd_condition(cfg) -> int:
+    import json
+    from pathlib import Path
+
+    from .._io import write_text_atomic
+    from ..directions.condition_fit import find_condition
+    from ..directions.data import load_prompts
+    from ..report.condition import render_condition
+
+    if len(cfg.sets) != 2:
+        raise SteerscopeError("give the two prompt sets: --sets ON OFF (files or builtins, e.g. harmful harmless).")
+    refuse_existing(cfg.out, cfg.force)
+    on, off = load_prompts(cfg.sets[0]), load_prompts(cfg.sets[1])
+    lm = cfg.model.load()
+    name = f"{Path(cfg.sets[0]).stem}-vs-{Path(cfg.sets[1]).stem}"
+    fit = find_condition(lm, on, off, cfg.condition, name=name)
+    vs = fit.to_vector_set(lm)
+    print(fit.table())
+    vs.save(cfg.out, overwrite=cfg.force)
+    write_text_atomic(Path(cfg.out) / "report.html", render_condition(vs, cfg.out))
+    b = fit.best
+    print(
+        f"best layer {fit.best_layer}: steer when cos > {b.threshold:+.4f}"
+        if b.above
+        else f"best layer {fit.best_layer}: steer when cos < {b.threshold:+.4f}",
+        f"(validation AUC {b.auc:.3f}, balanced accuracy {b.val_acc:.3f}, TPR {b.tpr:.2f}, FPR {b.fpr:.2f})",
+    )
+    when = {"condition": cfg.out, "layer": fit.best_layer, "threshold": round(b.threshold, 6), "above": b.above}
+    print(f'use it: steerscope generate ... --when {cfg.out}   or in a steering entry: "when": {json.dumps(when)}')
+    if fit.warning:
+        say(f"warning: {fit.warning}")
+    say(f"saved {len(vs)} condition vectors and report.html to {cfg.out}")
     return 0
 
 

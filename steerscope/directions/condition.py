@@ -66,3 +66,12 @@ def when_condition(vs: VectorSet, when: When) -> Condition:
     if threshold is None:
         raise SteerscopeError(f"when.threshold: {when.condition!r} records none at layer {layer}; give one.")
     return Condition(vs[layer_id(layer)].vector, layer=layer, threshold=float(threshold), above=bool(above))
+
+
+def condition_set(lm, vectors, layers: list[int], per_layer: dict[int, dict], best_layer: int, **hyper) -> VectorSet:
+    """A condition set in the format above: `vectors` (L, d) one per layer of `layers`, `per_layer`
+    layer -> {"threshold", "above", "auc", ...}, `hyper` any further hyperparams (config, data)."""
+    if best_layer not in per_layer:
+        raise SteerscopeError(f"best_layer {best_layer} is not one of the fitted layers {sorted(per_layer)}.")
+    params = {**hyper, "condition": {str(k): v for k, v in per_layer.items()}, "best_layer": int(best_layer)}
+    return VectorSet.create(lm, vectors, list(layers), METHOD, ids=[layer_id(l) for l in layers], hyperparams=params)
