@@ -43,14 +43,16 @@ def _greedy(lm, prompts, ivs, use_cache=True):
 
 def _mean_hidden(lm, prompts, layer):
     """(B, d) mean of block `layer`'s output (= hidden_states[layer + 1], test_record_matches_hidden_states)
-    over each row's real tokens: independent of the Conditional's hooks. (Not output_hidden_states:
+    over each row's real tokens after the first (the attention sink the gate leaves out; a one-token
+    prompt keeps it): independent of the Conditional's hooks. (Not output_hidden_states:
     transformers then leaves its own hooks on the shared tiny models, which the hook-leak tests count.)"""
     enc = lm.encode(prompts)
     with torch.no_grad(), record(lm, [layer]) as acts:
         lm.forward(**enc)
     hs = acts[layer]  # (B, T, d)
     m = enc["attention_mask"].bool()
-    return torch.stack([hs[b][m[b]].float().mean(0) for b in range(len(prompts))])
+    real = [hs[b][m[b]].float() for b in range(len(prompts))]  # (T_b, d) each
+    return torch.stack([(r[1:] if len(r) > 1 else r).mean(0) for r in real])
 
 
 def _scores(lm, prompts, c, layer):
@@ -169,7 +171,7 @@ def test_decision_is_latched_on_the_prompt(arch, use_cache):
             lm.forward(seq)
         hs = acts[C_LAYER][0].float()  # (T, d)
         gen = F.cosine_similarity(hs[enc["input_ids"].shape[1] :], c[None], dim=-1)  # per generated token
-        full = F.cosine_similarity(hs.mean(0), c, dim=0)
+        full = F.cosine_similarity(hs[1:].mean(0), c, dim=0)
         seen += [float(gen.max()), float(full)]
     assert max(seen) < 1 - 1e-3, seen
     thr = (1 + max(seen)) / 2

@@ -225,15 +225,18 @@ def prompt_means(
     batch_size: int = 16,
     progress=None,
 ) -> torch.Tensor:
-    """(N, L, d) float64 mean over each prompt's real tokens (all of them, padding excluded) of the
-    resid_post at each layer: the statistic `Conditional` reads. The prompts are encoded as
-    `generate` encodes them (`lm.encode(prompts, chat, system)`: template or special tokens alike)."""
+    """(N, L, d) float64 mean over each prompt's real tokens after the first (padding excluded; a
+    one-token prompt keeps its token) of the resid_post at each layer: the statistic `Conditional`
+    reads. The prompts are encoded as `generate` encodes them (`lm.encode(prompts, chat, system)`:
+    template or special tokens alike)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = lm.encode(list(prompts[i : i + batch_size]), chat=chat, system=system)
         with record(lm, layers) as acts:
             lm.forward(**enc)
-        m = enc["attention_mask"].double()[:, :, None]  # (B, T, 1)
+        real = enc["attention_mask"].double()  # (B, T), padding on either side
+        first = real * (real.cumsum(1) == 1)  # (B, T) each row's first real token (the attention sink)
+        m = (real - first * (real.sum(1, keepdim=True) > 1))[:, :, None]  # (B, T, 1)
         out.append(
             torch.stack([(acts[l].double() * m.to(acts[l].device)).sum(1).cpu() for l in layers], 1)
             / m.sum(1)[:, None].cpu()

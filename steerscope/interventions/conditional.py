@@ -6,7 +6,8 @@ vector added at later layers) is applied only when the prompt's hidden state is 
 
 What is implemented (per row b, per condition):
 
-    h_b   = mean over row b's prompt tokens of the hidden state at L_c (padding excluded)   # (d,)
+    h_b   = mean over row b's prompt tokens after the first of the hidden state at L_c        # (d,)
+            (padding excluded; the first token is an attention sink, see `_reader`)
     score = cos(h_b, c)                                                                      # in [-1, 1]
     holds = score > threshold   (score < threshold with above=False)
 
@@ -255,11 +256,16 @@ class Conditional(Intervention):
                 return x
             B, dev = x.shape[0], x.device
             plen = state.require_prompt_len().to(dev)  # (B,)
-            # The mean prompt representation (CAST's "mean" mode): every real prompt token of
-            # the row, never padding; the prompt pass must hold the whole prompt.
-            sel = (state.valid & (state.abs_pos < plen[:, None].to(state.abs_pos.device))).to(dev)  # (B, T)
+            # The mean prompt representation (CAST's "mean" mode) over the row's real prompt
+            # tokens after the first, never padding. The first token is an attention sink whose
+            # massive activations (Sun et al. 2024) dominate a mean that includes it: on SmolLM2
+            # every harmful and harmless prompt then scored within 0.011 of one cosine at the best
+            # layer, and a threshold in so narrow a band does not survive another prompt length.
+            # `extract`'s mean leaves it out for the same reason. A one-token prompt keeps it.
+            pos = state.abs_pos.to(dev)
+            sel = state.valid.to(dev) & (pos < plen[:, None]) & ((pos > 0) | (plen[:, None] == 1))  # (B, T)
             count = sel.sum(-1)  # (B,)
-            if not torch.equal(count, plen):
+            if not torch.equal(count, (plen - 1).clamp_min(1)):
                 raise SteerscopeError(
                     "Conditional: the prompt pass does not hold each row's whole prompt (chunked prefill?); "
                     "the condition needs the mean over every prompt token in one call."
