@@ -16,6 +16,7 @@ validation split and its side:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import SteerscopeError
 from ..interventions.conditional import Condition
@@ -66,3 +67,19 @@ def when_condition(vs: VectorSet, when: When) -> Condition:
     if threshold is None:
         raise SteerscopeError(f"when.threshold: {when.condition!r} records none at layer {layer}; give one.")
     return Condition(vs[layer_id(layer)].vector, layer=layer, threshold=float(threshold), above=bool(above))
+
+
+FLAGS = {"when.condition": "--when", "when.layer": "--when-layer", "when.threshold": "--when-threshold"}
+
+
+def load_when(folder: str | Path, lm, when: When, *, check_model: bool = True) -> Condition:
+    """The `Condition` the command-line flags --when FOLDER [--when-layer L] [--when-threshold T]
+    ask for (`generate`, `bench`); every error is one line naming the flag."""
+    if not Path(folder).is_dir():
+        raise SteerscopeError(f"--when {folder}: no such folder; give a condition set made by `steerscope condition`.")
+    vs = VectorSet.load(folder, lm, check_model=check_model)
+    try:
+        return when_condition(vs, when)
+    except SteerscopeError as e:
+        field, _, rest = str(e).partition(":")
+        raise SteerscopeError(f"{FLAGS.get(field, '--when')}:{rest}") from None
