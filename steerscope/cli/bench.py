@@ -46,6 +46,17 @@ def cmd_bench(cfg) -> int:
             score.setdefault(r["method"], []).append(r["value"])
     for m, v in sorted(score.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
         print(f"{m:>11}  mean score {sum(v) / len(v):.3f} over {len(v)} concepts")
+    cast: dict = {}
+    for r in rows:
+        if r["measure"].startswith("cast_"):
+            cast.setdefault(r["method"], {}).setdefault((r["variant"], r["measure"][5:]), []).append(r["value"])
+    for m, v in cast.items():
+        mean = {k: sum(x) / len(x) for k, x in v.items()}
+        print(
+            f"{m:>11}  conditional: selectivity gated {mean['gated', 'selectivity']:.2f}, ungated "
+            f"{mean['ungated', 'selectivity']:.2f}; gate fired on {mean['gated', 'fired_on_topic']:.2f} of on-topic, "
+            f"{mean['gated', 'fired_off_topic']:.2f} of off-topic prompts"
+        )
     print(f"results: {Path(cfg.out, 'results.jsonl').resolve()}")
     print(f"report: {report.resolve()}")
     return 0

@@ -163,20 +163,10 @@ def cmd_generate(cfg) -> int:
 
 def _when(cfg, lm):
     """The `Condition` --when and its overrides ask for; one line naming the flag otherwise."""
-    from ..directions.condition import When, when_condition
-    from ..directions.vectors import VectorSet
+    from ..directions.condition import When, load_when
 
-    if not Path(cfg.when).is_dir():
-        raise SteerscopeError(
-            f"--when {cfg.when}: no such folder; give a condition set made by `steerscope condition`."
-        )
-    vs = VectorSet.load(cfg.when, lm, check_model=not cfg.allow_other_model)
-    try:
-        return when_condition(vs, When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None))
-    except SteerscopeError as e:
-        flags = {"when.condition": "--when", "when.layer": "--when-layer", "when.threshold": "--when-threshold"}
-        field, _, rest = str(e).partition(":")
-        raise SteerscopeError(f"{flags.get(field, '--when')}:{rest}") from None
+    when = When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
+    return load_when(cfg.when, lm, when, check_model=not cfg.allow_other_model)
 
 
 def _gate_rule(c) -> str:

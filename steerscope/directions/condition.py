@@ -16,6 +16,7 @@ validation split and its side:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import SteerscopeError
 from ..interventions.conditional import Condition
@@ -75,3 +76,19 @@ def condition_set(lm, vectors, layers: list[int], per_layer: dict[int, dict], be
         raise SteerscopeError(f"best_layer {best_layer} is not one of the fitted layers {sorted(per_layer)}.")
     params = {**hyper, "condition": {str(k): v for k, v in per_layer.items()}, "best_layer": int(best_layer)}
     return VectorSet.create(lm, vectors, list(layers), METHOD, ids=[layer_id(l) for l in layers], hyperparams=params)
+
+
+FLAGS = {"when.condition": "--when", "when.layer": "--when-layer", "when.threshold": "--when-threshold"}
+
+
+def load_when(folder: str | Path, lm, when: When, *, check_model: bool = True) -> Condition:
+    """The `Condition` the command-line flags --when FOLDER [--when-layer L] [--when-threshold T]
+    ask for (`generate`, `bench`); every error is one line naming the flag."""
+    if not Path(folder).is_dir():
+        raise SteerscopeError(f"--when {folder}: no such folder; give a condition set made by `steerscope condition`.")
+    vs = VectorSet.load(folder, lm, check_model=check_model)
+    try:
+        return when_condition(vs, when)
+    except SteerscopeError as e:
+        field, _, rest = str(e).partition(":")
+        raise SteerscopeError(f"{FLAGS.get(field, '--when')}:{rest}") from None

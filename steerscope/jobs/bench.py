@@ -15,6 +15,8 @@ A bench is a folder of stages (a killed bench resumes at the concept it was on):
     discovered/                stage "discover": DCT vectors at the bench layer (unless --discovered)
     concepts/NAME.json         stage "concept:NAME": every measure and completion for the concept
     concepts/NAME.safetensors  the vectors used, one tensor per method
+    conditional/NAME.json      stage "when:NAME" (with --when): each vector gated on a condition set, its
+                               concept rate on on-topic vs off-topic prompts (`jobs.bench_when`, CAST)
     adapters/NAME/             the distilled LoRA adapter (method distill)
     results.jsonl              one row per (concept, method, multiplier, measure), with settings
     report.html                tables, curves, ROC curves, examples (rebuilt every time)
@@ -89,6 +91,19 @@ class BenchConfig(Config):
     """vectors DCT discovers when --discovered is not given"""
     distill_steps: int = field(default=100, metadata={"min": 1})
     """LoRA training steps of method distill"""
+    when: str | None = None
+    """a condition-set folder (`steerscope condition`): adds the conditional (CAST) stage, each vector at its
+    matched coefficient gated on it, its concept rate on --on-topic vs --off-topic prompts"""
+    when_layer: int | None = None
+    """with --when: the condition layer (default: the set's best layer)"""
+    when_threshold: float | None = None
+    """with --when: the cosine threshold (default: the set's at that layer)"""
+    on_topic: str | None = None
+    """with --when: prompt set (name or file) the gate should fire on"""
+    off_topic: str | None = None
+    """with --when: prompt set (name or file) the gate should not fire on"""
+    n_topic: int = field(default=24, metadata={"min": 1})
+    """with --when: prompts used from each of --on-topic and --off-topic (the first N)"""
     judge_url: str | None = field(default=None, metadata={"none": "offline only"})
     """OpenAI-compatible endpoint of an LLM judge (three 0-2 ratings per completion, AxBench)"""
     judge_model: str | None = None
@@ -110,14 +125,35 @@ def _log(msg: str) -> None:
     say(f"steerscope bench: {msg}")  # stderr and the job log
 
 
+def bench_layer(cfg: BenchConfig, lm) -> int:
+    return lm.check_layer(cfg.layer if cfg.layer is not None else round(0.4 * lm.n_layers))
+
+
+def _steer_layers(cfg: BenchConfig, lm, sae, discovered: VectorSet | None) -> dict[str, int]:
+    """method -> the (first) layer its vector is added at, for the methods with a vector."""
+    layer, out = bench_layer(cfg, lm), {}
+    for m in cfg.methods:
+        if m == "sae":
+            if sae is not None:
+                out[m] = sae.cfg.layer
+        elif m == "discovered" and discovered is not None:
+            if len(discovered):
+                out[m] = min(sv.layer for sv in discovered)
+        elif m not in ("prompting", "distill"):
+            out[m] = layer
+    return out
+
+
 class BenchContext:
     def __init__(self, cfg: BenchConfig, folder: JobFolder, lm, concepts: list[Concept], neutral: list[str], sae):
         self.cfg, self.folder, self.lm, self.concepts, self.neutral, self.sae = cfg, folder, lm, concepts, neutral, sae
-        self.layer = lm.check_layer(cfg.layer if cfg.layer is not None else round(0.4 * lm.n_layers))
+        self.layer = bench_layer(cfg, lm)
         self.artifacts: dict[str, Any] = {}
         self.t0 = time.perf_counter()
         self._matched_norms: dict[int, list[float]] = {}
         self.concept_seconds: list[float] = []
+        self.condition = None  # with --when: the gate (`bench_when.bench_condition`)
+        self.topics: tuple[list[str], list[str]] | None = None  # with --when: on-topic, off-topic prompts
 
     @cached_property
     def judge(self):
@@ -253,9 +289,10 @@ def _concept_stage(concept: Concept) -> Stage:
 
 
 def _results(ctx: BenchContext) -> list[dict]:
-    from .bench_eval import result_rows
+    from .bench_eval import result_rows, run_settings
+    from .bench_when import conditional_result_rows
 
-    rows = result_rows(ctx)
+    rows = result_rows(ctx) + conditional_result_rows(ctx, run_settings(ctx))
     path = ctx.folder.path("results.jsonl")
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -274,8 +311,9 @@ def _report(ctx: BenchContext) -> Path:
         "seconds": ctx.artifacts.get("_seconds", {}),
         "out": str(ctx.folder.out),
     }
+    cond = [ctx.artifacts[f"when:{c.name}"] for c in ctx.concepts if f"when:{c.name}" in ctx.artifacts]
     path = ctx.folder.path("report.html")
-    write_text_atomic(path, render_bench(meta, per))
+    write_text_atomic(path, render_bench(meta, per, cond))
     return path
 
 
@@ -286,6 +324,10 @@ def stages(ctx: BenchContext) -> list[Stage]:
             Stage("discover", "discovered", _discover, lambda vs, p: vs.save(p), lambda p, c: VectorSet.load(p, c.lm))
         )
     out += [_concept_stage(c) for c in ctx.concepts]
+    if ctx.cfg.when is not None:
+        from .bench_when import conditional_stage
+
+        out += [conditional_stage(c) for c in ctx.concepts]
     out.append(Stage("results", None, _results))  # the report follows, with this call's stage times
     return out
 
@@ -294,6 +336,9 @@ def bench(cfg: BenchConfig, out: str | Path, *, lm=None, force: bool = False) ->
     """Run (or resume) the bench; returns the report's path."""
     JobFolder.check(out, "bench", cfg, force=force)
     concepts, neutral = _validate(cfg)
+    from .bench_when import bench_condition, validate_when
+
+    topics = validate_when(cfg)
     lm = lm or cfg.model.load()
     if cfg.layer is not None:
         lm.check_layer(cfg.layer)
@@ -307,12 +352,15 @@ def bench(cfg: BenchConfig, out: str | Path, *, lm=None, force: bool = False) ->
                 f"--sae reads {sae.cfg.d_in}-dim activations but the model's d_model is {lm.d_model}."
             )
         lm.check_layer(sae.cfg.layer)
+    discovered = VectorSet.load(cfg.discovered, lm) if cfg.discovered is not None else None
+    condition = bench_condition(cfg, lm, _steer_layers(cfg, lm, sae, discovered)) if topics else None
     folder = JobFolder(out, "bench", cfg, force=force, version=__version__)
     if folder.resumed:
         _log(f"resuming the bench in {folder.out}")
     ctx = BenchContext(cfg, folder, lm, concepts, neutral, sae)
-    if cfg.discovered is not None:
-        ctx.artifacts["discover"] = VectorSet.load(cfg.discovered, lm)
+    ctx.condition, ctx.topics = condition, topics
+    if discovered is not None:
+        ctx.artifacts["discover"] = discovered
     log = run_stages(folder, stages(ctx), ctx, _log)
     ctx.artifacts["_seconds"] = log.seconds
     ctx.artifacts["report"] = _report(ctx)

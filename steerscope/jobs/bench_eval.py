@@ -306,10 +306,10 @@ MEASURES = (
 )
 
 
-def result_rows(ctx) -> list[dict]:
-    """Flat rows: one per (concept, method, multiplier, measure), with what reproduces it."""
+def run_settings(ctx) -> dict:
+    """What every results row carries to be reproduced: model, budget, decoding, version."""
     cfg = ctx.cfg
-    settings = {
+    return {
         "model_id": ctx.lm.model_id,
         "model_fingerprint": ctx.lm.fingerprint,
         "dtype": str(ctx.lm.dtype).removeprefix("torch."),
@@ -324,6 +324,11 @@ def result_rows(ctx) -> list[dict]:
         "decoding": "greedy",
         "steerscope_version": __import__("steerscope").__version__,
     }
+
+
+def result_rows(ctx) -> list[dict]:
+    """Flat rows: one per (concept, method, multiplier, measure), with what reproduces it."""
+    cfg, settings = ctx.cfg, run_settings(ctx)
     rows = []
     for c in ctx.concepts:
         res = ctx.artifacts[f"concept:{c.name}"]

@@ -32,7 +32,7 @@ th{background:#f4f5f8;text-align:left}td.num{text-align:right;font-variant-numer
 td.best{font-weight:700;background:#eef5ea}.muted{color:#888}.ci{color:#777;font-size:11px;font-weight:400}.note{color:#555;font-size:12px;max-width:60rem}
 .plots{display:flex;flex-wrap:wrap;gap:.8rem}figure{margin:0}figcaption{font-size:12px;color:#444;text-align:center}
 .ex td{vertical-align:top;white-space:pre-wrap;max-width:30rem;font-size:12px}
-details{margin:.4rem 0}"""
+details{margin:.4rem 0}.grp{border-left:1px solid #c8ccd6}"""
     + svg.CSS
 )
 
@@ -189,11 +189,55 @@ def _paired_gaps(per: list[dict], best: str, methods: list[str]) -> dict[str, tu
     return out
 
 
+VARIANTS = ("unsteered", "ungated", "gated")
+
+
+def _conditional(cond: list[dict], cfg: dict) -> str:
+    """The CAST section: per concept, per method, the concept rate on on-topic and off-topic
+    prompts unsteered / ungated / gated, each variant's selectivity, and how often the gate fired."""
+    c0 = cond[0]
+    k = c0["condition"]
+    out = [
+        "<h2>Conditional steering (CAST)</h2>",
+        f"<p class='note'>Each vector at its matched coefficient, gated on the condition set "
+        f"<code>{escape(str(k['folder']))}</code>: it steers a prompt only when the cosine between the prompt's mean "
+        f"hidden state at layer {k['layer']} and the condition vector is {'above' if k['above'] else 'below'} "
+        f"{k['threshold']:.3f}. Rates: share of completions the offline judge says show the concept, over "
+        f"{c0['on_topic']['n']} on-topic ({escape(str(c0['on_topic']['set']))}) and {c0['off_topic']['n']} off-topic "
+        f"({escape(str(c0['off_topic']['set']))}) prompts, greedy, {cfg['max_new_tokens']} tokens. Selectivity = "
+        "on-topic rate − off-topic rate. An ideal gate keeps the ungated on-topic rate and the unsteered off-topic "
+        "rate; fired: share of prompts whose gate fired.</p>",
+    ]
+    head = (
+        "<tr><th rowspan=2>method</th><th rowspan=2>coef</th>"
+        + "".join(f"<th colspan=3 class='grp'>{v}</th>" for v in VARIANTS)
+        + "<th colspan=2 class='grp'>gate fired</th></tr><tr>"
+        + "<th class='grp'>on-topic</th><th>off-topic</th><th>selectivity</th>" * len(VARIANTS)
+        + "<th class='grp'>on-topic</th><th>off-topic</th></tr>"
+    )
+    for c in cond:
+        body = []
+        for m, r in c["methods"].items():
+            v = r["values"]
+            cells = [
+                v.get(f"{x}.{meas}") for x in VARIANTS for meas in ("rate_on_topic", "rate_off_topic", "selectivity")
+            ]
+            cells += [v.get(f"gated.{meas}") for meas in ("fired_on_topic", "fired_off_topic")]
+            body.append(
+                f"<tr><td>{escape(m)}</td><td class='num'>{_n(r['coef'], '.3g')}</td>"
+                + "".join(f"<td class='num{' grp' if i % 3 == 0 else ''}'>{_n(x)}</td>" for i, x in enumerate(cells))
+                + "</tr>"
+            )
+        out.append(f"<h3>{escape(c['concept'])}</h3>")
+        out.append(f"<table>{head}{''.join(body)}</table>" if body else "<p class='muted'>no vector method</p>")
+    return "".join(out)
+
+
 def _gap_cell(g) -> str:
     return "–" if g is None else f"{g[0]:.3f} ± {g[1]:.3f}"
 
 
-def render_bench(meta: dict, per: list[dict]) -> str:
+def render_bench(meta: dict, per: list[dict], cond: list[dict] | None = None) -> str:
     methods = _methods(per)
     cfg = meta["config"]
     out = [
@@ -236,6 +280,8 @@ def render_bench(meta: dict, per: list[dict]) -> str:
     )
     out.append("<h3>AUROC (all negatives)</h3>" + _table(per, methods, "detection.auroc"))
     out.append("<h3>AUROC (hard negatives)</h3>" + _table(per, methods, "detection.auroc_hard"))
+    if cond:
+        out.append(_conditional(cond, cfg))
     if any(c.get("ab") for c in per):
         abc = [c for c in per if c.get("ab")]
         out.append(
