@@ -376,27 +376,31 @@ def select(
     def effects(ind, byp, base_a, base_b) -> list[float]:
         return [float(ind[j] - base_b) if not ablate else float(base_a - byp[j]) for j in range(len(ind))]
 
-    pre_scores = None  # (induce (K,), bypass (K,) | None, base A, base B) of the prefilter
-    if pre is not None:
+    forced = [vs.ids.index(cfg.choose)] if cfg.choose not in RULES else []
+    # Late layers are never chosen: they are not scored (only their KL is shown).
+    scored = sorted(set(eligible + forced))
+    pre_scores = None  # (induce (S,), bypass (S,) | None, base A, base B) of the prefilter, S = scored
+    if pre is not None and scored:
+        pvs = vs if len(scored) == K else _subset(vs, scored)
         pa = float(_logit_scores(lm, pre, a, None, "add", cfg, "baseline A")[0])
         pb = float(_logit_scores(lm, pre, b, None, "add", cfg, "baseline B")[0])
-        ind_p = _logit_scores(lm, pre, b, vs, "add", cfg, "induce")
-        byp_p = _logit_scores(lm, pre, a, vs, "ablate", cfg, "bypass") if ablate else None
+        ind_p = _logit_scores(lm, pre, b, pvs, "add", cfg, "induce")
+        byp_p = _logit_scores(lm, pre, a, pvs, "ablate", cfg, "bypass") if ablate else None
         pre_scores = (ind_p, byp_p, pa, pb)
-        pre_eff = effects(ind_p, byp_p, pa, pb)
+        pre_eff = dict(zip(scored, effects(ind_p, byp_p, pa, pb)))
+        induces = {i: float(ind_p[j]) > pb for j, i in enumerate(scored)}
     n_gen = cfg.shortlist if m.kind == "text" or coh else K
-    if pre is None:
-        short = eligible
+    if pre is None or not scored:
+        short = list(scored)
     else:
-        pool = [i for i in eligible if float(ind_p[i]) > pb] or eligible  # those whose addition induces
+        pool = [i for i in eligible if induces[i]] or eligible  # those whose addition induces
         pts = [(float(kl[i]), pre_eff[i]) for i in pool]
         centre = sel.kl_budget
         if centre is None:  # mode add, auto: the knee of the prefilter's frontier
             k = knee(pts, pareto_frontier(pts))
             centre = math.inf if k is None else pts[k][0]
         short = [pool[j] for j in shortlist(pts, n_gen, centre)]
-    if cfg.choose not in RULES and vs.ids.index(cfg.choose) not in short:
-        short.append(vs.ids.index(cfg.choose))
+    short += [i for i in forced if i not in short]
     short = sorted(short)
     sub = _subset(vs, short) if short else None
     eff_prompts, eff_mode = (a, "ablate") if ablate else (b, "add")
@@ -413,8 +417,8 @@ def select(
             lp = lp_abl if ablate else lp_add
         measured = short
     else:
-        ind, byp, base_a, base_b = pre_scores
-        measured = list(range(K))
+        ind, byp, base_a, base_b = pre_scores if pre_scores is not None else (None, None, math.nan, math.nan)
+        measured = scored
         if coh and sub is not None:
             base_lp = _generated(lm, None, eff_prompts, None, "add", cfg, True)[1]
             lp = _generated(lm, None, eff_prompts, sub, eff_mode, cfg, True)[1]
@@ -430,12 +434,14 @@ def select(
         logprob = lp_of.get(i)
         coherence = None if logprob is None else logprob - sel.baseline_logprob
         coherent = None if coherence is None else bool(coherence >= -cfg.incoherent_below)
-        if j is None:
+        if sv.layer >= max_layer:
+            pass  # the layer's reason below says it all
+        elif j is None:
             reasons.append("not short-listed by the prefilter")
-        elif coh and coherence is None:
-            reasons.append("coherence not checked (not short-listed)")
         elif induce <= base_b:
             reasons.append("adding does not induce")
+        elif coh and coherence is None:
+            reasons.append("coherence not checked (not short-listed)")
         if coherent is False:
             reasons.append(f"incoherent: {coherence:+.2f} nats/token vs the unsteered replies")
         if sv.layer >= max_layer:
@@ -450,7 +456,7 @@ def select(
                 float(kl[i]) if ablate else None,
                 not reasons,
                 "; ".join(reasons),
-                None if pre_scores is None or pre is m else pre_eff[i],
+                None if pre_scores is None or pre is m else pre_eff.get(i),
                 eff.get(i),
                 logprob=logprob,
                 coherence=coherence,
