@@ -466,6 +466,8 @@ def select(
     choose(sel)
     if test is not None and sel.best_candidate is not None:
         sel.heldout = evaluate(lm, vs[sel.best_candidate.id], m, test[0], test[1], cfg, source)
+    elif test is not None:
+        sel.heldout = HeldOut("none", source, len(test[0]), len(test[1]), note="not evaluated: no candidate was chosen")
     return sel
 
 
