@@ -86,10 +86,6 @@ class HeldOut:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> HeldOut:
-        return cls(**{**d, "conditions": [Condition(**c) for c in d.get("conditions", [])]})
-
     def lines(self) -> list[str]:
         """The held-out table as text, examples under it."""
         out = [
