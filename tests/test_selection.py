@@ -44,7 +44,7 @@ FIELD = dict(  # the refusal fine-tune of issue 36; metric refusal, baseline A 0
 )
 
 
-def _field(monkeypatch, random_kl=(), **cfg):
+def _field(monkeypatch, random_kl=(), mode="ablate", **cfg):
     """select() on FIELD with its scores planted: the prefilter, the completions' refusal rate and
     log-prob, and the KL. Returns (selection, the candidates that were generated for)."""
     lm = tiny_lm("llama")
@@ -54,13 +54,15 @@ def _field(monkeypatch, random_kl=(), **cfg):
     def logit_scores(lm, m, p, sub, md, cfg, desc):
         if sub is None:
             return torch.tensor([3.0 if p == ["a"] else 0.0])
-        return torch.tensor([3.0 - FIELD["pre_effect"][ids.index(i)] if md == "ablate" else 1.0 for i in sub.ids])
+        pre = [FIELD["pre_effect"][ids.index(i)] for i in sub.ids]
+        return torch.tensor([3.0 - x if md == "ablate" else (x if mode == "add" else 1.0) for x in pre])
 
     def gen(lm, m, p, sub, md, cfg, want_lp):
         if sub is None:
             return torch.tensor([0.88 if p == ["a"] else 0.17]), torch.tensor([-1.0]) if want_lp else None
         generated.update(sub.ids)
-        s = torch.tensor([FIELD["bypass"][ids.index(i)] if md == "ablate" else 0.5 for i in sub.ids])
+        byp = [FIELD["bypass"][ids.index(i)] for i in sub.ids]  # in mode add, 1 - bypass is the induced refusal
+        s = torch.tensor([x if md == "ablate" else (1.0 - x if mode == "add" else 0.5) for x in byp])
         return s, torch.tensor([FIELD["logprob"][ids.index(i)] for i in sub.ids]) if want_lp else None
 
     monkeypatch.setattr(selection_mod, "_logit_scores", logit_scores)
@@ -69,7 +71,7 @@ def _field(monkeypatch, random_kl=(), **cfg):
         selection_mod, "_kl", lambda lm, n, vs, md, cfg: torch.tensor([FIELD["kl"][i] for i in range(6)])
     )
     monkeypatch.setattr(selection_mod, "_random_kl", lambda lm, n, cfg: list(random_kl))
-    cfg = SelectConfig(mode="ablate", max_layer_frac=1.0, **cfg)
+    cfg = SelectConfig(mode=mode, max_layer_frac=1.0, **cfg)
     return select(lm, vs, "refusal", ["a"], ["b"], ["c"], cfg), {ids.index(i) for i in generated}
 
 
@@ -113,6 +115,13 @@ def test_the_auto_budget_is_a_quantile_of_the_random_directions_kl(monkeypatch):
     assert "KL budget 0.36" in sel.table()
     d = json.loads(json.dumps(sel.to_dict()))
     assert d["kl_budget"] == pytest.approx(0.36) and d["random_kl"] == [0.05, 0.1, 0.2, 0.3, 0.4]
+
+
+def test_in_mode_add_the_auto_budget_is_the_knee_of_the_coherent_frontier(monkeypatch):
+    sel, generated = _field(monkeypatch, mode="add", shortlist=6)
+    assert sel.kl_rule.startswith("auto: the KL of the frontier's knee") and sel.random_kl == []
+    assert sel.kl_budget == pytest.approx(0.3) and sel.best == 1  # the incoherent 2-4 are not the knee
+    assert sel.candidates[1].kl_add == pytest.approx(0.3) and sel.candidates[1].kl_ablate is None
 
 
 def test_random_kl_ablates_seeded_random_directions():
