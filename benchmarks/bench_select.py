@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=35, help="prompts per set (A, B, neutral)")
     ap.add_argument("--metric", default="refusal")
     ap.add_argument("--mode", default="ablate")
+    ap.add_argument(
+        "--test-fraction", type=float, default=0.0, help="held-out share of A and B (versions that have it)"
+    )
     args = ap.parse_args()
     lm = ss.load_model()
     data = load_sets("harmful", "harmless")
@@ -69,7 +72,8 @@ def main() -> None:
     before = rss_mb()
     t0 = time.perf_counter()
     with Sampler() as mem:
-        sel = select(lm, cand, args.metric, a, b, neutral, SelectConfig(mode=args.mode))
+        extra = {"test_fraction": args.test_fraction} if args.test_fraction else {}  # older versions lack it
+        sel = select(lm, cand, args.metric, a, b, neutral, SelectConfig(mode=args.mode, **extra))
     dt = time.perf_counter() - t0
     print(sel.table())
     print(f"\nversion {ss.__version__}: {len(cand)} candidates x {n} prompts, metric {args.metric}, mode {args.mode}")

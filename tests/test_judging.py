@@ -60,22 +60,42 @@ def test_last_token_logits_rows_equal_direct_steering():
         assert torch.equal(abl[0], batched[0])  # the unsteered row is untouched in both modes
 
 
-def _planted_select(monkeypatch, mode, induce, bypass, kl_add, kl_abl, layers, base_b=0.0, base_a=None, **cfg):
-    """3-layer model with max_layer_frac=0.5: layer 2 counts as "too late"."""
+def _planted_select(
+    monkeypatch,
+    mode,
+    induce,
+    bypass,
+    kl_add,
+    kl_abl,
+    layers,
+    base_b=0.0,
+    base_a=None,
+    logprob=None,
+    random_kl=None,
+    **cfg,
+):
+    """3-layer model with max_layer_frac=0.5: layer 2 counts as "too late". Completions are planted:
+    `logprob` per candidate (default: all as natural as the unsteered replies, -1.0); the KL budget
+    is 0.1 unless `kl_bound` is given (None: auto, from `random_kl`)."""
     lm = tiny_lm("llama")
     vs = VectorSet.create(lm, rand_vec(lm, rows=len(layers)), layers=layers, method="x")
     ids = vs.ids
+    lps = logprob or [-1.0] * len(layers)
 
-    def scores(lm, m, p, sub, md, cfg):
+    def generated(lm, m, p, sub, md, cfg, want_lp):
         if sub is None:
-            return torch.tensor([base_a if base_a is not None and p == ["a"] else base_b])
+            s = torch.tensor([base_a if base_a is not None and p == ["a"] else base_b])
+            return s, torch.tensor([-1.0]) if want_lp else None
         vals = induce if md == "add" else bypass
-        return torch.tensor([vals[ids.index(i)] for i in sub.ids])
+        s = torch.tensor([vals[ids.index(i)] for i in sub.ids])
+        return (None if m is None else s), (torch.tensor([lps[ids.index(i)] for i in sub.ids]) if want_lp else None)
 
-    monkeypatch.setattr(selection_mod, "_text_scores", scores)
+    monkeypatch.setattr(selection_mod, "_generated", generated)
     monkeypatch.setattr(
         selection_mod, "_kl", lambda lm, n, vs, md, cfg: torch.tensor(kl_add if md == "add" else kl_abl)
     )
+    monkeypatch.setattr(selection_mod, "_random_kl", lambda lm, n, cfg: list(random_kl or []))
+    cfg.setdefault("kl_bound", 0.1)
     return select(
         lm, vs, "refusal", ["a"], ["b"], ["c"], SelectConfig(mode=mode, max_layer_frac=0.5, prefilter=None, **cfg)
     )
@@ -217,7 +237,7 @@ def test_selection_plot_page(monkeypatch):
         base_a=0.84,
     )
     html = render_selection(sel)
-    assert html.count("<circle") == 4 and "<polyline" in html and "KL budget 0.1" in html and "barely beats" in html
+    assert html.count("<circle") == 3 and "<polyline" in html and "KL budget 0.1" in html and "barely beats" in html
     assert "http" not in html.replace("http://www.w3.org", "")  # nothing fetched
 
 

@@ -125,6 +125,9 @@ def select_config() -> type:
         """prompts WITHOUT the behaviour"""
         neutral: str = "neutral"
         """neutral prompts for KL"""
+        test: list[str] = field(default_factory=list, metadata={"nargs": 2, "metavar": ("A_TEST", "B_TEST")})
+        """held-out A and B prompts (files or builtins): the chosen direction's ablation, orthogonalisation
+        and addition are measured on them (or hold out a share of A and B with --test-fraction)"""
         n_prompts: int = field(default=32, metadata={"min": 1})
         """use at most this many prompts of each set"""
         select: SelectConfig = field(default_factory=SelectConfig)
@@ -147,7 +150,9 @@ def select_config() -> type:
     "select",
     "pick the candidate with the best measured effect (refusal-direction style)",
     "Score every candidate by adding it on B prompts, ablating it on A prompts and its KL on neutral prompts; "
-    "show the effect-vs-KL Pareto frontier and choose along it (KL budget or knee).",
+    "check the coherence of the short-listed ones; show the effect-vs-KL Pareto frontier and choose along it "
+    "(a KL budget that fits the model, the knee, or an id); with --test or --test-fraction, evaluate the choice "
+    "on held-out prompts.",
     select_config,
 )
 def cmd_select(cfg) -> int:
@@ -159,10 +164,14 @@ def cmd_select(cfg) -> int:
         refuse_existing(cfg.save_best, cfg.force)
     n = cfg.n_prompts
     a, b, neutral = load_prompts(cfg.a)[:n], load_prompts(cfg.b)[:n], load_prompts(cfg.neutral)[:n]
+    test = (load_prompts(cfg.test[0])[:n], load_prompts(cfg.test[1])[:n]) if cfg.test else None
+    if test is not None and cfg.select.test_fraction > 0:
+        raise SteerscopeError("give either --test A_TEST B_TEST or --test-fraction, not both.")
     lm = cfg.model.load()
     vs = VectorSet.load(cfg.vector, lm, check_model=not cfg.allow_other_model)
-    sel = select(lm, vs, cfg.metric, a, b, neutral, cfg.select)
+    sel = select(lm, vs, cfg.metric, a, b, neutral, cfg.select, test_prompts=test)
     print(sel.table())
+    say(sel.budget_line())
     if sel.warning:
         say(f"warning: {sel.warning}")
     if cfg.table:
@@ -177,7 +186,8 @@ def cmd_select(cfg) -> int:
         best = sel.best_candidate
         if best is None:
             raise SteerscopeError(
-                "no candidate passed the filters, so nothing was saved; raise --kl-bound or use --choose knee."
+                "no candidate passed the filters, so nothing was saved; "
+                + (f"use {sel.advice}." if sel.advice else "see the notes in the table.")
             )
         i = vs.ids.index(best.id)
         hyper = {**vs.config.hyperparams, "selection": sel.to_dict()}
