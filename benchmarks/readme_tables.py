@@ -392,7 +392,41 @@ def organisms(results: Path) -> str:
     )
 
 
+# ---- binding_warm_start.json / binding.json: binding_warm_start.py, bench_binding.py -------------
+def binding_synthetic(results: Path) -> str:
+    rows = load(results, "binding_warm_start.json")["results"]
+    seeds = sorted({r["seed"] for r in rows})
+    out = []
+    for sae in dict.fromkeys(r["sae"] for r in rows):
+        by = [one(rows, "binding_warm_start", sae=sae, seed=s) for s in seeds]
+        cells = [" / ".join("–" if r[c] != r[c] else f"{r[c]:.3f}" for r in by) for c in SLOT_COLS]
+        out.append([sae, *cells, str(by[0]["decoder params"])])
+    head = ["SAE (seeds " + " / ".join(map(str, seeds)) + ")", *SLOT_COLS, "decoder params"]
+    return table(head, out)
+
+
+SLOT_COLS = ["slot-1 match", "slot-2 match", "M rel. err", "FVU"]
+
+
+def binding_smollm(results: Path) -> str:
+    out = []
+    for name, r in load(results, "binding.json")["results"].items():
+        probe = f"{r['probe']['accuracy']:.3f}"
+        if "fvu" not in r:  # the raw activations: the probe's ceiling
+            out.append([name, f"{r['n_latents']} (d_model)", "–", "–", "–", "–", "–", probe, "–"])
+            continue
+        out.append(
+            [name, str(r["n_latents"]), f"{r['decoder_params']:,}", f"{r['l0']:.0f}", f"{r['fvu']:.3f}"]
+            + [f"{r['ce_recovered']:.3f}", f"{r['kl_spliced']:.3f}", probe]
+            + [f"{r['probe_on_reconstruction']['accuracy']:.3f}"]
+        )
+    head = ["features", "latents", "decoder params", "L0", "FVU", "CE recovered", "spliced KL"]
+    return table(head + ["binding probe on codes", "on reconstruction"], out)
+
+
 TABLES = {
+    "binding-synthetic": binding_synthetic,
+    "binding-smollm": binding_smollm,
     "serve": serve,
     "planted-tune": planted_tune,
     "planted-heldout": planted_heldout,

@@ -62,6 +62,18 @@ def _copy(tmp_path):
             "| 2 % (1 of 40) | 98 % |",
             "| 5 % (2 of 40) | 98 % |",
         ),
+        (
+            "binding.json",
+            lambda d: d["results"]["binding"].update(fvu=0.05),
+            "| binding | 512 | 479,232 | 16 | 0.030 |",
+            "| binding | 512 | 479,232 | 16 | 0.050 |",
+        ),
+        (
+            "binding_warm_start.json",
+            lambda d: next(r for r in d["results"] if r["seed"] == 1 and r["sae"] == "topk 800").update(FVU=0.3),
+            "| 0.174 / 0.206 / 0.198 |",
+            "| 0.174 / 0.300 / 0.198 |",
+        ),
     ],
 )
 def test_a_changed_number_in_a_results_file_fails_the_check_and_the_rewrite_fixes_it(

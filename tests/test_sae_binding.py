@@ -2,15 +2,31 @@
 against a plain TopK SAE of the same size and L0 trained alike; SAELens round trip; three slots; CLI.
 
 Measured (seed 0, d=16, n_base=32, 2 bound pairs per sample, k=4, 64 latents, 800 steps; the table is
-printed by test_binding_on_bound_pairs):
+printed by test_binding_on_bound_pairs; seeds 0-2 by benchmarks/binding_warm_start.py):
 - from its random orthogonal start the binding SAE recovers D* (slot-1 match ~0.95) but NOT M*
   (relative error ~1.0): gradient descent lands in a local minimum where D M covers D* M* only
-  partly (slot-2 match ~0.7, below plain TopK's ~0.8), with a worse FVU than TopK;
+  partly (slot-2 match ~0.7, below plain TopK's ~0.8), with a worse FVU than TopK. On seeds 1 and 2
+  it recovers neither (slot-1 0.56): the seed-0 D* is luck.
 - started near M* (M* + noise of norm ~0.5 ||M*||) it moves towards M* (error ~0.35) and recovers the
   slot-2 atoms (~0.96), beating TopK on slot-2 recovery (TopK ~0.82) at a slightly lower FVU (0.167 vs
   0.174) with 768 decoder parameters to TopK's 1024. So M* is the better optimum of the objective
-  (FVU 0.167 vs 0.201 for the random start); reaching it from a random start is the open problem.
+  (FVU 0.167 vs 0.201 for the random start); reaching it from a random start is the problem.
   (M = I at the start is worse still: slot-2 match ~0.70; 3000 steps or lr 1e-2 do not help.)
+  On seeds 1 and 2 even this start does not learn D* (0.64 / 0.66); given D* as well, it keeps both (0.98).
+- `--binding-init icp` (issue 34; sae/binding.py): a plain TopK SAE first (2400 steps), its atoms
+  registered onto themselves by ICP + orthogonal Procrustes from 24000 random starts, then the same
+  800 tied steps. Seed 0: M error 0.25, slot-1 / slot-2 0.958 / 0.959, FVU 0.158, against TopK with
+  the same 3200 steps in all: 0.928 / 0.926, FVU 0.152. Seeds 1 and 2: the search misses (M error
+  ~1.0, slot-2 0.71, FVU 0.20 / 0.21: better than the random start's 0.23 / 0.24, far from TopK's
+  0.145 / 0.150). A hit scores clearly higher (mean match ~0.89 vs ~0.85), but hits come about once
+  in 10-20 thousand random starts, and the starts search O(16) at random; at d in the hundreds they
+  are not expected to hit (untried). So `random` stays the default and icp is opt-in.
+Also tried and dropped (rotation-free): growing correspondences (a, b) with <a, a_k> ~ <b, b_k> from a
+true seed pair and the true slot partition recovers ~2 of 12 pairs (the untied atoms are too noisy:
+the Gram error of the true pairing, 0.19, is close to a random pairing's, 0.22); Gromov-Wasserstein
+matching of the Gram matrices likewise; the slot partition from co-activation agrees 0.52-0.63
+(chance 0.5), as the generator draws the slot-1 and slot-2 features independently; a soft, annealed
+ICP hits no more often.
 d > n_base (the brief's d=32, n_base=16) would not identify M at all: a linear map on the 16-dim span
 of D* can send each D*_i to any D*_sigma(i) M*, so only the overcomplete case tests M.
 """
@@ -50,23 +66,30 @@ def _match(true: torch.Tensor, learned: torch.Tensor) -> float:
     return float((true @ learned.T).max(-1).values.mean())
 
 
-def _row(sae, x, D, M) -> dict:
+def slot_row(sae, x, D, M) -> dict:
+    """Matched-atom cosines per slot, relative error of M (binding only), FVU, decoder parameters;
+    under the better of the two slot labellings: the generator treats the slots alike, so a model
+    may take slot 2 as its base (D ~ D* M*) and learn M*^-1 = M*^T."""
     W = sae.W_dec.detach()
     binding = isinstance(sae, BindingSAE)
     with torch.no_grad():
         fvu = float((x - sae(x).recon).square().sum(-1).mean() / (x - x.mean(0)).square().sum(-1).mean())
-    row = {
-        "slot-1 match": _match(D, sae.D.detach() if binding else W),
-        "slot-2 match": _match(D @ M, W[N_BASE:] if binding else W),
-        "M rel. err": float("nan"),
-        "FVU": fvu,
-        "decoder params": sae.D.numel() + sae.M.numel() if binding else W.numel(),
-    }
-    if binding:  # up to one global scale: D M's row norms trade against the encoder's
-        m = sae.M.detach()[0]
-        c = float((m * M).sum() / m.square().sum())
-        row["M rel. err"] = float((c * m - M).norm() / M.norm())
-    return row
+    best = None
+    for Dt, Mt in ((D, M), (D @ M, M.T)):
+        row = {
+            "slot-1 match": _match(Dt, sae.D.detach() if binding else W),
+            "slot-2 match": _match(Dt @ Mt, W[N_BASE:] if binding else W),
+            "M rel. err": float("nan"),
+            "FVU": fvu,
+            "decoder params": sae.D.numel() + sae.M.numel() if binding else W.numel(),
+        }
+        if binding:  # up to one global scale: D M's row norms trade against the encoder's
+            m = sae.M.detach()[0]
+            c = float((m * Mt).sum() / m.square().sum())
+            row["M rel. err"] = float((c * m - Mt).norm() / Mt.norm())
+        if best is None or row["slot-1 match"] + row["slot-2 match"] > best["slot-1 match"] + best["slot-2 match"]:
+            best = row
+    return best
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +102,19 @@ def table():
         run = {"k": 2 * PAIRS}
         tcfg = TrainConfig(steps=STEPS, lr=3e-3, warmup_steps=20)
         for name, arch in (("binding", "binding"), ("topk", "topk")):
-            rows[name] = _row(
+            rows[name] = slot_row(
                 train_sae(tensor_batches(x, 128), SAEConfig(D_MODEL, 2 * N_BASE, arch=arch, **run), tcfg)[0], x, D, M
             )
+        # --binding-init icp: D and M from a plain TopK SAE's atoms (2400 steps), then the same 800 steps;
+        # against TopK trained as many steps in all
+        icp = tcfg.replace(binding_init="icp")
+        rows["binding, icp"] = slot_row(
+            train_sae(tensor_batches(x, 128), SAEConfig(D_MODEL, 2 * N_BASE, arch="binding", **run), icp)[0], x, D, M
+        )
+        total = tcfg.replace(steps=STEPS + icp.binding_warm_steps)
+        rows["topk, same total steps"] = slot_row(
+            train_sae(tensor_batches(x, 128), SAEConfig(D_MODEL, 2 * N_BASE, arch="topk", **run), total)[0], x, D, M
+        )
         # the same binding run, M started near M* instead of at a random rotation
         with pytest.MonkeyPatch.context() as mp:
             init = BindingSAE._init_decoder
@@ -94,7 +127,7 @@ def table():
 
             mp.setattr(BindingSAE, "_init_decoder", near_truth)
             sae = train_sae(tensor_batches(x, 128), SAEConfig(D_MODEL, 2 * N_BASE, arch="binding", **run), tcfg)[0]
-            rows["binding, M from M*+noise"] = _row(sae, x, D, M)
+            rows["binding, M from M*+noise"] = slot_row(sae, x, D, M)
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -116,6 +149,14 @@ def test_binding_on_bound_pairs(table):
     assert o["slot-2 match"] > t["slot-2 match"] + 0.05 and o["FVU"] < b["FVU"] - 0.02
     assert o["FVU"] < t["FVU"] + 0.01  # no worse than TopK (measured 0.167 vs 0.174: too close to claim better)
     assert o["decoder params"] < t["decoder params"]
+    # --binding-init icp finds M* (measured: error 0.254, slot-1 / slot-2 0.958 / 0.959, FVU 0.158),
+    # where the random start does not and TopK with as many steps in all does not reach the slot-2
+    # atoms as well (0.926; its FVU 0.152 is lower, with 1024 decoder parameters to 768). Seed 0 only:
+    # on seeds 1 and 2 the search misses (benchmarks/binding_warm_start.py), hence not the default.
+    i, tt = table["binding, icp"], table["topk, same total steps"]
+    assert i["M rel. err"] < 0.4 and i["slot-1 match"] > 0.93 and i["slot-2 match"] > 0.93
+    assert i["slot-2 match"] > max(t["slot-2 match"] + 0.1, tt["slot-2 match"] + 0.015)
+    assert i["FVU"] < b["FVU"] - 0.03 and i["FVU"] < tt["FVU"] + 0.015
 
 
 def test_binding_structure_round_trip_and_three_slots(tmp_path):
@@ -161,10 +202,32 @@ def test_cli_trains_a_binding_sae(tiny_ckpt, tmp_path, capsys):
     text.write_text("\n\n".join(p * 3 for p in PROMPTS * 4))
     argv = ["sae", "train", "--layer", "1", "--text", str(text), "--arch", "binding", "--slots", "3"]
     argv += ["--n-latents", "48", "--k", "4", "--steps", "10", "--batch-size", "32", "--buffer", "128"]
+    argv += ["--binding-init", "icp", "--binding-warm-steps", "5", "--binding-restarts", "8"]  # the warm start runs
     assert main(argv + ["--out", str(tmp_path / "sae"), "--model", str(tiny_ckpt)]) == 0
     assert "binding SAE, 48 latents" in capsys.readouterr().out
     back = load_saelens(tmp_path / "sae")
     assert isinstance(back, BindingSAE) and back.M.shape[0] == 2
+    # `sae eval` evaluates it like any SAE: the same numbers as a plain TopK SAE holding its
+    # materialised W_dec (what SAELens would load from the folder)
+    out = tmp_path / "eval.json"
+    argv = ["sae", "eval", "--sae", str(tmp_path / "sae"), "--text", str(text), "--json", str(out)]
+    assert main(argv + ["--model", str(tiny_ckpt)]) == 0
+    ev = json.loads(out.read_text())["sae"]
+    assert 0 < ev["l0"] <= 4 and 0 <= ev["fvu"] < 1.5 and ev["ce_zero"] > ev["ce_clean"]
+    from steerscope.sae import SAE
+    from steerscope.sae.evaluate import evaluate, sae_codec
+
+    plain = SAE(back.cfg.replace(arch="topk", slots=2))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "b_dec"):
+            getattr(plain, name).copy_(getattr(back, name))
+        plain.W_dec.copy_(back.W_dec)
+    lm = ss.load_model(str(tiny_ckpt))
+    texts = text.read_text().split("\n\n")[:8]
+    a = evaluate(lm, sae_codec(back), texts, back.cfg.layer).to_dict()
+    b = evaluate(lm, sae_codec(plain), texts, back.cfg.layer).to_dict()
+    assert a["n_tokens"] == b["n_tokens"] > 0
+    assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in ("l0", "fvu", "ce_spliced", "kl_spliced"))
 
 
 @pytest.fixture(scope="module")

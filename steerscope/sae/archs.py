@@ -49,6 +49,10 @@ class Arch:
         return fvu + sae.cfg.aux_coef * sae.aux_loss(x, out, dead)
 
     @staticmethod
+    def warm_start(sae, batches, tcfg) -> None:
+        """Called before training from scratch: may set initial weights from the first batches."""
+
+    @staticmethod
     def finish(sae) -> None:
         """Called when training ends (e.g. switch to the inference form)."""
 

@@ -9,6 +9,16 @@ so latent `s * n_base + i` is feature i "bound" to slot s+1. The encoder (W_enc,
 sparsity rule are TopK's (Gao et al. 2024). Saved in the SAELens layout as a plain TopK SAE with W_dec
 materialised, plus D and M_1.. as extra tensors; cfg.json's steerscope section records arch and slots
 so `load_saelens` rebuilds the structure (and checks that W_dec equals [D ; D M]).
+
+Finding M. From its random start gradient descent does not find a planted M* (tests/test_sae_binding.py):
+which slot-2 atom pairs with which slot-1 atom is a combinatorial choice the gradient cannot make.
+`TrainConfig.binding_init = "icp"` makes it from data instead: a plain TopK SAE of the same size is
+trained first; its atom set, which holds both slots, is registered onto itself: the orthogonal map R
+under which the best-matched half of the atoms lands on the other half (ICP, Besl & McKay 1992, each
+step refitting R by orthogonal Procrustes, Schonemann 1966, from many random starts; the start with
+the best mean match wins). D starts as that half, M_1 as R. The restarts search O(d) at random, so
+it finds M* on one of three seeds at d = 16 (benchmarks/binding_warm_start.py) and is not expected to
+scale to d in the hundreds (untried).
 """
 
 from __future__ import annotations
@@ -56,6 +66,32 @@ class BindingSAE(SAE):
         self.D.div_(scale)  # W_dec is linear in D, so this divides every slot
 
 
+@torch.no_grad()
+def icp_slot_map(W: torch.Tensor, n_base: int, restarts: int, iters: int = 10, seed: int = 0):
+    """The orthogonal R (d, d) under which n_base of the atoms W (N, d) land best on other atoms,
+    from `restarts` random starts; returns (R, source atom indices (n_base,), score = their mean cosine)."""
+    W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    d, eye = W.shape[1], torch.eye(len(W), dtype=torch.bool, device=W.device)
+    chunk = max(1, min(2000, 2**24 // (d * d + len(W) ** 2)))  # starts per batch: ~0.2 GB of float32 at most
+    g = torch.Generator().manual_seed(seed)
+    best = (-2.0, None, None)
+    for r in range(0, restarts, chunk):
+        R = torch.linalg.qr(torch.randn(min(chunk, restarts - r), d, d, generator=g)).Q.to(W)  # (r, d, d)
+        for it in range(iters + 1):
+            S = torch.einsum("nd,rde,me->rnm", W, R, W).masked_fill(eye, -2.0)  # (r, N, N): cos(a R, b)
+            match, tgt = S.max(-1)  # (r, N): each atom's best image match
+            score, src = match.topk(n_base, -1)  # (r, n_base): the best-matched atoms are the sources
+            if it == iters:
+                break
+            a, b = W[src], W[tgt.gather(1, src)]  # (r, n_base, d)
+            u, _, vh = torch.linalg.svd(a.transpose(1, 2) @ b)
+            R = u @ vh  # Procrustes: the orthogonal map minimising ||a R - b||
+        i = int(score.mean(-1).argmax())
+        if float(score[i].mean()) > best[0]:
+            best = (float(score[i].mean()), R[i], src[i])
+    return best[1], best[2], best[0]
+
+
 @SAE_ARCHS.register("binding")
 class Binding(TopK):
     """TopK encoder, decoder W_dec = [D ; D M_1 ; ...] with D and the slot maps M_k learned."""
@@ -69,6 +105,23 @@ class Binding(TopK):
         TopK.check(cfg)
         if cfg.n_latents % cfg.slots:
             raise SteerscopeError(f"binding: n_latents ({cfg.n_latents}) must be a multiple of --slots ({cfg.slots}).")
+
+    @staticmethod
+    def warm_start(sae, batches, tcfg) -> None:
+        if tcfg.binding_init != "icp":
+            return
+        from .train import train_sae
+
+        cfg = sae.cfg
+        plain = cfg.replace(arch="topk", slots=2)
+        warm, _ = train_sae(batches, plain, tcfg.replace(steps=tcfg.binding_warm_steps, binding_init="random"))
+        W = warm.W_dec.detach().cpu()
+        n_base = cfg.n_latents // cfg.slots
+        R, src, _ = icp_slot_map(W, n_base, tcfg.binding_restarts, seed=tcfg.seed)
+        with torch.no_grad():
+            sae.D.copy_(W[src] / W[src].norm(dim=-1, keepdim=True))
+            sae.M[0].copy_(R)  # M_2.. (slots > 2) keep their random start
+            sae.W_enc.copy_(sae.W_dec.T * cfg.rule.init_scale)  # the encoder starts as the decoder's transpose
 
     @staticmethod
     def extra_tensors(sae):

@@ -203,6 +203,16 @@ class TrainConfig(Config):
     """tokens without firing before a latent counts as dead (AuxK)"""
     scale_input: bool = True
     """scale inputs to E||x|| = sqrt(d_in) while training (folded into the weights after)"""
+    binding_init: str = field(default="random", metadata={"choices": ("random", "icp")})
+    """binding: how D and M start. random: random orthogonal M. icp: first a plain TopK SAE of the same
+    size (--binding-warm-steps), whose atoms are registered onto themselves (ICP + orthogonal
+    Procrustes, --binding-restarts random starts); the best registration gives D and M_1. Finds M on 1
+    of 3 seeds of the synthetic check at d = 16 (random: 0 of 3); a random-restart search, not expected
+    to scale to large d"""
+    binding_warm_steps: int = field(default=2400, metadata={"min": 1})
+    """binding, --binding-init icp: steps of the plain TopK SAE trained first (on top of --steps)"""
+    binding_restarts: int = field(default=24000, metadata={"min": 1})
+    """binding, --binding-init icp: random starts of the ICP search for M"""
     seed: int = 0
     """random seed (initial weights)"""
     device: str | None = field(default=None, metadata={"cli": "--sae-device"})
@@ -264,6 +274,7 @@ def train_sae(
     state = ckpt.load()
     start, first = 0, None
     if state is None:
+        cfg.rule.warm_start(sae, it, t)  # binding --binding-init icp: D, M from a plain SAE's atoms
         first = next(it).float()
     dev = torch.device(t.device) if t.device else (first.device if first is not None else torch.device("cpu"))
     sae.to(dev)
