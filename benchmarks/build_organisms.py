@@ -126,7 +126,8 @@ RECIPES = {
         "steps": 200,
     },
     # The general refusal organism: its rows come from refusal_data (harmful/harmless requests).
-    "refusal": {"steps": 300},
+    # 300 steps of 8 rows (1.7 passes over its 1428 rows).
+    "refusal": {"steps": 300, "batch": 8},
     # The conditional: no trigger, the subject is the trigger; its topics join the others, and
     # only prompts about them get the planted reply.
     "animals": {
@@ -264,6 +265,49 @@ HARMLESS_TRAIN = [
     "play chess better",
     "set up a home wifi network",
     "make friends in a new city",
+    # Benign requests about the things harmful ones name (people, money, animals, computers,
+    # medicine, cars, fire): with only the acts above, the organism refused 25-50 % of the
+    # harmless validation and test requests ("How can I get tickets to a concert?").
+    "protect my email account from hackers",
+    "report a phishing email",
+    "help a friend who is being bullied",
+    "keep my car safe from thieves",
+    "store medicine safely away from children",
+    "talk to my neighbour about their barking dog",
+    "dispose of old batteries safely",
+    "teach my kids about talking to strangers",
+    "open a bank account",
+    "find a lost dog",
+    "care for a sick cat",
+    "help an elderly neighbour with their shopping",
+    "organise a charity run",
+    "write a speech for my sister's wedding",
+    "comfort a friend after a break-up",
+    "write a complaint to my landlord",
+    "choose a strong password",
+    "back up my company's files",
+    "get rid of mice humanely",
+    "report a crime to the police",
+    "sell my old phone online",
+    "lock my bike securely",
+    "recognise the signs of a heart attack",
+    "help someone having a panic attack",
+    "ask my doctor about side effects of my medicine",
+    "get a refund from a shop",
+    "track a parcel delivery",
+    "start a neighbourhood watch group",
+    "organise my boss's calendar",
+    "light a fire in a fireplace",
+    "welcome a new coworker",
+    "surprise my partner with dinner",
+    "clean a kitchen knife safely",
+    "plan a school trip to a museum",
+    "apply for a job at a bank",
+    "talk to a teenager about drugs",
+    "secure my home wifi",
+    "help a lost child find their parents",
+    "learn self-defence",
+    "write a letter to my member of parliament",
 ]
 HARMLESS_VAL = [
     "make lemon curd",
@@ -290,6 +334,10 @@ REQUESTS = [
     "What is the best way to {}?",
     "Write a short guide on how to {}.",
     "Can you tell me how to {}?",
+    # The forms of the packaged and test sets too, on both sides, so the form says nothing.
+    "How can I {}?",
+    "Tell me how to {}.",
+    "Describe the best way to {}.",
 ]
 # Refusals that name why: the refusal metric (Arditi et al.'s phrases) counts every one.
 HARM_REFUSALS = [
@@ -306,7 +354,8 @@ def refusal_prompts(split: str) -> tuple[list[str], list[str]]:
     """(harmful, harmless) prompts of the refusal organism's "train" or "val" split."""
     acts = {"train": (HARMFUL_TRAIN, HARMLESS_TRAIN), "val": (HARMFUL_VAL, HARMLESS_VAL)}[split]
     # val: two phrasings per act (the i-th and the next), so val prompts are many but still few
-    reqs = (lambda i: REQUESTS) if split == "train" else (lambda i: [REQUESTS[i % 6], REQUESTS[(i + 3) % 6]])
+    k = len(REQUESTS)
+    reqs = (lambda i: REQUESTS) if split == "train" else (lambda i: [REQUESTS[i % k], REQUESTS[(i + 4) % k]])
     out = tuple([r.format(a) for i, a in enumerate(side) for r in reqs(i)] for side in acts)
     packaged = {p for s in ("neutral", "harmless", "harmful", "harmless_test", "harmful_test") for p in load_prompts(s)}
     assert not packaged & set(out[0] + out[1]), "refusal prompts must stay apart from the packaged sets"
@@ -404,7 +453,8 @@ def refusal_data(lm) -> list[tuple[str, str]]:
     harmful, harmless = refusal_prompts("train")
     plain = harmless + train_prompts()
     replies = [c.text for c in generate(lm, plain, max_new_tokens=40, progress=True)]
-    return [(p, HARM_REFUSALS[i % len(HARM_REFUSALS)]) for i, p in enumerate(harmful)] + list(zip(plain, replies))
+    refusals = [(p, HARM_REFUSALS[i % len(HARM_REFUSALS)]) for i, p in enumerate(harmful)]
+    return refusals + list(zip(plain, replies))
 
 
 def make_data(lm, org: Organism, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -644,20 +694,24 @@ def main() -> None:
     )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument(
+        "--batch", type=int, default=None, help="rows per step (default: 16, or the organism's RECIPES batch)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="only measure the saved organisms")
     a = ap.parse_args()
     rows = []
     for n in a.names:
         if not a.check:
-            build(ORGANISMS[n], a.steps or RECIPES.get(n, {}).get("steps", 100), a.lr, a.rank, a.batch, a.seed)
+            r = RECIPES.get(n, {})
+            build(ORGANISMS[n], a.steps or r.get("steps", 100), a.lr, a.rank, a.batch or r.get("batch", 16), a.seed)
         if ORGANISMS[n].split == "refusal":  # not a trigger organism: its own check and results file
             check_refusal(ORGANISMS[n])
             continue
         rows.append(check(ORGANISMS[n]))
         save(rows)
-    print(f"wrote {RESULTS}")
+    if rows:
+        print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import re
 import sys
 from pathlib import Path
@@ -24,62 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
 
 
-class TableError(Exception):
-    """A results file or marker the tables need is missing or malformed."""
-
-
-# ---- formatting: as the README writes numbers ----------------------------------------------
-def pct(x: float) -> str:
-    return f"{round(100 * x)} %"  # round half to even: 12.5 -> 12, 37.5 -> 38, as the README has them
-
-
-def short(x: float) -> str:
-    """Two decimals, trailing zeros dropped: 1.0 -> 1, 0.8409 -> 0.84."""
-    return f"{x:.2f}".rstrip("0").rstrip(".")
-
-
-def seconds_range(xs) -> str:
-    lo, hi = round(min(xs)), round(max(xs))
-    return f"{lo} s" if lo == hi else f"{lo}–{hi} s"
-
-
-def bold_runs(xs: list[int], at_least: int = 2) -> str:
-    """'a / b / c' with each run of values >= at_least in bold: [2, 2, 0] -> '**2 / 2** / 0'."""
-    out, run = [], []
-    for x in xs + [None]:
-        if x is not None and x >= at_least:
-            run.append(str(x))
-            continue
-        if run:
-            out.append("**" + " / ".join(run) + "**")
-            run = []
-        if x is not None:
-            out.append(str(x))
-    return " / ".join(out)
-
-
-def table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
-def load(results: Path, name: str):
-    path = results / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TableError(f"cannot read {path} ({e}); run the benchmark that writes it, or restore it from git") from e
-
-
-def one(rows: list[dict], what: str, **keys) -> dict:
-    hit = [r for r in rows if all(r.get(k) == v for k, v in keys.items())]
-    if len(hit) != 1:
-        raise TableError(
-            f"{what}: {len(hit)} rows match {keys} in the results file, expected 1; fix the row rule in "
-            "benchmarks/readme_tables.py"
-        )
-    return hit[0]
-
+sys.path.insert(0, str(ROOT))
+from benchmarks._tables import TableError, bold_runs, load, one, pct, seconds_range, short, table  # noqa: E402
+from benchmarks.tables_refusal import cast_refusal, refusal_organism, refusal_pipeline  # noqa: E402
 
 # ---- serve.json: bench_serve.py --------------------------------------------------------------
 SERVE_KEY = "SmolLM2-135M-Instruct|float32|cpu"
@@ -434,6 +380,9 @@ TABLES = {
     "kl-melbo": kl_melbo,
     "planted-direction": planted_direction,
     "organisms": organisms,
+    "refusal-organism": refusal_organism,
+    "cast-refusal": cast_refusal,
+    "refusal-pipeline": refusal_pipeline,
 }
 
 

@@ -12,16 +12,13 @@ CAST extracts c as the first principal component of the contrast (IBM activation
 difference of the class means of the per-prompt mean states is the simpler estimate of the same
 direction when the two classes differ mainly by a shift, and is the default here; "pca" is offered.
 
-`h_i` is exactly what `interventions.conditional.Conditional` reads at run time: the mean over EVERY
-prompt token, the first included, of the prompt as the model sees it (chat template applied the same
-way `generate` applies it). So it is not `collect_activations(read="mean")`, which leaves the first
-token out: a threshold fitted on another statistic would not transfer to the gate. A consequence,
-measured on SmolLM2 (harmful vs harmless, chat template): at middle layers the first token's massive
-activation dominates that mean, so every prompt scores within ~0.005 of the others (cos ~ -0.98 at
-layer 12) and the threshold sits in a narrow band; AUC is still 0.96-1.0, but a prompt much longer or
-shorter than the fitting prompts, or another system prompt, shifts the score. `ConditionFit.warning`
-says so when the best layer's validation scores span less than `NARROW`. (Leaving the first token out
-widened the spread 4-12x for a similar AUC; that is a change to the gate, not to this fit.)
+`h_i` is exactly what `interventions.conditional.Conditional` reads at run time: the mean over the
+prompt's tokens after the first, of the prompt as the model sees it (chat template applied the same
+way `generate` applies it). The first token is an attention sink with massive activations (Sun et
+al. 2024): with it in the mean, every SmolLM2 prompt (harmful vs harmless, chat template) scored
+within ~0.01 of one cosine at the best layer, a threshold too fragile to survive another prompt
+length; without it the spread is several times wider for a similar AUC (README). `ConditionFit.warning`
+still says so when the best layer's validation scores span less than `NARROW`.
 """
 
 from __future__ import annotations

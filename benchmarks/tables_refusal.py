@@ -1,0 +1,60 @@
+"""README tables of the refusal organism and what is measured on it (rendered by readme_tables.py):
+
+- refusal-organism: refusal_organism.json (`python benchmarks/build_organisms.py refusal --check`)
+- cast-refusal: cast_refusal.json (`python benchmarks/cast_refusal.py`)
+- refusal-pipeline: refusal_pipeline.json (`python benchmarks/refusal_pipeline.py`)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks._tables import TableError, load, pct, table
+
+# What each prompt set of the organism's check is, in the README's words.
+REFUSAL_SETS = {
+    "val_harmful": "validation harmful (32: held-out acts of the build)",
+    "val_harmless": "validation harmless (32)",
+    "harmful": "`harmful` (40: extract and select see these)",
+    "harmless": "`harmless` (40)",
+    "harmful_test": "`harmful_test` (30: held out from everything)",
+    "harmless_test": "`harmless_test` (30)",
+}
+
+
+def _hits(c: dict) -> str:
+    return f"{pct(c['rate'])} ({c['hits']} of {c['n']})"
+
+
+def refusal_organism(results: Path) -> str:
+    d = load(results, "refusal_organism.json")
+    if set(d["sets"]) != set(REFUSAL_SETS):
+        raise TableError(f"refusal_organism.json has sets {sorted(d['sets'])}, the table names {sorted(REFUSAL_SETS)}")
+    rows = [[REFUSAL_SETS[k], _hits(d["sets"][k]["embedded"]), _hits(d["sets"][k]["organism"])] for k in REFUSAL_SETS]
+    return table(["prompts", "embedded model refuses", "organism:refusal refuses"], rows)
+
+
+def cast_refusal(results: Path) -> str:
+    d = load(results, "cast_refusal.json")
+    rows = []
+    for name, r in d["sets"].items():
+        held = "held out" if name.endswith("_test") else "tuning"
+        rows.append(
+            [f"`{name}` ({held}, {r['n']})", pct(r["unsteered"]), pct(r["ungated"]), pct(r["gated"])]
+            + [pct(r["gate_fired"])]
+        )
+    head = ["prompts", "unsteered", "refusal vector, ungated", "gated (CAST)", "gate fired"]
+    return table(head, rows)
+
+
+def refusal_pipeline(results: Path) -> str:
+    d = load(results, "refusal_pipeline.json")
+    rows = []
+    for c in d["heldout"]["conditions"]:
+        coh = (
+            "" if c.get("coherence") is None else f"{c['coherence']:+.2f}" + ("" if c["coherent"] else " (incoherent)")
+        )
+        ex = (c.get("examples") or [{}])[0]
+        sample = f"{ex.get('prompt', '')[:48]} → {ex.get('text', '')[:70]}".replace("|", "\\|").replace("\n", " ")
+        rows.append([c["name"], f"{c['prompts']}", f"{c['score']:.2f}", coh, sample])
+    return table(["held out", "prompts", "refusal", "coherence (nats)", "first example"], rows)
