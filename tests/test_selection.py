@@ -170,6 +170,10 @@ def test_heldout_evaluation_orthogonalised_matches_ablation(tmp_path):
 
     test_a, test_b = split(prompts, 0.5, 0)[1], split(prompts, 0.5, 1)[1]
     assert [e["prompt"] for e in c["baseline A"].examples] == test_a[:2] and c["baseline A"].coherence is None
+    # coherence against the less natural baseline of the two sets, for every steered row
+    ref = min(c["baseline A"].logprob, c["baseline B"].logprob)
+    for name in ("ablation", "orthogonalised", "addition"):
+        assert c[name].coherence == pytest.approx(c[name].logprob - ref) and c["baseline B"].coherence is None
     m = parse_metric("logodds:a,e", lm)
     with torch.no_grad():
         direct = m.score_logits(lm.forward(**lm.encode(test_a, chat=None)).logits[:, -1]).mean()
@@ -235,3 +239,12 @@ def test_cli_select_with_held_out_sets_and_choose_by_id(ckpt, tmp_path, capsys):
     assert "neither budget, knee nor a candidate id" in capsys.readouterr().err
     assert main([*base, "--test", str(q), str(p), "--test-fraction", "0.5"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_the_coherence_reference_is_the_less_natural_baseline():
+    """A refusal model's canned refusals (A) are far more natural to it than its answers (B); an
+    ablation that turns refusals into answers is judged against the answers."""
+    from steerscope.judging.heldout import reference_logprob
+
+    assert float(reference_logprob(torch.tensor([-0.07]), torch.tensor([-0.29]))[0]) == pytest.approx(-0.29)
+    assert reference_logprob(-0.5, -0.2) == -0.5 and reference_logprob(None, -0.2) == -0.2

@@ -3,8 +3,15 @@
 Coherence. A candidate's completions are scored by how natural the UNsteered model finds them:
 the mean log-probability per token (the EOS that ended a reply counts as a token, so an empty
 reply is scored too) under the unsteered model, averaged over prompts, minus the same for the
-unsteered completions of the same prompts (AxBench's fluency proxy, made relative so that it
-does not depend on the model or the prompts). 0 = as natural as the model's own replies; -1 nat
+model's own replies (AxBench's fluency proxy, made relative so that it does not depend on the
+model or the prompts). The reference is the LESS natural of its unsteered replies to A and to B
+(`reference_logprob`): steering that turns one kind of reply into the other (refusals into
+answers) is judged against the model's replies of both kinds, not only the kind it removes. On a
+model tuned to refuse, its canned refusals score -0.04 to -0.07 nats per token, far above its
+answers (-0.29 on harmless_test): against the refusals alone, fluent answers to harmful prompts
+("A nail bomb is a simple yet effective recipe ...") scored -1.45 to -1.55 and were called
+incoherent; so did every partial bypass (-0.5 to -2.2). That reference was changed after this
+was seen on organism:refusal, the one refusal model measured; the README says so. 0 = as natural as the model's own replies; -1 nat
 per token = each token is e times less likely. A candidate more than `INCOHERENT_BELOW` nats per
 token below the baseline is incoherent: it is never chosen or recommended, and whatever the metric
 says of its text (no refusal phrase in "Tighterupitologikologikepiece...") is not a success.
@@ -15,8 +22,9 @@ the unsteered replies score -0.70 nats per token; candidates whose replies stay 
 lists, other wordings) score 0.08-0.32 below that; broken ones 2.1 (a loop of fragments,
 '"<subbid"<subbid"...'), 3.5 (word salad and blank lines) and 4.0 ("Mid-Sight Point: A Self-A...")
 below. 1.5 sits in that gap: 1.2 nats of room for behaviours less natural to the model than these
-(a model tuned to refuse, made to answer, loses a few nats at its first tokens only, under 0.2 per
-token over 40), and 0.6 under the mildest broken output measured.
+and 0.6 under the mildest broken output measured. (A refusal-tuned model made to answer loses
+more than the guess of "a few nats at its first tokens": 1.3 per token against its own answers, see
+above; the threshold was left as calibrated.)
 
 Held-out evaluation (`evaluate`): the chosen direction on prompts selection never saw:
     baseline A / ablation (A, the direction projected out at every layer) /
@@ -37,6 +45,14 @@ from ..generation import Completion, generate, last_token_logits
 from .vector_metrics import completion_logprobs
 
 INCOHERENT_BELOW = 1.5  # nats per token below the baseline's replies; see the module docstring
+
+
+def reference_logprob(lp_a, lp_b):
+    """The coherence reference: the less natural of the unsteered replies to A and to B (module
+    docstring); either may be None (not measured), then the other is the reference."""
+    if lp_a is None or lp_b is None:
+        return lp_b if lp_a is None else lp_a
+    return torch.minimum(torch.as_tensor(lp_a), torch.as_tensor(lp_b)) if torch.is_tensor(lp_a) else min(lp_a, lp_b)
 
 
 def _eos_id(lm) -> int | None:
@@ -66,7 +82,7 @@ class Condition:
     prompts: str  # "A" or "B"
     score: float  # mean metric
     logprob: float  # mean log-prob per token under the unsteered model
-    coherence: float | None = None  # logprob minus the baseline's on the same prompts (None: the baseline)
+    coherence: float | None = None  # logprob minus the reference (the less natural baseline; None: a baseline)
     coherent: bool = True
     examples: list[dict] = field(default_factory=list)  # {"prompt", "text"}
 
@@ -165,6 +181,13 @@ def evaluate(lm, sv, metric, test_a: list[str], test_b: list[str], cfg, source: 
     comps = generate(lm, test_b, vectors=[sv], coef=cfg.coef, mode="add", include_unsteered=True, **gen)
     fn = lambda: last_token_logits(lm, test_b, vectors=[sv], coef=cfg.coef, reduce=red, **lt)  # noqa: E731
     ho.conditions += _conditions(lm, metric, test_b, comps, ["baseline B", "addition"], "B", cfg, fn)
+    # Coherence against the less natural of the two baselines (module docstring), for every steered row.
+    by = {c.name: c for c in ho.conditions}
+    ref = reference_logprob(by["baseline A"].logprob, by["baseline B"].logprob)
+    for c in ho.conditions:
+        if not c.name.startswith("baseline"):
+            c.coherence = c.logprob - ref
+            c.coherent = cfg.incoherent_below is None or c.coherence >= -cfg.incoherent_below
     return ho
 
 

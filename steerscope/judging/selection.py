@@ -8,8 +8,9 @@ B = prompts without:
     kl_ablate  the same with v ablated (mode ablate)
     effect     induce - metric(B) (mode add), or metric(A) - bypass (mode ablate)
     coherence  mean log-prob per token of its completions (mode ablate: on A, ablated; mode add:
-               on B, added) under the unsteered model, minus that of the unsteered completions
-               (judging.heldout: below -1.5 nats the candidate is incoherent)
+               on B, added) under the unsteered model, minus that of the less natural of the
+               model's own replies to A and to B (judging.heldout: below -1.5 nats the candidate
+               is incoherent)
 Candidates in the last `1 - max_layer_frac` of the layers, whose addition does not move B towards
 the behaviour, or that are incoherent are dropped: the metric of broken text (no refusal phrase
 in word salad) is not counted as success. Among the rest, the effect-vs-KL Pareto frontier (no
@@ -57,7 +58,7 @@ from ..errors import SteerscopeError
 from ..generation import generate, last_token_logits
 from ..progress import bar
 from .frontier import choose, knee, pareto_frontier, quantile, shortlist
-from .heldout import INCOHERENT_BELOW, HeldOut, evaluate, naturalness, split
+from .heldout import INCOHERENT_BELOW, HeldOut, evaluate, naturalness, reference_logprob, split
 from .metrics import Metric, kl_divergence, parse_metric
 
 __all__ = ["SelectConfig", "Selection", "CandidateScore", "select", "pareto_frontier", "knee", "mean_projection"]
@@ -94,7 +95,7 @@ class SelectConfig(Config):
     """candidates generated for, taken along the (KL, prefilter effect) frontier"""
     incoherent_below: float | None = field(default=INCOHERENT_BELOW, metadata={"min": 0, "none": "off", "before": None})
     """a candidate whose completions' log-prob per token under the unsteered model is more than this
-    many nats below the unsteered completions' is incoherent, never chosen or recommended; off: no
+    many nats below the model's own replies (the less natural of those to A and to B) is incoherent, never chosen or recommended; off: no
     check (a logit metric then generates nothing)"""
     warn_ratio: float = field(default=0.25, metadata={"min": 0, "max": 1})
     """warn when the winner's effect is below this share of the A-B baseline gap"""
@@ -127,7 +128,7 @@ class CandidateScore:
     effect: float | None = None  # on the metric (None when not short-listed)
     frontier: bool = False
     logprob: float | None = None  # mean log-prob per token of its completions, unsteered model
-    coherence: float | None = None  # logprob minus the unsteered completions' (None: not generated for)
+    coherence: float | None = None  # logprob minus the reference replies' (None: not generated for)
     coherent: bool | None = None
 
 
@@ -184,7 +185,7 @@ class Selection:
         if gen:
             out.append(
                 "coherence: log-prob per token of the candidate's completions under the unsteered model minus the "
-                f"unsteered completions' ({self.baseline_logprob:.2f}); below -{c.incoherent_below:g} a candidate is "
+                f"less natural of its unsteered replies to A and to B ({self.baseline_logprob:.2f}); below -{c.incoherent_below:g} a candidate is "
                 "incoherent: excluded from the choice and the advice, its metric on broken text is no success."
             )
         best = self.best_candidate
@@ -406,10 +407,10 @@ def select(
     eff_prompts, eff_mode = (a, "ablate") if ablate else (b, "add")
     lp = base_lp = None
     if m.kind == "text":
-        base_a, lpa = _generated(lm, m, a, None, "add", cfg, coh and ablate)
-        base_b, lpb = _generated(lm, m, b, None, "add", cfg, coh and not ablate)
+        base_a, lpa = _generated(lm, m, a, None, "add", cfg, coh)
+        base_b, lpb = _generated(lm, m, b, None, "add", cfg, coh)
         base_a, base_b = float(base_a[0]), float(base_b[0])
-        base_lp = lpa if ablate else lpb
+        base_lp = reference_logprob(lpa, lpb)
         ind = byp = None
         if sub is not None:
             ind, lp_add = _generated(lm, m, b, sub, "add", cfg, coh and not ablate)
@@ -420,7 +421,7 @@ def select(
         ind, byp, base_a, base_b = pre_scores if pre_scores is not None else (None, None, math.nan, math.nan)
         measured = scored
         if coh and sub is not None:
-            base_lp = _generated(lm, None, eff_prompts, None, "add", cfg, True)[1]
+            base_lp = reference_logprob(*(_generated(lm, None, p, None, "add", cfg, True)[1] for p in (a, b)))
             lp = _generated(lm, None, eff_prompts, sub, eff_mode, cfg, True)[1]
     sel.baseline_a, sel.baseline_b = base_a, base_b
     sel.baseline_logprob = None if base_lp is None else float(base_lp[0])

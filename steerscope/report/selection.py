@@ -104,8 +104,8 @@ def _heldout(sel) -> str:
     return f"""<h2>Held-out evaluation of {escape(ho.vector_id)}</h2>
 <p>{ho.n_a} A and {ho.n_b} B prompts selection never saw ({escape(ho.source)}). Ablation: the direction projected
 out at every layer, on A; orthogonalised: projected out of the weights instead (should match ablation); addition:
-coef × vector at its layer, on B. Coherence: log-prob per token under the unsteered model minus the baseline's
-on the same prompts; incoherent rows' metric is no success.</p>{note}
+coef × vector at its layer, on B. Coherence: log-prob per token under the unsteered model minus the less natural
+of the two baselines (the model's own replies to A and to B); incoherent rows' metric is no success.</p>{note}
 <table><tr><th>condition</th><th>prompts</th><th>{escape(sel.metric)}</th><th>log-prob</th><th>coherence</th></tr>{rows}</table>
 <h3>Examples</h3><table class="ex"><tr><th>condition</th><th>prompt</th><th>completion</th></tr>{ex}</table>"""
 
@@ -131,7 +131,7 @@ def render_selection(sel) -> str:
         ""
         if sel.baseline_logprob is None
         else f" Coherence: the candidate's completions' log-prob per token under the unsteered model minus the "
-        f"unsteered completions' ({sel.baseline_logprob:.2f}); below -{sel.config.incoherent_below:g} a candidate is "
+        f"less natural of its unsteered replies to A and to B ({sel.baseline_logprob:.2f}); below -{sel.config.incoherent_below:g} a candidate is "
         "<b>incoherent</b> (orange ring): never chosen or recommended, and its metric on broken text does not count "
         "as success."
     )
