@@ -444,7 +444,7 @@ def select(
         elif coh and coherence is None:
             reasons.append("coherence not checked (not short-listed)")
         if coherent is False:
-            reasons.append(f"incoherent: {coherence:+.2f} nats/token vs the unsteered replies")
+            reasons.append(f"incoherent: {coherence:+.2f} nats/token vs the model's own replies")
         if sv.layer >= max_layer:
             reasons.append(f"layer in last {100 * (1 - cfg.max_layer_frac):.0f} %")
         sel.candidates.append(
