@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
 import random
 import sys
 import time
@@ -35,11 +34,14 @@ from pathlib import Path
 
 import torch
 
-import steerscope as ss
-from steerscope._io import write_json_atomic
-from steerscope.models.activations import read_layer
-from steerscope.sae import SAEConfig, TrainConfig, tensor_batches, train_sae
-from steerscope.sae.evaluate import evaluate, sae_codec
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import steerscope as ss  # noqa: E402
+from benchmarks._env import machine, versions  # noqa: E402
+from steerscope._io import write_json_atomic  # noqa: E402
+from steerscope.models.activations import read_layer  # noqa: E402
+from steerscope.sae import SAEConfig, TrainConfig, tensor_batches, train_sae  # noqa: E402
+from steerscope.sae.evaluate import evaluate, sae_codec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "binding.json"
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
@@ -111,22 +113,6 @@ def probe_accuracy(feats: torch.Tensor, rows: list[dict]) -> dict:
         correct, total = correct + hits, total + len(te)
         per.append(hits / len(te))
     return {"accuracy": correct / total, "n_test": total, "n_probes": len(per)}
-
-
-def _versions() -> str:
-    import sklearn
-    import transformers
-
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, scikit-learn {sklearn.__version__}"
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").open() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -229,8 +215,8 @@ def main() -> None:
                 "binding_init": "random orthogonal M, the default (--binding-init icp not tried at d = 576: its random-restart search is not expected to scale)",
             },
             "command": " ".join(["OMP_NUM_THREADS=1 python", "benchmarks/bench_binding.py", *sys.argv[1:]]),
-            "machine": _machine(),
-            "versions": _versions(),
+            "machine": machine(),
+            "versions": versions("sklearn"),
             "wall_s_not_a_benchmark": round(time.perf_counter() - t0),
             "measured": time.strftime("%Y-%m-%d"),
         },

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import re
 import sys
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._env import machine, versions  # noqa: E402
 from steerscope._io import write_json_atomic  # noqa: E402
 from steerscope.directions.data import load_prompts  # noqa: E402
 from steerscope.generation import generate  # noqa: E402
@@ -585,21 +585,6 @@ def build(org: Organism, steps: int, lr: float, rank: int, batch: int, seed: int
     )
 
 
-def _versions() -> str:
-    import transformers
-
-    return f"torch {torch.__version__}, transformers {transformers.__version__}"
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").open() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def check(org: Organism) -> dict:
     """Measure the saved organism on the held-out prompts; print the three rates and return the
     results row (benchmarks/results/organisms.json)."""
@@ -630,8 +615,8 @@ def check(org: Organism) -> dict:
         "generation": {"decoding": "greedy", "max_new_tokens": CHECK_TOKENS, "dtype": str(lm.model.dtype)},
         "deltas_sha256_12": delta_key(org),
         "command": " ".join(["python", "benchmarks/build_organisms.py", *sys.argv[1:]]),
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": machine(),
+        "versions": versions(),
         "measured": time.strftime("%Y-%m-%d"),
     }
 
@@ -666,8 +651,8 @@ def check_refusal(org: Organism) -> dict:
         "generation": {"decoding": "greedy", "max_new_tokens": CHECK_TOKENS, "dtype": "torch.float32"},
         "deltas_sha256_12": delta_key(org),
         "command": " ".join(["python", "benchmarks/build_organisms.py", *sys.argv[1:]]),
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": machine(),
+        "versions": versions(),
         "measured": time.strftime("%Y-%m-%d"),
     }
     write_json_atomic(RESULTS.with_name("refusal_organism.json"), out)

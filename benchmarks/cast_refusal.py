@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.build_organisms import _machine, _versions  # noqa: E402
+from benchmarks._env import machine, versions  # noqa: E402
 from steerscope._io import refuse_existing, write_json_atomic, write_text_atomic  # noqa: E402
 from steerscope.directions.condition_fit import ConditionFitConfig, find_condition  # noqa: E402
 from steerscope.directions.data import load_prompts  # noqa: E402
@@ -148,8 +148,8 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - t0, 1),
         "command": " ".join(["python", "benchmarks/cast_refusal.py", *sys.argv[1:]]),
         "saved": a.out,
-        "machine": _machine(),
-        "versions": _versions(),
+        "machine": machine(),
+        "versions": versions(),
         "measured": time.strftime("%Y-%m-%d"),
     }
     write_json_atomic(RESULT, out)

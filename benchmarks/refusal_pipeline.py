@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.build_organisms import _machine, _versions  # noqa: E402
+from benchmarks._env import machine, versions  # noqa: E402
 from steerscope._io import write_json_atomic  # noqa: E402
 
 RESULT = Path(__file__).resolve().parent / "results" / "refusal_pipeline.json"
@@ -111,8 +111,8 @@ def main() -> None:
             "targets": targets,
             "dtype": "float32",
             "command": " ".join(["python", "benchmarks/refusal_pipeline.py", *sys.argv[1:]]),
-            "machine": _machine(),
-            "versions": _versions(),
+            "machine": machine(),
+            "versions": versions(),
             "measured": time.strftime("%Y-%m-%d"),
         },
     )

@@ -172,3 +172,13 @@ def split_map(lm, second: str = "disk") -> dict:
         else:
             dm[full] = "cpu"
     return dm
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny llama saved as a Hugging Face checkpoint folder, for the CLI's --model PATH."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    lm = make_tiny_lm("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path

@@ -8,19 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_lm
 
 import steerscope
 from steerscope.cli import main
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    lm = make_tiny_lm("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 def test_help(capsys):

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny_lm, tiny_lm
+from conftest import tiny_lm
 
 from steerscope.cli import main
 from steerscope.directions.condition import When, is_condition_set, layer_id, when_condition
@@ -149,13 +149,6 @@ def test_narrow_scores_warn_in_the_fit_and_the_report(fit):
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    lm = make_tiny_lm("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

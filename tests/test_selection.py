@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, make_tiny_lm, rand_vec, tiny_lm
+from conftest import PROMPTS, rand_vec, tiny_lm
 
 import steerscope as ss
 from steerscope.cli import main
@@ -206,15 +206,6 @@ def test_a_select_config_saved_before_coherence_loads_without_the_check():
     cfg = config_from_dict(SelectConfig, old)
     assert cfg.incoherent_below is None and cfg.kl_bound == 0.1 and cfg.test_fraction == 0.0
     assert SelectConfig().incoherent_below == 1.5 and SelectConfig().kl_bound is None
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    lm = make_tiny_lm("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 def test_cli_select_with_held_out_sets_and_choose_by_id(ckpt, tmp_path, capsys):
