@@ -263,6 +263,16 @@ def test_server_when_entry(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["param"] == "steering[1].when"
         r = ask(ps[0], [{"ablate": "v", "when": {"condition": "cond"}}])
         assert r.status_code == 400 and r.json()["error"]["param"] == "steering[0].when"
+        # an ablation beside a gated addition: the ablation applies ungated (so the gate reads the
+        # ablated residual stream), the addition only when the gate fires
+        for p in ps:
+            r = ask(p, [{"ablate": "v"}, when])
+            assert r.status_code == 200, r.text
+            g = r.json()["steerscope"]["when"]
+            fired = g["fired"]
+            assert fired == (g["score"] > thr)
+            ref = ask(p, [{"ablate": "v"}] + ([{"vector": "v"}] if fired else []))
+            assert r.json()["steerscope"]["token_ids"] == ref.json()["steerscope"]["token_ids"], p
     assert count_hooks(lm.model) == 0
 
 

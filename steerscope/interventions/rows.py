@@ -60,7 +60,8 @@ class RowSteering:
     """Everything one row asks for. `probe`: (unit vector (d,), layer) whose projection the
     server reports per generated token (the playground's heat map); `per_row` ignores it.
     `when`: the row's gate (a `Condition` with a (d,) direction and scalar threshold/above):
-    all of the row's steering applies only if its prompt meets it (decided on the prompt pass)."""
+    the row's additions apply only if its prompt meets it (decided on the prompt pass); its ablations are
+    never gated (they act from the first layer, before any condition layer)."""
 
     adds: tuple[AddSpec, ...] = ()
     ablations: tuple[AblateSpec, ...] = ()
@@ -152,10 +153,14 @@ def per_row(
     B = len(rows)
     keys = [_gate_of(r, i) for i, r in enumerate(rows)]
     empty = RowSteering()
-    out = RowInterventions(_plain([r if k is None else empty for r, k in zip(rows, keys)], d_model))
+    # A gated row's ablations stay ungated (they act from the first layer, before any condition
+    # layer could decide); only its additions go behind the gate.
+    out = RowInterventions(
+        _plain([r if k is None else RowSteering(ablations=r.ablations) for r, k in zip(rows, keys)], d_model)
+    )
     for key in sorted({k for k in keys if k is not None}):
         members = [i for i, k in enumerate(keys) if k == key]
-        behaviour = _plain([rows[i] if keys[i] == key else empty for i in range(B)], d_model)
+        behaviour = _plain([RowSteering(adds=rows[i].adds) if keys[i] == key else empty for i in range(B)], d_model)
         if not behaviour:
             continue  # gated rows that ask for nothing: nothing to gate
         fill = rows[members[0]].when.direction

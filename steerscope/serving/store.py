@@ -333,15 +333,16 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
 
 
 def _when(store: VectorStore, steering, adds: list[AddSpec]) -> Condition | None:
-    """The request's gate: the `when` its entries carry. One gate per request (it decides the
-    request's row), so every entry must carry the same `when`, or none may."""
+    """The request's gate: the `when` its additions carry. One gate per request (it decides the
+    request's row), so every addition must carry the same `when`, or none may; the request's
+    ablations are never gated (they act from the first layer, before any condition layer)."""
     gated = [(k, item.when) for k, item in enumerate(steering) if item.when is not None]
     if not gated:
         return None
     k0, w = gated[0]
     where = f"steering[{k0}].when"
     for k, item in enumerate(steering):
-        if item.when != w:
+        if item.ablate is None and item.when != w:
             raise RequestError(
                 f"`steering[{k}].when`: a request has one gate; give every entry the same `when` as steering[{k0}] "
                 "(or send the entries as separate requests).",
