@@ -197,13 +197,13 @@ def test_binding_config_errors():
         SAEConfig(8, 16, arch="binding", k=2, slots=1)
 
 
-def test_cli_trains_a_binding_sae(tiny_ckpt, tmp_path, capsys):
+def test_cli_trains_a_binding_sae(ckpt, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(p * 3 for p in PROMPTS * 4))
     argv = ["sae", "train", "--layer", "1", "--text", str(text), "--arch", "binding", "--slots", "3"]
     argv += ["--n-latents", "48", "--k", "4", "--steps", "10", "--batch-size", "32", "--buffer", "128"]
     argv += ["--binding-init", "icp", "--binding-warm-steps", "5", "--binding-restarts", "8"]  # the warm start runs
-    assert main(argv + ["--out", str(tmp_path / "sae"), "--model", str(tiny_ckpt)]) == 0
+    assert main(argv + ["--out", str(tmp_path / "sae"), "--model", str(ckpt)]) == 0
     assert "binding SAE, 48 latents" in capsys.readouterr().out
     back = load_saelens(tmp_path / "sae")
     assert isinstance(back, BindingSAE) and back.M.shape[0] == 2
@@ -211,7 +211,7 @@ def test_cli_trains_a_binding_sae(tiny_ckpt, tmp_path, capsys):
     # materialised W_dec (what SAELens would load from the folder)
     out = tmp_path / "eval.json"
     argv = ["sae", "eval", "--sae", str(tmp_path / "sae"), "--text", str(text), "--json", str(out)]
-    assert main(argv + ["--model", str(tiny_ckpt)]) == 0
+    assert main(argv + ["--model", str(ckpt)]) == 0
     ev = json.loads(out.read_text())["sae"]
     assert 0 < ev["l0"] <= 4 and 0 <= ev["fvu"] < 1.5 and ev["ce_zero"] > ev["ce_clean"]
     from steerscope.sae import SAE
@@ -222,20 +222,9 @@ def test_cli_trains_a_binding_sae(tiny_ckpt, tmp_path, capsys):
         for name in ("W_enc", "b_enc", "b_dec"):
             getattr(plain, name).copy_(getattr(back, name))
         plain.W_dec.copy_(back.W_dec)
-    lm = ss.load_model(str(tiny_ckpt))
+    lm = ss.load_model(str(ckpt))
     texts = text.read_text().split("\n\n")[:8]
     a = evaluate(lm, sae_codec(back), texts, back.cfg.layer).to_dict()
     b = evaluate(lm, sae_codec(plain), texts, back.cfg.layer).to_dict()
     assert a["n_tokens"] == b["n_tokens"] > 0
     assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in ("l0", "fvu", "ce_spliced", "kl_spliced"))
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from conftest import make_tiny_lm
-
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    lm = make_tiny_lm("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
