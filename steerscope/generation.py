@@ -270,7 +270,7 @@ def generate(
             with torch.no_grad(), steer(lm, *interventions, *adds, prompt_len=enc["attention_mask"].sum(-1)):
                 out = lm.model.generate(**enc, generation_config=gc, logits_processor=procs)
             new = out[:, enc["input_ids"].shape[1] :].tolist()
-            gates = adds.gates(len(chunk))
+            gates = [g[0] if g else None for g in adds.gates(len(chunk))]  # `when`: one gate per steered row
             for (vi, pi), ids, gate in zip(chunk, new, gates):
                 cut = next((j for j, t in enumerate(ids) if t in eos_set), None)
                 ids = ids if cut is None else ids[:cut]

@@ -22,7 +22,7 @@ from steerscope.errors import SteerscopeError
 from steerscope.generation import generate
 from steerscope.interventions import Condition
 from steerscope.interventions.positions import ALL
-from steerscope.interventions.rows import AddSpec, RowSteering, per_row
+from steerscope.interventions.rows import AddSpec, Gated, RowSteering, per_row
 from steerscope.models.hooks import count_hooks
 from steerscope.serving.engine import Engine
 
@@ -51,13 +51,16 @@ def _split(scores: torch.Tensor) -> float:
 
 
 def _case(lm):
-    """Six rows: gated at layer 0 (fires / does not / fires with above=False), ungated, unsteered,
-    gated at layer 1 (fires). Returns (prompts, rows, expected fired per row, ungated twins)."""
+    """Eight rows: gated at layer 0 (fires / does not / fires with above=False), ungated,
+    unsteered, gated at layer 1 (fires), one row with an ungated addition and two gates (one fires,
+    one does not), one gate of two conditions under "or" (one holds). Returns (prompts, rows,
+    expected decisions per row (a tuple per gate), ungated twins, layer-0 scores)."""
     c0, c1 = rand_vec(lm, seed=3), rand_vec(lm, seed=5)
     v1, v2 = rand_vec(lm, seed=7, scale=12.0), rand_vec(lm, seed=9, scale=12.0)
     s0 = {p: float(_scores(lm, [p], c0, 0)[0]) for p in PROMPTS}
     s1 = {p: float(_scores(lm, [p], c1, 1)[0]) for p in PROMPTS}
     add1, add2 = (AddSpec(v1, 1, 1.0, ALL),), (AddSpec(v2, 2, 1.0, ALL),)
+    add3 = (AddSpec(v2, 1, -0.5, ALL),)
     spec = [  # (prompt, adds, when, fires)
         (PROMPTS[2], add1, Condition(c0, 0, s0[PROMPTS[2]] - 0.05), True),
         (PROMPTS[1], add1, Condition(c0, 0, s0[PROMPTS[1]] + 0.05), False),
@@ -68,8 +71,21 @@ def _case(lm):
     ]
     prompts = [p for p, *_ in spec]
     rows = [RowSteering(adds=a, when=w) for _, a, w, _ in spec]
+    fires = [() if f is None else (f,) for *_, f in spec]
     twins = [RowSteering(adds=a) if f or f is None else RowSteering() for _, a, _, f in spec]
-    return prompts, rows, [f for *_, f in spec], twins, {PROMPTS[i]: s0[PROMPTS[i]] for i in range(4)}
+    # Several gates on one row: two `Gated` groups at the same condition site (two slots of one
+    # kind) beside an ungated addition; then one gate holding two conditions under "or".
+    p = PROMPTS[2]
+    two = (
+        Gated(add1, (Condition(c0, 0, s0[p] - 0.05),)),
+        Gated(add3, (Condition(c0, 0, s0[p] + 0.05),)),
+    )
+    either = Gated(add2, (Condition(c0, 0, s0[PROMPTS[3]] + 0.05), Condition(c1, 1, s1[PROMPTS[3]] - 0.05)), "or")
+    prompts += [p, PROMPTS[3]]
+    rows += [RowSteering(adds=add2, gated=two), RowSteering(gated=(either,))]
+    fires += [(True, False), (True,)]
+    twins += [RowSteering(adds=add2 + add1), RowSteering(adds=add2)]
+    return prompts, rows, fires, twins, {PROMPTS[i]: s0[PROMPTS[i]] for i in range(4)}
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
@@ -80,8 +96,7 @@ def test_gated_rows_alone_equal_batched_and_their_ungated_twin(arch, use_cache):
     batch = per_row(rows, lm.d_model)
     hooks = count_hooks(lm.model)  # the shared tiny model may carry other tests' transformers hooks
     got = _greedy(lm, prompts, [batch], use_cache)
-    gates = batch.gates(len(rows))
-    assert [None if g is None else g.fired for g in gates] == fires
+    assert [tuple(g.fired for g in gs) for gs in batch.gates(len(rows))] == fires
     assert count_hooks(lm.model) == hooks
     for i, p in enumerate(prompts):
         where = f"{arch} cache={use_cache} row {i}"
@@ -90,17 +105,19 @@ def test_gated_rows_alone_equal_batched_and_their_ungated_twin(arch, use_cache):
         twin = _greedy(lm, [p], [per_row([twins[i]], lm.d_model)], use_cache)
         # a fired row = its ungated twin; an unfired one = the unsteered model, bit for bit
         assert alone[0].tolist() == twin[0].tolist(), where + ": alone differs from its ungated twin"
-        if fires[i] is False:
+        if fires[i] and not any(fires[i]):
             assert torch.equal(alone[1], twin[1]), where + ": an unfired gate changed the row"
         else:
             assert (alone[1] - twin[1]).abs().max() < 1e-5, where
-        if fires[i] is not None:
-            assert alone_iv.gates(1)[0].fired == fires[i]
+        assert tuple(g.fired for g in alone_iv.gates(1)[0]) == fires[i]
         assert got[0][i].tolist() == alone[0][0].tolist(), where + ": batched tokens differ from alone"
         assert (got[1][i] - alone[1][0]).abs().max() < 1e-4, where + ": batched logits differ from alone"
     # the steering did something (a silent no-op would pass the equalities above)
     none = _greedy(lm, prompts, [], use_cache)
-    assert any(got[0][i].tolist() != none[0][i].tolist() for i in range(len(rows)) if fires[i])
+    assert any(got[0][i].tolist() != none[0][i].tolist() for i in range(len(rows)) if any(fires[i]))
+    # the "or" gate's scores: one per condition, the first also as `score`
+    g = batch.gates(len(rows))[-1][0]
+    assert len(g.scores) == 2 and g.score == g.scores[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -109,7 +126,7 @@ def test_unfired_row_is_bit_identical_in_a_batch(arch):
     steering at all (the other rows unchanged)."""
     lm = tiny_lm(arch)
     prompts, rows, fires, _, _ = _case(lm)
-    i = fires.index(False)
+    i = fires.index((False,))
     a = _greedy(lm, prompts, [per_row(rows, lm.d_model)])
     b = _greedy(lm, prompts, [per_row(rows[:i] + [RowSteering()] + rows[i + 1 :], lm.d_model)])
     assert torch.equal(a[1][i], b[1][i]) and a[0][i].tolist() == b[0][i].tolist()
@@ -151,10 +168,10 @@ def test_generate_when_gates_each_prompt(use_cache):
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 def test_engine_gated_rows_joining_equal_generate(use_cache):
     lm = make_tiny_lm("llama")
-    prompts, rows, fires, _, _ = _case(lm)
+    prompts, rows, fires, twins, _ = _case(lm)
     refs = [generate(lm, [p], chat=False, max_new_tokens=10, progress=False)[0].token_ids for p in prompts]
     for i, (p, r) in enumerate(zip(prompts, rows)):  # each row alone through `generate`'s per-row path
-        if r.adds:
+        if r.adds and not r.gated:
             out = generate(
                 lm,
                 [p],
@@ -165,21 +182,26 @@ def test_engine_gated_rows_joining_equal_generate(use_cache):
                 include_unsteered=False,
             )[0]
             refs[i] = out.token_ids
-            assert out.gate_fired == fires[i]
+            assert ((out.gate_fired,) if r.when is not None else ()) == fires[i]
+    waves = (0, 1, 6, 2, 3, 7, 4, 5, 0, 6, 5, 1)
     eng = Engine(lm, max_batch=8, window_s=0.0, use_cache=use_cache).start()
     try:
+        for i in (6, 7):  # several gates on a row: its ungated twin, alone in the engine
+            col = Collector(eng)
+            col.submit(lm, prompts[i], twins[i], max_tokens=10)
+            col.wait(1)
+            refs[i] = col.tokens(0)
         col = Collector(eng)
-        for k in (0, 1, 2, 3, 4, 5, 0, 5, 1):  # waves: later requests join rows already decoding
+        for k in waves:  # waves: later requests join rows already decoding
             col.submit(lm, prompts[k], rows[k], max_tokens=10)
             if k % 2 == 0:
                 time.sleep(0.01)
-        col.wait(9)
+        col.wait(len(waves))
     finally:
         eng.stop()
-    for j, k in enumerate((0, 1, 2, 3, 4, 5, 0, 5, 1)):
+    for j, k in enumerate(waves):
         assert col.tokens(j) == refs[k], f"request {j} (row {k}) differs from generate alone"
-        gate = col.finish(j).gate
-        assert (gate is None) == (fires[k] is None) and (gate is None or gate["fired"] == fires[k])
+        assert tuple(g["fired"] for g in col.finish(j).gates) == fires[k]
     assert eng.stats["prefills"] > 1 and eng.stats["errors"] == 0 and count_hooks(lm.model) == 0
 
 
@@ -259,8 +281,28 @@ def test_server_when_entry(tmp_path):
             assert r.status_code == 400, (w, r.text)
             err = r.json()["error"]
             assert err["param"] == param and words in err["message"], (w, err)
-        r = ask(ps[0], [when, {"vector": "v"}])
-        assert r.status_code == 400 and r.json()["error"]["param"] == "steering[1].when"
+        # several gates in one request: a gated entry beside an ungated one; two entries behind
+        # two different gates (one always holds); the same gate written two ways is one gate
+        always = {"vector": "v", "coef": 0.5, "when": {"condition": "cond", "threshold": -1.0, "above": True}}
+        same = {"vector": "v", "coef": 0.5, "when": {"condition": "cond", "layer": 0, "threshold": thr, "above": True}}
+        for p, sc in zip(ps, scores.tolist()):
+            fired = sc > thr
+            r = ask(p, [when, {"vector": "v"}])
+            assert r.status_code == 200, r.text
+            assert r.json()["steerscope"]["when"] == {
+                "steering": [0],
+                "fired": fired,
+                "score": pytest.approx(sc, abs=1e-4),
+            }
+            ref = ask(p, [{"vector": "v"}] * (2 if fired else 1))
+            assert r.json()["steerscope"]["token_ids"] == ref.json()["steerscope"]["token_ids"], p
+            r = ask(p, [when, always])
+            got = r.json()["steerscope"]["when"]
+            assert [(g["steering"], g["fired"]) for g in got] == [([0], fired), ([1], True)], got
+            ref = ask(p, ([{"vector": "v"}] if fired else []) + [{"vector": "v", "coef": 0.5}])
+            assert r.json()["steerscope"]["token_ids"] == ref.json()["steerscope"]["token_ids"], p
+            got = ask(p, [when, same]).json()["steerscope"]["when"]
+            assert got["steering"] == [0, 1] and got["fired"] == fired
         r = ask(ps[0], [{"ablate": "v", "when": {"condition": "cond"}}])
         assert r.status_code == 400 and r.json()["error"]["param"] == "steering[0].when"
         # an ablation beside a gated addition: the ablation applies ungated (so the gate reads the

@@ -8,10 +8,12 @@ describe each row as a `RowSteering` and turn a batch of them into interventions
 distinct vectors in a batch cost what one does, and an untouched row stays bit-identical to the
 unsteered model.
 
-Gated rows (`RowSteering.when`, CAST's conditional steering): the steering of the rows gated at
-one condition site (layer, kind) goes into ONE `Conditional` with per-row condition directions,
-thresholds and sides; it decides every row on the prompt pass of the same forward call (no second
-pass) and latches the decision. Rows without a gate are not wrapped: their steering is built
+Gated rows (`RowSteering.when` and `RowSteering.gated`, CAST's conditional steering): a row may
+carry several gates, each holding some of its additions ("French when about France, a refusal
+when harmful"). Gates with the same condition sites (layers, kinds) and `combine` go into ONE
+`Conditional` with per-row condition directions, thresholds and sides (a row's n-th gate of one
+kind into the n-th such `Conditional`); it decides every row on the prompt pass of the same
+forward call (no second pass) and latches the decision. Rows without a gate are not wrapped: their steering is built
 exactly as without gates. Inside a group's `Conditional` the rows outside the group have zero
 behaviour and a condition that never holds (threshold 2 > any cosine), so `torch.where` hands
 them back their own hidden state untouched; and a gated row whose gate does not fire gets its
@@ -56,6 +58,20 @@ class AblateSpec:
 
 
 @dataclass(frozen=True)
+class Gated:
+    """Additions that apply only if the row's prompt meets `conditions` (combined by `combine`,
+    as in `Conditional`), decided on the prompt pass and held while generating."""
+
+    adds: tuple[AddSpec, ...]
+    conditions: tuple[Condition, ...]
+    """each with a (d,) direction and one threshold/side"""
+    combine: str = "and"
+    """"and": every condition must hold; "or": any"""
+    tag: object = None
+    """the caller's label, unused here (the server: the indices of the request entries it holds)"""
+
+
+@dataclass(frozen=True)
 class RowSteering:
     """Everything one row asks for. `probe`: (unit vector (d,), layer) whose projection the
     server reports per generated token (the playground's heat map); `per_row` ignores it.
@@ -67,6 +83,16 @@ class RowSteering:
     ablations: tuple[AblateSpec, ...] = ()
     probe: tuple[torch.Tensor, int] | None = None
     when: Condition | None = None
+    gated: tuple[Gated, ...] = ()
+    """more additions, each group behind its own gate (after `adds`' gate `when`, if any)"""
+
+    def gates(self) -> list[Gated]:
+        """The row's gated groups in decision order: `adds` behind `when` first, then `gated`."""
+        first = [Gated(self.adds, (self.when,))] if self.when is not None else []
+        return first + list(self.gated)
+
+    def ungated_adds(self) -> tuple[AddSpec, ...]:
+        return () if self.when is not None else self.adds
 
 
 @dataclass(frozen=True)
@@ -76,7 +102,10 @@ class RowGate:
     fired: bool
     """whether its steering applies"""
     score: float | None
-    """cos(mean prompt hidden state, condition vector); None when the decision was given (`latched`)"""
+    """cos(mean prompt hidden state, condition vector) of its first condition; None when the
+    decision was given (`latched`)"""
+    scores: tuple[float, ...] | None = None
+    """every condition's score, in the gate's order (None as `score`)"""
 
 
 class RowInterventions(list):
@@ -84,19 +113,21 @@ class RowInterventions(list):
 
     def __init__(self, items=(), groups=()):
         super().__init__(items)
-        self.groups: list[tuple[Conditional, list[int]]] = list(groups)  # (Conditional, its rows)
+        # (Conditional, its members as (row, index of the gate in that row's `gates()`))
+        self.groups: list[tuple[Conditional, list[tuple[int, int]]]] = list(groups)
 
-    def gates(self, n_rows: int) -> list[RowGate | None]:
-        """Per row: its gate's decision (None for ungated rows). Call after the prompt pass."""
-        out: list[RowGate | None] = [None] * n_rows
+    def gates(self, n_rows: int) -> list[tuple[RowGate, ...]]:
+        """Per row: the decision of each of its gates, in `RowSteering.gates()` order (() for an
+        ungated row). Call after the prompt pass."""
+        out: list[dict[int, RowGate]] = [{} for _ in range(n_rows)]
         for iv, members in self.groups:
             res = iv.result
             if res is None:
                 raise SteerscopeError("per_row: the gates have not decided yet; read them after the prompt pass.")
-            for i in members:
-                score = None if res.scores is None else float(res.scores[i, 0])
-                out[i] = RowGate(bool(res.fired[i]), score)
-        return out
+            for i, g in members:
+                scores = None if res.scores is None else tuple(float(x) for x in res.scores[i])
+                out[i][g] = RowGate(bool(res.fired[i]), None if scores is None else scores[0], scores)
+        return [tuple(d[g] for g in sorted(d)) for d in out]
 
 
 def _slots(rows: Sequence[RowSteering], items, key) -> dict:
@@ -130,49 +161,74 @@ def _plain(rows: Sequence[RowSteering], d_model: int) -> list[Intervention]:
     return out
 
 
-def _gate_of(r: RowSteering, i: int) -> tuple[int, str] | None:
-    c = r.when
-    if c is None:
-        return None
-    if torch.as_tensor(c.direction).dim() != 1 or torch.as_tensor(c.threshold).numel() != 1:
-        raise SteerscopeError(f"row {i}: a row's gate needs a (d,) condition direction and one threshold.")
-    if not isinstance(c.above, bool):
-        raise SteerscopeError(f"row {i}: a row's gate needs `above` as one bool.")
-    return (c.layer, c.kind)
+def _gate_key(g: Gated, i: int) -> tuple:
+    """The `Conditional` a gate can share with other rows' gates: its condition sites and `combine`."""
+    if not g.conditions:
+        raise SteerscopeError(f"row {i}: a gate needs at least one condition.")
+    if g.combine not in ("and", "or"):
+        raise SteerscopeError(f"row {i}: a gate's combine must be 'and' or 'or'; got {g.combine!r}.")
+    for c in g.conditions:
+        if torch.as_tensor(c.direction).dim() != 1 or torch.as_tensor(c.threshold).numel() != 1:
+            raise SteerscopeError(f"row {i}: a row's gate needs a (d,) condition direction and one threshold.")
+        if not isinstance(c.above, bool):
+            raise SteerscopeError(f"row {i}: a row's gate needs `above` as one bool.")
+    return (tuple((c.layer, c.kind) for c in g.conditions), g.combine)
 
 
-def per_row(
-    rows: Sequence[RowSteering], d_model: int, latched: Sequence[bool | None] | None = None
-) -> RowInterventions:
-    """The interventions steering row i by `rows[i]` only: the ungated rows' ablations first (as
-    in `generate(interventions=...)`), then their additions in layer order, then one
-    `Conditional` per gate site holding the gated rows' steering (see the module docstring).
+def _latched_of(latched, i: int, n: int) -> tuple:
+    """Row i's earlier decisions, one per gate (a bare bool for a one-gate row)."""
+    got = latched[i]
+    got = (got,) if isinstance(got, bool) else tuple(got) if got is not None else ()
+    if len(got) != n or any(x is None for x in got):
+        raise SteerscopeError("per_row: `latched` needs one decision per gate of every gated row.")
+    return got
 
-    `latched`: per row, the decision its gate took on an earlier prompt pass (the server's decode
-    steps); every gated row needs one, and no condition is read then."""
+
+def per_row(rows: Sequence[RowSteering], d_model: int, latched: Sequence | None = None) -> RowInterventions:
+    """The interventions steering row i by `rows[i]` only: every row's ablations first (as in
+    `generate(interventions=...)`), then the ungated additions in layer order, then one
+    `Conditional` per gate kind and slot holding the gated additions (see the module docstring).
+
+    `latched`: per row, the decisions its gates took on an earlier prompt pass (the server's decode
+    steps), a tuple in `RowSteering.gates()` order (a bool for a one-gate row, None for an ungated
+    one); every gated row needs them, and no condition is read then."""
     B = len(rows)
-    keys = [_gate_of(r, i) for i, r in enumerate(rows)]
-    empty = RowSteering()
+    per = [r.gates() for r in rows]  # (B, its gates)
+    if latched is not None and len(latched) != B:
+        raise SteerscopeError("per_row: `latched` needs one entry per row.")
+    decided = [_latched_of(latched, i, len(g)) if latched is not None and g else () for i, g in enumerate(per)]
     # A gated row's ablations stay ungated (they act from the first layer, before any condition
-    # layer could decide); only its additions go behind the gate.
-    out = RowInterventions(
-        _plain([r if k is None else RowSteering(ablations=r.ablations) for r, k in zip(rows, keys)], d_model)
-    )
-    for key in sorted({k for k in keys if k is not None}):
-        members = [i for i, k in enumerate(keys) if k == key]
-        behaviour = _plain([RowSteering(adds=rows[i].adds) if keys[i] == key else empty for i in range(B)], d_model)
+    # layer could decide); only its additions go behind a gate.
+    out = RowInterventions(_plain([RowSteering(adds=r.ungated_adds(), ablations=r.ablations) for r in rows], d_model))
+    slots: dict[tuple, dict[int, int]] = {}  # (key, slot) -> {row: index of the gate in the row}
+    for i, gates in enumerate(per):
+        seen: dict[tuple, int] = {}
+        for g, gate in enumerate(gates):
+            key = _gate_key(gate, i)
+            slot = seen[key] = seen.get(key, -1) + 1
+            slots.setdefault((key, slot), {})[i] = g
+    empty = RowSteering()
+    for (key, _slot), members in sorted(slots.items(), key=lambda kv: kv[0]):  # condition sites, combine, slot
+        sites, combine = key
+        gate_of = {i: per[i][g] for i, g in members.items()}
+        behaviour = _plain([RowSteering(adds=gate_of[i].adds) if i in gate_of else empty for i in range(B)], d_model)
         if not behaviour:
-            continue  # gated rows that ask for nothing: nothing to gate
-        fill = rows[members[0]].when.direction
-        dirs = torch.stack([(rows[i].when.direction if keys[i] == key else fill).float() for i in range(B)])  # (B, d)
-        thr = torch.tensor([float(rows[i].when.threshold) if keys[i] == key else NEVER for i in range(B)])  # (B,)
-        above = torch.tensor([bool(rows[i].when.above) if keys[i] == key else True for i in range(B)])  # (B,)
+            continue  # gates that hold no addition: nothing to gate
+        first = next(iter(gate_of.values()))
+        conds = []
+        for n, (layer, kind) in enumerate(sites):
+            # Rows outside the group: condition NEVER, so under "and" and "or" alike they never fire.
+            fill = first.conditions[n].direction
+            dirs = torch.stack(
+                [(gate_of[i].conditions[n].direction if i in gate_of else fill).float() for i in range(B)]
+            )
+            thr = torch.tensor([float(gate_of[i].conditions[n].threshold) if i in gate_of else NEVER for i in range(B)])
+            above = torch.tensor([bool(gate_of[i].conditions[n].above) if i in gate_of else True for i in range(B)])
+            conds.append(Condition(dirs, layer, thr, above, kind=kind))  # (B, d), (B,), (B,)
         fired = None
         if latched is not None:
-            if len(latched) != B or any(latched[i] is None for i in members):
-                raise SteerscopeError("per_row: `latched` needs one decision per row, for every gated row.")
-            fired = torch.tensor([bool(latched[i]) if keys[i] == key else False for i in range(B)])  # (B,)
-        iv = Conditional(behaviour, Condition(dirs, key[0], thr, above, kind=key[1]), latched=fired)
+            fired = torch.tensor([bool(decided[i][members[i]]) if i in members else False for i in range(B)])  # (B,)
+        iv = Conditional(behaviour, conds if len(conds) > 1 else conds[0], combine=combine, latched=fired)
         out.append(iv)
-        out.groups.append((iv, members))
+        out.groups.append((iv, sorted(members.items())))
     return out

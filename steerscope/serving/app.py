@@ -42,6 +42,12 @@ from .schema import ChatBody, CompletionBody, UploadBody, parse_body
 from .store import RequestError, VectorStore, parse_steering
 
 
+def _when_out(gates: tuple) -> dict | list:
+    """`steerscope.when` of a gated request: {"steering": [entries], "fired", "score"} for its one
+    gate, a list of them (in the order of the entries) when its entries carry several."""
+    return gates[0] if len(gates) == 1 else list(gates)
+
+
 def _err(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
     kind = {
         401: "authentication_error",
@@ -249,8 +255,8 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
             "projections": projections if req.steering.probe is not None else None,
             "seed": req.seed,
         }
-        if req.steering.when is not None:
-            extra["when"] = e.gate  # {"fired": bool, "score": cos} of the request's gate
+        if e.gates:
+            extra["when"] = _when_out(e.gates)
         content = "".join(text)
         logprobs = lp.whole(token_events) if lp is not None else None
         choice = (
@@ -398,7 +404,7 @@ async def _sse(events: asyncio.Queue, req: GenRequest, meta: dict, chat: bool, u
             kind = "server_error" if e.status >= 500 else "invalid_request_error"
             yield f"data: {json.dumps({'error': {'message': f'generation failed: {e.error}', 'type': kind, 'code': e.status}})}\n\n"
         else:
-            yield chunk(None, e.finish_reason, {"when": e.gate} if req.steering.when is not None else None)
+            yield chunk(None, e.finish_reason, {"when": _when_out(e.gates)} if e.gates else None)
             if usage:
                 u = {
                     "prompt_tokens": e.prompt_tokens,

@@ -25,7 +25,7 @@ class Row:
         self.gen = row_generator(req.seed) if req.temperature > 0 else None
         self.done = False
         self._lp: tuple | None = None  # (logprob, top) of the latest token, when the request asks
-        self.gate = None  # interventions.rows.RowGate: the decision of the request's `when`, set by its prefill
+        self.gates: tuple = ()  # interventions.rows.RowGate per gate of the request's `when`s, set by its prefill
 
     @property
     def prompt_len(self) -> int:
@@ -83,5 +83,8 @@ class Row:
             text = self.decode()
             if len(text) > len(self.sent) and text.startswith(self.sent):
                 self._emit(None, text, None)
-        gate = None if self.gate is None else {"fired": self.gate.fired, "score": self.gate.score}
-        self._send(DoneEvent(reason, self.prompt_len, len(self.ids), error, status, gate))
+        gates = tuple(
+            {**({} if g.tag is None else {"steering": list(g.tag)}), "fired": d.fired, "score": d.score}
+            for g, d in zip(self.req.steering.gates(), self.gates)
+        )
+        self._send(DoneEvent(reason, self.prompt_len, len(self.ids), error, status, gates))

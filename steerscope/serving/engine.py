@@ -77,7 +77,7 @@ def _interventions(lm, rows: list[Row], probes: dict, prefill: bool) -> tuple[li
             if p is not None and p[1] == L:
                 dirs[i] = p[0]
         out.append(_Probe(dirs, L, probes))
-    latched = None if prefill else [None if r.gate is None else r.gate.fired for r in rows]
+    latched = None if prefill else [tuple(g.fired for g in r.gates) for r in rows]
     steering = per_row([r.req.steering for r in rows], d, latched)
     return out + steering, steering
 
@@ -224,7 +224,7 @@ class Engine:
         self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, cache, prefill: bool = False
     ) -> torch.Tensor:
         """(B, vocab) float32 last-position logits with each row's steering; records probes, and
-        on a prefill each gated row's decision (`Row.gate`)."""
+        on a prefill each gated row's decisions (`Row.gates`)."""
         probes: dict = {}
         plen = torch.tensor([r.prompt_len for r in rows])
         kw = with_cache(self.lm.model, cache) if cache is not None else {"use_cache": False}
@@ -233,7 +233,7 @@ class Engine:
             logits = last_position_logits(self.lm, {"input_ids": ids, "attention_mask": mask, **kw})
         if prefill:
             for r, g in zip(rows, steering.gates(len(rows))):
-                r.gate = g
+                r.gates = g
         self._probes = probes
         return logits
 

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import SteerscopeError
-from ..interventions.rows import AblateSpec, AddSpec, RowSteering
+from ..interventions.rows import AblateSpec, AddSpec, Gated, RowSteering
 
-__all__ = ["AblateSpec", "AddSpec", "RowSteering", "GenRequest", "TokenEvent", "DoneEvent", "QueueFull"]
+__all__ = ["AblateSpec", "AddSpec", "Gated", "RowSteering", "GenRequest", "TokenEvent", "DoneEvent", "QueueFull"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class DoneEvent:
     completion_tokens: int
     error: str | None = None
     status: int = 500  # HTTP status of an error: 422 when the request's own steering caused it
-    gate: dict | None = None  # with a `when` gate: {"fired": bool, "score": float}, decided on the prompt
+    gates: tuple = ()  # with `when` gates: ({"steering": [entry indices], "fired": bool, "score": float}, ...), decided on the prompt
 
 
 @dataclass

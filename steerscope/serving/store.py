@@ -28,7 +28,7 @@ from ..directions.vectors import CONFIG_FILE, TENSORS_FILE, SteeringVector, Vect
 from ..errors import SteerscopeError
 from ..interventions.conditional import Condition
 from ..interventions.positions import ALL, Positions
-from .protocol import AblateSpec, AddSpec, RowSteering
+from .protocol import AblateSpec, AddSpec, Gated, RowSteering
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -276,11 +276,12 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
 
     steering: [{"vector": REF, "coef": x, "layer"?: L, "positions"?: P, "when"?: W}, {"ablate": REF, "positions"?: P}]
     W: {"condition": NAME, "layer"?: L, "threshold"?: t, "above"?: bool}, a stored condition set
-    (the defaults are the set's): the request's steering applies only if its prompt meets it (CAST).
+    (the defaults are the set's): that entry's steering applies only if the prompt meets it (CAST);
+    entries whose W resolve to the same condition share one gate (`_gates`).
     REF: a stored vector's name, or {"data": base64 float32, "layer": L} (never stored).
     positions: all | prompt | generated | A:B | last:K (as `steerscope generate --positions`).
     """
-    adds, ablations = [], []
+    adds, ablations, gated_adds = [], [], {}  # gated_adds: entry index -> its AddSpecs
     for k, item in enumerate(steering or []):
         where = f"steering[{k}]"
         positions = _positions(item.positions, where)
@@ -310,14 +311,15 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
             store.check_size(
                 float(sv.vector.double().norm()) * abs(item.coef), L, f"{where}.coef", f"coef x |vector {sv.id!r}|"
             )
-            adds.append(AddSpec(sv.vector, L, float(item.coef), positions))
-    if len(adds) + len(ablations) > max_vectors:
+            spec = AddSpec(sv.vector, L, float(item.coef), positions)
+            (adds if item.when is None else gated_adds.setdefault(k, [])).append(spec)
+    n = len(adds) + len(ablations) + sum(map(len, gated_adds.values()))
+    if n > max_vectors:
         raise RequestError(
-            f"the request uses {len(adds) + len(ablations)} vectors; this server allows {max_vectors} "
-            "per request (--max-vectors-per-request).",
+            f"the request uses {n} vectors; this server allows {max_vectors} per request (--max-vectors-per-request).",
             param="steering",
         )
-    when = _when(store, steering or [], adds)
+    gated = _gates(store, steering or [], gated_adds)
     probe = None
     if projection is not None:
         ref, layer = (projection.vector, projection.layer) if hasattr(projection, "vector") else (projection, None)
@@ -329,42 +331,45 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
         if not 0 <= L < lm.n_layers:
             raise RequestError(f"`projection.layer` must be an integer in 0..{lm.n_layers - 1}.", param="projection")
         probe = (sv.vector.float() / n, L)
-    return RowSteering(tuple(adds), tuple(ablations), probe, when)
+    return RowSteering(tuple(adds), tuple(ablations), probe, gated=gated)
 
 
-def _when(store: VectorStore, steering, adds: list[AddSpec]) -> Condition | None:
-    """The request's gate: the `when` its additions carry. One gate per request (it decides the
-    request's row), so every addition must carry the same `when`, or none may; the request's
+def _gates(store: VectorStore, steering, gated_adds: dict[int, list[AddSpec]]) -> tuple[Gated, ...]:
+    """The request's gates: entries whose `when` resolves to the same condition (set, layer,
+    threshold, side) share one gate and one decision; each other `when` is a gate of its own
+    (CAST's "French when about France, a refusal when harmful" in one request). The request's
     ablations are never gated (they act from the first layer, before any condition layer)."""
-    gated = [(k, item.when) for k, item in enumerate(steering) if item.when is not None]
-    if not gated:
-        return None
-    k0, w = gated[0]
-    where = f"steering[{k0}].when"
-    for k, item in enumerate(steering):
-        if item.ablate is None and item.when != w:
+    groups: dict[tuple, tuple[Condition, list[int], list[AddSpec]]] = {}
+    for k, specs in gated_adds.items():
+        cond = _condition(store, steering[k].when, f"steering[{k}].when")
+        late = sorted({a.layer for a in specs if a.layer < cond.layer})
+        if late:
             raise RequestError(
-                f"`steering[{k}].when`: a request has one gate; give every entry the same `when` as steering[{k0}] "
-                "(or send the entries as separate requests).",
-                param=f"steering[{k}].when",
+                f"`steering[{k}].when.layer`: the condition is read at layer {cond.layer}, after the steering "
+                f"layer(s) {late}; the gate is decided before steering, so use a condition layer <= {late[0]}.",
+                param=f"steering[{k}].when.layer",
             )
+        # The resolved condition, not the entry as written: {"condition": "c"} and the same set's
+        # defaults written out are one gate.
+        key = (steering[k].when.condition, cond.layer, float(cond.threshold), bool(cond.above))
+        _, entries, members = groups.setdefault(key, (cond, [], []))
+        entries.append(k)
+        members.extend(specs)
+    return tuple(Gated(tuple(m), (c,), tag=tuple(e)) for c, e, m in groups.values())
+
+
+def _condition(store: VectorStore, w, where: str) -> Condition:
+    """A `when` entry -> its Condition (the stored set's defaults filled in), or a 400 naming the field."""
     vs = store.condition_set(w.condition, f"{where}.condition")
     try:
-        cond = when_condition(vs, When(w.condition, w.layer, w.threshold, w.above))
+        return when_condition(vs, When(w.condition, w.layer, w.threshold, w.above))
     except SteerscopeError as e:
         field, _, rest = str(e).partition(":")  # when_condition names its field first ("when.layer: ...")
-        param = f"steering[{k0}].{field}" if field.startswith("when.") else where
+        prefix = where.removesuffix(".when")
+        param = f"{prefix}.{field}" if field.startswith("when.") else where
         raise RequestError(
             f"`{param}`:{rest}" if field.startswith("when.") else f"`{where}`: {e}", param=param
         ) from None
-    late = sorted({a.layer for a in adds if a.layer < cond.layer})
-    if late:
-        raise RequestError(
-            f"`{where}.layer`: the condition is read at layer {cond.layer}, after the steering layer(s) {late}; "
-            f"the gate is decided before steering, so use a condition layer <= {late[0]}.",
-            param=f"{where}.layer",
-        )
-    return cond
 
 
 def _positions(spec: Any, where: str) -> Positions:
