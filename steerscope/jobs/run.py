@@ -114,6 +114,16 @@ class RunConfig(Config):
     """environment variable holding the judge's API key (never a file or a flag)"""
     judge_rubric: str | None = None
     """the judge's system prompt asking for a number (default: how far the response departs)"""
+    when: str | None = None
+    """a condition set (`steerscope condition`): every vector, learned and random alike, steers a
+    prompt only if the prompt meets it (CAST), so findings, scorers and the null model see the gated
+    steering; discovery and the R search still see every training prompt"""
+    when_layer: int | None = None
+    """with --when: the condition layer (default: the set's best layer); at or before the source layer"""
+    when_threshold: float | None = None
+    """with --when: the cosine threshold (default: the set's at that layer)"""
+    when_below: bool = False
+    """with --when: steer when the score is below the threshold (default: the set's side)"""
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
@@ -146,6 +156,7 @@ class _RunContext:
         self.train, self.heldout, self.neutral, self.scorers = train, heldout, neutral, scorers
         self.artifacts: dict[str, Any] = {}
         self.t0 = time.perf_counter()
+        self.when = None  # the gate of --when (interventions.conditional.Condition), or None
 
     @cached_property
     def layer_range(self):
@@ -202,6 +213,29 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
 
         judge_from(cfg, default_model="judge").check_reachable()
     return prompts[: cfg.n_train], prompts[cfg.n_train : cfg.n_train + cfg.n_heldout], neutral, scorers
+
+
+def _when(cfg: RunConfig, lm):
+    """The gate --when asks for (None without it), checked against the source layer before any
+    work: the decision is taken on the prompt pass before the vectors are added."""
+    if not cfg.when:
+        if cfg.when_layer is not None or cfg.when_threshold is not None or cfg.when_below:
+            raise SteerscopeError(
+                "--when-layer, --when-threshold and --when-below need --when FOLDER (a condition set)."
+            )
+        return None
+    from ..directions.condition import When, load_when
+
+    cond = load_when(
+        cfg.when, lm, When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
+    )
+    source, _ = cfg.discover.resolve_layers(lm.n_layers)
+    if cond.layer > source:
+        raise SteerscopeError(
+            f"--when-layer: the condition is read at layer {cond.layer}, after the vectors' source layer {source}; "
+            f"use a condition layer <= {source} (--when-layer) or a later --source."
+        )
+    return cond
 
 
 def _choose_R(ctx: _RunContext) -> dict:
@@ -263,6 +297,7 @@ def _generate(ctx: _RunContext) -> list[dict]:
         include_unsteered=True,
         max_new_tokens=cfg.max_new_tokens,
         chat=cfg.discover.chat,
+        when=ctx.when,  # learned and random vectors behind the same gate: the null model stays fair
     )
     rows = [{**r.to_dict(), "set": sets.get(r.vector_id, "unsteered")} for r in res]
     if cfg.n_samples:
@@ -357,11 +392,13 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
     _check_installed(cfg, model_needed=lm is None)
     lm = lm or cfg.model.load()
     train, heldout, neutral, scorers = _validate(cfg, lm)
+    when = _when(cfg, lm)
     folder = JobFolder(out, "run", cfg, force=force, version=__version__)
     with job_log(folder.path(LOG_NAME)):  # the same log run_stages writes; these messages too
         if folder.resumed:
             _log(f"resuming the run in {folder.out}")
         ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)
+        ctx.when = when
         run_stages(folder, [s for s in STAGES if s.name != "null" or cfg.null_model != "none"], ctx, _log)
         report = ctx.artifacts["report"]
         _log(f"report: {report.resolve()}")

@@ -31,6 +31,27 @@ def measure(ctx) -> dict:
         return _measured(ctx, parts)
 
 
+def _gate(ctx, rows: list[dict]) -> dict | None:
+    """--when's gate and its decision per prompt (None without one). The condition is read before
+    any vector is added, so every steered row of a prompt shares its prompt's decision."""
+    c = ctx.when
+    if c is None:
+        return None
+    per = {}
+    for r in rows:
+        if r.get("gate_fired") is not None:
+            per.setdefault(r["prompt_index"], {"fired": r["gate_fired"], "score": r["gate_score"]})
+    prompts = ctx.train + ctx.heldout
+    return {
+        "condition": ctx.cfg.when,
+        "layer": c.layer,
+        "threshold": float(c.threshold),
+        "above": bool(c.above),
+        "prompts": [{"prompt_index": i, "prompt": prompts[i], **per[i]} for i in sorted(per)],
+        "fired": sum(p["fired"] for p in per.values()),
+    }
+
+
 def _then(parts, name: str) -> None:
     """The previous part is done, `name` starts (the bar's lines say which)."""
     parts.set_postfix(now=name)
@@ -197,6 +218,7 @@ def _measured(ctx, parts) -> dict:
             )
         },
         "goldilocks": ctx.artifacts["calibrate"],
+        "gate": _gate(ctx, rows),
         "model": {"dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
         "seconds": round(time.perf_counter() - ctx.t0, 1),
     }

@@ -9,6 +9,10 @@ distinct2       distinct bigrams / bigrams of the completion's tokens (1 = no re
 embed_distance  1 - cosine(embedding(steered), embedding(unsteered)) for the same prompt
 changed         share of prompts whose completion differs from the unsteered one
 score:<name>    mean of each text scorer (refusal phrases, VADER sentiment, regex, judge, ...)
+score:<name>@fired, score:<name>@unfired
+                with a gate (`generate(when=)`, CAST): the scorer's mean over the rows whose
+                gate fired / did not (NaN when there are none); kl_neutral stays the ungated
+                vector's side effect
 """
 
 from __future__ import annotations
@@ -129,6 +133,10 @@ def compute_vector_metrics(
         )
         for s in scorers:
             m[f"score:{s.name}"] = nanmean([score_of[s.name][id(c)] for c in rows])
+            if any(c.gate_fired is not None for c in rows):
+                for side, want in (("fired", True), ("unfired", False)):
+                    got = [score_of[s.name][id(c)] for c in rows if bool(c.gate_fired) == want]
+                    m[f"score:{s.name}@{side}"] = nanmean(got)
     return metrics
 
 

@@ -156,6 +156,27 @@ def _model_dtype(metrics: dict) -> str:
     return f" ({escape(m['dtype'])} on {escape(m['device'])})" if m else ""
 
 
+def _gate_tag(r: dict) -> str:
+    return ' <span class="tag">gate did not fire: unsteered</span>' if r.get("gate_fired") is False else ""
+
+
+def _gate_line(gate: dict | None) -> str:
+    """--when's gate: its rule, and which prompts it let the vectors steer."""
+    if not gate:
+        return ""
+    rule = f"cos {'&gt;' if gate['above'] else '&lt;'} {gate['threshold']:.3f} at layer {gate['layer']}"
+    items = "".join(
+        f"<li>{'fired' if p['fired'] else 'did not fire'} ({p['score']:.3f}): {escape(p['prompt'])}</li>"
+        for p in gate["prompts"]
+    )
+    return (
+        f'<p id="gate"><b>Gated (CAST):</b> every vector, learned and random, steered only the prompts that meet '
+        f"the condition {escape(str(gate['condition']))} ({rule}): {gate['fired']} of {len(gate['prompts'])} prompts. "
+        f"The others' steered completions are the unsteered ones.</p><details><summary>the gate per prompt</summary>"
+        f"<ul>{items}</ul></details>"
+    )
+
+
 def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = "RUN", null: dict | None = None) -> str:
     sets, vecs = metrics["sets"], metrics["vectors"]
     score_cols = sorted({k for m in vecs.values() for k in m if k.startswith("score:")})
@@ -198,7 +219,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
         m = vecs[vid]
         tags = "".join(f'<span class="tag">{escape(n)} {_fmt(m.get(k, float("nan")))}</span>' for k, n in cols)
         trs = "".join(
-            f"<tr><td>{escape(r['split'])}: {escape(r['prompt'])}</td><td>{escape(base[r['prompt_index']]['text'])}</td>"
+            f"<tr><td>{escape(r['split'])}: {escape(r['prompt'])}{_gate_tag(r)}</td><td>{escape(base[r['prompt_index']]['text'])}</td>"
             f"<td>{escape(r['text'])}</td></tr>"
             for r in sorted(by_vec[vid], key=lambda r: r["prompt_index"])
         )
@@ -236,6 +257,7 @@ def render_report(config: dict, metrics: dict, rows: list[dict], run_dir: str = 
 <h1>steerscope run — {title}</h1>
 <p>model {escape(str(((config["config"].get("model") or {}).get("model")) or "SmolLM2-135M-Instruct (embedded)"))}{_model_dtype(metrics)}, steerscope {escape(config.get("steerscope_version", ""))},
 {len(rows)} completions, {_fmt(metrics.get("seconds", float("nan")))} s. <b>{lead}.</b></p>
+{_gate_line(metrics.get("gate"))}
 <h2 id="behaviours-found">Behaviours found</h2>{findings_section(found or [], run_dir, metrics.get("null_model"))}
 <h2>Learned vs random (same norms)</h2><div class="lead">{compare}{goldilocks_plot(metrics.get("goldilocks"), metrics.get("moved"))}</div>
 {null_section(null)}
