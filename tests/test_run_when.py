@@ -86,7 +86,9 @@ def test_run_when_refuses_bad_flags_before_any_work(lm, tmp_path):
         (dict(when=str(tmp_path / "nope")), "--when"),
         (dict(when=str(tmp_path / "cond"), when_layer=1), "--when-layer"),  # no vector at layer 1
         (dict(when=str(tmp_path / "cond"), when_layer=2), "source layer 1"),  # read after the vectors are added
+        (dict(when=str(tmp_path / "nochat")), "without the chat template"),  # the run encodes with it
     ]
+    condition_set(lm, torch.stack([rand_vec(lm, seed=3)] * 2), [0, 2], [0.0, 0.0], chat=False).save(tmp_path / "nochat")
     for kw, words in cases:
         with pytest.raises(SteerscopeError, match=words):
             run(_cfg(**kw), tmp_path / "bad", lm=lm)

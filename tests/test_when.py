@@ -29,8 +29,9 @@ from steerscope.serving.engine import Engine
 PROMPTS = ["x", "a b c", "hello there friend", "the quick brown fox jumps over it"]
 
 
-def condition_set(lm, dirs: torch.Tensor, layers: list[int], thresholds: list[float]) -> VectorSet:
-    """A condition set as `steerscope condition` saves it: one vector per layer, its threshold."""
+def condition_set(lm, dirs: torch.Tensor, layers: list[int], thresholds: list[float], **fit) -> VectorSet:
+    """A condition set as `steerscope condition` saves it: one vector per layer, its threshold;
+    `fit` the fit's recorded settings (chat), when given."""
     hp = {str(l): {"threshold": t, "above": True} for l, t in zip(layers, thresholds)}
     return VectorSet.create(
         lm,
@@ -38,7 +39,7 @@ def condition_set(lm, dirs: torch.Tensor, layers: list[int], thresholds: list[fl
         layers,
         "condition",
         ids=[f"condition-L{l}" for l in layers],
-        hyperparams={"condition": hp, "best_layer": layers[0]},
+        hyperparams={"condition": hp, "best_layer": layers[0], **({"fit": fit} if fit else {})},
     )
 
 
@@ -216,6 +217,7 @@ def test_cli_generate_when(tmp_path, capsys):
     scores = _scores(lm, ps, c, 0)
     condition_set(lm, torch.stack([c, rand_vec(lm, seed=4)]), [0, 1], [_split(scores), 0.0]).save(tmp_path / "cond")
     VectorSet.create(lm, rand_vec(lm, seed=7, scale=12.0), 1, "random", ids=["v"]).save(tmp_path / "vec")
+    condition_set(lm, torch.stack([c, c]), [0, 1], [0.0, 0.0], chat=True).save(tmp_path / "chatcond")
     base = ["generate", "--model", str(ckpt), "--vector", str(tmp_path / "vec"), "--no-chat", "--max-new-tokens", "4"]
     base += [a for p in ps for a in ("--prompt", p)]
     assert main(base + ["--when", str(tmp_path / "cond"), "--json"]) == 0
@@ -230,6 +232,7 @@ def test_cli_generate_when(tmp_path, capsys):
         (["--when", str(tmp_path / "vec")], "not a condition set"),
         (["--when", str(tmp_path / "cond"), "--when-layer", "2"], "--when-layer"),
         (["--when-layer", "0"], "need --when"),
+        (["--when", str(tmp_path / "chatcond")], "fitted on prompts with the chat template"),  # --no-chat here
     ):
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()
@@ -303,6 +306,12 @@ def test_server_when_entry(tmp_path):
             assert r.json()["steerscope"]["token_ids"] == ref.json()["steerscope"]["token_ids"], p
             got = ask(p, [when, same]).json()["steerscope"]["when"]
             assert got["steering"] == [0, 1] and got["fired"] == fired
+        # a set fitted with the chat template gates raw /v1/completions prompts wrongly: refused
+        s.store.add("chatcond", condition_set(lm, torch.stack([c, c]), [0, 2], [thr, 0.0], chat=True))
+        r = ask(ps[0], [{"vector": "v", "when": {"condition": "chatcond"}}])
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "steering[0].when.condition", r.text
+        assert "fitted on prompts with the chat template" in err["message"] and "/v1/chat/completions" in err["message"]
         r = ask(ps[0], [{"ablate": "v", "when": {"condition": "cond"}}])
         assert r.status_code == 400 and r.json()["error"]["param"] == "steering[0].when"
         # an ablation beside a gated addition: the ablation applies ungated (so the gate reads the

@@ -166,7 +166,7 @@ def _when(cfg, lm):
     from ..directions.condition import When, load_when
 
     when = When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
-    return load_when(cfg.when, lm, when, check_model=not cfg.allow_other_model)
+    return load_when(cfg.when, lm, when, check_model=not cfg.allow_other_model, chat=cfg.chat)
 
 
 def _gate_rule(c) -> str:

@@ -81,12 +81,35 @@ def condition_set(lm, vectors, layers: list[int], per_layer: dict[int, dict], be
 FLAGS = {"when.condition": "--when", "when.layer": "--when-layer", "when.threshold": "--when-threshold"}
 
 
-def load_when(folder: str | Path, lm, when: When, *, check_model: bool = True) -> Condition:
+def check_encoding(vs: VectorSet, lm, chat: bool | None, where: str) -> None:
+    """The set's thresholds hold only for prompts encoded as at fit time: with the chat template or
+    without (the template's tokens are in the mean the gate reads). One line naming `where` when
+    the steering's encoding differs. A set without a recorded fit (made by hand) is not checked."""
+    fit = vs.config.hyperparams.get("fit")
+    if not isinstance(fit, dict) or "chat" not in fit:
+        return
+    fitted = lm.has_chat_template if fit["chat"] is None else bool(fit["chat"])
+    used = lm.has_chat_template if chat is None else bool(chat)
+    if fitted != used:
+        how = "with" if fitted else "without"
+        raise SteerscopeError(
+            f"{where}: the condition set was fitted on prompts {how} the chat template, but these prompts are encoded "
+            f"{'with' if used else 'without'} it, so its thresholds do not apply; encode them {how} it "
+            f"or fit the set {'with --no-chat' if used is False else 'with the chat template'}."
+        )
+
+
+def load_when(
+    folder: str | Path, lm, when: When, *, check_model: bool = True, chat: bool | None | str = "unchecked"
+) -> Condition:
     """The `Condition` the command-line flags --when FOLDER [--when-layer L] [--when-threshold T]
-    ask for (`generate`, `bench`); every error is one line naming the flag."""
+    ask for (`generate`, `bench`, `run`); every error is one line naming the flag. `chat`: how the
+    prompts it gates are encoded (`check_encoding`; "unchecked" skips the check)."""
     if not Path(folder).is_dir():
         raise SteerscopeError(f"--when {folder}: no such folder; give a condition set made by `steerscope condition`.")
     vs = VectorSet.load(folder, lm, check_model=check_model)
+    if chat != "unchecked":
+        check_encoding(vs, lm, chat, f"--when {folder}")
     try:
         return when_condition(vs, when)
     except SteerscopeError as e:

@@ -226,9 +226,8 @@ def _when(cfg: RunConfig, lm):
         return None
     from ..directions.condition import When, load_when
 
-    cond = load_when(
-        cfg.when, lm, When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
-    )
+    when = When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
+    cond = load_when(cfg.when, lm, when, chat=cfg.discover.chat)
     source, _ = cfg.discover.resolve_layers(lm.n_layers)
     if cond.layer > source:
         raise SteerscopeError(

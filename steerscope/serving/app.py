@@ -183,7 +183,8 @@ def create_app(lm, store: VectorStore, engine: Engine, cfg: ServeConfig, api_key
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         elif body.logprobs is not None:
             logprobs = body.logprobs
-        steering = parse_steering(store, lm, body.steering, body.projection, cfg.max_vectors_per_request)
+        chat = isinstance(body, ChatBody)  # the chat endpoint applies the template, /v1/completions does not
+        steering = parse_steering(store, lm, body.steering, body.projection, cfg.max_vectors_per_request, chat)
         return GenRequest(
             prompt_ids,
             steering,

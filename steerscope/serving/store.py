@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..directions.condition import When, is_condition_set, when_condition
+from ..directions.condition import When, check_encoding, is_condition_set, when_condition
 from ..directions.vectors import CONFIG_FILE, TENSORS_FILE, SteeringVector, VectorSet
 from ..errors import SteerscopeError
 from ..interventions.conditional import Condition
@@ -270,7 +270,7 @@ def _b64(value: Any, field: str) -> bytes:
         raise RequestError(f"`{field}` is not valid base64.", param=field) from None
 
 
-def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: int) -> RowSteering:
+def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: int, chat: bool = False) -> RowSteering:
     """A request's validated `steering` items and `projection` (`schema.SteeringItem`,
     `schema.Projection`, a name or an inline vector) -> RowSteering, checked against the model.
 
@@ -319,7 +319,7 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
             f"the request uses {n} vectors; this server allows {max_vectors} per request (--max-vectors-per-request).",
             param="steering",
         )
-    gated = _gates(store, steering or [], gated_adds)
+    gated = _gates(store, lm, steering or [], gated_adds, chat)
     probe = None
     if projection is not None:
         ref, layer = (projection.vector, projection.layer) if hasattr(projection, "vector") else (projection, None)
@@ -334,14 +334,14 @@ def parse_steering(store: VectorStore, lm, steering, projection, max_vectors: in
     return RowSteering(tuple(adds), tuple(ablations), probe, gated=gated)
 
 
-def _gates(store: VectorStore, steering, gated_adds: dict[int, list[AddSpec]]) -> tuple[Gated, ...]:
+def _gates(store: VectorStore, lm, steering, gated_adds: dict[int, list[AddSpec]], chat: bool) -> tuple[Gated, ...]:
     """The request's gates: entries whose `when` resolves to the same condition (set, layer,
     threshold, side) share one gate and one decision; each other `when` is a gate of its own
     (CAST's "French when about France, a refusal when harmful" in one request). The request's
     ablations are never gated (they act from the first layer, before any condition layer)."""
     groups: dict[tuple, tuple[Condition, list[int], list[AddSpec]]] = {}
     for k, specs in gated_adds.items():
-        cond = _condition(store, steering[k].when, f"steering[{k}].when")
+        cond = _condition(store, lm, steering[k].when, f"steering[{k}].when", chat)
         late = sorted({a.layer for a in specs if a.layer < cond.layer})
         if late:
             raise RequestError(
@@ -358,9 +358,16 @@ def _gates(store: VectorStore, steering, gated_adds: dict[int, list[AddSpec]]) -
     return tuple(Gated(tuple(m), (c,), tag=tuple(e)) for c, e, m in groups.values())
 
 
-def _condition(store: VectorStore, w, where: str) -> Condition:
-    """A `when` entry -> its Condition (the stored set's defaults filled in), or a 400 naming the field."""
+def _condition(store: VectorStore, lm, w, where: str, chat: bool) -> Condition:
+    """A `when` entry -> its Condition (the stored set's defaults filled in), or a 400 naming the
+    field; `chat`: whether the request's prompt was encoded with the chat template (the chat
+    endpoint) or not (/v1/completions), which must match how the set was fitted."""
     vs = store.condition_set(w.condition, f"{where}.condition")
+    try:
+        check_encoding(vs, lm, chat, f"`{where}.condition`")
+    except SteerscopeError as e:
+        endpoint = "/v1/chat/completions" if not chat else "/v1/completions"
+        raise RequestError(f"{e} (here: send it to {endpoint})", param=f"{where}.condition") from None
     try:
         return when_condition(vs, When(w.condition, w.layer, w.threshold, w.above))
     except SteerscopeError as e:
