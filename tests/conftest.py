@@ -80,6 +80,37 @@ def make_tiny_lm(model_type: str, n_layers: int = 3, seed: int = 0, chat: bool =
     return LM(model, _tokenizer(chat), model_id=f"tiny-{model_type}", fingerprint=weights_fingerprint(model))
 
 
+def finetuned(lm: LM, seed: int = 0, scale: float = 3.0, blocks: tuple[int, ...] = (0,)) -> tuple[LM, torch.Tensor]:
+    """A copy of `lm` "fine-tuned" by a rank-1 change to the attention output projection of each of
+    `blocks`: W += scale * u v^T, one unit residual direction u shared by the blocks (what
+    weightdiff must find). Returns (the copy, u)."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(lm.d_model, generator=g)
+    u /= u.norm()
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for b in blocks:
+            mod = model.get_submodule(f"{lm.arch.spec.layers}.{b}.{lm.arch.spec.attn_out}")
+            w = mod.weight  # nn.Linear (out=d, in); GPT-2's Conv1D (in, out=d)
+            v = torch.randn(w.shape[1] if type(mod).__name__ != "Conv1D" else w.shape[0], generator=g)
+            v /= v.norm()
+            w += scale * (torch.outer(u, v) if type(mod).__name__ != "Conv1D" else torch.outer(v, u))
+    ft = LM(model, lm.tokenizer, model_id=lm.model_id + "-ft", fingerprint=weights_fingerprint(model))
+    return ft, u
+
+
+def needs_base(method: str) -> bool:
+    """A discovery method that compares the model with its base (a `base` setting: weightdiff, actdiff)."""
+    import dataclasses
+
+    from steerscope.directions.discovery import DISCOVERY
+
+    cls = DISCOVERY.get(method).config
+    return cls is not None and "base" in {f.name for f in dataclasses.fields(cls)}
+
+
 @functools.cache
 def tiny_lm(model_type: str) -> LM:
     return make_tiny_lm(model_type)

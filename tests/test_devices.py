@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, tiny_on
+from conftest import PROMPTS, finetuned, needs_base, tiny_on
 
 import steerscope as ss
 from steerscope.directions.data import from_pairs
@@ -41,7 +41,8 @@ def test_every_discovery_method(device, method):
         **({"steps": 3} if method == "melbo" else {}),
         **({"power_iters": 3} if method == "jacobian" else {}),
     )
-    vs = discover(lm, PROMPTS, cfg, progress=False)
+    base = finetuned(lm)[0] if needs_base(method) else None
+    vs = discover(lm, PROMPTS, cfg, progress=False, base=base)
     assert vs.vectors.device.type == "cpu" and torch.allclose(vs.vectors.norm(dim=-1), torch.full((2,), 1.5), atol=1e-4)
     random_control(lm, vs)
 

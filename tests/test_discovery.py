@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import ALL_ARCHS, PROMPTS, rand_vec, tiny_lm
+from conftest import ALL_ARCHS, PROMPTS, finetuned, needs_base, rand_vec, tiny_lm
 
 import steerscope as ss
 from steerscope.checkpoint import Checkpoint
@@ -215,7 +215,9 @@ def test_every_method_gives_orthogonal_vectors_at_norm_R(method):
     """Iterates over the registry: a new discovery method is checked here without being listed."""
     lm = tiny_lm("qwen2")
     cfg = DiscoverConfig.of(method=method, source=0, target=2, n_vectors=4, R=3.0, **FAST.get(method, {}))
-    vs = discover(lm, PROMPTS, cfg, progress=False)
+    # model-diffing methods (a `base` setting) compare lm with a changed copy of it
+    base = finetuned(lm, blocks=(0, 1))[0] if needs_base(method) else None
+    vs = discover(lm, PROMPTS, cfg, progress=False, base=base)
     assert (
         vs.config.method == method
         and len(vs) == 4

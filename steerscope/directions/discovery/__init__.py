@@ -27,7 +27,7 @@ from .base import DISCOVERY, Discovered, DiscoveryContext
 from .baselines import random_directions
 
 # Registry lines: importing a method's module registers it.
-from . import baselines, dct, jacobian, kl, melbo  # noqa: E402,F401  isort: skip
+from . import actdiff, baselines, dct, jacobian, kl, melbo, weightdiff  # noqa: E402,F401  isort: skip
 from .jacobian import calibrate_R, jacobian_singular_vectors  # noqa: E402
 from .melbo import MelboConfig, train_melbo  # noqa: E402
 
@@ -107,6 +107,7 @@ def discover(
     layer_range: LayerRange | None = None,
     force: bool = False,
     rank=None,
+    base=None,
 ) -> VectorSet:
     """Run a discovery method; the result records R, layers, the config and method diagnostics
     (MELBO training curves, Jacobian singular values) in its hyper-parameters and extras.
@@ -115,7 +116,8 @@ def discover(
     `progress`: bars for the calibration and the training (None: a tqdm bar on a terminal, plain
     lines with an ETA elsewhere, `steerscope.progress`; False: none).
     `rank`: scores (n, d) candidate vectors, higher kept, for a method that trains more than it
-    keeps (kl); e.g. `judging.keep.completion_ranker`. None: the method's own rule."""
+    keeps (kl); e.g. `judging.keep.completion_ranker`. None: the method's own rule.
+    `base`: the model `lm` was fine-tuned from, for weightdiff/actdiff (None: the one their config names)."""
     cfg = config or DiscoverConfig()
     method = DISCOVERY.get(cfg.method)
     if not prompts:
@@ -134,7 +136,7 @@ def discover(
     key_cfg = {**config_to_dict(cfg), "R": R, "source": s, "target": t}
     key = config_key(lm.fingerprint, list(prompts), {**key_settings(cfg), "R": R, "source": s, "target": t})
     ckpt = Checkpoint(checkpoint_dir, key, "discovery run", force=force) if checkpoint_dir else None
-    ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, progress, rank)
+    ctx = DiscoveryContext(lm, lr_, cfg, R, ckpt, progress, rank, base)
     res: Discovered = method.fn(ctx, cfg.method_config)
     hyper = {
         **key_cfg,

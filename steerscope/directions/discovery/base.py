@@ -29,6 +29,9 @@ class DiscoveryContext:
     # vectors than it keeps (kl's `candidates`). The caller supplies it: the run ranks by the
     # completions each candidate produces (judging.keep), which this layer cannot generate.
     rank: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The model `lm` was fine-tuned from, for the model-diffing methods (weightdiff, actdiff); None:
+    # they load the one their config names (`base_model`).
+    base: Any = None
 
     def bar(self, total: int, desc: str):
         """The method's progress bar over `total` steps (all vectors' steps together)."""
@@ -49,3 +52,42 @@ class Discovered:
 
 
 DISCOVERY: Family = Family("discovery", "discovery method")
+
+
+def base_model(ctx: DiscoveryContext, spec: str | None, method: str):
+    """The base model a model-diffing method compares `ctx.lm` with: `ctx.base` when the caller
+    holds one, else the model `spec` names ("embedded": the embedded SmolLM2), else, for an
+    organism, the embedded model it was built from. Checked to have the fine-tune's shape."""
+    from ...models.loading import load_model
+
+    lm = ctx.lm
+    base = ctx.base
+    if base is None:
+        if spec is None and not str(getattr(lm, "model_id", "")).startswith("organism:"):
+            raise SteerscopeError(
+                f"{method} compares the model with the one it was fine-tuned from: give it with --base MODEL "
+                "(a checkpoint folder, a cached hub id, or embedded)."
+            )
+        base = load_model(None if spec in (None, "embedded") else spec, dtype=lm.dtype, device=str(lm.device))
+    same = (base.model_type, base.n_layers, base.d_model, len(base.tokenizer)) == (
+        lm.model_type,
+        lm.n_layers,
+        lm.d_model,
+        len(lm.tokenizer),
+    )
+    if not same:
+        raise SteerscopeError(
+            f"{method}: the base ({base.model_type}, {base.n_layers} layers, d={base.d_model}, vocabulary "
+            f"{len(base.tokenizer)}) is not the fine-tune's architecture ({lm.model_type}, {lm.n_layers} layers, "
+            f"d={lm.d_model}, vocabulary {len(lm.tokenizer)}); give the model it was fine-tuned from (--base)."
+        )
+    return base
+
+
+def both_signs(dirs: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
+    """(k, d): +u1, -u1, +u2, -u2, ... from unit rows `dirs` (a model difference has no preferred
+    sign on its own: toward the fine-tune and away from it are both candidates), and the row of
+    `dirs` each came from."""
+    src = [i // 2 for i in range(k)]
+    signs = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(k)], dtype=dirs.dtype)
+    return dirs[src] * signs[:, None], src
