@@ -87,3 +87,17 @@ def test_cli_discover_weightdiff_with_a_base_folder(ckpt, tmp_path, capsys):
     assert main(args[:-1] + [str(tmp_path / "wd2")]) == 2  # no --base for a model that is not an organism
     err = capsys.readouterr().err.strip()
     assert "--base MODEL" in err and "\n" not in err
+
+
+def test_weightdiff_at_block_adds_each_vector_where_it_was_written():
+    from steerscope.models.activations import residual_norms
+
+    base = tiny_lm("llama")
+    ft, u = finetuned(base, seed=4, scale=3.0, blocks=(0, 2))
+    vs = _run("weightdiff", ft, base, n=4, source=1, at="block")
+    blocks = [p["block"] for p in vs.config.hyperparams["provenance"]]
+    assert vs.layers == blocks and set(blocks) <= {0, 2} and vs.config.hyperparams["at"] == "block"
+    norms = residual_norms(ft)
+    want = torch.tensor([2.0 * float(norms[b] / norms[1]) for b in blocks])
+    assert torch.allclose(vs.vectors.norm(dim=-1), want, rtol=1e-4)
+    assert abs(float(vs.vectors[0] @ u / vs.vectors[0].norm())) > 0.999

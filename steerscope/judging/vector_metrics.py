@@ -91,7 +91,11 @@ def compute_vector_metrics(
         base_norm = layer_range.z_target.float().norm(dim=-1)[tmask].mean()
         with torch.no_grad():
             delta = layer_range.delta(vs.vectors).norm(dim=-1).view(len(vs), layer_range.P, -1)  # (K, P, T)
-        change = [float(delta[k][tmask].mean() / base_norm) for k in range(len(vs))]
+        # the layer range adds at its source layer: a vector placed elsewhere has no number here
+        change = [
+            float(delta[k][tmask].mean() / base_norm) if vs.layers[k] == layer_range.source else float("nan")
+            for k in range(len(vs))
+        ]
     else:
         change = [float("nan")] * len(vs)
     steered = [c for vid in vs.ids for c in by_vec[vid]]

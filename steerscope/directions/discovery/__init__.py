@@ -148,7 +148,7 @@ def discover(
     return VectorSet.create(
         lm,
         res.vectors,
-        s,
+        s if res.layers is None else res.layers,
         cfg.method,
         ids=[f"{cfg.method}-{i}" for i in range(len(res.vectors))],
         hyperparams=hyper,

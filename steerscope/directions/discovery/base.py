@@ -45,6 +45,9 @@ class Discovered:
     vectors: torch.Tensor  # (K, d_model)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # saved in the VectorSet's safetensors
     info: dict[str, Any] = field(default_factory=dict)  # JSON-able, saved in its hyper-parameters
+    # Per vector, the layer it is added at, when a method places vectors elsewhere than the source
+    # layer (weightdiff --at block: where the fine-tune wrote each); None: every one at the source.
+    layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.vectors.dim() != 2 or not math.isfinite(float(self.vectors.float().abs().sum())):

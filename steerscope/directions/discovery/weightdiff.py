@@ -35,6 +35,10 @@ class WeightDiffConfig(Config):
     min_new: float = field(default=0.5, metadata={"min": 0, "max": 1})
     """a direction is kept only if at least this share of its norm lies outside the stronger ones'
     span (else it repeats them)"""
+    at: str = field(default="source", metadata={"choices": ("source", "block")})
+    """where each vector is added: source (the source layer, norm R, like every discovery method) or
+    block (the block whose matrix wrote it, norm R scaled by that layer's residual norm over the
+    source layer's, so it is as large there relative to the stream as R is at the source)"""
 
 
 def residual_writers(lm) -> list[tuple[int, str, nn.Module]]:
@@ -93,4 +97,12 @@ def weightdiff(ctx: DiscoveryContext, cfg: WeightDiffConfig) -> Discovered:
     D = torch.stack(dirs)  # (n, d) orthonormal; fewer than k / 2 when fewer directions changed
     vecs, src = both_signs(D, min(k, 2 * len(dirs)))
     prov = [{**kept[i], "sign": 1 if j % 2 == 0 else -1} for j, i in enumerate(src)]
-    return Discovered((vecs * ctx.R).float(), info={"provenance": prov, "matrices_changed": len({f[2] for f in found})})
+    info = {"provenance": prov, "matrices_changed": len({f[2] for f in found}), "at": cfg.at}
+    if cfg.at == "source":
+        return Discovered((vecs * ctx.R).float(), info=info)
+    from ...models.activations import residual_norms
+
+    norms = residual_norms(lm)  # (n_layers,) median resid_post norms
+    blocks = [p["block"] for p in prov]
+    scale = torch.tensor([ctx.R * float(norms[b] / norms[ctx.layer_range.source]) for b in blocks])  # (K,)
+    return Discovered((vecs * scale[:, None]).float(), info={**info, "norms": scale.tolist()}, layers=blocks)
