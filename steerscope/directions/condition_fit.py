@@ -17,7 +17,9 @@ better one to *classify* with, because the classes' shared within-class variance
 (Marks & Tegmark 2023, "mass-mean probe" vs its covariance-corrected form); whitening by the
 within-class covariance, shrunk towards a multiple of the identity (Ledoit & Wolf 2004) so that it
 is invertible from a few hundred prompts in d_model dimensions, removes that. On the refusal
-organism it lifted the validation AUC from ~0.94 to ~0.99 (benchmarks/cast_refusal.py).
+organism, from the same 1188 train prompts, it lifted the best layer's validation AUC from 0.975
+(mean_diff) to 0.999; the held-out gate fires on 7 % of harmless requests, against 37 % for the
+first condition (mean_diff on 28 + 28 packaged prompts) (benchmarks/cast_refusal.py).
 
 The threshold is chosen on a seeded split of the two sets, or on explicit validation sets
 (`val_on`, `val_off`: e.g. other requests than the ones the vector is fitted on, so the threshold
