@@ -23,12 +23,13 @@ Everything is chosen on tuning prompts and measured once on the held-out minimal
    covariance, shrinkage 0.2), the threshold of the best validation balanced accuracy, the layer
    the best on validation among those at or before the behaviour layer (the decision is taken in
    the same forward pass, before the behaviour is added).
-   How this was chosen (validation only, `find_condition` scores on train/validation prompts, no
-   generation): with the 1188 train prompts the mean difference barely moved (validation AUC at
-   the best layer 0.975, balanced accuracy 0.92; fitted on the 80 packaged prompts instead it was
-   0.96 / 0.92 on the refusal val requests alone), "pca" was near chance (0.5-0.65), and "lda"
-   reached 0.996-0.999 / 0.97-0.99 for shrinkage 0.05-0.5 (0.2 the best, 0.9 gave 0.988 / 0.96;
-   the comparison script is not kept: it is these find_condition calls with other settings). The previous choice,
+   How this was chosen (validation prompts only, no generation; a throwaway script, not kept, with
+   condition_fit's prompt_means, auc and best_threshold and the same lda formula): with the 1188
+   train prompts the mean difference barely moved (best layer's validation AUC 0.975, balanced
+   accuracy 0.92; fitted on the 80 packaged prompts instead, 0.96 / 0.92 on the refusal val
+   requests alone), "pca" was near chance (AUC 0.5-0.65), "lda" reached 0.996-0.999 / 0.97-0.99
+   for shrinkage 0.05-0.5 (0.1 and 0.2 tied at 0.999 / 0.986, 0.2 taken as the more regularised;
+   0.9 gave 0.988 / 0.96). This script's own fit reproduces 0.999 / 0.986. The previous choice,
    `find_condition(harmful, harmless)` with mean_diff on 28 + 28 prompts, gave on the held-out
    pairs: gate fired on 83 % of harmful_test and 37 % of harmless_test, gated refusal 50 % vs 33 %
    (ungated 63 % vs 90 %).
