@@ -25,7 +25,7 @@ MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /tab
 
 sys.path.insert(0, str(ROOT))
 from benchmarks._tables import TableError, bold_runs, load, one, pct, seconds_range, short, table  # noqa: E402
-from benchmarks.tables_refusal import cast_refusal, refusal_organism, refusal_pipeline  # noqa: E402
+from benchmarks.tables_refusal import cast_france, cast_refusal, refusal_organism, refusal_pipeline  # noqa: E402
 
 # ---- serve.json: bench_serve.py --------------------------------------------------------------
 SERVE_KEY = "SmolLM2-135M-Instruct|float32|cpu"
@@ -382,6 +382,7 @@ TABLES = {
     "organisms": organisms,
     "refusal-organism": refusal_organism,
     "cast-refusal": cast_refusal,
+    "cast-france": cast_france,
     "refusal-pipeline": refusal_pipeline,
 }
 

@@ -2,6 +2,7 @@
 
 - refusal-organism: refusal_organism.json (`python benchmarks/build_organisms.py refusal --check`)
 - cast-refusal: cast_refusal.json (`python benchmarks/cast_refusal.py`)
+- cast-france: cast_france_kl{T}.json (`python benchmarks/cast_france.py --target T`, T in FRANCE_TARGETS)
 - refusal-pipeline: refusal_pipeline.json (`python benchmarks/refusal_pipeline.py`)
 """
 
@@ -44,6 +45,31 @@ def cast_refusal(results: Path) -> str:
             + [pct(r["gate_fired"])]
         )
     head = ["prompts", "unsteered", "refusal vector, ungated", "gated (CAST)", "gate fired"]
+    return table(head, rows)
+
+
+FRANCE_TARGETS = (0.5, 2, 4)  # the bench's KL budgets measured (0.5: its default)
+
+
+def cast_france(results: Path) -> str:
+    rows = []
+    for t in FRANCE_TARGETS:
+        d = load(results, f"cast_france_kl{t:g}.json")
+        v, coef = d["values"], d["behaviour"]["coef"]
+        for var in ("unsteered", "ungated", "gated"):
+            fired = f"{pct(v['gated.fired_on_topic'])} / {pct(v['gated.fired_off_topic'])}" if var == "gated" else ""
+            rows.append(
+                [f"{t:g} nats (coef {coef:.2f})", var, pct(v[f"{var}.rate_on_topic"]), pct(v[f"{var}.rate_off_topic"])]
+                + [f"{v[f'{var}.selectivity']:+.2f}", fired]
+            )
+    head = [
+        "KL budget",
+        "variant",
+        "French, on-topic (24)",
+        "French, off-topic (24)",
+        "selectivity",
+        "gate fired on / off",
+    ]
     return table(head, rows)
 
 

@@ -16,9 +16,11 @@ from steerscope.cli import main
 from steerscope.directions.condition import When, is_condition_set, layer_id, when_condition
 from steerscope.directions.condition_fit import (
     ConditionFitConfig,
+    _direction,
     auc,
     best_threshold,
     find_condition,
+    prompt_means,
     roc_curve,
 )
 from steerscope.directions.vectors import VectorSet
@@ -92,6 +94,45 @@ def test_split_is_seeded_and_methods_differ():
     assert not torch.allclose(pca.vectors, a.vectors)
     # signed towards ON: the ON train mean projects higher than the OFF one, so the gate is ">"
     assert pca.fits[0].above and pca.fits[0].auc > 0.9
+
+
+def test_lda_whitens_away_shared_within_class_variance():
+    # planted: the classes differ by (1, 1), but both vary with std 5 along e1 and 0.1 along e0, so the
+    # mean difference is half noise while the discriminant looks along e0, where the classes are apart
+    g = torch.Generator().manual_seed(0)
+    noise = lambda n: torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor([0.1, 5.0])  # noqa: E731
+    a, b = noise(400) + torch.tensor([1.0, 1.0]), noise(400)
+    # (little shrinkage: in 2 dimensions the identity target, at the mean variance 12.5, swamps e0's 0.01)
+    md, lda = _direction(a, b, "mean_diff"), _direction(a, b, "lda", 0.01)
+    assert float(lda @ md) > 0 and lda.norm() == pytest.approx(float(md.norm()))  # signed towards ON, same length
+    ta, tb = noise(300) + torch.tensor([1.0, 1.0]), noise(300)  # fresh draws: generalisation, not train fit
+    assert auc(ta @ lda, tb @ lda) > 0.99 > 0.75 > auc(ta @ md, tb @ md)
+    # shrinkage 1 is the identity covariance: the mean difference again
+    assert torch.allclose(_direction(a, b, "lda", 1.0), md)
+
+
+def test_explicit_validation_sets_judge_the_threshold():
+    lm = tiny_lm("llama")
+    cfg = ConditionFitConfig(layers=[1, 2])
+    fit = find_condition(lm, ON[:10], OFF[:10], cfg, progress=False, val_on=ON[10:], val_off=OFF[10:13])
+    assert fit.n == {"on": 10, "off": 10, "on_train": 10, "on_val": 6, "off_train": 10, "off_val": 3, "val_given": 1}
+    assert fit.val == {"on": list(range(6)), "off": [0, 1, 2]}
+    # every prompt of ON/OFF fits the vector: the plain split of the same 10 + 10 gives another vector
+    split = find_condition(lm, ON[:10], OFF[:10], cfg, progress=False)
+    assert not torch.allclose(fit.vectors, split.vectors)
+    # the validation scores are the cosines of the given validation prompts with the fitted vector
+    li = fit.layers.index(fit.best_layer)
+    h = prompt_means(lm, ON[10:] + OFF[10:13], [fit.best_layer])[:, 0]  # (9, d)
+    cos = torch.nn.functional.cosine_similarity(h, fit.vectors[li].double()[None], dim=-1)
+    assert torch.allclose(cos, torch.tensor(fit.best.scores_on + fit.best.scores_off, dtype=torch.float64), atol=1e-5)
+    lda = find_condition(
+        lm, ON[:10], OFF[:10], cfg.replace(method="lda"), progress=False, val_on=ON[10:], val_off=OFF[10:]
+    )
+    assert lda.best.auc == 1.0 and not torch.allclose(lda.vectors, fit.vectors)
+    with pytest.raises(SteerscopeError, match="both validation sets"):
+        find_condition(lm, ON, OFF, cfg, progress=False, val_on=ON[:3])
+    with pytest.raises(SteerscopeError, match="validation set is empty"):
+        find_condition(lm, ON, OFF, cfg, progress=False, val_on=[], val_off=OFF[:3])
 
 
 def test_degenerate_sets_raise_one_clear_error():

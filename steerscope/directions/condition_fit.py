@@ -5,12 +5,25 @@ Given prompts that should trigger the behaviour (ON) and prompts that should not
     h_i      = mean over prompt i's tokens of the hidden state at layer L        # (d,), padding excluded
     c_L      = mean_train(h | ON) - mean_train(h | OFF)     (method "mean_diff")
              or the top principal component of the centred train states, signed towards ON ("pca")
+             or S^-1 (mean_train(h | ON) - mean_train(h | OFF)), S the shrunk within-class covariance ("lda")
     score_i  = cos(h_i, c_L)                                  on the held-out validation prompts
     ROC, AUC, and the threshold + side (> or <) that maximise balanced accuracy on validation
 
 CAST extracts c as the first principal component of the contrast (IBM activation-steering); the
 difference of the class means of the per-prompt mean states is the simpler estimate of the same
 direction when the two classes differ mainly by a shift, and is the default here; "pca" is offered.
+"lda" is Fisher's discriminant: the mean difference is the better direction to *add* but not the
+better one to *classify* with, because the classes' shared within-class variance leaks into it
+(Marks & Tegmark 2023, "mass-mean probe" vs its covariance-corrected form); whitening by the
+within-class covariance, shrunk towards a multiple of the identity (Ledoit & Wolf 2004) so that it
+is invertible from a few hundred prompts in d_model dimensions, removes that. On the refusal
+organism, from the same 1188 train prompts, it lifted the best layer's validation AUC from 0.975
+(mean_diff) to 0.999; the held-out gate fires on 7 % of harmless requests, against 37 % for the
+first condition (mean_diff on 28 + 28 packaged prompts) (benchmarks/cast_refusal.py).
+
+The threshold is chosen on a seeded split of the two sets, or on explicit validation sets
+(`val_on`, `val_off`: e.g. other requests than the ones the vector is fitted on, so the threshold
+is judged on prompts unlike the train ones).
 
 `h_i` is exactly what `interventions.conditional.Conditional` reads at run time: the mean over the
 prompt's tokens after the first, of the prompt as the model sees it (chat template applied the same
@@ -46,11 +59,16 @@ class ConditionFitConfig(Config):
 
     layers: list[int] | None = field(default=None, metadata={"none": "all"})
     """candidate condition layers: all, A:B (B exclusive) or A,B,C"""
-    method: Literal["mean_diff", "pca"] = "mean_diff"
-    """condition vector: difference of the class means (mean_diff) or the top principal component of
-    the centred train states, signed towards ON (pca, as CAST)"""
+    method: Literal["mean_diff", "pca", "lda"] = "mean_diff"
+    """condition vector: difference of the class means (mean_diff), the top principal component of
+    the centred train states, signed towards ON (pca, as CAST), or the mean difference whitened by the
+    shrunk within-class covariance (lda, Fisher's discriminant: wants a few hundred prompts)"""
+    shrinkage: float = field(default=0.2, metadata={"min": 0.01, "max": 1.0})
+    """lda only: weight of the identity (scaled to the covariance's mean variance) in the covariance;
+    1 gives back mean_diff's direction; 0.2 was best on the refusal organism's validation prompts"""
     val_fraction: float = field(default=0.3, metadata={"min": 0.05, "max": 0.95})
-    """share of each prompt set held out to choose the threshold and report AUC/accuracy"""
+    """share of each prompt set held out to choose the threshold and report AUC/accuracy (unused when
+    explicit validation sets are given)"""
     seed: int = 0
     """seed of the train/validation split"""
     chat: bool | None = None
@@ -114,9 +132,10 @@ class ConditionFit:
     """highest validation balanced accuracy; ties -> higher AUC -> earlier layer"""
     config: ConditionFitConfig
     n: dict
-    """prompt counts: on, off, on_train, on_val, off_train, off_val"""
+    """prompt counts: on, off, on_train, on_val, off_train, off_val (+ val_given: 1 with explicit validation sets)"""
     val: dict
-    """which prompts were held out: {"on": [indices into the ON set], "off": [...]}, in score order"""
+    """which prompts were held out: {"on": [indices into the ON set], "off": [...]}, in score order;
+    with explicit validation sets, indices into those"""
     data: str = ""
 
     @property
@@ -249,11 +268,18 @@ def _split(n: int, frac: float, g: torch.Generator) -> tuple[torch.Tensor, torch
     return perm[k:], perm[:k]  # train, val
 
 
-def _direction(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
+def _direction(a: torch.Tensor, b: torch.Tensor, method: str, shrinkage: float = 0.2) -> torch.Tensor:
     """The condition vector from train states a (ON, (n, d)) and b (OFF, (m, d))."""
     diff = a.mean(0) - b.mean(0)  # (d,)
     if method == "mean_diff":
         return diff
+    if method == "lda":
+        x = torch.cat([a - a.mean(0), b - b.mean(0)])  # (n + m, d) within-class deviations
+        s = x.T @ x / len(x)  # (d, d)
+        eye = torch.eye(len(s), dtype=s.dtype, device=s.device)
+        s = (1 - shrinkage) * s + shrinkage * (s.trace() / len(s)).clamp_min(1e-30) * eye  # positive definite
+        w = torch.linalg.solve(s, diff)  # (d,), w @ diff > 0 since s is positive definite
+        return w * (diff.norm() / w.norm().clamp_min(1e-30))  # mean_diff's length: only the direction matters
     x = torch.cat([a, b])
     _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     u = vh[0]
@@ -278,25 +304,39 @@ def find_condition(
     config: ConditionFitConfig | None = None,
     progress: bool | None = None,
     name: str = "",
+    val_on: Sequence[str] | None = None,
+    val_off: Sequence[str] | None = None,
 ) -> ConditionFit:
     """A condition vector, threshold and side at every layer of `config.layers`, judged on a seeded
-    validation split of each set; `best_layer` the one whose gate separates validation best."""
+    validation split of each set, or on `val_on` / `val_off` when given (then every ON and OFF prompt
+    fits the vector); `best_layer` the one whose gate separates validation best."""
     cfg = config or ConditionFitConfig()
     on, off = list(on_prompts), list(off_prompts)
     _check_sets(on, off)
+    if (val_on is None) != (val_off is None):
+        raise SteerscopeError("give both validation sets (val_on and val_off) or neither.")
+    von, voff = list(val_on or []), list(val_off or [])
+    given = val_on is not None
+    if given and (not von or not voff):
+        raise SteerscopeError("an explicit validation set is empty; give at least one ON and one OFF prompt.")
     layers = [lm.check_layer(l) for l in (cfg.layers if cfg.layers is not None else range(lm.n_layers))]
     if not layers:
         raise SteerscopeError("--layers selects no layer.")
-    with bar(len(on) + len(off), "activations", "prompt", show=progress) as pb:
-        H = prompt_means(lm, on + off, layers, cfg.chat, cfg.system, cfg.batch_size, pb)  # (N_on + N_off, L, d)
-    A, B = H[: len(on)], H[len(on) :]
-    g = torch.Generator().manual_seed(cfg.seed)
-    a_tr, a_va = _split(len(on), cfg.val_fraction, g)
-    b_tr, b_va = _split(len(off), cfg.val_fraction, g)
+    allp = on + von + off + voff
+    with bar(len(allp), "activations", "prompt", show=progress) as pb:
+        H = prompt_means(lm, allp, layers, cfg.chat, cfg.system, cfg.batch_size, pb)  # (N, L, d)
+    A, B = H[: len(on) + len(von)], H[len(on) + len(von) :]  # ON (+ its validation), OFF (+ its validation)
+    if given:
+        a_tr, a_va = torch.arange(len(on)), torch.arange(len(on), len(on) + len(von))
+        b_tr, b_va = torch.arange(len(off)), torch.arange(len(off), len(off) + len(voff))
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        a_tr, a_va = _split(len(on), cfg.val_fraction, g)
+        b_tr, b_va = _split(len(off), cfg.val_fraction, g)
     fits, vecs = [], []
     for li, layer in enumerate(layers):
         a, b = A[:, li], B[:, li]  # (N_on, d), (N_off, d)
-        c = _direction(a[a_tr], b[b_tr], cfg.method)
+        c = _direction(a[a_tr], b[b_tr], cfg.method, cfg.shrinkage)
         if float(c.norm()) <= 1e-9 * max(float(a.norm(dim=-1).max()), 1e-30):
             raise SteerscopeError(
                 f"the ON and OFF train prompts give the same mean hidden state at layer {layer}; "
@@ -331,5 +371,8 @@ def find_condition(
         "off_train": len(b_tr),
         "off_val": len(b_va),
     }
+    if given:
+        n["val_given"] = 1
+        a_va, b_va = a_va - len(on), b_va - len(off)  # indices into val_on / val_off
     val = {"on": a_va.tolist(), "off": b_va.tolist()}
     return ConditionFit(layers, torch.stack(vecs), fits, best, cfg, n, val, name)
