@@ -26,7 +26,7 @@ def measure(ctx) -> dict:
     """The run's "measure" stage: metrics.json's content (module docstring)."""
     # A bar over its parts: embedding, log-probabilities, vector metrics, distances, clustering,
     # findings, then one norm sweep per source layer of the swept vectors (kl, melbo: one).
-    n_sweeps = min(ctx.cfg.sweep_top, len(set(ctx.artifacts["discover"].layers)))
+    n_sweeps = min(ctx.cfg.sweep_top, len(set(ctx.artifacts["discover"].layers)))  # at most; the bar may end early
     with bar(6 + n_sweeps, "measure", "part") as parts:
         return _measured(ctx, parts)
 
@@ -149,7 +149,9 @@ def _measured(ctx, parts) -> dict:
                 for k in ("target_change", "kl_neutral", "logprob", "distinct2", "embed_distance", "changed")
             },
         }
-    top = sorted(learned.ids, key=lambda v: -per_vector[v]["embed_distance"])[: cfg.sweep_top]
+    # (a vector at the last layer has no later layer to measure a sweep at: weightdiff --at block)
+    top = [v for v in learned.ids if learned[v].layer < lm.n_layers - 1]
+    top = sorted(top, key=lambda v: -per_vector[v]["embed_distance"])[: cfg.sweep_top]
     unsteered_train = [c for c in completions if c.vector_id is None and c.prompt_index < len(ctx.train)]
     sweep = {}
     for layer in sorted({learned[v].layer for v in top}):  # one batched sweep per source layer (kl: one)

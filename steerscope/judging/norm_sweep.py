@@ -49,6 +49,10 @@ def norm_sweep(
     if any(l != source for l in vs.layers):
         raise SteerscopeError("norm_sweep needs vectors at one source layer; pick them with --index.")
     t = target if target is not None else vs.config.hyperparams.get("target", min(lm.n_layers - 1, source + 1))
+    if target is None and t <= source:  # a vector placed after the set's target layer (weightdiff --at block)
+        t = source + 1
+    if t >= lm.n_layers:
+        raise SteerscopeError(f"norm_sweep measures the change at a later layer; layer {source} is the model's last.")
     lr = (
         layer_range
         if layer_range is not None and (layer_range.source, layer_range.target) == (source, t)
