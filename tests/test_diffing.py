@@ -33,7 +33,7 @@ def test_weightdiff_recovers_the_planted_output_direction(arch):
 
 
 def test_actdiff_finds_the_direction_the_fine_tune_writes():
-    base = tiny_lm("llama")
+    base = make_tiny_lm("llama")  # not the shared one: output_hidden_states leaves transformers' hooks on it
     ft, u = finetuned(base, seed=4, scale=3.0, blocks=(0,))
     vs = _run("actdiff", ft, base, n=4, source=0)
     h = vs.config.hyperparams

@@ -42,6 +42,7 @@ def residual_differences(lm, base, prompts: list[str], layer: int, chat: bool | 
 
 @DISCOVERY.register("actdiff", ActDiffConfig)
 def actdiff(ctx: DiscoveryContext, cfg: ActDiffConfig) -> Discovered:
+    """Mean and principal components of fine-tune minus base residuals at the source layer, both signs."""
     lm, k = ctx.lm, ctx.settings.n_vectors
     base = base_model(ctx, cfg.base, "actdiff")
     lr_ = ctx.layer_range

@@ -68,6 +68,7 @@ def _output_side(module: nn.Module) -> torch.Tensor:
 
 @DISCOVERY.register("weightdiff", WeightDiffConfig)
 def weightdiff(ctx: DiscoveryContext, cfg: WeightDiffConfig) -> Discovered:
+    """Top output-side singular vectors of the residual writers' weight differences, both signs."""
     lm, k = ctx.lm, ctx.settings.n_vectors
     base = base_model(ctx, cfg.base, "weightdiff")
     found = []  # (sigma, block, name, u (d,))
