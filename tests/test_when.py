@@ -306,6 +306,26 @@ def test_server_when_entry(tmp_path):
             assert r.json()["steerscope"]["token_ids"] == ref.json()["steerscope"]["token_ids"], p
             got = ask(p, [when, same]).json()["steerscope"]["when"]
             assert got["steering"] == [0, 1] and got["fired"] == fired
+            # several conditions in one gate: "all" holds only where the prompt's own gate fires,
+            # "any" (with an always-true condition) everywhere
+            never = {"condition": "cond", "threshold": 2.0}
+            anyw = {"vector": "v", "when": {"any": [never, {"condition": "cond", "threshold": -1.0}]}}
+            allw = {"vector": "v", "when": {"all": [{"condition": "cond"}, {"condition": "cond", "threshold": -1.0}]}}
+            for w, want in ((anyw, True), (allw, fired)):
+                r = ask(p, [w])
+                g = r.json()["steerscope"]["when"]
+                assert r.status_code == 200 and g["fired"] == want and g["steering"] == [0], r.text
+                ref = ask(p, [{"vector": "v"}] if want else [])
+                assert r.json()["steerscope"]["token_ids"] == ref.json()["steerscope"]["token_ids"], p
+        for w, param in (
+            ({"all": [{"condition": "cond"}], "condition": "cond"}, "steering[0].when"),
+            ({"any": []}, "steering[0].when.any"),
+            ({"any": [{"all": [{"condition": "cond"}]}]}, "steering[0].when.any[0]"),
+            ({"all": [{"condition": "cond"}], "threshold": 0.1}, "steering[0].when.threshold"),
+            ({"all": [{"condition": "cond", "layer": 1}]}, "steering[0].when.all[0].layer"),
+        ):
+            r = ask(ps[0], [{"vector": "v", "when": w}])
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (w, r.text)
         # a set fitted with the chat template gates raw /v1/completions prompts wrongly: refused
         s.store.add("chatcond", condition_set(lm, torch.stack([c, c]), [0, 2], [thr, 0.0], chat=True))
         r = ask(ps[0], [{"vector": "v", "when": {"condition": "chatcond"}}])

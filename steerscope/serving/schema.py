@@ -32,11 +32,17 @@ VectorRef = str | InlineVector
 
 
 class WhenItem(BaseModel):
-    """A steering entry's gate (CAST): steer only if the prompt meets a stored condition set."""
+    """A steering entry's gate (CAST): steer only if the prompt meets a stored condition set; or
+    several such conditions, all of which ({"all": [...]}) or any of which ({"any": [...]}) must
+    hold (CAST's "if C1 and C2" / "if C1 or C2" rules; one level, no nesting)."""
 
     model_config = _STRICT
-    condition: str
+    condition: str | None = None
     """the name of a stored condition set (`steerscope condition`)"""
+    all: list[WhenItem] | None = None
+    """conditions that must all hold (instead of `condition`)"""
+    any: list[WhenItem] | None = None
+    """conditions of which one must hold (instead of `condition`)"""
     layer: int | None = None
     """condition layer (default: the set's best layer)"""
     threshold: float | None = None

@@ -339,23 +339,55 @@ def _gates(store: VectorStore, lm, steering, gated_adds: dict[int, list[AddSpec]
     threshold, side) share one gate and one decision; each other `when` is a gate of its own
     (CAST's "French when about France, a refusal when harmful" in one request). The request's
     ablations are never gated (they act from the first layer, before any condition layer)."""
-    groups: dict[tuple, tuple[Condition, list[int], list[AddSpec]]] = {}
+    groups: dict[tuple, tuple[tuple[Condition, ...], str, list[int], list[AddSpec]]] = {}
     for k, specs in gated_adds.items():
-        cond = _condition(store, lm, steering[k].when, f"steering[{k}].when", chat)
-        late = sorted({a.layer for a in specs if a.layer < cond.layer})
-        if late:
-            raise RequestError(
-                f"`steering[{k}].when.layer`: the condition is read at layer {cond.layer}, after the steering "
-                f"layer(s) {late}; the gate is decided before steering, so use a condition layer <= {late[0]}.",
-                param=f"steering[{k}].when.layer",
-            )
-        # The resolved condition, not the entry as written: {"condition": "c"} and the same set's
+        w, where = steering[k].when, f"steering[{k}].when"
+        leaves, combine = _leaves(w, where)
+        conds = tuple(_condition(store, lm, leaf, at, chat) for leaf, at in leaves)
+        for c, (_, at) in zip(conds, leaves):
+            late = sorted({a.layer for a in specs if a.layer < c.layer})
+            if late:
+                raise RequestError(
+                    f"`{at}.layer`: the condition is read at layer {c.layer}, after the steering layer(s) {late}; "
+                    f"the gate is decided before steering, so use a condition layer <= {late[0]}.",
+                    param=f"{at}.layer",
+                )
+        # The resolved conditions, not the entry as written: {"condition": "c"} and the same set's
         # defaults written out are one gate.
-        key = (steering[k].when.condition, cond.layer, float(cond.threshold), bool(cond.above))
-        _, entries, members = groups.setdefault(key, (cond, [], []))
+        key = (combine,) + tuple(
+            (leaf.condition, c.layer, float(c.threshold), bool(c.above)) for (leaf, _), c in zip(leaves, conds)
+        )
+        _, _, entries, members = groups.setdefault(key, (conds, combine, [], []))
         entries.append(k)
         members.extend(specs)
-    return tuple(Gated(tuple(m), (c,), tag=tuple(e)) for c, e, m in groups.values())
+    return tuple(Gated(tuple(m), c, combine, tag=tuple(e)) for c, combine, e, m in groups.values())
+
+
+def _leaves(w, where: str) -> tuple[list[tuple[Any, str]], str]:
+    """A `when` -> ([(condition entry, its field path)], "and" | "or"); one 400 naming the field
+    when it is not exactly one of condition / all / any, or nests combinations."""
+    given = [f for f in ("condition", "all", "any") if getattr(w, f) is not None]
+    if len(given) != 1:
+        raise RequestError(
+            f'`{where}` needs exactly one of "condition", "all" or "any"; got {", ".join(given) or "none"}.',
+            param=where,
+        )
+    if given[0] == "condition":
+        return [(w, where)], "and"
+    extra = [f for f in ("layer", "threshold", "above") if getattr(w, f) is not None]
+    if extra:
+        raise RequestError(
+            f"`{where}.{extra[0]}`: give it inside each condition of `{where}.{given[0]}`, not beside it.",
+            param=f"{where}.{extra[0]}",
+        )
+    items = getattr(w, given[0])
+    if not items:
+        raise RequestError(f"`{where}.{given[0]}` needs at least one condition.", param=f"{where}.{given[0]}")
+    for i, leaf in enumerate(items):
+        at = f"{where}.{given[0]}[{i}]"
+        if leaf.condition is None or leaf.all is not None or leaf.any is not None:
+            raise RequestError(f'`{at}` must be one condition ({{"condition": NAME, ...}}); no nesting.', param=at)
+    return [(leaf, f"{where}.{given[0]}[{i}]") for i, leaf in enumerate(items)], "and" if given[0] == "all" else "or"
 
 
 def _condition(store: VectorStore, lm, w, where: str, chat: bool) -> Condition:
@@ -372,8 +404,7 @@ def _condition(store: VectorStore, lm, w, where: str, chat: bool) -> Condition:
         return when_condition(vs, When(w.condition, w.layer, w.threshold, w.above))
     except SteerscopeError as e:
         field, _, rest = str(e).partition(":")  # when_condition names its field first ("when.layer: ...")
-        prefix = where.removesuffix(".when")
-        param = f"{prefix}.{field}" if field.startswith("when.") else where
+        param = f"{where}.{field.removeprefix('when.')}" if field.startswith("when.") else where
         raise RequestError(
             f"`{param}`:{rest}" if field.startswith("when.") else f"`{where}`: {e}", param=param
         ) from None
