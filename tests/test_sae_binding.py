@@ -25,7 +25,7 @@ printed by test_binding_on_bound_pairs; seeds 0-5 by benchmarks/binding_warm_sta
   (Hungarian) whose largest mutually consistent subset is grown to all pairs, then Procrustes + ICP.
   Seed 0 (this test): M error 0.33, slot-1 / slot-2 0.951 / 0.956, FVU 0.163 against TopK with the same
   3200 steps in all: 0.928 / 0.926, FVU 0.152 (TopK keeps the lower FVU, with 1024 decoder parameters to
-  768). All of seeds 0-2 (developed on) and 3-5 (measured once, after freezing): M error 0.20-0.33
+  768). All of seeds 0-2 (developed on) and 3-5 (measured after freezing): M error 0.20-0.33
   (benchmarks/results/binding_warm_start.json).
 Also tried and dropped, on the raw TopK atoms (before MOD): growing correspondences from a true seed
 pair; Gromov-Wasserstein matching of the Gram matrices; the slot partition from the TopK codes'
