@@ -45,7 +45,7 @@ from conftest import PROMPTS
 import steerscope as ss
 from steerscope.cli import main
 from steerscope.sae import BindingSAE, SAEConfig, TrainConfig, tensor_batches, train_sae
-from steerscope.sae.binding import match_slot_map
+from steerscope.sae.binding import match_slot_map, refine_atoms
 from steerscope.sae.formats import load_saelens, save_saelens
 
 D_MODEL, N_BASE, PAIRS, STEPS = 16, 32, 2, 800
@@ -192,6 +192,10 @@ def test_match_steps_on_planted_atoms():
     cos = Dm @ torch.cat([D, D @ M]).T  # (n_base, 2 n_base)
     best = cos.max(-1)
     assert float(best.values.min()) > 0.99 and len(set((best.indices // N_BASE).tolist())) == 1
+    # an atom no sample picks keeps its direction instead of becoming 0 (then NaN once normalised in D)
+    eye3 = torch.eye(3)
+    R = refine_atoms(torch.cat([eye3[:1] * 2, eye3[1:2]]).repeat(10, 1), eye3, 1, iters=2)  # e3 is never picked
+    assert torch.isfinite(R).all() and torch.allclose(R, eye3)
     # a random orthogonal M is not recovered from atoms whose two halves are unrelated: low score
     W2 = torch.cat([D, torch.nn.functional.normalize(torch.randn(N_BASE, D_MODEL), dim=-1)])
     assert match_slot_map(x, W2, 2 * PAIRS, refine_iters=0)[2] < 0.95

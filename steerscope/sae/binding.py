@@ -129,8 +129,10 @@ def refine_atoms(x: torch.Tensor, W: torch.Tensor, k: int, iters: int) -> torch.
     """MOD (Engan et al. 1999): alternate pursuit codes and the least-squares dictionary; unit rows."""
     W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     for _ in range(iters):
-        W = torch.linalg.lstsq(pursuit_codes(x, W, k), x).solution  # (N, d)
-        W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        Z = pursuit_codes(x, W, k)  # (n, N)
+        new = torch.linalg.lstsq(Z, x).solution  # (N, d)
+        used = (Z != 0).any(0)  # an atom no row picked has no least-squares row (0): it keeps its last one
+        W = torch.where(used[:, None], new / new.norm(dim=-1, keepdim=True).clamp_min(1e-8), W)
     return W
 
 
@@ -287,7 +289,7 @@ class Binding(TopK):
             R, src, _ = icp_slot_map(W, n_base, tcfg.binding_restarts, seed=tcfg.seed)
             D = W[src]
         with torch.no_grad():
-            sae.D.copy_(D / D.norm(dim=-1, keepdim=True))
+            sae.D.copy_(D / D.norm(dim=-1, keepdim=True).clamp_min(1e-8))
             sae.M[0].copy_(R)  # M_2.. (slots > 2, icp only) keep their random start
             sae.W_enc.copy_(sae.W_dec.T * cfg.rule.init_scale)  # the encoder starts as the decoder's transpose
 
