@@ -4,8 +4,8 @@ random start, on the synthetic bound-pairs check of tests/test_sae_binding.py ov
     OMP_NUM_THREADS=1 python benchmarks/binding_warm_start.py [--seeds 0,1,2,3,4,5] [--restarts N] [--warm-steps N]
 
 Seeds 0-2 are the ones `match` was developed on; 3-5 were measured after it was frozen (M error 0.222 /
-0.248 / 0.237; two robustness fixes found on SmolLM2 later, 0.229 / 0.250 / 0.237 with the first alone,
-the first numbers again with both: the JSON).
+0.248 / 0.237); robustness fixes found on SmolLM2 later moved them by <= 0.007 (the JSON holds the
+final code's run: 0.222 / 0.248 / 0.239).
 
 Per seed (data `bound_pairs(seed=...)`: 32 unit atoms D* in 16 dims, random orthogonal M*; 64
 latents, k = 4, lr 3e-3, batch 128, as in the test):

@@ -130,9 +130,10 @@ def refine_atoms(x: torch.Tensor, W: torch.Tensor, k: int, iters: int) -> torch.
     W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     for _ in range(iters):
         Z = pursuit_codes(x, W, k)  # (n, N)
-        new = torch.linalg.lstsq(Z, x).solution  # (N, d)
-        used = (Z != 0).any(0)  # an atom no row picked has no least-squares row (0): it keeps its last one
-        W = torch.where(used[:, None], new / new.norm(dim=-1, keepdim=True).clamp_min(1e-8), W)
+        used = (Z != 0).any(0)  # an atom no row picked has no least-squares row: it keeps its last one
+        new = torch.linalg.lstsq(Z[:, used], x, driver="gelsd").solution  # (n_used, d); SVD-based, rank-safe
+        W = W.clone()
+        W[used] = new / new.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     return W
 
 
