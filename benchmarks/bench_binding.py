@@ -1,6 +1,7 @@
 """The binding SAE against plain TopK SAEs on bound-pair sentences, SmolLM2-135M-Instruct (embedded); one run.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_binding.py [--layer 15] [--n-base 256] [--k 16] [--steps 400]
+        [--binding-init random|icp|match] [--out FILE]
 
 Corpus: two coloured shapes in a spatial relation ("the red cube is left of the blue sphere"), 8
 colours x 6 shapes, both mention orders, one of 6 templates per sentence. A *bag* is the unordered
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--eval-sentences", type=int, default=160, help="held-out sentences for FVU / CE recovered")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--binding-init", default="random", choices=("random", "icp", "match"), help="how D, M start")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -150,7 +152,9 @@ def main() -> None:
         "topk, same n_latents": SAEConfig(d, n_bind, arch="topk", k=args.k),
         "topk, same decoder params": SAEConfig(d, round(bind_params / d), arch="topk", k=args.k),
     }
-    tcfg = TrainConfig(steps=args.steps, warmup_steps=min(50, args.steps // 10), seed=args.seed)
+    tcfg = TrainConfig(
+        steps=args.steps, warmup_steps=min(50, args.steps // 10), seed=args.seed, binding_init=args.binding_init
+    )
     eval_texts = [
         r["text"] for r in random.Random(args.seed).sample(test_rows, min(args.eval_sentences, len(test_rows)))
     ]
@@ -212,7 +216,7 @@ def main() -> None:
                 "k": args.k,
                 "steps": args.steps,
                 "batch": args.batch,
-                "binding_init": "random orthogonal M, the default (--binding-init icp not tried at d = 576: its random-restart search is not expected to scale)",
+                "binding_init": args.binding_init,
             },
             "command": " ".join(["OMP_NUM_THREADS=1 python", "benchmarks/bench_binding.py", *sys.argv[1:]]),
             "machine": machine(),

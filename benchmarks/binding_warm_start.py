@@ -1,7 +1,11 @@
 """Can the binding SAE find its slot map M from no knowledge of it? `--binding-init icp` against the
 random start, on the synthetic bound-pairs check of tests/test_sae_binding.py over several seeds; one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/binding_warm_start.py [--seeds 0,1,2] [--restarts N] [--warm-steps N]
+    OMP_NUM_THREADS=1 python benchmarks/binding_warm_start.py [--seeds 0,1,2,3,4,5] [--restarts N] [--warm-steps N]
+
+Seeds 0-2 are the ones `match` was developed on; 3-5 were measured after it was frozen (M error 0.222 /
+0.248 / 0.237); robustness fixes found on SmolLM2 later moved them by <= 0.007 (the JSON holds the
+final code's run: 0.222 / 0.248 / 0.239).
 
 Per seed (data `bound_pairs(seed=...)`: 32 unit atoms D* in 16 dims, random orthogonal M*; 64
 latents, k = 4, lr 3e-3, batch 128, as in the test):
@@ -9,6 +13,9 @@ latents, k = 4, lr 3e-3, batch 128, as in the test):
     topk 800 / topk 800+W         plain TopK, 800 steps, and as many steps as the icp row in all
     binding, --binding-init icp   a plain TopK SAE (W = --warm-steps), its atoms registered onto
                                   themselves (`sae.binding.icp_slot_map`, --restarts random starts),
+                                  then the binding SAE from that D and M, 800 steps
+    binding, --binding-init match the same plain TopK SAE, its atoms sharpened (MOD), split into slots
+                                  by co-firing and paired by inner products (`sae.binding.match_slot_map`),
                                   then the binding SAE from that D and M, 800 steps
     binding, M* + noise           the reference: M started at M* + noise of norm ~0.5 ||M*||, 800 steps
 Matched-atom cosines and the relative error of M are taken under the better of the two slot
@@ -56,7 +63,7 @@ def started(x: torch.Tensor, D0: torch.Tensor | None, M0: torch.Tensor) -> Bindi
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5")
     ap.add_argument("--restarts", type=int, default=TrainConfig.binding_restarts)
     ap.add_argument("--warm-steps", type=int, default=TrainConfig.binding_warm_steps)
     args = ap.parse_args()
@@ -73,6 +80,10 @@ def main() -> None:
         icp = t(800).replace(binding_init="icp", binding_warm_steps=args.warm_steps, binding_restarts=args.restarts)
         rows["binding, --binding-init icp"] = slot_row(
             train_sae(tensor_batches(x, 128), cfg("binding"), icp)[0], x, D, M
+        )
+        match = t(800).replace(binding_init="match", binding_warm_steps=args.warm_steps)
+        rows["binding, --binding-init match"] = slot_row(
+            train_sae(tensor_batches(x, 128), cfg("binding"), match)[0], x, D, M
         )
         # the reference: M started near the truth (as in the test), D from the default start
         near = M + 0.5 * torch.randn(D_MODEL, D_MODEL, generator=torch.Generator().manual_seed(seed)) / D_MODEL**0.5

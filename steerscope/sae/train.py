@@ -203,16 +203,19 @@ class TrainConfig(Config):
     """tokens without firing before a latent counts as dead (AuxK)"""
     scale_input: bool = True
     """scale inputs to E||x|| = sqrt(d_in) while training (folded into the weights after)"""
-    binding_init: str = field(default="random", metadata={"choices": ("random", "icp")})
-    """binding: how D and M start. random: random orthogonal M. icp: first a plain TopK SAE of the same
-    size (--binding-warm-steps), whose atoms are registered onto themselves (ICP + orthogonal
-    Procrustes, --binding-restarts random starts); the best registration gives D and M_1. Finds M on 1
-    of 3 seeds of the synthetic check at d = 16 (random: 0 of 3); a random-restart search, not expected
-    to scale to large d"""
+    binding_init: str = field(default="random", metadata={"choices": ("random", "icp", "match")})
+    """binding: how D and M start. random: random orthogonal M. Both others first train a plain TopK SAE of
+    the same size (--binding-warm-steps) and take D and M_1 from its atoms. icp: registers the atoms onto
+    themselves (ICP + orthogonal Procrustes from --binding-restarts random rotations); finds M on 1 of 6
+    seeds of the synthetic check at d = 16. match (slots 2): sharpens the atoms (MOD), splits them into
+    slots by co-firing, pairs them by their inner products; finds M on 6 of 6 seeds there
+    (sae/binding.py). Both assume an orthogonal M"""
     binding_warm_steps: int = field(default=2400, metadata={"min": 1})
-    """binding, --binding-init icp: steps of the plain TopK SAE trained first (on top of --steps)"""
+    """binding, --binding-init icp / match: steps of the plain TopK SAE trained first (on top of --steps)"""
     binding_restarts: int = field(default=24000, metadata={"min": 1})
     """binding, --binding-init icp: random starts of the ICP search for M"""
+    binding_match_rows: int = field(default=8192, metadata={"min": 1})
+    """binding, --binding-init match: activations the atoms are sharpened and split into slots on"""
     seed: int = 0
     """random seed (initial weights)"""
     device: str | None = field(default=None, metadata={"cli": "--sae-device"})
