@@ -143,6 +143,10 @@ def test_latched_rows_and_bad_gates():
     wide = Condition(rand_vec(lm, rows=2), 0, 0.0)
     with pytest.raises(SteerscopeError, match="row 0"):
         per_row([RowSteering(adds=rows[0].adds, when=wide)], lm.d_model)
+    # a gate holding no addition is no gate: nothing decided, reported or latched for it
+    empty = RowSteering(when=rows[0].when, gated=(Gated((), (rows[0].when,)),))
+    assert empty.gates() == [] and len(per_row([empty], lm.d_model)) == 0
+    assert len(per_row([empty, rows[0]], lm.d_model, latched=[(), (True,)])) == 1
 
 
 # ---- generate ----------------------------------------------------------------------------------

@@ -87,9 +87,10 @@ class RowSteering:
     """more additions, each group behind its own gate (after `adds`' gate `when`, if any)"""
 
     def gates(self) -> list[Gated]:
-        """The row's gated groups in decision order: `adds` behind `when` first, then `gated`."""
-        first = [Gated(self.adds, (self.when,))] if self.when is not None else []
-        return first + list(self.gated)
+        """The row's gated groups in decision order: `adds` behind `when` first, then `gated`; a gate
+        holding no addition is no gate (nothing to decide, no decision reported or latched)."""
+        first = [Gated(self.adds, (self.when,))] if self.when is not None and self.adds else []
+        return first + [g for g in self.gated if g.adds]
 
     def ungated_adds(self) -> tuple[AddSpec, ...]:
         return () if self.when is not None else self.adds
