@@ -3,7 +3,7 @@
 Imports flow one way (enforced by tests/test_architecture.py):
 
     config, errors, checkpoint, progress, _io, _tensors   (the ground: no steerscope imports but each other)
-    -> models -> interventions -> directions -> generation -> adapters -> sae -> judging -> report -> jobs, serving -> cli
+    -> models -> interventions -> directions -> amplify -> generation -> adapters -> sae -> judging -> report -> jobs, serving -> cli
 
 Every method family has one registration shape (`config.Family`): DISCOVERY, EXTRACTORS, METRICS,
 SAE_ARCHS, INTERVENTIONS.

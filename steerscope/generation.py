@@ -200,6 +200,7 @@ def generate(
     progress: bool | None = None,
     use_cache: bool = True,
     when: Condition | None = None,
+    amplify=None,
 ) -> list[Completion]:
     """Generate a completion for every (vector, prompt) pair.
 
@@ -225,6 +226,8 @@ def generate(
             makes one from a condition set): its vector applies only if the prompt's mean hidden
             state at `when.layer` meets the condition, decided on the prompt pass and held while
             generating. Each steered completion reports `gate_fired` and `gate_score`.
+        amplify: an `amplify.Amplify` (its base model and alpha): sample the model with its
+            difference from the base amplified (needs temperature > 0, no vectors or interventions).
     Returns completions ordered by variant (unsteered first), then prompt.
     """
     from transformers import GenerationConfig
@@ -242,6 +245,8 @@ def generate(
     rows = [(vi, pi) for vi in range(len(variants)) for pi in range(len(prompts))]
     if when is not None:
         _check_when(lm, when, variants, mode)
+    if amplify is not None and (temperature == 0 or vectors is not None or interventions):
+        raise SteerscopeError("amplify samples the unsteered model: give a temperature > 0 and no vectors.")
 
     tok = lm.tokenizer
     eos_set = lm.eos_ids
@@ -266,6 +271,9 @@ def generate(
             procs = (
                 [_RowSampler([_row_seed(seed, pi) for _, pi in chunk], temperature, top_p)] if temperature > 0 else []
             )
+            if amplify is not None:
+                amplify.prompt_mask = enc["attention_mask"]
+                procs.insert(0, amplify)
             # Prompt lengths are pinned: without a cache every step is a fresh full pass.
             with torch.no_grad(), steer(lm, *interventions, *adds, prompt_len=enc["attention_mask"].sum(-1)):
                 out = lm.model.generate(**enc, generation_config=gc, logits_processor=procs)

@@ -32,6 +32,7 @@ RANK = {
     "models": 1,
     "interventions": 2,
     "directions": 3,
+    "amplify": 3.5,
     "generation": 4,
     "adapters": 4.5,
     "sae": 5,

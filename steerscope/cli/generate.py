@@ -171,3 +171,72 @@ def _when(cfg, lm):
 
 def _gate_rule(c) -> str:
     return f"steers when {'>' if c.above else '<'} {c.threshold:.3f} at layer {c.layer}"
+
+
+def amplify_config() -> type:
+    @dataclass(frozen=True)
+    class AmplifyCommand(with_model()):
+        base: str | None = None
+        """the model it was fine-tuned from: a checkpoint folder, a cached hub id, or embedded
+        (default: for organism:NAME, the embedded model it was built from)"""
+        prompt: list[str] = field(default_factory=list, metadata={"append": True})
+        """a prompt (repeat the flag for more; default: the first --n-prompts of the neutral set)"""
+        n_prompts: int = field(default=4, metadata={"min": 1})
+        """neutral prompts used when no --prompt is given"""
+        alpha: float = field(default=2.0, metadata={"min": 0})
+        """amplification: log p_ft + alpha (log p_ft - log p_base); 0 samples the fine-tune as it is"""
+        top_k: int = field(default=20, metadata={"min": 1})
+        """only the fine-tune's own k most likely tokens can be sampled"""
+        samples: int = field(default=2, metadata={"min": 1})
+        """samples per prompt (each draw its own random stream)"""
+        temperature: float = field(default=1.0, metadata={"min": 0.01})
+        """sampling temperature"""
+        max_new_tokens: int = field(default=32, metadata={"min": 1})
+        """tokens to generate"""
+        seed: int = 0
+        """sampling seed"""
+        chat: bool | None = None
+        """apply the chat template (unset: when the model has one)"""
+        json: bool = False
+        """print one JSON object per completion"""
+
+    return AmplifyCommand
+
+
+@command(
+    "amplify",
+    "sample a fine-tune with its difference from its base amplified",
+    "Sample a fine-tune beside its base and with what it changed amplified (model-diff amplification): "
+    "a behaviour it learned shows even without the prompt that triggers it.",
+    amplify_config,
+)
+def cmd_amplify(cfg) -> int:
+    from ..amplify import Amplify
+    from ..directions.data import load_prompts
+    from ..generation import generate
+    from ..models.loading import load_base
+
+    prompts = list(cfg.prompt) or load_prompts("neutral")[: cfg.n_prompts]
+    lm = cfg.model.load()
+    base = load_base(cfg.base, lm, "amplify")
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, chat=cfg.chat, progress=False)
+    rows = prompts * cfg.samples  # draw s of prompt i is row s * P + i, each with its own stream
+    out = {
+        "base": generate(base, rows, seed=cfg.seed, **kw),
+        "fine-tune": generate(lm, rows, seed=cfg.seed, **kw),
+        f"amplified x{cfg.alpha:g}": generate(
+            lm, rows, seed=cfg.seed, amplify=Amplify(base, cfg.alpha, cfg.top_k), **kw
+        ),
+    }
+    P = len(prompts)
+    if cfg.json:
+        for name, res in out.items():
+            for r in res:
+                print(json.dumps({**r.to_dict(), "model": name, "prompt_index": r.prompt_index % P}))
+        return 0
+    for i, p in enumerate(prompts):
+        print(f"\n=== prompt {i}: {p!r}")
+        for name, res in out.items():
+            for s in range(cfg.samples):
+                print(f"{name:>14} [{s}] {res[s * P + i].text!r}")
+    return 0

@@ -111,6 +111,33 @@ def load_model(
     return LM(model, tok, model_id=name, fingerprint=weights_fingerprint(model), source=name)
 
 
+def load_base(spec: str | None, lm: LM, what: str) -> LM:
+    """The model `lm` was fine-tuned from, for the model-diffing methods and amplification: the
+    model `spec` names ("embedded": the embedded SmolLM2), or, for an organism, the embedded model
+    it was built from; in `lm`'s dtype and device, checked by `check_base`. `what` names the caller
+    in the one-line errors."""
+    if spec is None and not str(lm.model_id).startswith(PREFIX):
+        raise SteerscopeError(
+            f"{what} compares the model with the one it was fine-tuned from: give it with --base MODEL "
+            "(a checkpoint folder, a cached hub id, or embedded)."
+        )
+    base = load_model(None if spec in (None, "embedded") else spec, dtype=lm.dtype, device=str(lm.device))
+    check_base(base, lm, what)
+    return base
+
+
+def check_base(base: LM, lm: LM, what: str) -> None:
+    """One line when `base` is not `lm`'s architecture and vocabulary (it cannot be its base)."""
+    a = (base.model_type, base.n_layers, base.d_model, len(base.tokenizer))
+    b = (lm.model_type, lm.n_layers, lm.d_model, len(lm.tokenizer))
+    if a != b:
+        raise SteerscopeError(
+            f"{what}: the base ({a[0]}, {a[1]} layers, d={a[2]}, vocabulary {a[3]}) is not the fine-tune's "
+            f"architecture ({b[0]}, {b[1]} layers, d={b[2]}, vocabulary {b[3]}); give the model it was fine-tuned "
+            "from (--base)."
+        )
+
+
 @dataclass(frozen=True)
 class ModelConfig(Config):
     """Which model to load, in which precision, on which device."""

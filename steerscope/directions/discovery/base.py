@@ -59,32 +59,13 @@ DISCOVERY: Family = Family("discovery", "discovery method")
 
 def base_model(ctx: DiscoveryContext, spec: str | None, method: str):
     """The base model a model-diffing method compares `ctx.lm` with: `ctx.base` when the caller
-    holds one, else the model `spec` names ("embedded": the embedded SmolLM2), else, for an
-    organism, the embedded model it was built from. Checked to have the fine-tune's shape."""
-    from ...models.loading import load_model
+    holds one, else `models.loading.load_base(spec)`; checked to have the fine-tune's shape."""
+    from ...models.loading import check_base, load_base
 
-    lm = ctx.lm
-    base = ctx.base
-    if base is None:
-        if spec is None and not str(getattr(lm, "model_id", "")).startswith("organism:"):
-            raise SteerscopeError(
-                f"{method} compares the model with the one it was fine-tuned from: give it with --base MODEL "
-                "(a checkpoint folder, a cached hub id, or embedded)."
-            )
-        base = load_model(None if spec in (None, "embedded") else spec, dtype=lm.dtype, device=str(lm.device))
-    same = (base.model_type, base.n_layers, base.d_model, len(base.tokenizer)) == (
-        lm.model_type,
-        lm.n_layers,
-        lm.d_model,
-        len(lm.tokenizer),
-    )
-    if not same:
-        raise SteerscopeError(
-            f"{method}: the base ({base.model_type}, {base.n_layers} layers, d={base.d_model}, vocabulary "
-            f"{len(base.tokenizer)}) is not the fine-tune's architecture ({lm.model_type}, {lm.n_layers} layers, "
-            f"d={lm.d_model}, vocabulary {len(lm.tokenizer)}); give the model it was fine-tuned from (--base)."
-        )
-    return base
+    if ctx.base is None:
+        return load_base(spec, ctx.lm, method)
+    check_base(ctx.base, ctx.lm, method)
+    return ctx.base
 
 
 def both_signs(dirs: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
