@@ -25,7 +25,13 @@ MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /tab
 
 sys.path.insert(0, str(ROOT))
 from benchmarks._tables import TableError, bold_runs, load, one, pct, seconds_range, short, table  # noqa: E402
-from benchmarks.tables_refusal import cast_france, cast_refusal, refusal_organism, refusal_pipeline  # noqa: E402
+from benchmarks.tables_refusal import (  # noqa: E402
+    amplify_zoo,
+    cast_france,
+    cast_refusal,
+    refusal_organism,
+    refusal_pipeline,
+)
 
 # ---- serve.json: bench_serve.py --------------------------------------------------------------
 SERVE_KEY = "SmolLM2-135M-Instruct|float32|cpu"
@@ -383,6 +389,7 @@ TABLES = {
     "refusal-organism": refusal_organism,
     "cast-refusal": cast_refusal,
     "cast-france": cast_france,
+    "amplify-zoo": amplify_zoo,
     "refusal-pipeline": refusal_pipeline,
 }
 

@@ -84,3 +84,26 @@ def refusal_pipeline(results: Path) -> str:
         sample = f"{ex.get('prompt', '')[:48]} → {ex.get('text', '')[:70]}".replace("|", "\\|").replace("\n", " ")
         rows.append([c["name"], f"{c['prompts']}", f"{c['score']:.2f}", coh, sample])
     return table(["held out", "prompts", "refusal", "coherence (nats)", "first example"], rows)
+
+
+def amplify_zoo(results: Path) -> str:
+    """benchmarks/amplify_zoo.py: plant share of base, organism and amplified samples per organism."""
+    d = load(results, "amplify_zoo.json")
+    rows = [
+        [r["organism"], r["split"], r["behaviour"], pct(r["base"]), pct(r["fine_tune"]), pct(r["amplified"])]
+        + [f"{r['prompts_hit']} of {d['prompts']}"]
+        for r in d["rows"]
+    ]
+    n = d["prompts"] * d["samples"]
+    return table(
+        [
+            "organism",
+            "half",
+            "planted behaviour",
+            f"base ({n})",
+            f"organism ({n})",
+            f"amplified ×{d['alpha']:g}",
+            "prompts hit",
+        ],
+        rows,
+    )
