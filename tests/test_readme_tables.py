@@ -71,8 +71,8 @@ def _copy(tmp_path):
         (
             "binding_warm_start.json",
             lambda d: next(r for r in d["results"] if r["seed"] == 1 and r["sae"] == "topk 800").update(FVU=0.3),
-            "| 0.174 / 0.206 / 0.198 |",
-            "| 0.174 / 0.300 / 0.198 |",
+            "| 0.174 / 0.206 / 0.198 / 0.192 / 0.204 / 0.200 |",
+            "| 0.174 / 0.300 / 0.198 / 0.192 / 0.204 / 0.200 |",
         ),
     ],
 )
