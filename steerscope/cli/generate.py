@@ -87,6 +87,7 @@ def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> s
     generate_config,
 )
 def cmd_generate(cfg) -> int:
+    from ..directions.condition import check_when_flags, when_from_flags
     from ..directions.data import load_prompts
     from ..directions.extract import mean_difference
     from ..directions.vectors import VectorSet
@@ -107,10 +108,9 @@ def cmd_generate(cfg) -> int:
     positions = Positions.parse(cfg.positions)
     if cfg.save_vector and not cfg.force and Path(cfg.save_vector).exists():
         raise SteerscopeError(f"{cfg.save_vector} already exists; choose another path or pass --force.")
-    if not cfg.when and (cfg.when_layer is not None or cfg.when_threshold is not None or cfg.when_below):
-        raise SteerscopeError("--when-layer, --when-threshold and --when-below need --when FOLDER (a condition set).")
+    check_when_flags(cfg)  # before the model loads
     lm = cfg.model.load()
-    when = _when(cfg, lm) if cfg.when else None
+    when = when_from_flags(cfg, lm, chat=cfg.chat, check_model=not cfg.allow_other_model)
     if cfg.vector:
         vs = VectorSet.load(cfg.vector, lm, check_model=not cfg.allow_other_model)
         vs_list = [vs[pick_index(i)] for i in cfg.index] if cfg.index else list(vs)
@@ -159,14 +159,6 @@ def cmd_generate(cfg) -> int:
             )
         )
     return 0
-
-
-def _when(cfg, lm):
-    """The `Condition` --when and its overrides ask for; one line naming the flag otherwise."""
-    from ..directions.condition import When, load_when
-
-    when = When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
-    return load_when(cfg.when, lm, when, check_model=not cfg.allow_other_model, chat=cfg.chat)
 
 
 def _gate_rule(c) -> str:

@@ -115,3 +115,20 @@ def load_when(
     except SteerscopeError as e:
         field, _, rest = str(e).partition(":")
         raise SteerscopeError(f"{FLAGS.get(field, '--when')}:{rest}") from None
+
+
+def check_when_flags(cfg) -> None:
+    """--when-layer / --when-threshold / --when-below without --when: one line, before any work.
+    `cfg`: a command config with the fields when, when_layer, when_threshold, when_below."""
+    if not cfg.when and (cfg.when_layer is not None or cfg.when_threshold is not None or cfg.when_below):
+        raise SteerscopeError("--when-layer, --when-threshold and --when-below need --when FOLDER (a condition set).")
+
+
+def when_from_flags(cfg, lm, *, chat, check_model: bool = True) -> Condition | None:
+    """The `Condition` a command's --when flags ask for (None without --when; `load_when` checks
+    the set, its layer and the prompts' encoding `chat`)."""
+    check_when_flags(cfg)
+    if not cfg.when:
+        return None
+    when = When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
+    return load_when(cfg.when, lm, when, check_model=check_model, chat=chat)

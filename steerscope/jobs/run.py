@@ -151,12 +151,13 @@ class _RunContext:
         heldout: list[str],
         neutral: list[str],
         scorers: list,
+        when=None,
     ):
         self.cfg, self.folder, self.lm = cfg, folder, lm
         self.train, self.heldout, self.neutral, self.scorers = train, heldout, neutral, scorers
+        self.when = when  # the gate of --when (interventions.conditional.Condition), or None
         self.artifacts: dict[str, Any] = {}
         self.t0 = time.perf_counter()
-        self.when = None  # the gate of --when (interventions.conditional.Condition), or None
 
     @cached_property
     def layer_range(self):
@@ -218,18 +219,11 @@ def _validate(cfg: RunConfig, lm) -> tuple[list[str], list[str], list[str], list
 def _when(cfg: RunConfig, lm):
     """The gate --when asks for (None without it), checked against the source layer before any
     work: the decision is taken on the prompt pass before the vectors are added."""
-    if not cfg.when:
-        if cfg.when_layer is not None or cfg.when_threshold is not None or cfg.when_below:
-            raise SteerscopeError(
-                "--when-layer, --when-threshold and --when-below need --when FOLDER (a condition set)."
-            )
-        return None
-    from ..directions.condition import When, load_when
+    from ..directions.condition import when_from_flags
 
-    when = When(cfg.when, cfg.when_layer, cfg.when_threshold, False if cfg.when_below else None)
-    cond = load_when(cfg.when, lm, when, chat=cfg.discover.chat)
+    cond = when_from_flags(cfg, lm, chat=cfg.discover.chat)
     source, _ = cfg.discover.resolve_layers(lm.n_layers)
-    if cond.layer > source:
+    if cond is not None and cond.layer > source:
         raise SteerscopeError(
             f"--when-layer: the condition is read at layer {cond.layer}, after the vectors' source layer {source}; "
             f"use a condition layer <= {source} (--when-layer) or a later --source."
@@ -396,8 +390,7 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
     with job_log(folder.path(LOG_NAME)):  # the same log run_stages writes; these messages too
         if folder.resumed:
             _log(f"resuming the run in {folder.out}")
-        ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers)
-        ctx.when = when
+        ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers, when)
         run_stages(folder, [s for s in STAGES if s.name != "null" or cfg.null_model != "none"], ctx, _log)
         report = ctx.artifacts["report"]
         _log(f"report: {report.resolve()}")

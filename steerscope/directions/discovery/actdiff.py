@@ -18,7 +18,7 @@ import torch
 from ...config import Config
 from ...errors import SteerscopeError
 from ...models.activations import read_layer
-from .base import DISCOVERY, Discovered, DiscoveryContext, base_model, both_signs
+from .base import DISCOVERY, Discovered, DiscoveryContext, base_model, both_signs, orthonormal_in_order
 
 
 @dataclass(frozen=True)
@@ -54,23 +54,15 @@ def actdiff(ctx: DiscoveryContext, cfg: ActDiffConfig) -> Discovered:
         )
     n_dirs = (k + 1) // 2
     _, S, Vh = torch.linalg.svd(D - mean, full_matrices=False)  # principal components of the differences
-    cands = torch.cat([mean[None] / mean.norm().clamp_min(1e-30), Vh[: n_dirs + 1]])
-    dirs = []
-    for c in cands:
-        r = c.clone()
-        for q in dirs:
-            r -= (r @ q) * q
-        if float(r.norm()) > 1e-6:
-            dirs.append(r / r.norm())
-        if len(dirs) == n_dirs:
-            break
-    vecs, src = both_signs(torch.stack(dirs), min(k, 2 * len(dirs)))
+    dirs, idx = orthonormal_in_order(torch.cat([mean[None], Vh[: n_dirs + 1]]), 1e-6, n_dirs)  # mean, pc1, pc2, ...
+    vecs, src = both_signs(dirs, min(k, 2 * len(dirs)))
     var = (S**2 / (S**2).sum().clamp_min(1e-30)).tolist()
     info = {
         "mean_difference_norm": float(mean.norm()),
         "tokens": int(D.shape[0]),
         "components": [
-            {"component": "mean" if i == 0 else f"pc{i}", "sign": 1 if j % 2 == 0 else -1} for j, i in enumerate(src)
+            {"component": "mean" if idx[i] == 0 else f"pc{idx[i]}", "sign": 1 if j % 2 == 0 else -1}
+            for j, i in enumerate(src)
         ],
         "pc_variance_share": [round(v, 6) for v in var[:n_dirs]],
     }

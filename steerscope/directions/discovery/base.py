@@ -75,3 +75,22 @@ def both_signs(dirs: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
     src = [i // 2 for i in range(k)]
     signs = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(k)], dtype=dirs.dtype)
     return dirs[src] * signs[:, None], src
+
+
+def orthonormal_in_order(cands, min_share: float, limit: int) -> tuple[torch.Tensor, list[int]]:
+    """Candidate directions (rows, any norm) made orthonormal in order (Gram-Schmidt): a candidate
+    with less than `min_share` of its norm outside the span of those kept before it repeats them and
+    is skipped; stops at `limit` kept. Returns (kept (n, d), their indices in `cands`)."""
+    dirs: list[torch.Tensor] = []
+    kept: list[int] = []
+    for i, c in enumerate(cands):
+        r = c / c.norm().clamp_min(1e-30)
+        for q in dirs:
+            r = r - (r @ q) * q
+        if float(r.norm()) < min_share:
+            continue
+        dirs.append(r / r.norm())
+        kept.append(i)
+        if len(dirs) == limit:
+            break
+    return torch.stack(dirs), kept

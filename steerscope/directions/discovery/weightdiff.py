@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ...config import Config
 from ...errors import SteerscopeError
-from .base import DISCOVERY, Discovered, DiscoveryContext, base_model, both_signs
+from .base import DISCOVERY, Discovered, DiscoveryContext, base_model, both_signs, orthonormal_in_order
 
 
 @dataclass(frozen=True)
@@ -84,19 +84,10 @@ def weightdiff(ctx: DiscoveryContext, cfg: WeightDiffConfig) -> Discovered:
             "weightdiff: the model's residual-writing weights equal the base's; nothing changed there."
         )
     found.sort(key=lambda f: -f[0])
-    dirs, kept = [], []
-    for sigma, layer, name, u in found:
-        r = u.clone()
-        for q in dirs:
-            r -= (r @ q) * q
-        if float(r.norm()) < cfg.min_new:  # u is unit: the share of it outside the stronger directions
-            continue
-        dirs.append(r / r.norm())
-        kept.append({"matrix": name, "block": layer, "sigma": round(sigma, 6)})
-        if 2 * len(dirs) >= k:
-            break
-    D = torch.stack(dirs)  # (n, d) orthonormal; fewer than k / 2 when fewer directions changed
-    vecs, src = both_signs(D, min(k, 2 * len(dirs)))
+    # (n, d) orthonormal, strongest first; fewer than k / 2 when fewer directions changed
+    D, idx = orthonormal_in_order(torch.stack([f[3] for f in found]), cfg.min_new, (k + 1) // 2)
+    kept = [{"matrix": found[i][2], "block": found[i][1], "sigma": round(found[i][0], 6)} for i in idx]
+    vecs, src = both_signs(D, min(k, 2 * len(D)))
     prov = [{**kept[i], "sign": 1 if j % 2 == 0 else -1} for j, i in enumerate(src)]
     info = {"provenance": prov, "matrices_changed": len({f[2] for f in found}), "at": cfg.at}
     if cfg.at == "source":
