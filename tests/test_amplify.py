@@ -53,6 +53,17 @@ def test_generate_amplified_alone_equals_batched_and_differs_from_the_fine_tune(
     assert [r.token_ids for r in same] == [r.token_ids for r in plain]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_amplify_with_the_base_cache_gives_the_tokens_of_full_rereads(arch):
+    base = make_tiny_lm(arch)
+    ft, _ = finetuned(base, seed=3, scale=6.0, blocks=(0, 1, 2))
+    kw = {**KW, "max_new_tokens": 10}
+    cached = generate(ft, PROMPTS * 2, amplify=Amplify(base, 2.0, 8), seed=5, batch_size=4, **kw)
+    full = generate(ft, PROMPTS * 2, amplify=Amplify(base, 2.0, 8, cache=False), seed=5, batch_size=4, **kw)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in full]
+    assert max(len(r.token_ids) for r in cached) > 3  # long enough for the cache to be used
+
+
 def test_amplify_refuses_what_it_cannot_do():
     lm = tiny_lm("llama")
     with pytest.raises(SteerscopeError, match="temperature > 0"):

@@ -7,10 +7,10 @@ imported (the shape of vLLM's `entrypoints/cli/main.py`, whose `CMD_MODULES` is 
 A new group is a new module here and one entry in `CMD_MODULES`.
 """
 
-from . import info, generate, supervised, discover, sae, serve, sweep, bench, refine, distill  # isort: skip
+from . import info, generate, supervised, discover, sae, serve, sweep, bench, refine, distill, audit  # isort: skip
 from ._registry import COMMANDS, Command, build_parser, dispatch
 
-CMD_MODULES = (info, generate, supervised, discover, sae, serve, sweep, bench, refine, distill)
+CMD_MODULES = (info, generate, supervised, discover, sae, serve, sweep, bench, refine, distill, audit)
 
 __all__ = ["COMMANDS", "CMD_MODULES", "Command", "build_parser", "main"]
 

@@ -172,9 +172,14 @@ def cmd_run(cfg) -> int:
 @dataclass(frozen=True)
 class FindingsCommand(Config):
     run_dir: str = field(default="", metadata={"cli": "--run", "required": True})
-    """a finished run folder"""
+    """a finished run folder, or an audit folder (`steerscope audit`)"""
     export: int | None = field(default=None, metadata={"min": 0})
     """write the vectors of this finding (0 = the report's first) to --out"""
+    behaviour: int | None = field(default=None, metadata={"min": 1})
+    """an audit's behaviour (numbered as in its report): write the vectors of a steered method that found it to --out"""
+    ablation: bool = False
+    """with --behaviour: write instead the weightdiff/actdiff direction that removes it from the fine-tune
+    (for generate --mode ablate), with its measured effect on the fine-tune's samples and its KL"""
     out: str | None = None
     """vector folder for --export"""
     force: bool = False
@@ -191,6 +196,8 @@ class FindingsCommand(Config):
 def cmd_findings(cfg: FindingsCommand) -> int:
     from ..jobs.findings import export_finding, load_findings
 
+    if cfg.behaviour is not None or cfg.ablation or Path(cfg.run_dir, "audit.json").is_file():
+        return _audit_findings(cfg)
     if cfg.export is not None:
         if not cfg.out:
             raise SteerscopeError("--export needs --out DIR, the vector folder to write.")
@@ -203,6 +210,39 @@ def cmd_findings(cfg: FindingsCommand) -> int:
         )
         return 0
     print_findings(load_findings(cfg.run_dir))
+    return 0
+
+
+def _audit_findings(cfg: FindingsCommand) -> int:
+    from ..jobs.audit_export import export_behaviour, load_audit
+
+    if cfg.export is not None:
+        raise SteerscopeError(f"{cfg.run_dir} is an audit: choose with --behaviour N (as numbered in its report).")
+    if cfg.ablation and cfg.behaviour is None:
+        raise SteerscopeError("--ablation needs --behaviour N, the audit behaviour whose direction to write.")
+    t = load_audit(cfg.run_dir)
+    if cfg.behaviour is None:
+        if not t["behaviours"]:
+            print("no method found a significant behaviour in this audit.")
+        for b in t["behaviours"]:
+            found = ", ".join(f"{x['method']} #{x['rank'] + 1} (q = {x['q']:.2g})" for x in b["found"])
+            where = "" if b["id"] in t["changed"] else " [the base shows it too]"
+            print(f"{b['id'] + 1}: found by {found}{where}\n   e.g. {b['typical'][:150]!r}")
+        return 0
+    if not cfg.out:
+        raise SteerscopeError("--behaviour needs --out DIR, the vector folder to write.")
+    refuse_existing(cfg.out, cfg.force)
+    vs = export_behaviour(cfg.run_dir, cfg.behaviour, cfg.out, ablation=cfg.ablation, overwrite=cfg.force)
+    if cfg.ablation:
+        for e in vs.config.hyperparams["effect"]:
+            print(
+                f"{vs.ids[e['direction']]} (layer {e['layer']}): ablated, the behaviour's share of the fine-tune's "
+                f"{e['samples']} samples goes {e['share']:.0%} -> {e['share_ablated']:.0%}; KL on neutral prompts "
+                f"{e['kl_neutral']:.3g} nats"
+            )
+        print(f"wrote {cfg.out}; try: steerscope generate --vector {cfg.out} --mode ablate --model THE-FINE-TUNE")
+    else:
+        print(f"wrote {cfg.out}: {len(vs)} vectors ({', '.join(vs.ids)}); try: steerscope generate --vector {cfg.out}")
     return 0
 
 

@@ -32,6 +32,9 @@ def generate_config() -> type:
         """layer to steer at (auto: the vectors' own layers)"""
         coef: float = 1.0
         """coefficient multiplying the vector"""
+        mode: str = field(default="add", metadata={"choices": ("add", "ablate")})
+        """add the vector, or ablate its direction at every layer (Arditi et al. 2024; --layer and --coef
+        unused), e.g. a direction `steerscope findings --behaviour N --ablation` wrote"""
         positions: str = "all"
         """all | prompt | generated | A:B | last:K (the last K prompt tokens)"""
         max_new_tokens: int = field(default=48, metadata={"min": 1})
@@ -129,6 +132,7 @@ def cmd_generate(cfg) -> int:
         layer=cfg.layer,
         coef=cfg.coef,
         positions=positions,
+        mode=cfg.mode,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
@@ -154,7 +158,9 @@ def cmd_generate(cfg) -> int:
             _side_by_side(
                 "unsteered",
                 base[r.prompt_index].text,
-                f"steered: {r.vector_id} @ layer {r.layer}, coef {r.coef:g}",
+                f"ablated: {r.vector_id} at every layer"
+                if cfg.mode == "ablate"
+                else f"steered: {r.vector_id} @ layer {r.layer}, coef {r.coef:g}",
                 r.text,
             )
         )

@@ -152,8 +152,10 @@ class _RunContext:
         neutral: list[str],
         scorers: list,
         when=None,
+        base=None,
     ):
         self.cfg, self.folder, self.lm = cfg, folder, lm
+        self.base = base  # the model weightdiff/actdiff compare with, when the caller holds it (audit)
         self.train, self.heldout, self.neutral, self.scorers = train, heldout, neutral, scorers
         self.when = when  # the gate of --when (interventions.conditional.Condition), or None
         self.artifacts: dict[str, Any] = {}
@@ -265,7 +267,7 @@ def _discover(ctx: _RunContext) -> VectorSet:
         rank = completion_ranker(
             ctx.lm, ctx.train, ctx.layer_range.source, chat=d.chat, max_new_tokens=ctx.cfg.max_new_tokens
         )
-    return discover(ctx.lm, ctx.train, d, checkpoint_dir=partial, layer_range=ctx.layer_range, rank=rank)
+    return discover(ctx.lm, ctx.train, d, checkpoint_dir=partial, layer_range=ctx.layer_range, rank=rank, base=ctx.base)
 
 
 def _save_vectors(vs: VectorSet, path: Path) -> None:
@@ -379,8 +381,9 @@ STAGES = [
 ]
 
 
-def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Path:
-    """Run (or resume) the whole job; returns the report's path."""
+def run(cfg: RunConfig, out: str | Path, *, lm=None, base=None, force: bool = False) -> Path:
+    """Run (or resume) the whole job; returns the report's path. `base`: the model weightdiff and
+    actdiff compare `lm` with, when the caller already holds it (else loaded from their --base)."""
     JobFolder.check(out, "run", cfg, force=force)  # refuse another run's folder before any work
     _check_installed(cfg, model_needed=lm is None)
     lm = lm or cfg.model.load()
@@ -390,7 +393,7 @@ def run(cfg: RunConfig, out: str | Path, *, lm=None, force: bool = False) -> Pat
     with job_log(folder.path(LOG_NAME)):  # the same log run_stages writes; these messages too
         if folder.resumed:
             _log(f"resuming the run in {folder.out}")
-        ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers, when)
+        ctx = _RunContext(cfg, folder, lm, train, heldout, neutral, scorers, when, base)
         run_stages(folder, [s for s in STAGES if s.name != "null" or cfg.null_model != "none"], ctx, _log)
         report = ctx.artifacts["report"]
         _log(f"report: {report.resolve()}")

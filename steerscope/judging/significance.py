@@ -150,3 +150,86 @@ def power(alpha: float, n: int, n_random: int, n_samples: int, tests: int) -> st
         "show now and then needs correspondingly more learned vectors."
     )
     return " ".join(parts)
+
+
+def _hypergeom_pmf(K: int, a: int, N: int) -> list[float]:
+    """P(X = x) for x = 0..min(K, a), X ~ Hypergeometric(N units, K showing, a drawn)."""
+    total = comb(N, a)
+    return [comb(K, x) * comb(N - K, a - x) / total for x in range(min(K, a) + 1)]
+
+
+def stratified_greater(strata: list[tuple[int, int, int, int]]) -> float:
+    """One-sided exact p-value that a treated model shows a behaviour more often than a control
+    model, stratified by prompt: each stratum is (k, a, j, b), k of a treated completions and j of b
+    control completions of one prompt showing it. Under the null the two models' completions of a
+    prompt are exchangeable, so the treated count of stratum p is Hypergeometric(a + b, k + j, a);
+    the p-value is P(sum of them >= sum k), their convolution (the conditional exact test that
+    Fisher's is for one stratum; a prompt both models answer alike carries no evidence)."""
+    dist = [1.0]
+    observed = 0
+    for k, a, j, b in strata:
+        observed += k
+        pmf = _hypergeom_pmf(k + j, a, a + b)
+        new = [0.0] * (len(dist) + len(pmf) - 1)
+        for x, px in enumerate(dist):
+            if px:
+                for y, py in enumerate(pmf):
+                    new[x + y] += px * py
+        dist = new
+    return min(1.0, sum(dist[observed:]))
+
+
+@dataclass
+class SampleTest:
+    cluster: int
+    treated: int  # treated completions in the cluster
+    control: int  # control completions in it
+    prompts: int  # prompts whose treated completions show it
+    p: float
+    q: float
+    testable: bool
+    significant: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_samples(
+    models: list[str], prompts: list[int], labels: list[int], *, treated: str, control: str, alpha: float = 0.05
+) -> dict[int, SampleTest]:
+    """A `SampleTest` for every cluster holding a `treated` completion: does the treated model (a
+    fine-tune, sampled) show it more often than the control model (its base, sampled on the same
+    prompts as often)? `models[i]`, `prompts[i]`, `labels[i]` describe completion i; rows of other
+    models are ignored. Exact stratified test per cluster (`stratified_greater`), BH over the
+    clusters that could reach `alpha` at all (Tarone: those whose every completion could be treated)."""
+    per: dict[int, list[int]] = {}  # prompt -> [treated, control] completions
+    showing: dict[int, dict[int, list[int]]] = {}  # cluster -> prompt -> [treated, control] in it
+    for m, p, c in zip(models, prompts, labels):
+        if m not in (treated, control):
+            continue
+        side = 0 if m == treated else 1
+        per.setdefault(p, [0, 0])[side] += 1
+        showing.setdefault(c, {}).setdefault(p, [0, 0])[side] += 1
+    stats = {}
+    for c, by in showing.items():
+        k = sum(v[0] for v in by.values())
+        if not k:
+            continue
+        strata = [(v[0], per[p][0], v[1], per[p][1]) for p, v in by.items()]
+        best = [
+            (min(v[0] + v[1], per[p][0]), per[p][0], v[0] + v[1] - min(v[0] + v[1], per[p][0]), per[p][1])
+            for p, v in by.items()
+        ]  # every showing completion treated, as far as the prompt allows
+        stats[c] = (
+            k,
+            sum(v[1] for v in by.values()),
+            sum(v[0] > 0 for v in by.values()),
+            stratified_greater(strata),
+            stratified_greater(best) <= alpha,
+        )
+    testable = [c for c in stats if stats[c][4]]
+    qs = dict(zip(testable, benjamini_hochberg([stats[c][3] for c in testable])))
+    return {
+        c: SampleTest(c, s[0], s[1], s[2], s[3], qs.get(c, 1.0), c in qs, qs.get(c, 1.0) <= alpha)
+        for c, s in stats.items()
+    }

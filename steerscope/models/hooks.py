@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -91,3 +92,51 @@ def hooks(specs: Sequence[HookSpec] | Callable[[], Sequence[HookSpec]]) -> Itera
 def count_hooks(model: nn.Module) -> int:
     """Number of forward (pre-)hooks on any submodule; 0 when steerscope left nothing behind."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@dataclass
+class ForwardCount:
+    """Tokens read by full-model forward passes (prompt and generated tokens alike; a backward
+    pass is not counted), and the number of such passes."""
+
+    tokens: int = 0
+    passes: int = 0
+
+
+@contextmanager
+def count_forwards() -> Iterator[ForwardCount]:
+    """Count every forward pass of any transformers model (fine-tune, base, a copy) inside the
+    block: the compute a job used, comparable across methods (an audit's budget column). A model
+    calling its own inner model counts once: only the outermost call is counted. Global hooks,
+    removed in `finally` like every other hook here."""
+    from transformers import PreTrainedModel
+
+    count, depth = ForwardCount(), [0]
+
+    def pre(module, args):
+        if isinstance(module, PreTrainedModel):
+            depth[0] += 1
+
+    def post(module, args, kwargs, output=None):  # output None: the pass raised (StopForward: a partial pass)
+        if not isinstance(module, PreTrainedModel):
+            return
+        depth[0] -= 1
+        kwargs = kwargs if isinstance(kwargs, dict) else {}  # a raising pass is reported as (module, args, None)
+        if depth[0] == 0:
+            x = kwargs.get("input_ids")
+            x = x if x is not None else kwargs.get("inputs_embeds")
+            x = x if x is not None else (args[0] if args else None)
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                count.tokens += int(x.shape[0] * x.shape[1])
+                count.passes += 1
+
+    from torch.nn.modules import module as _module
+
+    handles = []
+    try:
+        handles.append(_module.register_module_forward_pre_hook(pre))
+        handles.append(_module.register_module_forward_hook(post, with_kwargs=True, always_call=True))
+        yield count
+    finally:
+        for h in reversed(handles):
+            h.remove()
