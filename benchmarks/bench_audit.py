@@ -18,7 +18,7 @@ benchmarks/results/audit.json and benchmarks/results/audit_compute.svg (hit rate
 per method, one point per method and split), and prints a markdown table.
 
     python benchmarks/bench_audit.py --split heldout --baseline     # about 8 min per organism on 2 cores
-    python benchmarks/bench_audit.py --split tune
+    python benchmarks/bench_audit.py --split tune --contrast-run runs/audit-bench/append/methods/base
     python benchmarks/bench_audit.py --plot-only                    # redraw from the results file
 """
 
@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._env import machine, versions  # noqa: E402
+from benchmarks.tables_audit import rows_table  # noqa: E402
 from steerscope._io import write_json_atomic, write_text_atomic  # noqa: E402
 from steerscope.judging.metrics import parse_metric  # noqa: E402
 from steerscope.models.organisms import ORGANISMS, SPLITS, ZOO  # noqa: E402
@@ -103,7 +104,7 @@ def plot(results: list[dict]) -> str:
     pts = []
     for split in ("tune", "heldout"):
         rows = [r for r in results if r.get("split") == split and "methods" in r]
-        for m in METHODS + ["audit"]:
+        for m in [x for x in METHODS if x != "base"] + ["audit"]:  # base is the contrast, not a finder
             ran = [r["methods"][m] for r in rows if r["methods"].get(m, {}).get("status") == "ran"]
             if ran:
                 pts.append(
@@ -115,7 +116,7 @@ def plot(results: list[dict]) -> str:
                         len(ran),
                     )
                 )
-    W, H, L, B = 640, 380, 60, 50
+    W, H, L, B = 640, 400, 60, 50
     xs = [p[3] for p in pts] or [1.0]
     sx = svg.linear(0, max(xs) * 1.15, L, W - 20)
     sy = svg.linear(0, 1, H - B, 20)
@@ -131,52 +132,17 @@ def plot(results: list[dict]) -> str:
     step = 60 if max(xs) < 600 else 120
     for s in range(0, int(max(xs) * 1.15) + 1, step):
         parts.append(f"<text x='{sx(s):.1f}' y='{H - B + 16}' text-anchor='middle'>{s}</text>")
-    for i, (m, split, rate, sec, n) in enumerate(pts):
+    zero = 0
+    for m, split, rate, sec, n in pts:
         c = svg.color(METHODS.index(m) if m in METHODS else len(METHODS))
         x, y = sx(sec), sy(rate)
         mark = (f"<circle cx='{x:.1f}' cy='{y:.1f}' r='6' fill='{c}'/>" if split == "heldout"
                 else f"<rect x='{x - 5:.1f}' y='{y - 5:.1f}' width='10' height='10' fill='none' stroke='{c}' stroke-width='2'/>")  # fmt: skip
-        parts.append(
-            mark + f"<text x='{x + 9:.1f}' y='{y - 6 - 10 * (i % 2):.1f}' fill='{c}'>{m} ({split}, {n})</text>"
-        )
+        zero += rate < 0.1
+        ly = y - 8 - 13 * (zero - 1) if rate < 0.1 else y - 8  # the misses pile up at 0: stack their labels
+        parts.append(mark + f"<text x='{x + 9:.1f}' y='{ly:.1f}' fill='{c}'>{m} ({split}, {n})</text>")
     parts.append(f"<text x='{W - 24}' y='34' text-anchor='end'>● held-out half   □ tune half</text></svg>")
     return "".join(parts)
-
-
-def table(results: list[dict]) -> str:
-    lines = []
-    for split in ("tune", "heldout", None):
-        rows = [r for r in results if r.get("split") == split]
-        if not rows:
-            continue
-        head = "organism" if split else "model"
-        lines.append(f"| {head} | " + " | ".join(METHODS + ["audit (merged)"]) + " | wall |")
-        lines.append("|---" * (len(METHODS) + 3) + "|")
-        for r in rows:
-            if "error" in r:
-                lines.append(f"| {r['organism']} | failed: {r['error'][-120:]!r} |")
-                continue
-            cells = []
-            for m in METHODS + ["audit"]:
-                x = r["methods"].get(m, {})
-                if x.get("status") != "ran":
-                    cells.append(x.get("status", "—"))
-                elif split is None:
-                    cells.append(f"{x['nsig']} sig")
-                else:
-                    cells.append(
-                        f"**#{x['rank']}**" if x["hit"] else f"#{x['rank']}" if x["sig"] else f"no ({x['nsig']} sig)"
-                    )
-            lines.append(f"| {r['organism']} | " + " | ".join(cells) + f" | {r['wall_s']:.0f} s |")
-        if split:
-            n = len([r for r in rows if "methods" in r])
-            rates = [
-                f"{sum(r['methods'].get(m, {}).get('hit', False) for r in rows if 'methods' in r)}/{n}"
-                for m in METHODS + ["audit"]
-            ]
-            lines.append(f"| **{split} hit rate** | " + " | ".join(rates) + " | |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -186,6 +152,9 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true", help="also audit the embedded model against itself")
     ap.add_argument("--out", default="runs/audit-bench")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument(
+        "--contrast-run", default=None, help="a finished base run to reuse from the start (an earlier bench's)"
+    )
     a = ap.parse_args()
     old = json.loads(RESULTS.read_text())["results"] if RESULTS.is_file() else []
     results: list[dict] = []
@@ -200,11 +169,11 @@ def main() -> None:
     if a.plot_only:
         results = []
         save()
-        print(table(old))
+        print(rows_table(old))
         return
     orgs = a.organisms or (list(ZOO) if a.split == "all" else SPLITS[a.split])
     exe = shutil.which("steerscope") or str(Path(sys.executable).with_name("steerscope"))
-    contrast = None
+    contrast = Path(a.contrast_run) if a.contrast_run else None
     jobs = [(n, f"organism:{n}", []) for n in orgs] + (
         [("embedded (no plant)", None, ["--base", "embedded"])] if a.baseline else []
     )
@@ -241,7 +210,7 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{m} {'#' + str(x['rank']) if x.get('sig') else x.get('status') if x.get('status') != 'ran' else '-'}"
                                       for m, x in r["methods"].items()) + f"; {wall:.0f} s", flush=True)  # fmt: skip
         save()
-    print(table(results))
+    print(rows_table(results))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /tab
 
 sys.path.insert(0, str(ROOT))
 from benchmarks._tables import TableError, bold_runs, load, one, pct, seconds_range, short, table  # noqa: E402
+from benchmarks.tables_audit import audit_bench  # noqa: E402
 from benchmarks.tables_refusal import (  # noqa: E402
     amplify_zoo,
     cast_france,
@@ -391,6 +392,7 @@ TABLES = {
     "cast-france": cast_france,
     "amplify-zoo": amplify_zoo,
     "refusal-pipeline": refusal_pipeline,
+    "audit-bench": audit_bench,
 }
 
 

@@ -132,6 +132,26 @@ def test_self_audit_skips_diffing_and_sampling_finds_nothing(base, tmp_path, mon
     assert "No method found a significant change" in (out / "report.html").read_text()
 
 
+def test_contrast_run_is_copied_in_and_checked(base, tmp_path, monkeypatch, capsys):
+    _cheap(monkeypatch)
+    ft, _ = finetuned(base, seed=2, scale=6.0, blocks=(0,))
+    first = tmp_path / "first"
+    audit(_cfg(methods=["base"]), first, lm=ft, base=base)
+    second = tmp_path / "second"
+    audit(_cfg(methods=["base"], contrast_run=str(first / "methods" / "base")), second, lm=ft, base=base)
+    t = json.loads((second / "audit.json").read_text())
+    assert t["compute"]["base"]["reused_from"] == str((first / "methods" / "base").resolve())
+    same = lambda p: (p / "methods" / "base" / "completions.jsonl").read_text()  # noqa: E731
+    assert same(first) == same(second)
+    with pytest.raises(SteerscopeError, match="--contrast-run"):  # a base run with other settings, before any work
+        audit(_cfg(n_vectors=4, contrast_run=str(first / "methods" / "base")), tmp_path / "third", lm=ft, base=base)
+    assert not (tmp_path / "third").exists()
+    capsys.readouterr()
+    assert main(["findings", "--run", str(second)]) == 0
+    listed = [l for l in capsys.readouterr().out.splitlines() if "found by" in l]
+    assert all("[the base shows it too]" in l for l in listed)  # only the base ran: nothing the fine-tune changed
+
+
 def _brute(strata):
     """P(sum of treated counts >= observed) by enumerating every within-prompt relabelling."""
     observed, outcomes = sum(k for k, *_ in strata), []

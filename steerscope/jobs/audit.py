@@ -229,14 +229,19 @@ def _steered(method: str):
     return build
 
 
-def _reuse(src: Path, out: Path, rc: RunConfig) -> None:
-    """Copy a finished base run in, after checking it is one with these settings."""
+def _check_contrast(src: Path, rc: RunConfig) -> None:
+    """One line unless `src` is a finished run with exactly the audit's base-run settings."""
     if not (src / "metrics.json").is_file():
         raise SteerscopeError(f"--contrast-run {src}: not a finished run folder (no metrics.json).")
     try:
         JobFolder.check(src, "run", rc)  # True: the same run; a SteerscopeError naming the difference otherwise
     except SteerscopeError as e:
         raise SteerscopeError(f"--contrast-run: {e}") from None
+
+
+def _reuse(src: Path, out: Path, rc: RunConfig) -> None:
+    """Copy a finished base run in, after checking it is one with these settings."""
+    _check_contrast(src, rc)
     shutil.copytree(src, out)
 
 
@@ -249,24 +254,18 @@ def _load_rows(path: Path, ctx=None) -> list[dict]:
 
 
 def _stages(cfg: AuditConfig) -> list[Stage]:
-    from .audit_sample import blackbox
+    from .audit_sample import blackbox, sample_rows
     from .audit_table import build_table
 
     dump = lambda m, p: write_json_atomic(p, m)  # noqa: E731
     read = lambda p, ctx: json.loads(p.read_text())  # noqa: E731
     out = [Stage(f"method:{m}", f"methods/{m}.json", _steered(m), dump, read) for m in STEERED if m in cfg.methods]
     if any(m in cfg.methods for m in SAMPLED):
-        out.append(Stage("sample", "samples.jsonl", _counted_samples, _save_rows, _load_rows))
+        out.append(Stage("sample", "samples.jsonl", sample_rows, _save_rows, _load_rows))
         out.append(Stage("blackbox", "blackbox.json", blackbox, dump, read))
     out.append(Stage("table", "audit.json", build_table, dump, read))
     out.append(Stage("report", None, _report))
     return out
-
-
-def _counted_samples(ctx: _AuditContext) -> list[dict]:
-    from .audit_sample import sample_rows
-
-    return sample_rows(ctx)
 
 
 def _report(ctx: _AuditContext) -> Path:
@@ -284,8 +283,8 @@ def audit(cfg: AuditConfig, out: str | Path, *, lm=None, base=None, force: bool 
 
     JobFolder.check(out, "audit", cfg, force=force)
     spec = cfg.base_spec()  # refuses a missing --base before anything loads
-    if cfg.contrast_run and not Path(cfg.contrast_run, "metrics.json").is_file():
-        raise SteerscopeError(f"--contrast-run {cfg.contrast_run}: not a finished run folder (no metrics.json).")
+    if cfg.contrast_run and "base" in cfg.methods:
+        _check_contrast(Path(cfg.contrast_run), cfg.run_config("base"))
     _check_installed(cfg.run_config("finetune"), model_needed=lm is None)
     sample_prompts = load_prompts(cfg.sample_prompts)[: cfg.n_sample_prompts]
     lm = lm or cfg.model.load()

@@ -55,7 +55,8 @@ def _examples(f: dict) -> str:
         "<tr><th class=l>prompt</th><th class=l>under the vector</th><th class=l>fine-tune's own reply</th>"
         "<th class=l>base's own reply</th></tr>"
         if steered
-        else "<tr><th class=l>prompt</th><th class=l>fine-tune sample</th><th class=l>base sample (same prompt, draw)</th></tr>"
+        else f"<tr><th class=l>prompt</th><th class=l>{'amplified' if f['method'] == 'amplify' else 'fine-tune'} sample</th>"
+        "<th class=l>base sample (same prompt, draw)</th></tr>"
     )
     rows = []
     for e in f["examples"][:3]:
